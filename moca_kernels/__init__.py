@@ -1,0 +1,12 @@
+"""moca_kernels: fast kernels for MoCa-style multimodal embedding training.
+
+Ops (each with a ``backend=`` argument; ``python -m moca_kernels.info`` lists the backends):
+    varlen_attention  bidirectional (or causal) attention over packed variable-length documents
+
+Helpers for packed batches live in ``moca_kernels.varlen``.
+"""
+from . import varlen
+from .varlen_attention import varlen_attention
+
+__version__ = "0.1.0"
+__all__ = ["varlen", "varlen_attention", "__version__"]

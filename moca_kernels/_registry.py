@@ -1,0 +1,108 @@
+"""Backend registry: which implementation of an op runs, and why the others do not.
+
+Every op has an ordered list of backends (fastest first). A backend is usable for a call when its
+``reasons(...)`` returns nothing; the explanation strings are what ``python -m moca_kernels.info``
+prints and what a forced but unusable backend raises.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+BACKEND_NAMES = ("torch", "triton", "cuda")
+ENV_VAR = "MOCA_KERNELS_BACKEND"
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # a broken install must not break the import of moca_kernels
+        return f"importing triton failed: {exc}"
+    return None
+
+
+def triton_device_reason(device: torch.device | None) -> str | None:
+    """Why Triton cannot run on ``device`` (None: any device this machine offers)."""
+    if triton_import_error():
+        return triton_import_error()
+    if device is None:
+        if torch.cuda.is_available() or triton_interpret():
+            return None
+        return "no CUDA device (CPU tensors run the Triton kernels only under TRITON_INTERPRET=1)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        return None if triton_interpret() else "CPU tensors need TRITON_INTERPRET=1 to run Triton kernels"
+    return f"Triton does not run on {device.type} tensors"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op.
+
+    ``reasons(device, dtype, **problem)`` lists why it cannot serve that call (empty: it can);
+    with ``device=None`` it answers for this machine in general. ``auto`` says whether it may be
+    picked when the caller names no backend (the Triton interpreter is a test vehicle, so it is
+    never picked automatically on CPU tensors).
+    """
+
+    name: str
+    reasons: Callable[..., list[str]]
+    auto: Callable[[torch.device], bool] = lambda device: True
+
+
+@dataclass
+class OpEntry:
+    name: str
+    backends: Sequence[Backend]
+
+    def get(self, name: str) -> Backend | None:
+        return next((b for b in self.backends if b.name == name), None)
+
+
+REGISTRY: dict[str, OpEntry] = {}
+
+
+def register_op(name: str, backends: Sequence[Backend]) -> OpEntry:
+    REGISTRY[name] = OpEntry(name, tuple(backends))
+    return REGISTRY[name]
+
+
+def select_backend(op: str, backend: str | None, device: torch.device, dtype: torch.dtype, **problem) -> str:
+    """Name of the backend that runs this call of ``op``.
+
+    ``backend`` (or, when it is None, the ``MOCA_KERNELS_BACKEND`` environment variable) forces one;
+    a forced backend that cannot serve the call raises ``ValueError`` with its reasons.
+    """
+    entry = REGISTRY[op]
+    source = "backend"
+    if backend is None and os.environ.get(ENV_VAR):
+        backend, source = os.environ[ENV_VAR], ENV_VAR
+    if backend is not None:
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"{source}={backend!r} is not one of {BACKEND_NAMES}")
+        chosen = entry.get(backend)
+        if chosen is None:
+            have = ", ".join(b.name for b in entry.backends)
+            raise ValueError(f"{source}={backend!r}: {op} has no {backend} backend (it has: {have})")
+        why = chosen.reasons(device, dtype, **problem)
+        if why:
+            raise ValueError(f"{source}={backend!r} cannot run {op} here: " + "; ".join(why))
+        return backend
+    for b in entry.backends:
+        if b.auto(device) and not b.reasons(device, dtype, **problem):
+            return b.name
+    raise ValueError(f"no backend of {op} can serve {dtype} tensors on {device}")

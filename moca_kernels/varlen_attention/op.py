@@ -1,0 +1,239 @@
+"""``varlen_attention``: validation, backend choice, ``torch.library`` registration and autograd."""
+from __future__ import annotations
+
+import math
+import weakref
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import torch
+
+from .._registry import Backend, register_op, select_backend, triton_device_reason
+from ..varlen import check_cu_seqlens
+from .reference import varlen_attention_reference
+
+OP = "varlen_attention"
+MAX_HEAD_DIM = 256
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_reasons(device: torch.device | None, dtype: torch.dtype | None, **problem) -> list[str]:
+    reasons = []
+    why = triton_device_reason(device)
+    if why:
+        reasons.append(why)
+    if dtype is not None and dtype not in _TRITON_DTYPES:
+        reasons.append(f"{dtype} inputs (it takes float16, bfloat16 or float32)")
+    if dtype == torch.bfloat16 and device is not None and device.type == "cpu":
+        reasons.append("bfloat16 tl.dot gives wrong results in the Triton interpreter")
+    return reasons
+
+
+register_op(OP, [
+    Backend("triton", _triton_reasons, auto=lambda device: device.type == "cuda"),
+    Backend("torch", lambda device, dtype, **problem: []),
+])
+
+
+class _ValueCache:
+    """Results derived from the values of small index tensors (``cu_seqlens``), kept while the very
+    same tensor objects are alive and unmodified. The attention of every layer of a model sees the
+    same ``cu_seqlens`` object, so validation and tile lists are computed once per batch."""
+
+    def __init__(self, size: int = 64):
+        self._entries: OrderedDict = OrderedDict()
+        self._size = size
+
+    def get(self, tensors: tuple[torch.Tensor, ...], extra: tuple, compute: Callable):
+        if any(t.is_inference() for t in tensors):  # no version counter to trust
+            return compute()
+        key = (tuple(id(t) for t in tensors), extra)
+        stamp = tuple(t._version for t in tensors)
+        hit = self._entries.get(key)
+        if hit is not None and hit[1] == stamp and all(ref() is t for ref, t in zip(hit[0], tensors)):
+            self._entries.move_to_end(key)
+            return hit[2]
+        value = compute()
+        self._entries[key] = ([weakref.ref(t) for t in tensors], stamp, value)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return value
+
+
+_CACHE = _ValueCache()
+
+
+def _documents(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> tuple[int, int]:
+    """Validate the values of ``cu_seqlens_*`` (cached); return the longest query and key documents."""
+    def check():
+        longest_q = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+        longest_k = check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+        return longest_q, longest_k
+    return _CACHE.get((cu_seqlens_q, cu_seqlens_k), ("documents", q.shape[0], k.shape[0]), check)
+
+
+def _check_offsets(name: str, x: torch.Tensor, longest: int) -> None:
+    # Offsets inside one document are 32-bit in the kernels (the document start is 64-bit).
+    if longest * x.stride(0) >= 2**31:
+        raise ValueError(f"{name}: a document of {longest} rows with row stride {x.stride(0)} exceeds the "
+                         "kernels' 32-bit in-document offsets; split the document")
+
+
+def _triton_impl():
+    from . import triton_kernels  # imported on first use: importing triton costs time
+    return triton_kernels
+
+
+def _tiles(cu_seqlens_q, cu_seqlens_k, total_q, total_k):
+    def tiles(block: int, kind: str):
+        own, cost, total = (cu_seqlens_q, cu_seqlens_k, total_q) if kind == "q" else (cu_seqlens_k, cu_seqlens_q, total_k)
+        return _CACHE.get((cu_seqlens_q, cu_seqlens_k), ("tiles", kind, block, total),
+                          lambda: _triton_impl().build_tiles(own, cost, total, block))
+    return tiles
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.custom_op("moca::varlen_attention_fwd", mutates_args=())
+def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
+                         deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward. Returns (out like q, lse float32 (Hq, total_q)). ``deterministic`` is kept
+    for the backward."""
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    longest_q, longest_k = _documents(q, k, cu_seqlens_q, cu_seqlens_k)
+    for name, x, longest in (("q", q, longest_q), ("k", k, longest_k), ("v", v, longest_k)):
+        _check_offsets(name, x, longest)
+    return _triton_impl().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
+                                  _tiles(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]))
+
+
+@varlen_attention_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, deterministic):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("moca::varlen_attention_bwd", mutates_args=())
+def varlen_attention_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
+                         deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward. Returns (dq, dk, dv) like (q, k, v)."""
+    q, k, v, out, dout = (_last_dim_contiguous(x) for x in (q, k, v, out, dout))
+    _documents(q, k, cu_seqlens_q, cu_seqlens_k)
+    return _triton_impl().backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
+                                   causal, deterministic,
+                                   _tiles(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]))
+
+
+@varlen_attention_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.softmax_scale, ctx.causal, ctx.deterministic = softmax_scale, causal, deterministic
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = varlen_attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                      ctx.softmax_scale, ctx.causal, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None
+
+
+varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k) -> None:
+    """Checks that need no tensor values (so they also run while torch.compile traces)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{name} must have shape (total_{'q' if name == 'q' else 'k'}, heads, head_dim), "
+                             f"got {tuple(x.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    hq, hkv, dim = q.shape[1], k.shape[1], q.shape[2]
+    if k.shape[2] != dim:
+        raise ValueError(f"k has head_dim {k.shape[2]}, q has {dim}")
+    if hq == 0 or hkv == 0 or hq % hkv:
+        raise ValueError(f"the query heads of q ({hq}) must be a positive multiple of the KV heads of k ({hkv})")
+    if not 1 <= dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim of q must be between 1 and {MAX_HEAD_DIM}, got {dim}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} is {x.dtype} but q is {q.dtype}; q, k and v must share a dtype")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q must be a floating-point tensor, got {q.dtype}")
+    for name, x in (("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if isinstance(x, torch.Tensor) and x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {cu.dtype}")
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must have shape (B+1,) with B >= 1, got {tuple(cu.shape)}")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"cu_seqlens_k {tuple(cu_seqlens_k.shape)} must describe as many documents as "
+                         f"cu_seqlens_q {tuple(cu_seqlens_q.shape)}")
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None,
+                     max_seqlen_k: int | None = None, *, softmax_scale: float | None = None, causal: bool = False,
+                     return_lse: bool = False, deterministic: bool = False, backend: str | None = None):
+    """Attention inside each document of a packed batch.
+
+    Args:
+        q: ``(total_q, Hq, D)`` float16, bfloat16 or float32 (float64 on the torch backend).
+        k, v: ``(total_k, Hkv, D)``, same dtype and device; ``Hq % Hkv == 0`` (GQA), ``D <= 256``.
+        cu_seqlens_q: int32 ``(B+1,)``: document i owns query rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``;
+            starts at 0, non-decreasing (empty documents allowed), ends at ``total_q``.
+        cu_seqlens_k: int32 ``(B+1,)`` for the keys; default ``cu_seqlens_q``.
+        max_seqlen_q, max_seqlen_k: longest documents, as flash-attn takes them. Optional: the
+            kernels do not need them; a value below the real longest document is an error.
+        softmax_scale: default ``1 / sqrt(D)``.
+        causal: False (MoCa): each token sees its whole document. True: query row i of a document
+            sees keys ``j <= i + len_k - len_q`` (bottom-right aligned, as flash-attn >= 2.1).
+        return_lse: also return the log-sum-exp, float32 ``(Hq, total_q)``, natural log.
+        deterministic: a backward without atomics (dQ by its own kernel; slower). Also on when
+            ``torch.use_deterministic_algorithms(True)`` is in effect.
+        backend: ``"triton"``, ``"torch"`` or None (the ``MOCA_KERNELS_BACKEND`` variable, else the
+            fastest one available: Triton on CUDA tensors, the torch reference otherwise).
+
+    Returns:
+        ``out`` like q, or ``(out, lse)`` with ``return_lse``. Rows that see no key (an empty key
+        document; the first rows of a causal document with ``len_q > len_k``) give 0 and
+        ``lse = -inf``. Differentiable in q, k, v (and through ``lse``).
+    """
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[2])
+    elif not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    chosen = select_backend(OP, backend, q.device, q.dtype)
+    if not torch.compiler.is_compiling():
+        longest_q, longest_k = _documents(q, k, cu_seqlens_q, cu_seqlens_k)
+        for name, given, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
+            if given is not None and given < longest:
+                raise ValueError(f"{name}={given} is shorter than the longest document ({longest})")
+    if chosen == "torch":
+        out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+    else:
+        deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+        out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, float(softmax_scale), bool(causal),
+                                        bool(deterministic))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,536 @@
+"""Triton kernels of ``varlen_attention``: forward, backward (delta preprocess, dK/dV main loop with
+fp32 dQ accumulated by atomics, or a separate dQ kernel for a deterministic backward).
+
+Scheduling. The grid is a flat list of (document, block) tiles, longest document first, times the
+heads (tile-major, so query heads that share a KV head run side by side and share it in L2). Each
+query tile's keys are one contiguous interval, its own document; only the last, partial KV block
+is masked element-wise (causal tiles mask every block). The tile list is built on the device with
+a fixed upper bound on its size, so building it needs no host synchronization; spare tiles exit
+at once.
+
+Head dims that are not powers of two are split into two power-of-two pieces (80 = 64 + 16,
+96 = 64 + 32, 192 = 128 + 64) and each matrix product runs as two ``tl.dot``; only a remainder
+below 16 columns is padded. So hdim 80 does no wasted tensor-core work.
+
+Softmax runs in base 2 with ``softmax_scale * log2(e)`` folded into the scores. ``lse`` is stored in
+natural log, ``-inf`` for rows that see no key.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._registry import triton_interpret
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def head_dim_split(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D0, BLOCK_D1): a power of two covering most of ``head_dim`` and a power-of-two rest
+    (0 when ``head_dim`` is a power of two). Both are >= 16, the smallest ``tl.dot`` operand."""
+    if head_dim <= 16:
+        return 16, 0
+    d0 = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - d0
+    return d0, (max(16, triton.next_power_of_2(rest)) if rest else 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tile lists
+# ------------------------------------------------------------------------------------------------
+
+def build_tiles(cu_seqlens: torch.Tensor, cost_cu_seqlens: torch.Tensor, total: int,
+                block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened (document, block index) tiles over the ``total`` rows of the documents of
+    ``cu_seqlens`` in blocks of ``block`` rows, documents ordered by decreasing length in
+    ``cost_cu_seqlens`` (the length each tile loops over). Returns int32 ``(doc, block_index)``,
+    both of the fixed length ``ceil(total / block) + B`` (an upper bound, so building them needs no
+    host synchronization); spare tiles have ``doc = -1``."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    cost = (cost_cu_seqlens[1:] - cost_cu_seqlens[:-1]).long()
+    n_docs = lengths.numel()
+    order = torch.argsort(cost, descending=True, stable=True)
+    blocks = (lengths[order] + block - 1) // block
+    ends = torch.cumsum(blocks, 0)
+    t = torch.arange(triton.cdiv(total, block) + n_docs, device=cu_seqlens.device)
+    which = torch.searchsorted(ends, t, right=True)
+    valid = which < n_docs
+    which = which.clamp(max=n_docs - 1)
+    block_index = t - (ends[which] - blocks[which])
+    doc = torch.where(valid, order[which], -1)
+    return doc.to(torch.int32), block_index.to(torch.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared pieces
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_tile(base, rows, stride, cols, row_ok, HEAD_DIM: tl.constexpr,
+               CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load ``base[rows, cols]`` (row stride ``stride``), zeros outside the document / head dim."""
+    ptrs = base + rows[:, None] * stride + cols[None, :]
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_tile(base, rows, stride, cols, row_ok, x, HEAD_DIM: tl.constexpr, CHECK_COLS: tl.constexpr):
+    ptrs = base + rows[:, None] * stride + cols[None, :]
+    if CHECK_COLS:
+        tl.store(ptrs, x, mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM))
+    else:
+        tl.store(ptrs, x, mask=row_ok[:, None])
+
+
+@triton.jit
+def _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile):
+    """Document bounds of a tile; spare tiles (doc = -1) get empty documents."""
+    doc = tl.load(TILE_DOC + tile)
+    block = tl.load(TILE_BLOCK + tile)
+    valid = doc >= 0
+    doc = tl.maximum(doc, 0)
+    q_start = tl.load(CU_Q + doc)
+    q_len = tl.where(valid, tl.load(CU_Q + doc + 1) - q_start, 0)
+    k_start = tl.load(CU_K + doc)
+    k_len = tl.where(valid, tl.load(CU_K + doc + 1) - k_start, 0)
+    return block, q_start, q_len, k_start, k_len
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
+               offs_m, k_len, causal_shift, lo, hi, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+               CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). ``BOUNDARY`` blocks mask keys past the document."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    if BLOCK_D1 > 0:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < k_len
+        k0 = _load_tile(k_base, cols, stride_kt, offs_d0, col_ok, HEAD_DIM, BOUNDARY, False)
+        qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+        if BLOCK_D1 > 0:
+            k1 = _load_tile(k_base, cols, stride_kt, offs_d1, col_ok, HEAD_DIM, BOUNDARY,
+                            BLOCK_D0 + BLOCK_D1 != HEAD_DIM)
+            qk += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+        qk = qk * qk_scale
+        if CAUSAL:
+            keep = (cols[None, :] <= offs_m[:, None] + causal_shift) & col_ok[None, :]
+            qk = tl.where(keep, qk, float("-inf"))
+        elif BOUNDARY:
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A causal row may have seen no key yet: keep its exponents finite (its p is 0 anyway).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v0 = _load_tile(v_base, cols, stride_vt, offs_d0, col_ok, HEAD_DIM, BOUNDARY, False)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PRECISION)
+        if BLOCK_D1 > 0:
+            v1 = _load_tile(v_base, cols, stride_vt, offs_d1, col_ok, HEAD_DIM, BOUNDARY,
+                            BLOCK_D0 + BLOCK_D1 != HEAD_DIM)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PRECISION)
+        m_i = m_new
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
+def _varlen_attention_fwd_kernel(
+        Q, K, V, O, LSE, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+        qk_scale,
+        HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    tile = pid // HQ
+    head = pid % HQ
+    m_block, q_start, q_len, k_start, k_len = _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile)
+    q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
+    k_base = K + k_start.to(tl.int64) * stride_kt + (head // GROUP) * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + (head // GROUP) * stride_vh
+    o_base = O + q_start.to(tl.int64) * stride_ot + head * stride_oh
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < q_len
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    if BLOCK_D1 > 0:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    D1_MASKED: tl.constexpr = BLOCK_D0 + BLOCK_D1 != HEAD_DIM
+    q0 = _load_tile(q_base, offs_m, stride_qt, offs_d0, row_ok, HEAD_DIM, True, False)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        q1 = _load_tile(q_base, offs_m, stride_qt, offs_d1, row_ok, HEAD_DIM, True, D1_MASKED)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    else:  # placeholders, never read
+        q1 = q0
+        acc1 = acc0
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # Bottom-right causal alignment: row i sees keys j <= i + (k_len - q_len).
+    causal_shift = k_len - q_len
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(k_len, (m_block + 1) * BLOCK_M + causal_shift), 0)
+        acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
+                                          offs_m, k_len, causal_shift, 0, hi, qk_scale,
+                                          HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, True, True, PRECISION)
+    else:
+        full = (k_len // BLOCK_N) * BLOCK_N
+        acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
+                                          offs_m, k_len, causal_shift, 0, full, qk_scale,
+                                          HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, False, False, PRECISION)
+        acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
+                                          offs_m, k_len, causal_shift, full, k_len, qk_scale,
+                                          HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, False, True, PRECISION)
+
+    # Rows that saw no key: output 0, lse -inf.
+    no_key = l_i == 0.0
+    l_safe = tl.where(no_key, 1.0, l_i)
+    _store_tile(o_base, offs_m, stride_ot, offs_d0, row_ok, (acc0 / l_safe[:, None]).to(O.dtype.element_ty),
+                HEAD_DIM, False)
+    if BLOCK_D1 > 0:
+        _store_tile(o_base, offs_m, stride_ot, offs_d1, row_ok, (acc1 / l_safe[:, None]).to(O.dtype.element_ty),
+                    HEAD_DIM, D1_MASKED)
+    lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(LSE + head * stride_lh + q_start + offs_m, lse, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _varlen_attention_bwd_preprocess_kernel(O, DO, DLSE, DELTA, total, stride_ot, stride_oh, stride_dot, stride_doh,
+                                            stride_lh, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                                            BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta[h, t] = sum_d O[t, h, d] * dO[t, h, d] - dLSE[h, t]  (float32)."""
+    head = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < total
+    cols = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + head * stride_oh, rows, stride_ot, cols, row_ok, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    do = _load_tile(DO + head * stride_doh, rows, stride_dot, cols, row_ok, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + head * stride_lh + rows, mask=row_ok, other=0.0)
+    tl.store(DELTA + head * stride_lh + rows, delta, mask=row_ok)
+
+
+@triton.jit
+def _load_lse2(LSE, offs, ok):
+    """Row log-sum-exp in base 2; rows that saw no key (or lie past the document) get +inf, so
+    their probabilities come out 0 instead of NaN."""
+    lse = tl.load(LSE + offs, mask=ok, other=float("inf")) * 1.4426950408889634
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@triton.jit
+def _varlen_attention_bwd_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+        qk_scale, sm_scale,
+        HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (key block of a document, KV head): dK and dV of that block, summed over the
+    GROUP query heads that share the KV head (so no atomics on dK/dV); with ``ATOMIC_DQ`` it also
+    adds its share of dQ to the float32 buffer DQ."""
+    pid = tl.program_id(0)
+    tile = pid // HKV
+    kv_head = pid % HKV
+    n_block, q_start, q_len, k_start, k_len = _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < k_len
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    if BLOCK_D1 > 0:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    D1_MASKED: tl.constexpr = BLOCK_D0 + BLOCK_D1 != HEAD_DIM
+
+    k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    k0 = _load_tile(k_base, offs_n, stride_kt, offs_d0, col_ok, HEAD_DIM, True, False)
+    v0 = _load_tile(v_base, offs_n, stride_vt, offs_d0, col_ok, HEAD_DIM, True, False)
+    dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        k1 = _load_tile(k_base, offs_n, stride_kt, offs_d1, col_ok, HEAD_DIM, True, D1_MASKED)
+        v1 = _load_tile(v_base, offs_n, stride_vt, offs_d1, col_ok, HEAD_DIM, True, D1_MASKED)
+        dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    else:  # placeholders, never read
+        k1 = k0
+        v1 = v0
+        dk1 = dk0
+        dv1 = dv0
+
+    causal_shift = k_len - q_len
+    lo = 0
+    if CAUSAL:  # the first query row that sees key n_block * BLOCK_N, rounded down to a block
+        lo = (tl.maximum(n_block * BLOCK_N - causal_shift, 0) // BLOCK_M) * BLOCK_M
+    # Spare tiles and empty key blocks skip the loop.
+    q_hi = tl.where(k_len > 0, q_len, 0)
+    offs_mb = tl.arange(0, BLOCK_M)
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
+        do_base = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
+        dq_base = DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh
+        lse_base = LSE + head * stride_lh + q_start
+        delta_base = DELTA + head * stride_lh + q_start
+        for start_m in range(lo, q_hi, BLOCK_M):
+            offs_m = start_m + offs_mb
+            row_ok = offs_m < q_len
+            q0 = _load_tile(q_base, offs_m, stride_qt, offs_d0, row_ok, HEAD_DIM, True, False)
+            do0 = _load_tile(do_base, offs_m, stride_dot, offs_d0, row_ok, HEAD_DIM, True, False)
+            qkT = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
+            if BLOCK_D1 > 0:
+                q1 = _load_tile(q_base, offs_m, stride_qt, offs_d1, row_ok, HEAD_DIM, True, D1_MASKED)
+                do1 = _load_tile(do_base, offs_m, stride_dot, offs_d1, row_ok, HEAD_DIM, True, D1_MASKED)
+                qkT += tl.dot(k1, tl.trans(q1), input_precision=PRECISION)
+            lse2 = _load_lse2(lse_base, offs_m, row_ok)
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+            # Keys past the document were loaded as zeros: their probabilities are not 0, but
+            # they only reach dK/dV rows that are never stored and dQ through K rows of zeros.
+            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+            if CAUSAL:
+                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
+            dv0 += tl.dot(pT.to(do0.dtype), do0, input_precision=PRECISION)
+            dpT = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)
+            if BLOCK_D1 > 0:
+                dv1 += tl.dot(pT.to(do1.dtype), do1, input_precision=PRECISION)
+                dpT += tl.dot(v1, tl.trans(do1), input_precision=PRECISION)
+            dsT = pT * (dpT - delta[None, :])
+            dk0 += tl.dot(dsT.to(q0.dtype), q0, input_precision=PRECISION)
+            if BLOCK_D1 > 0:
+                dk1 += tl.dot(dsT.to(q1.dtype), q1, input_precision=PRECISION)
+            if ATOMIC_DQ:
+                ds = tl.trans(dsT).to(k0.dtype)
+                dq0 = tl.dot(ds, k0, input_precision=PRECISION) * sm_scale
+                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d0[None, :], dq0,
+                              mask=row_ok[:, None])
+                if BLOCK_D1 > 0:
+                    dq1 = tl.dot(ds, k1, input_precision=PRECISION) * sm_scale
+                    tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d1[None, :], dq1,
+                                  mask=row_ok[:, None] & (offs_d1[None, :] < HEAD_DIM))
+
+    dk_base = DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh
+    dv_base = DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh
+    _store_tile(dk_base, offs_n, stride_dkt, offs_d0, col_ok, (dk0 * sm_scale).to(DK.dtype.element_ty), HEAD_DIM, False)
+    _store_tile(dv_base, offs_n, stride_dvt, offs_d0, col_ok, dv0.to(DV.dtype.element_ty), HEAD_DIM, False)
+    if BLOCK_D1 > 0:
+        _store_tile(dk_base, offs_n, stride_dkt, offs_d1, col_ok, (dk1 * sm_scale).to(DK.dtype.element_ty),
+                    HEAD_DIM, D1_MASKED)
+        _store_tile(dv_base, offs_n, stride_dvt, offs_d1, col_ok, dv1.to(DV.dtype.element_ty), HEAD_DIM, D1_MASKED)
+
+
+@triton.jit
+def _varlen_attention_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dqt, stride_dqh, stride_lh,
+        qk_scale, sm_scale,
+        HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Deterministic dQ: one program per (query block of a document, query head), looping over the
+    document's keys (recomputes QK^T and dO V^T instead of accumulating with atomics)."""
+    pid = tl.program_id(0)
+    tile = pid // HQ
+    head = pid % HQ
+    m_block, q_start, q_len, k_start, k_len = _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile)
+    q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
+    do_base = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
+    k_base = K + k_start.to(tl.int64) * stride_kt + (head // GROUP) * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + (head // GROUP) * stride_vh
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < q_len
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    if BLOCK_D1 > 0:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    D1_MASKED: tl.constexpr = BLOCK_D0 + BLOCK_D1 != HEAD_DIM
+    q0 = _load_tile(q_base, offs_m, stride_qt, offs_d0, row_ok, HEAD_DIM, True, False)
+    do0 = _load_tile(do_base, offs_m, stride_dot, offs_d0, row_ok, HEAD_DIM, True, False)
+    dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        q1 = _load_tile(q_base, offs_m, stride_qt, offs_d1, row_ok, HEAD_DIM, True, D1_MASKED)
+        do1 = _load_tile(do_base, offs_m, stride_dot, offs_d1, row_ok, HEAD_DIM, True, D1_MASKED)
+        dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    else:  # placeholders, never read
+        q1 = q0
+        do1 = do0
+        dq1 = dq0
+    lse2 = _load_lse2(LSE + head * stride_lh + q_start, offs_m, row_ok)
+    delta = tl.load(DELTA + head * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
+
+    causal_shift = k_len - q_len
+    hi = k_len
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(k_len, (m_block + 1) * BLOCK_M + causal_shift), 0)
+    offs_nb = tl.arange(0, BLOCK_N)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_nb
+        col_ok = cols < k_len
+        k0 = _load_tile(k_base, cols, stride_kt, offs_d0, col_ok, HEAD_DIM, True, False)
+        v0 = _load_tile(v_base, cols, stride_vt, offs_d0, col_ok, HEAD_DIM, True, False)
+        qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=PRECISION)
+        if BLOCK_D1 > 0:
+            k1 = _load_tile(k_base, cols, stride_kt, offs_d1, col_ok, HEAD_DIM, True, D1_MASKED)
+            v1 = _load_tile(v_base, cols, stride_vt, offs_d1, col_ok, HEAD_DIM, True, D1_MASKED)
+            qk += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+            dp += tl.dot(do1, tl.trans(v1), input_precision=PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        # Keys past the document (zeros) add nothing: their K rows are zero.
+        if CAUSAL:
+            p = tl.where(cols[None, :] <= offs_m[:, None] + causal_shift, p, 0.0)
+        ds = (p * (dp - delta[:, None])).to(k0.dtype)
+        dq0 += tl.dot(ds, k0, input_precision=PRECISION)
+        if BLOCK_D1 > 0:
+            dq1 += tl.dot(ds, k1, input_precision=PRECISION)
+    dq_base = DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh
+    _store_tile(dq_base, offs_m, stride_dqt, offs_d0, row_ok, (dq0 * sm_scale).to(DQ.dtype.element_ty), HEAD_DIM, False)
+    if BLOCK_D1 > 0:
+        _store_tile(dq_base, offs_m, stride_dqt, offs_d1, row_ok, (dq1 * sm_scale).to(DQ.dtype.element_ty),
+                    HEAD_DIM, D1_MASKED)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch configurations and launchers
+# ------------------------------------------------------------------------------------------------
+# The block that tiles the grid (query block of the forward and dQ kernels, key block of the
+# dK/dV kernel) is fixed per head dim, because the tile list depends on it; the block of the inner
+# loop, warps and pipeline stages are autotuned. The interpreter gets one small configuration so
+# that short test documents still span several blocks.
+
+def _pick(interpret_value, gpu_value):
+    return interpret_value if triton_interpret() else gpu_value
+
+
+def fwd_block_m(head_dim: int) -> int:
+    return _pick(32, 128 if head_dim <= 128 else 64)
+
+
+def bwd_block_n(head_dim: int) -> int:
+    return _pick(32, 128 if head_dim <= 128 else 64)
+
+
+def dq_block_m(head_dim: int) -> int:
+    return _pick(32, 128 if head_dim <= 128 else 64)
+
+
+_TUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL"]
+
+
+def _autotune(kernel, block: str, narrow: list, wide: list, key=(), **kwargs):
+    """Autotune ``block`` (the inner-loop block), warps and stages over the (block, warps, stages)
+    candidates for head dims up to 128 (``narrow``) or above (``wide``, which must fit shared
+    memory with bigger tiles)."""
+    if triton_interpret():
+        configs = [triton.Config({block: 16}, num_warps=4, num_stages=1)]
+    else:
+        configs = [triton.Config({block: b}, num_warps=w, num_stages=s) for b, w, s in dict.fromkeys(narrow + wide)]
+
+    def prune(configs, named_args, **call_kwargs):
+        allowed = narrow if call_kwargs["HEAD_DIM"] <= 128 else wide
+        return [c for c in configs if (c.kwargs[block], c.num_warps, c.num_stages) in allowed]
+
+    return triton.autotune(configs, key=_TUNE_KEY + list(key), prune_configs_by={"early_config_prune": prune},
+                           **kwargs)(kernel)
+
+
+_fwd = _autotune(_varlen_attention_fwd_kernel, "BLOCK_N",
+                 narrow=[(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 8, 2), (128, 4, 3)],
+                 wide=[(64, 8, 2), (64, 4, 2), (32, 4, 2)])
+_bwd = _autotune(_varlen_attention_bwd_kernel, "BLOCK_M",
+                 narrow=[(32, 8, 2), (32, 8, 3), (64, 8, 2), (64, 8, 3)],
+                 wide=[(32, 8, 2), (64, 8, 2), (32, 4, 2)],
+                 key=["ATOMIC_DQ"], reset_to_zero=["DQ"])
+_bwd_dq = _autotune(_varlen_attention_bwd_dq_kernel, "BLOCK_N",
+                    narrow=[(32, 4, 3), (32, 8, 3), (64, 8, 2), (64, 8, 3)],
+                    wide=[(32, 8, 2), (32, 4, 2)])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs are for checking, not speed: keep them exact instead of TF32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool, tiles):
+    """Returns (out like q, lse float32 (Hq, total_q)). ``tiles(block, kind)`` gives the tile list."""
+    total_q, hq, head_dim = q.shape
+    group = hq // k.shape[1]
+    d0, d1 = head_dim_split(head_dim)
+    out = q.new_empty(q.shape)
+    lse = torch.empty((hq, total_q), device=q.device, dtype=torch.float32)
+    block_m = fwd_block_m(head_dim)
+    tile_doc, tile_block = tiles(block_m, "q")
+    _fwd[(tile_doc.numel() * hq,)](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        softmax_scale * LOG2E,
+        HQ=hq, GROUP=group, HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=block_m,
+        CAUSAL=causal, PRECISION=_precision(q.dtype))
+    return out, lse
+
+
+def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool,
+             deterministic: bool, tiles):
+    """Returns (dq, dk, dv) like (q, k, v). ``dlse`` (or None) is the gradient of ``lse``."""
+    total_q, hq, head_dim = q.shape
+    hkv = k.shape[1]
+    d0, d1 = head_dim_split(head_dim)
+    delta = torch.empty_like(lse)
+    block_t = 64
+    _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
+        out, dout, dlse if dlse is not None else delta, delta, total_q,
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
+        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        HAS_DLSE=dlse is not None)
+
+    common = dict(HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, CAUSAL=causal, PRECISION=_precision(q.dtype))
+    scales = (softmax_scale * LOG2E, softmax_scale)
+    dk = k.new_empty(k.shape)
+    dv = v.new_empty(v.shape)
+    # dQ accumulates in float32 across key blocks unless the backward must be deterministic.
+    dq = q.new_empty(q.shape) if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    block_n = bwd_block_n(head_dim)
+    tile_doc, tile_block = tiles(block_n, "k")
+    _bwd[(tile_doc.numel() * hkv,)](
+        q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+        dv.stride(0), dv.stride(1), lse.stride(0), *scales,
+        HKV=hkv, GROUP=hq // hkv, BLOCK_N=block_n, ATOMIC_DQ=not deterministic, **common)
+    if deterministic:
+        block_m = dq_block_m(head_dim)
+        tile_doc, tile_block = tiles(block_m, "q")
+        _bwd_dq[(tile_doc.numel() * hq,)](
+            q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), *scales,
+            HQ=hq, GROUP=hq // hkv, BLOCK_M=block_m, **common)
+    else:
+        dq = dq.to(q.dtype)
+    return dq, dk, dv
