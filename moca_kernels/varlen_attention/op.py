@@ -122,6 +122,8 @@ def varlen_attention_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: to
                          deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward. Returns (dq, dk, dv) like (q, k, v)."""
     q, k, v, out, dout = (_last_dim_contiguous(x) for x in (q, k, v, out, dout))
+    if dlse is not None:  # the kernels index it like lse; autograd may hand in an expanded view
+        dlse = dlse.contiguous()
     _documents(q, k, cu_seqlens_q, cu_seqlens_k)
     return _triton_impl().backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
                                    causal, deterministic,

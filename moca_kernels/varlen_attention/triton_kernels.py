@@ -125,7 +125,7 @@ def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_v
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < k_len
-        k0 = _load_tile(k_base, cols, stride_kt, offs_d0, col_ok, HEAD_DIM, BOUNDARY, False)
+        k0 = _load_tile(k_base, cols, stride_kt, offs_d0, col_ok, HEAD_DIM, BOUNDARY, BLOCK_D0 > HEAD_DIM)
         qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
         if BLOCK_D1 > 0:
             k1 = _load_tile(k_base, cols, stride_kt, offs_d1, col_ok, HEAD_DIM, BOUNDARY,
@@ -143,7 +143,7 @@ def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_v
         p = tl.math.exp2(qk - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v0 = _load_tile(v_base, cols, stride_vt, offs_d0, col_ok, HEAD_DIM, BOUNDARY, False)
+        v0 = _load_tile(v_base, cols, stride_vt, offs_d0, col_ok, HEAD_DIM, BOUNDARY, BLOCK_D0 > HEAD_DIM)
         acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PRECISION)
         if BLOCK_D1 > 0:
             v1 = _load_tile(v_base, cols, stride_vt, offs_d1, col_ok, HEAD_DIM, BOUNDARY,
@@ -176,7 +176,7 @@ def _varlen_attention_fwd_kernel(
     if BLOCK_D1 > 0:
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     D1_MASKED: tl.constexpr = BLOCK_D0 + BLOCK_D1 != HEAD_DIM
-    q0 = _load_tile(q_base, offs_m, stride_qt, offs_d0, row_ok, HEAD_DIM, True, False)
+    q0 = _load_tile(q_base, offs_m, stride_qt, offs_d0, row_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
     acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:
         q1 = _load_tile(q_base, offs_m, stride_qt, offs_d1, row_ok, HEAD_DIM, True, D1_MASKED)
@@ -207,7 +207,7 @@ def _varlen_attention_fwd_kernel(
     no_key = l_i == 0.0
     l_safe = tl.where(no_key, 1.0, l_i)
     _store_tile(o_base, offs_m, stride_ot, offs_d0, row_ok, (acc0 / l_safe[:, None]).to(O.dtype.element_ty),
-                HEAD_DIM, False)
+                HEAD_DIM, BLOCK_D0 > HEAD_DIM)
     if BLOCK_D1 > 0:
         _store_tile(o_base, offs_m, stride_ot, offs_d1, row_ok, (acc1 / l_safe[:, None]).to(O.dtype.element_ty),
                     HEAD_DIM, D1_MASKED)
@@ -269,8 +269,8 @@ def _varlen_attention_bwd_kernel(
 
     k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
-    k0 = _load_tile(k_base, offs_n, stride_kt, offs_d0, col_ok, HEAD_DIM, True, False)
-    v0 = _load_tile(v_base, offs_n, stride_vt, offs_d0, col_ok, HEAD_DIM, True, False)
+    k0 = _load_tile(k_base, offs_n, stride_kt, offs_d0, col_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
+    v0 = _load_tile(v_base, offs_n, stride_vt, offs_d0, col_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
     dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:
@@ -301,8 +301,8 @@ def _varlen_attention_bwd_kernel(
         for start_m in range(lo, q_hi, BLOCK_M):
             offs_m = start_m + offs_mb
             row_ok = offs_m < q_len
-            q0 = _load_tile(q_base, offs_m, stride_qt, offs_d0, row_ok, HEAD_DIM, True, False)
-            do0 = _load_tile(do_base, offs_m, stride_dot, offs_d0, row_ok, HEAD_DIM, True, False)
+            q0 = _load_tile(q_base, offs_m, stride_qt, offs_d0, row_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
+            do0 = _load_tile(do_base, offs_m, stride_dot, offs_d0, row_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
             qkT = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
             if BLOCK_D1 > 0:
                 q1 = _load_tile(q_base, offs_m, stride_qt, offs_d1, row_ok, HEAD_DIM, True, D1_MASKED)
@@ -328,7 +328,7 @@ def _varlen_attention_bwd_kernel(
                 ds = tl.trans(dsT).to(k0.dtype)
                 dq0 = tl.dot(ds, k0, input_precision=PRECISION) * sm_scale
                 tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d0[None, :], dq0,
-                              mask=row_ok[:, None])
+                              mask=row_ok[:, None] & (offs_d0[None, :] < HEAD_DIM))
                 if BLOCK_D1 > 0:
                     dq1 = tl.dot(ds, k1, input_precision=PRECISION) * sm_scale
                     tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d1[None, :], dq1,
@@ -336,8 +336,8 @@ def _varlen_attention_bwd_kernel(
 
     dk_base = DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh
     dv_base = DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh
-    _store_tile(dk_base, offs_n, stride_dkt, offs_d0, col_ok, (dk0 * sm_scale).to(DK.dtype.element_ty), HEAD_DIM, False)
-    _store_tile(dv_base, offs_n, stride_dvt, offs_d0, col_ok, dv0.to(DV.dtype.element_ty), HEAD_DIM, False)
+    _store_tile(dk_base, offs_n, stride_dkt, offs_d0, col_ok, (dk0 * sm_scale).to(DK.dtype.element_ty), HEAD_DIM, BLOCK_D0 > HEAD_DIM)
+    _store_tile(dv_base, offs_n, stride_dvt, offs_d0, col_ok, dv0.to(DV.dtype.element_ty), HEAD_DIM, BLOCK_D0 > HEAD_DIM)
     if BLOCK_D1 > 0:
         _store_tile(dk_base, offs_n, stride_dkt, offs_d1, col_ok, (dk1 * sm_scale).to(DK.dtype.element_ty),
                     HEAD_DIM, D1_MASKED)
@@ -369,8 +369,8 @@ def _varlen_attention_bwd_dq_kernel(
     if BLOCK_D1 > 0:
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     D1_MASKED: tl.constexpr = BLOCK_D0 + BLOCK_D1 != HEAD_DIM
-    q0 = _load_tile(q_base, offs_m, stride_qt, offs_d0, row_ok, HEAD_DIM, True, False)
-    do0 = _load_tile(do_base, offs_m, stride_dot, offs_d0, row_ok, HEAD_DIM, True, False)
+    q0 = _load_tile(q_base, offs_m, stride_qt, offs_d0, row_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
+    do0 = _load_tile(do_base, offs_m, stride_dot, offs_d0, row_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
     dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:
         q1 = _load_tile(q_base, offs_m, stride_qt, offs_d1, row_ok, HEAD_DIM, True, D1_MASKED)
@@ -391,8 +391,8 @@ def _varlen_attention_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_nb
         col_ok = cols < k_len
-        k0 = _load_tile(k_base, cols, stride_kt, offs_d0, col_ok, HEAD_DIM, True, False)
-        v0 = _load_tile(v_base, cols, stride_vt, offs_d0, col_ok, HEAD_DIM, True, False)
+        k0 = _load_tile(k_base, cols, stride_kt, offs_d0, col_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
+        v0 = _load_tile(v_base, cols, stride_vt, offs_d0, col_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
         qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
         dp = tl.dot(do0, tl.trans(v0), input_precision=PRECISION)
         if BLOCK_D1 > 0:
@@ -409,7 +409,7 @@ def _varlen_attention_bwd_dq_kernel(
         if BLOCK_D1 > 0:
             dq1 += tl.dot(ds, k1, input_precision=PRECISION)
     dq_base = DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh
-    _store_tile(dq_base, offs_m, stride_dqt, offs_d0, row_ok, (dq0 * sm_scale).to(DQ.dtype.element_ty), HEAD_DIM, False)
+    _store_tile(dq_base, offs_m, stride_dqt, offs_d0, row_ok, (dq0 * sm_scale).to(DQ.dtype.element_ty), HEAD_DIM, BLOCK_D0 > HEAD_DIM)
     if BLOCK_D1 > 0:
         _store_tile(dq_base, offs_m, stride_dqt, offs_d1, row_ok, (dq1 * sm_scale).to(DQ.dtype.element_ty),
                     HEAD_DIM, D1_MASKED)
@@ -420,23 +420,23 @@ def _varlen_attention_bwd_dq_kernel(
 # ------------------------------------------------------------------------------------------------
 # The block that tiles the grid (query block of the forward and dQ kernels, key block of the
 # dK/dV kernel) is fixed per head dim, because the tile list depends on it; the block of the inner
-# loop, warps and pipeline stages are autotuned. The interpreter gets one small configuration so
-# that short test documents still span several blocks.
+# loop, warps and pipeline stages are autotuned. The interpreter gets one configuration, with
+# blocks (64 x 32) small enough that test documents of a few hundred rows span several.
 
 def _pick(interpret_value, gpu_value):
     return interpret_value if triton_interpret() else gpu_value
 
 
 def fwd_block_m(head_dim: int) -> int:
-    return _pick(32, 128 if head_dim <= 128 else 64)
+    return _pick(64, 128 if head_dim <= 128 else 64)
 
 
 def bwd_block_n(head_dim: int) -> int:
-    return _pick(32, 128 if head_dim <= 128 else 64)
+    return _pick(64, 128 if head_dim <= 128 else 64)
 
 
 def dq_block_m(head_dim: int) -> int:
-    return _pick(32, 128 if head_dim <= 128 else 64)
+    return _pick(64, 128 if head_dim <= 128 else 64)
 
 
 _TUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL"]
@@ -447,7 +447,7 @@ def _autotune(kernel, block: str, narrow: list, wide: list, key=(), **kwargs):
     candidates for head dims up to 128 (``narrow``) or above (``wide``, which must fit shared
     memory with bigger tiles)."""
     if triton_interpret():
-        configs = [triton.Config({block: 16}, num_warps=4, num_stages=1)]
+        configs = [triton.Config({block: 32}, num_warps=4, num_stages=1)]
     else:
         configs = [triton.Config({block: b}, num_warps=w, num_stages=s) for b, w, s in dict.fromkeys(narrow + wide)]
 

@@ -1,0 +1,297 @@
+"""varlen_attention: the Triton path against the PyTorch reference, forward and every gradient
+(through the output and through lse), on fresh random inputs; bad inputs; opcheck; torch.compile."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moca_kernels import varlen_attention
+from moca_kernels.varlen import lengths_to_cu_seqlens
+from moca_kernels.varlen_attention import triton_kernels
+from moca_kernels.varlen_attention.op import varlen_attention_bwd, varlen_attention_fwd
+
+LENGTHS = [0, 1, 17, 129, 300]
+# Largest error allowed against the float64 reference, relative to the reference's largest value.
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
+
+
+def make_problem(lens_q, lens_k, hq, hkv, dim, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+
+    q, k, v = rand(sum(lens_q), hq, dim), rand(sum(lens_k), hkv, dim), rand(sum(lens_k), hkv, dim)
+    dout = torch.randn(sum(lens_q), hq, dim, generator=gen).to(device=device, dtype=dtype)
+    dlse = torch.randn(hq, sum(lens_q), generator=gen).to(device)
+    return q, k, v, lengths_to_cu_seqlens(lens_q, device), lengths_to_cu_seqlens(lens_k, device), dout, dlse
+
+
+def run(q, k, v, cu_q, cu_k, dout, dlse, **kwargs):
+    """Output, lse and the gradients of q, k, v of ``<out, dout> + <lse, dlse>`` (rows with
+    lse = -inf left out of the second term)."""
+    out, lse = varlen_attention(q, k, v, cu_q, cu_k, return_lse=True, **kwargs)
+    finite = torch.isfinite(lse)
+    loss = (out.double() * dout.double()).sum() + (torch.where(finite, lse, 0.0).double() * dlse.double()).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    return out, lse, grads
+
+
+def reference64(q, k, v, cu_q, cu_k, dout, dlse, **kwargs):
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    return run(*leaves, cu_q, cu_k, dout, dlse, backend="torch", **kwargs)
+
+
+def assert_close(actual, expected, dtype, what):
+    assert actual.shape == expected.shape, what
+    if not expected.numel():
+        return
+    tol = TOL[dtype] * max(1.0, expected.abs().max().item())
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= tol, f"{what}: max error {err:.3e} > {tol:.3e}"
+
+
+def check_against_reference(lens_q, lens_k, hq, hkv, dim, dtype, device, causal, seed=0, **kwargs):
+    problem = make_problem(lens_q, lens_k, hq, hkv, dim, dtype, device, seed)
+    out, lse, grads = run(*problem, causal=causal, backend="triton", **kwargs)
+    ref_out, ref_lse, ref_grads = reference64(*problem, causal=causal)
+    assert out.dtype == dtype and out.shape == problem[0].shape
+    assert lse.dtype == torch.float32 and lse.shape == (hq, sum(lens_q))
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "rows without keys differ"
+    finite = torch.isfinite(ref_lse)
+    assert_close(out, ref_out, dtype, "out")
+    assert_close(lse[finite], ref_lse[finite], dtype, "lse")
+    for name, g, ref in zip("qkv", grads, ref_grads):
+        assert g.dtype == dtype
+        assert_close(g, ref, dtype, f"d{name}")
+    return out, lse, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("dim", [64, 80, 128])
+def test_matches_reference(dim, heads, causal, dtype, device):
+    check_against_reference(LENGTHS, LENGTHS, *heads, dim, dtype, device, causal, seed=dim + causal)
+
+
+@pytest.mark.parametrize("dim", [8, 40, 96, 200, 256])
+def test_other_head_dims(dim, device):
+    # 8: below the smallest dot operand; 40, 200: split with a padded remainder; 96: 64 + 32; 256: the largest
+    check_against_reference([1, 33, 70], [1, 33, 70], 2, 1, dim, torch.float32, device, causal=False, seed=dim)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_documents_differ_from_query_documents(causal, device):
+    # Empty query documents with keys, documents without keys (their rows give 0 and lse -inf),
+    # and, causal, more queries than keys (their first rows see no key).
+    out, lse, _ = check_against_reference([3, 0, 50, 20, 9], [5, 7, 0, 33, 2], 4, 2, 64, torch.float32, device, causal)
+    no_keys = slice(3, 53)
+    assert torch.all(out[no_keys] == 0) and torch.all(torch.isneginf(lse[:, no_keys]))
+
+
+def test_deterministic_backward(device):
+    problem = make_problem([5, 140, 61], [5, 140, 61], 4, 2, 80, torch.float32, device, seed=3)
+    first = run(*problem, backend="triton", deterministic=True)[2]
+    second = run(*problem, backend="triton", deterministic=True)[2]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    ref_grads = reference64(*problem)[2]
+    for name, g, ref in zip("qkv", first, ref_grads):
+        assert_close(g, ref, torch.float32, f"d{name}")
+
+
+def test_deterministic_follows_torch_flag(device, monkeypatch):
+    seen = []
+    original = triton_kernels.backward
+
+    def spy(*args):
+        seen.append(args[-2])  # the deterministic flag
+        return original(*args)
+
+    problem = make_problem([20, 7], [20, 7], 2, 2, 64, torch.float32, device, seed=4)
+    monkeypatch.setattr(triton_kernels, "backward", spy)
+    torch.use_deterministic_algorithms(True)
+    try:
+        run(*problem, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    run(*problem, backend="triton")
+    assert seen == [True, False]
+
+
+def test_non_contiguous_inputs(device):
+    # q, k, v as views into one fused projection, the layout a QKV linear produces.
+    gen = torch.Generator().manual_seed(5)
+    lens = [33, 1, 90]
+    qkv = torch.randn(sum(lens), 3, 2, 64, generator=gen).to(device).requires_grad_()
+    q, k, v = qkv.unbind(1)
+    cu = lengths_to_cu_seqlens(lens, device)
+    dout = torch.randn(sum(lens), 2, 64, generator=gen).to(device)
+    out = varlen_attention(q, k, v, cu, backend="triton")
+    (grad,) = torch.autograd.grad((out * dout).sum(), qkv)
+    ref_qkv = qkv.detach().double().requires_grad_()
+    ref = varlen_attention(*ref_qkv.unbind(1), cu, backend="torch")
+    (ref_grad,) = torch.autograd.grad((ref * dout.double()).sum(), ref_qkv)
+    assert_close(out, ref, torch.float32, "out")
+    assert_close(grad, ref_grad, torch.float32, "dqkv")
+
+
+def test_softmax_scale_and_max_seqlen(device):
+    problem = make_problem([12, 40], [12, 40], 2, 1, 64, torch.float32, device, seed=6)
+    q, k, v, cu, _, _, _ = problem
+    out = varlen_attention(q, k, v, cu, None, 40, 40, softmax_scale=0.3, backend="triton")
+    ref = varlen_attention(q.double(), k.double(), v.double(), cu, softmax_scale=0.3, backend="torch")
+    assert_close(out, ref, torch.float32, "out")
+    plain = varlen_attention(q, k, v, cu, backend="triton")
+    assert (plain - out).abs().max() > 1e-3, "softmax_scale had no effect"
+    with pytest.raises(ValueError, match="max_seqlen_q=39 is shorter than the longest document"):
+        varlen_attention(q, k, v, cu, None, 39, backend="triton")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lens=st.lists(st.integers(0, 80), min_size=1, max_size=4),
+    dim=st.sampled_from([16, 48, 64, 80]),
+    heads=st.sampled_from([(1, 1), (2, 1), (3, 3), (4, 2)]),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_documents(lens, dim, heads, causal, seed, device):
+    check_against_reference(lens, lens, *heads, dim, torch.float32, device, causal, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+def _good():
+    q = torch.randn(10, 4, 64)
+    k = torch.randn(10, 2, 64)
+    return dict(q=q, k=k, v=torch.randn(10, 2, 64), cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32))
+
+
+BAD = {
+    "cu int64": (dict(cu_seqlens_q=torch.tensor([0, 4, 10])), "cu_seqlens_q must be int32"),
+    "cu 2-D": (dict(cu_seqlens_q=torch.tensor([[0, 4, 10]], dtype=torch.int32)), r"cu_seqlens_q must have shape \(B\+1,\)"),
+    "cu start": (dict(cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32)), "cu_seqlens_q must start at 0"),
+    "cu decreasing": (dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), "cu_seqlens_q must be non-decreasing"),
+    "cu end": (dict(cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32)), "cu_seqlens_q must end at the token count 10"),
+    "cu_k end": (dict(cu_seqlens_k=torch.tensor([0, 4, 12], dtype=torch.int32)), "cu_seqlens_k must end at the token count 10"),
+    "cu_k count": (dict(cu_seqlens_k=torch.tensor([0, 10], dtype=torch.int32)), "cu_seqlens_k .* as many documents"),
+    "gqa": (dict(k=torch.randn(10, 3, 64), v=torch.randn(10, 3, 64)), r"query heads of q \(4\) must be a positive multiple"),
+    "head dim": (dict(q=torch.randn(10, 4, 264), k=torch.randn(10, 2, 264), v=torch.randn(10, 2, 264)), "head_dim of q must be between 1 and 256"),
+    "k head dim": (dict(k=torch.randn(10, 2, 32), v=torch.randn(10, 2, 32)), "k has head_dim 32, q has 64"),
+    "v shape": (dict(v=torch.randn(10, 2, 32)), "v must have the shape of k"),
+    "dtype": (dict(k=torch.randn(10, 2, 64, dtype=torch.float16)), "k is torch.float16 but q is torch.float32"),
+    "int q": (dict(q=torch.ones(10, 4, 64, dtype=torch.int32), k=torch.ones(10, 2, 64, dtype=torch.int32),
+                   v=torch.ones(10, 2, 64, dtype=torch.int32)), "q must be a floating-point tensor"),
+    "device": (dict(cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32, device="meta")), "cu_seqlens_q is on meta but q is on cpu"),
+    "rank": (dict(q=torch.randn(10, 256)), r"q must have shape \(total_q, heads, head_dim\)"),
+    "k rank": (dict(k=torch.randn(1, 10, 2, 64)), r"k must have shape \(total_k, heads, head_dim\)"),
+    "backend": (dict(backend="cuda"), "varlen_attention has no cuda backend"),
+    "backend name": (dict(backend="fast"), "backend='fast' is not one of"),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(case, backend):
+    change, message = BAD[case]
+    args = {**_good(), "backend": backend, **change}
+    with pytest.raises(ValueError, match=message):
+        varlen_attention(**args)
+
+
+def test_forced_triton_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' cannot run varlen_attention here: CPU tensors need TRITON_INTERPRET=1"):
+        varlen_attention(**_good(), backend="triton")
+
+
+def test_backend_from_environment(monkeypatch):
+    args = _good()
+    monkeypatch.setenv("MOCA_KERNELS_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="MOCA_KERNELS_BACKEND='triton' cannot run"):
+        varlen_attention(**args)
+    monkeypatch.setenv("MOCA_KERNELS_BACKEND", "torch")
+    out = varlen_attention(**args)
+    assert torch.allclose(out, varlen_attention(**args, backend="torch"))
+
+
+def test_automatic_backend_on_cpu_is_the_reference(monkeypatch):
+    # The interpreter is a test vehicle: CPU tensors pick the torch reference unless forced.
+    seen = []
+    monkeypatch.setattr(triton_kernels, "forward", lambda *args: seen.append(args))
+    out = varlen_attention(**_good())
+    assert seen == [] and out.shape == (10, 4, 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration
+# ------------------------------------------------------------------------------------------------
+
+def test_opcheck(device):
+    q, k, v, cu_q, cu_k, dout, _ = make_problem([3, 20, 0, 17], [5, 18, 2, 17], 4, 2, 80, torch.float32, device, seed=7)
+    torch.library.opcheck(varlen_attention_fwd, (q, k, v, cu_q, cu_k, 0.125, False, False))
+    torch.library.opcheck(varlen_attention_fwd, (q, k, v, cu_q, cu_k, 0.125, True, True))
+    out, lse = varlen_attention_fwd(q, k, v, cu_q, cu_k, 0.125, False, False)
+    args = (dout, torch.randn_like(lse), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu_q, cu_k,
+            0.125, False, False)
+    torch.library.opcheck(varlen_attention_bwd, args)
+
+
+def test_torch_compile(device):
+    problem = make_problem([9, 33], [9, 33], 2, 1, 64, torch.float32, device, seed=8)
+    q, k, v, cu, _, dout, _ = problem
+
+    def layer(q, k, v):
+        return torch.tanh(varlen_attention(q * 2, k, v, cu, backend="triton")).sum(-1)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref = layer(q, k, v)
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert_close(out, ref, torch.float32, "compiled out")
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, torch.float32, "compiled grad")
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: bf16, larger shapes, and the numerics rule of DESIGN.md section 6
+# ------------------------------------------------------------------------------------------------
+
+def _plain_low_precision(q, k, v, cu, causal):
+    """Attention computed the plain way in the inputs' own precision (SDPA per document)."""
+    outs = []
+    bounds = cu.tolist()
+    group = q.shape[1] // k.shape[1]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qd, kd, vd = (x[a:b].transpose(0, 1) for x in (q, k, v))
+        kd, vd = kd.repeat_interleave(group, 0), vd.repeat_interleave(group, 0)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=causal).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dim,heads", [(128, (16, 2)), (80, (16, 16)), (64, (8, 8)), (256, (4, 2))])
+def test_numerics_rule_gpu(dim, heads, causal, dtype):
+    torch.manual_seed(dim)
+    lens = [1, 31, 700, 129, 1280, 0, 517]
+    q, k, v, cu, _, dout, _ = make_problem(lens, lens, *heads, dim, dtype, "cuda", seed=dim)
+    out = varlen_attention(q, k, v, cu, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    plain = _plain_low_precision(q, k, v, cu, causal)
+    plain_grads = torch.autograd.grad(plain, (q, k, v), dout)
+    leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = _plain_low_precision(*leaves, cu, causal)
+    ref_grads = torch.autograd.grad(ref, leaves, dout.float())
+    for name, mine, theirs, exact in zip(["out", "dq", "dk", "dv"], (out, *grads), (plain, *plain_grads), (ref, *ref_grads)):
+        err = (mine.float() - exact).abs().max().item()
+        plain_err = (theirs.float() - exact).abs().max().item()
+        assert err <= 2 * plain_err + 1e-5, f"{name}: error {err:.3e} > 2 x plain {dtype} error {plain_err:.3e}"
