@@ -1,6 +1,7 @@
 """``python -m moca_kernels.info``: each op's backends, and for each one not usable here, why."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -20,13 +21,18 @@ def report() -> str:
         lines.append(f"CUDA device: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})")
     else:
         lines.append(f"CUDA device: none (torch built with CUDA: {torch.version.cuda or 'no'})")
-    lines.append(f"{ENV_VAR}={__import__('os').environ.get(ENV_VAR, '')!r}")
+    lines.append(f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r}")
     for name, entry in REGISTRY.items():
         lines.append("")
         lines.append(f"{name}:")
         for backend in entry.backends:
             reasons = backend.reasons(None, None)
-            state = "available" if not reasons else "not usable: " + "; ".join(reasons)
+            if reasons:
+                state = "not usable: " + "; ".join(reasons)
+            elif backend.name == "triton" and not torch.cuda.is_available():
+                state = "available on CPU tensors through the Triton interpreter (never picked automatically)"
+            else:
+                state = "available"
             lines.append(f"  {backend.name:<7} {state}")
         missing = [b for b in ("cuda", "triton", "torch") if entry.get(b) is None]
         for b in missing:

@@ -1,0 +1,188 @@
+"""Shared benchmark harness: providers, CUDA-event timing, FLOP rates, peak memory, result files.
+
+Every ``bench_<op>.py`` describes its cases and providers and hands them to :func:`run`. A provider
+is a name plus a ``setup(inputs)`` that returns ``(forward, leaves)``: a callable computing the op
+on inputs prepared in the provider's own layout (outside the timed region) and the tensors that
+receive gradients; or it raises :class:`Unavailable` with the reason it cannot run; the harness times the
+forward, the backward and both, in one process on one card, and writes ``results.json`` and
+``results.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+class Unavailable(Exception):
+    """A provider cannot run this case here (missing package, unsupported shape, out of memory)."""
+
+
+@dataclass
+class Provider:
+    name: str
+    setup: Callable[[Any], tuple[Callable[[], torch.Tensor], Sequence[torch.Tensor]]]
+    # What the provider is, for the report (e.g. which kernel it dispatches to).
+    description: str = ""
+    # Why it cannot run on this machine at all (a missing package), or None; checked without a GPU.
+    unavailable: Callable[[], str | None] = lambda: None
+
+
+@dataclass
+class Case:
+    name: str
+    params: dict
+    # FLOPs of one forward pass; the backward counts ``bwd_flop_factor`` times as many.
+    fwd_flops: float
+    bwd_flop_factor: float = 2.5
+    inputs: Callable[[], Any] | None = None
+
+
+def environment() -> dict:
+    """Card, versions and commit, recorded beside every result."""
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        info["commit"] = None
+    return info
+
+
+def measure(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], modes: Sequence[str]) -> dict:
+    """Milliseconds of each mode and the peak memory (bytes above the inputs) of one fwd+bwd."""
+    from triton.testing import do_bench
+    result: dict[str, float] = {}
+    out = forward()
+    grad = torch.randn_like(out)
+
+    def fwd_bwd():
+        forward().backward(grad)
+
+    if "fwd" in modes:
+        with torch.no_grad():
+            result["fwd_ms"] = do_bench(forward, warmup=25, rep=100, quantiles=[0.5])[0]
+    if "bwd" in modes:
+        result["bwd_ms"] = do_bench(lambda: out.backward(grad, retain_graph=True), warmup=25, rep=100,
+                                    grad_to_none=list(leaves), quantiles=[0.5])[0]
+    if "fwd+bwd" in modes:
+        result["fwd+bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=list(leaves), quantiles=[0.5])[0]
+    del out
+    for x in leaves:
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    result["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
+    return result
+
+
+def rates(case: Case, timings: dict) -> dict:
+    """TFLOP/s of each timed mode, from the case's FLOP count."""
+    flops = {"fwd": case.fwd_flops, "bwd": case.fwd_flops * case.bwd_flop_factor,
+             "fwd+bwd": case.fwd_flops * (1 + case.bwd_flop_factor)}
+    return {f"{mode}_tflops": flops[mode] / (timings[f"{mode}_ms"] * 1e-3) / 1e12
+            for mode in MODES if f"{mode}_ms" in timings}
+
+
+def parser(description: str, providers: Sequence[str], cases: Sequence[str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--providers", nargs="+", default=list(providers), choices=list(providers), metavar="NAME",
+                   help=f"providers to measure (default: all of {', '.join(providers)})")
+    p.add_argument("--cases", nargs="+", default=list(cases), metavar="NAME",
+                   help="cases to run (default: all); --list shows them")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--out", default=None, help="folder for results.json and results.md")
+    p.add_argument("--list", action="store_true", help="list cases and providers (with availability) and exit")
+    return p
+
+
+def check_case_names(requested: Sequence[str], known: Sequence[str]) -> None:
+    unknown = [c for c in requested if c not in known]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; known: {list(known)}")
+
+
+def run(title: str, cases: Sequence[Case], providers: Sequence[Provider], modes: Sequence[str],
+        out_dir: str | None, flop_convention: str, log: Callable[[str], None] = print) -> list[dict]:
+    """Measure every provider on every case; providers that cannot run a case are reported with
+    their reason. Returns the rows (also written under ``out_dir``)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks time CUDA kernels: no CUDA device here (use --list to check the setup)")
+    env = environment()
+    log(f"{title}: {env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
+    log(f"FLOP convention: {flop_convention}")
+    rows = []
+    for case in cases:
+        inputs = case.inputs() if case.inputs else None
+        for provider in providers:
+            row = {"case": case.name, **case.params, "provider": provider.name}
+            try:
+                forward, leaves = provider.setup(inputs)
+                timings = measure(forward, leaves, modes)
+                row.update(timings, **rates(case, timings))
+            except Unavailable as why:
+                row["skipped"] = str(why)
+            except torch.cuda.OutOfMemoryError:
+                row["skipped"] = "out of memory"
+            except Exception as exc:  # a peer that breaks on a case is reported, not fatal to the run
+                row["skipped"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            torch.cuda.empty_cache()
+            rows.append(row)
+            log(format_row(row))
+        del inputs
+        torch.cuda.empty_cache()
+    if out_dir:
+        write(out_dir, title, env, flop_convention, rows)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    head = f"{row['case']:<28} {row['provider']:<14}"
+    if "skipped" in row:
+        return f"{head} skipped: {row['skipped']}"
+    parts = [f"{m} {row[f'{m}_ms']:.3f} ms {row[f'{m}_tflops']:.0f} TFLOP/s" for m in MODES if f"{m}_ms" in row]
+    return f"{head} " + " | ".join(parts) + f" | peak {row['peak_mem_bytes'] / 2**20:.0f} MiB"
+
+
+def write(out_dir: str, title: str, env: dict, flop_convention: str, rows: list[dict]) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"title": title, "environment": env, "flop_convention": flop_convention, "rows": rows}, f, indent=1)
+    lines = [f"# {title}", "", f"{env['gpu']}; torch {env['torch']}; triton {env['triton']}; commit {env['commit']}; "
+             f"{env['date']}", "", f"FLOP convention: {flop_convention}", "",
+             "| case | provider | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if "skipped" in row:
+            lines.append(f"| {row['case']} | {row['provider']} | skipped: {row['skipped']} |||||||")
+            continue
+        cells = []
+        for m in MODES:
+            cells += [f"{row[f'{m}_ms']:.3f}", f"{row[f'{m}_tflops']:.0f}"] if f"{m}_ms" in row else ["", ""]
+        lines.append(f"| {row['case']} | {row['provider']} | " + " | ".join(cells) +
+                     f" | {row['peak_mem_bytes'] / 2**20:.0f} |")
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
