@@ -324,15 +324,15 @@ def _varlen_attention_bwd_kernel(
             dk0 += tl.dot(dsT.to(q0.dtype), q0, input_precision=PRECISION)
             if BLOCK_D1 > 0:
                 dk1 += tl.dot(dsT.to(q1.dtype), q1, input_precision=PRECISION)
-            if ATOMIC_DQ:
+            if ATOMIC_DQ:  # relaxed: only the sum after the kernel matters, not the order
                 ds = tl.trans(dsT).to(k0.dtype)
                 dq0 = tl.dot(ds, k0, input_precision=PRECISION) * sm_scale
                 tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d0[None, :], dq0,
-                              mask=row_ok[:, None] & (offs_d0[None, :] < HEAD_DIM))
+                              mask=row_ok[:, None] & (offs_d0[None, :] < HEAD_DIM), sem="relaxed")
                 if BLOCK_D1 > 0:
                     dq1 = tl.dot(ds, k1, input_precision=PRECISION) * sm_scale
                     tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d1[None, :], dq1,
-                                  mask=row_ok[:, None] & (offs_d1[None, :] < HEAD_DIM))
+                                  mask=row_ok[:, None] & (offs_d1[None, :] < HEAD_DIM), sem="relaxed")
 
     dk_base = DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh
     dv_base = DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh
@@ -419,56 +419,66 @@ def _varlen_attention_bwd_dq_kernel(
 # Launch configurations and launchers
 # ------------------------------------------------------------------------------------------------
 # The block that tiles the grid (query block of the forward and dQ kernels, key block of the
-# dK/dV kernel) is fixed per head dim, because the tile list depends on it; the block of the inner
-# loop, warps and pipeline stages are autotuned. The interpreter gets one configuration, with
-# blocks (64 x 32) small enough that test documents of a few hundred rows span several.
+# dK/dV kernel) is fixed per head-dim class, because the tile list depends on it; the block of the
+# inner loop, warps and pipeline stages are autotuned over candidates chosen with
+# ``python -m moca_kernels.compile_check`` (sm_90a registers, spills, shared memory; candidates
+# without Hopper wgmma were dropped). The interpreter gets one configuration, with blocks (64 x 32)
+# small enough that test documents of a few hundred rows span several.
 
-def _pick(interpret_value, gpu_value):
-    return interpret_value if triton_interpret() else gpu_value
-
-
-def fwd_block_m(head_dim: int) -> int:
-    return _pick(64, 128 if head_dim <= 128 else 64)
+def head_dim_class(head_dim: int) -> str:
+    return "small" if head_dim <= 64 else "medium" if head_dim <= 128 else "large"
 
 
-def bwd_block_n(head_dim: int) -> int:
-    return _pick(64, 128 if head_dim <= 128 else 64)
+# Per kernel: the grid block per head-dim class, and (inner block, warps, stages) candidates.
+TUNING = {
+    "fwd": dict(grid_block=dict(small=128, medium=128, large=64), candidates=dict(
+        small=[(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 8, 2)],
+        medium=[(64, 8, 3), (64, 8, 2), (128, 8, 2)],
+        large=[(32, 8, 2), (64, 8, 2), (16, 4, 2)])),
+    "bwd": dict(grid_block=dict(small=128, medium=64, large=64), candidates=dict(
+        small=[(32, 8, 2), (32, 8, 3), (64, 8, 2)],
+        medium=[(32, 8, 1), (32, 8, 2), (64, 8, 2)],
+        large=[(16, 8, 2), (32, 8, 2), (16, 8, 1)])),
+    "bwd_dq": dict(grid_block=dict(small=128, medium=128, large=64), candidates=dict(
+        small=[(32, 8, 3), (32, 8, 2), (64, 8, 2)],
+        medium=[(32, 8, 3), (32, 8, 2), (64, 8, 2)],
+        large=[(32, 8, 2), (16, 8, 2)])),
+}
 
 
-def dq_block_m(head_dim: int) -> int:
-    return _pick(64, 128 if head_dim <= 128 else 64)
+def grid_block(kernel: str, head_dim: int) -> int:
+    return 64 if triton_interpret() else TUNING[kernel]["grid_block"][head_dim_class(head_dim)]
 
 
 _TUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL"]
 
 
-def _autotune(kernel, block: str, narrow: list, wide: list, key=(), **kwargs):
-    """Autotune ``block`` (the inner-loop block), warps and stages over the (block, warps, stages)
-    candidates for head dims up to 128 (``narrow``) or above (``wide``, which must fit shared
-    memory with bigger tiles)."""
+def _autotune(kernel, name: str, block: str, key=(), **kwargs):
+    """Autotune ``block`` (the inner-loop block), warps and stages over the candidates of the
+    call's head-dim class."""
+    candidates = TUNING[name]["candidates"]
     if triton_interpret():
         configs = [triton.Config({block: 32}, num_warps=4, num_stages=1)]
     else:
-        configs = [triton.Config({block: b}, num_warps=w, num_stages=s) for b, w, s in dict.fromkeys(narrow + wide)]
+        every = dict.fromkeys(c for cls in candidates.values() for c in cls)
+        configs = [triton.Config({block: b}, num_warps=w, num_stages=s) for b, w, s in every]
 
     def prune(configs, named_args, **call_kwargs):
-        allowed = narrow if call_kwargs["HEAD_DIM"] <= 128 else wide
+        allowed = candidates[head_dim_class(call_kwargs["HEAD_DIM"])]
         return [c for c in configs if (c.kwargs[block], c.num_warps, c.num_stages) in allowed]
 
     return triton.autotune(configs, key=_TUNE_KEY + list(key), prune_configs_by={"early_config_prune": prune},
                            **kwargs)(kernel)
 
 
-_fwd = _autotune(_varlen_attention_fwd_kernel, "BLOCK_N",
-                 narrow=[(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 8, 2), (128, 4, 3)],
-                 wide=[(64, 8, 2), (64, 4, 2), (32, 4, 2)])
-_bwd = _autotune(_varlen_attention_bwd_kernel, "BLOCK_M",
-                 narrow=[(32, 8, 2), (32, 8, 3), (64, 8, 2), (64, 8, 3)],
-                 wide=[(32, 8, 2), (64, 8, 2), (32, 4, 2)],
-                 key=["ATOMIC_DQ"], reset_to_zero=["DQ"])
-_bwd_dq = _autotune(_varlen_attention_bwd_dq_kernel, "BLOCK_N",
-                    narrow=[(32, 4, 3), (32, 8, 3), (64, 8, 2), (64, 8, 3)],
-                    wide=[(32, 8, 2), (32, 4, 2)])
+_fwd = _autotune(_varlen_attention_fwd_kernel, "fwd", "BLOCK_N")
+_bwd = _autotune(_varlen_attention_bwd_kernel, "bwd", "BLOCK_M", key=["ATOMIC_DQ"], reset_to_zero=["DQ"])
+_bwd_dq = _autotune(_varlen_attention_bwd_dq_kernel, "bwd_dq", "BLOCK_N")
+
+
+def preprocess_block_t(head_dim: int) -> int:
+    """Rows per program of the delta preprocess: about 4k elements a tile keeps it spill-free."""
+    return max(16, 4096 // max(16, triton.next_power_of_2(head_dim)))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -483,7 +493,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: b
     d0, d1 = head_dim_split(head_dim)
     out = q.new_empty(q.shape)
     lse = torch.empty((hq, total_q), device=q.device, dtype=torch.float32)
-    block_m = fwd_block_m(head_dim)
+    block_m = grid_block("fwd", head_dim)
     tile_doc, tile_block = tiles(block_m, "q")
     _fwd[(tile_doc.numel() * hq,)](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
@@ -502,7 +512,7 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_
     hkv = k.shape[1]
     d0, d1 = head_dim_split(head_dim)
     delta = torch.empty_like(lse)
-    block_t = 64
+    block_t = preprocess_block_t(head_dim)
     _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
         out, dout, dlse if dlse is not None else delta, delta, total_q,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
@@ -515,7 +525,7 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_
     dv = v.new_empty(v.shape)
     # dQ accumulates in float32 across key blocks unless the backward must be deterministic.
     dq = q.new_empty(q.shape) if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    block_n = bwd_block_n(head_dim)
+    block_n = grid_block("bwd", head_dim)
     tile_doc, tile_block = tiles(block_n, "k")
     _bwd[(tile_doc.numel() * hkv,)](
         q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
@@ -524,7 +534,7 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_
         dv.stride(0), dv.stride(1), lse.stride(0), *scales,
         HKV=hkv, GROUP=hq // hkv, BLOCK_N=block_n, ATOMIC_DQ=not deterministic, **common)
     if deterministic:
-        block_m = dq_block_m(head_dim)
+        block_m = grid_block("bwd_dq", head_dim)
         tile_doc, tile_block = tiles(block_m, "q")
         _bwd_dq[(tile_doc.numel() * hq,)](
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,

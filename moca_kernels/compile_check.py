@@ -1,0 +1,159 @@
+"""Compile every Triton kernel variant for Hopper (sm_90a) without a GPU, and report its resources.
+
+    python -m moca_kernels.compile_check            # the autotuning space, head dims 64/80/128/256, causal or not
+    python -m moca_kernels.compile_check --quick    # non-causal only (what CI runs)
+
+Triton compiles down to a cubin with its bundled LLVM and ptxas given only a target, so this
+catches what the CPU interpreter cannot: code that does not compile for the GPU, shared memory
+beyond the 227 KiB an sm_90 block may use, and matrix products that miss the Hopper tensor cores
+(no ``wgmma``): any of those exits with status 1. Register spills are reported (ptxas -v) and
+count as failures with ``--fail-on-spills``. Run it without ``TRITON_INTERPRET`` set.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+SM90_MAX_SHARED = 232448
+HEAD_DIMS = (64, 80, 128, 256)
+
+
+def _signature(kernel, pointers: dict[str, str]) -> dict[str, str]:
+    sig = {}
+    pointers = dict(CU_Q="*i32", CU_K="*i32", TILE_DOC="*i32", TILE_BLOCK="*i32", **pointers)
+    for name in kernel.arg_names:
+        if name in pointers:
+            sig[name] = pointers[name]
+        elif name.startswith("stride") or name == "total":
+            sig[name] = "i32"
+        elif name.endswith("scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "constexpr"
+    return sig
+
+
+def variants(quick: bool) -> list[dict]:
+    """Every (kernel, constexprs, warps, stages) the launchers can produce, in bf16."""
+    import triton
+
+    from .varlen_attention import triton_kernels as tk
+    out = []
+    dt = "*bf16"
+    causals = (False,) if quick else (False, True)
+    for head_dim in HEAD_DIMS:
+        d0, d1 = tk.head_dim_split(head_dim)
+        dims = dict(HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, PRECISION="tf32")
+        cls = tk.head_dim_class(head_dim)
+        for causal in causals:
+            for block, warps, stages in tk.TUNING["fwd"]["candidates"][cls]:
+                out.append(dict(kernel="_varlen_attention_fwd_kernel",
+                                pointers=dict(Q=dt, K=dt, V=dt, O=dt, LSE="*fp32"),
+                                constexprs=dict(HQ=16, GROUP=8, BLOCK_M=tk.grid_block("fwd", head_dim), BLOCK_N=block,
+                                                CAUSAL=causal, **dims), warps=warps, stages=stages))
+            for atomic in ((True,) if quick else (True, False)):
+                for block, warps, stages in tk.TUNING["bwd"]["candidates"][cls]:
+                    out.append(dict(kernel="_varlen_attention_bwd_kernel",
+                                    pointers=dict(Q=dt, K=dt, V=dt, DO=dt, DK=dt, DV=dt, LSE="*fp32", DELTA="*fp32",
+                                                  DQ="*fp32" if atomic else dt),
+                                    constexprs=dict(HKV=2, GROUP=8, BLOCK_M=block, BLOCK_N=tk.grid_block("bwd", head_dim),
+                                                    CAUSAL=causal, ATOMIC_DQ=atomic, **dims),
+                                    warps=warps, stages=stages))
+            for block, warps, stages in tk.TUNING["bwd_dq"]["candidates"][cls]:
+                out.append(dict(kernel="_varlen_attention_bwd_dq_kernel",
+                                pointers=dict(Q=dt, K=dt, V=dt, DO=dt, DQ=dt, LSE="*fp32", DELTA="*fp32"),
+                                constexprs=dict(HQ=16, GROUP=8, BLOCK_M=tk.grid_block("bwd_dq", head_dim), BLOCK_N=block,
+                                                CAUSAL=causal, **dims), warps=warps, stages=stages))
+        out.append(dict(kernel="_varlen_attention_bwd_preprocess_kernel",
+                        pointers=dict(O=dt, DO=dt, DLSE="*fp32", DELTA="*fp32"),
+                        constexprs=dict(HEAD_DIM=head_dim, BLOCK_T=tk.preprocess_block_t(head_dim),
+                                        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                                        HAS_DLSE=True), warps=4, stages=1, dots=False))
+    return out
+
+
+def compile_one(variant: dict) -> dict:
+    """Compile one variant for sm_90a; return its resources and what is wrong with it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .varlen_attention import triton_kernels as tk
+    kernel = getattr(tk, variant["kernel"])
+    label = f"{variant['kernel']} " + " ".join(f"{k}={v}" for k, v in variant["constexprs"].items()
+                                                if k not in ("PRECISION",)) \
+        + f" warps={variant['warps']} stages={variant['stages']}"
+    start = time.time()
+    try:
+        src = ASTSource(kernel, _signature(kernel, variant["pointers"]), variant["constexprs"])
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=variant["warps"], num_stages=variant["stages"]))
+    except Exception as exc:
+        while exc.__cause__ is not None:  # the innermost error says what is wrong
+            exc = exc.__cause__
+        return dict(label=label, problems=[f"does not compile: {type(exc).__name__}: {str(exc)[-800:]}"])
+    ptx = compiled.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull],
+                                capture_output=True, text=True)
+    text = report.stdout + report.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    result = dict(label=label, registers=int(regs.group(1)) if regs else None, spill_bytes=sum(spills),
+                  shared=compiled.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+                  seconds=round(time.time() - start, 1), problems=[], warnings=[])
+    if report.returncode:
+        result["problems"].append(f"ptxas failed: {text[-500:]}")
+    if result["spill_bytes"]:
+        result["warnings"].append(f"spills {result['spill_bytes']} bytes")
+    if result["shared"] > SM90_MAX_SHARED:
+        result["problems"].append(f"needs {result['shared']} bytes of shared memory (sm_90 max {SM90_MAX_SHARED})")
+    if variant.get("dots", True) and not result["wgmma"]:
+        result["problems"].append("no wgmma: the products miss the Hopper tensor cores")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="non-causal variants only")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiles")
+    parser.add_argument("--fail-on-spills", action="store_true", help="count register spills as failures")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter cannot compile kernels", file=sys.stderr)
+        return 2
+    todo = variants(args.quick)
+    print(f"compiling {len(todo)} kernel variants for sm_90a with {args.jobs} jobs", flush=True)
+    failures = spilling = 0
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for result in pool.map(compile_one, todo):
+            if "registers" in result:
+                line = (f"{result['label']}: {result['registers']} regs, {result['spill_bytes']} B spilled, "
+                        f"{result['shared']} B shared, {result['wgmma']} wgmma, {result['seconds']} s")
+            else:
+                line = result["label"]
+            problems = result["problems"] + (result.get("warnings", []) if args.fail_on_spills else [])
+            if problems:
+                failures += 1
+                line += "  FAIL: " + "; ".join(problems)
+            elif result.get("warnings"):
+                spilling += 1
+                line += "  WARNING: " + "; ".join(result["warnings"])
+            print(line, flush=True)
+    print(f"{len(todo) - failures} of {len(todo)} variants compile for sm_90a "
+          f"({spilling} of them spill registers)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
