@@ -13,6 +13,7 @@ __all__ = [
     "lengths_to_cu_seqlens",
     "cu_seqlens_to_lengths",
     "check_cu_seqlens",
+    "check_cu_seqlens_layout",
     "pack",
     "unpack",
     "segment_mean",
@@ -38,6 +39,20 @@ def cu_seqlens_to_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
 
 
+def check_cu_seqlens_layout(cu_seqlens: torch.Tensor, name: str = "cu_seqlens",
+                            device: torch.device | None = None) -> None:
+    """The checks that need no values (so they also hold while torch.compile traces): an int32
+    tensor of shape ``(B+1,)`` with B >= 1, on ``device`` when given."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"{name} must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must have shape (B+1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
+    if device is not None and cu_seqlens.device != device:
+        raise ValueError(f"{name} is on {cu_seqlens.device} but the tensor it describes is on {device}")
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqlens",
                      device: torch.device | None = None) -> int:
     """Validate ``cu_seqlens`` for a packed tensor of ``total`` rows; return the longest length.
@@ -46,14 +61,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqle
     (when given), starting at 0, non-decreasing and ending at ``total``. Reads the values on the
     host (one device synchronization).
     """
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"{name} must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"{name} must have shape (B+1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
-    if device is not None and cu_seqlens.device != device:
-        raise ValueError(f"{name} is on {cu_seqlens.device}, the tensors it describes on {device}")
+    check_cu_seqlens_layout(cu_seqlens, name, device)
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")

@@ -187,7 +187,7 @@ BAD = {
     "dtype": (dict(k=torch.randn(10, 2, 64, dtype=torch.float16)), "k is torch.float16 but q is torch.float32"),
     "int q": (dict(q=torch.ones(10, 4, 64, dtype=torch.int32), k=torch.ones(10, 2, 64, dtype=torch.int32),
                    v=torch.ones(10, 2, 64, dtype=torch.int32)), "q must be a floating-point tensor"),
-    "device": (dict(cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32, device="meta")), "cu_seqlens_q is on meta but q is on cpu"),
+    "device": (dict(cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32, device="meta")), "cu_seqlens_q is on meta but the tensor it describes is on cpu"),
     "rank": (dict(q=torch.randn(10, 256)), r"q must have shape \(total_q, heads, head_dim\)"),
     "k rank": (dict(k=torch.randn(1, 10, 2, 64)), r"k must have shape \(total_k, heads, head_dim\)"),
     "backend": (dict(backend="cuda"), "varlen_attention has no cuda backend"),
@@ -270,6 +270,8 @@ def _plain_low_precision(q, k, v, cu, causal):
     bounds = cu.tolist()
     group = q.shape[1] // k.shape[1]
     for a, b in zip(bounds[:-1], bounds[1:]):
+        if a == b:
+            continue
         qd, kd, vd = (x[a:b].transpose(0, 1) for x in (q, k, v))
         kd, vd = kd.repeat_interleave(group, 0), vd.repeat_interleave(group, 0)
         outs.append(torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=causal).transpose(0, 1))

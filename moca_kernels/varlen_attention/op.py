@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from .._registry import Backend, register_op, select_backend, triton_device_reason
-from ..varlen import check_cu_seqlens
+from ..varlen import check_cu_seqlens, check_cu_seqlens_layout
 from .reference import varlen_attention_reference
 
 OP = "varlen_attention"
@@ -176,16 +176,11 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k) -> None:
             raise ValueError(f"{name} is {x.dtype} but q is {q.dtype}; q, k and v must share a dtype")
     if not q.dtype.is_floating_point:
         raise ValueError(f"q must be a floating-point tensor, got {q.dtype}")
-    for name, x in (("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if isinstance(x, torch.Tensor) and x.device != q.device:
+    for name, x in (("k", k), ("v", v)):
+        if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(cu, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
-        if cu.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32, got {cu.dtype}")
-        if cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"{name} must have shape (B+1,) with B >= 1, got {tuple(cu.shape)}")
+    check_cu_seqlens_layout(cu_seqlens_q, "cu_seqlens_q", q.device)
+    check_cu_seqlens_layout(cu_seqlens_k, "cu_seqlens_k", k.device)
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(f"cu_seqlens_k {tuple(cu_seqlens_k.shape)} must describe as many documents as "
                          f"cu_seqlens_q {tuple(cu_seqlens_q.shape)}")

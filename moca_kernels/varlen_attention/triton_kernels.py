@@ -66,6 +66,9 @@ def build_tiles(cu_seqlens: torch.Tensor, cost_cu_seqlens: torch.Tensor, total: 
 # ------------------------------------------------------------------------------------------------
 # Shared pieces
 # ------------------------------------------------------------------------------------------------
+# A head's D columns are two power-of-two pieces of BLOCK_D0 and BLOCK_D1 columns (BLOCK_D1 = 0:
+# one piece). Helpers take and return both; without a second piece the second value is a
+# placeholder that repeats the first and is never read, so the compiler drops it.
 
 @triton.jit
 def _load_tile(base, rows, stride, cols, row_ok, HEAD_DIM: tl.constexpr,
@@ -86,12 +89,56 @@ def _load_tile(base, rows, stride, cols, row_ok, HEAD_DIM: tl.constexpr,
 
 
 @triton.jit
-def _store_tile(base, rows, stride, cols, row_ok, x, HEAD_DIM: tl.constexpr, CHECK_COLS: tl.constexpr):
+def _load_head(base, rows, stride, row_ok, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr,
+               BLOCK_D1: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    x0 = _load_tile(base, rows, stride, tl.arange(0, BLOCK_D0), row_ok, HEAD_DIM, CHECK_ROWS, BLOCK_D0 > HEAD_DIM)
+    x1 = x0
+    if BLOCK_D1 > 0:
+        x1 = _load_tile(base, rows, stride, BLOCK_D0 + tl.arange(0, BLOCK_D1), row_ok, HEAD_DIM, CHECK_ROWS,
+                        BLOCK_D0 + BLOCK_D1 != HEAD_DIM)
+    return x0, x1
+
+
+@triton.jit
+def _store_tile(base, rows, stride, cols, row_ok, x, HEAD_DIM: tl.constexpr, CHECK_COLS: tl.constexpr,
+                ATOMIC: tl.constexpr):
     ptrs = base + rows[:, None] * stride + cols[None, :]
     if CHECK_COLS:
-        tl.store(ptrs, x, mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM))
+        mask = row_ok[:, None] & (cols[None, :] < HEAD_DIM)
     else:
-        tl.store(ptrs, x, mask=row_ok[:, None])
+        mask = row_ok[:, None]
+    if ATOMIC:  # relaxed: only the sum after the kernel matters, not the order
+        tl.atomic_add(ptrs, x, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, x, mask=mask)
+
+
+@triton.jit
+def _store_head(base, rows, stride, row_ok, x0, x1, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr,
+                BLOCK_D1: tl.constexpr, ATOMIC: tl.constexpr):
+    """Store (or, with ``ATOMIC``, add) the rows of ``row_ok``; columns past HEAD_DIM are dropped."""
+    _store_tile(base, rows, stride, tl.arange(0, BLOCK_D0), row_ok, x0, HEAD_DIM, BLOCK_D0 > HEAD_DIM, ATOMIC)
+    if BLOCK_D1 > 0:
+        _store_tile(base, rows, stride, BLOCK_D0 + tl.arange(0, BLOCK_D1), row_ok, x1, HEAD_DIM,
+                    BLOCK_D0 + BLOCK_D1 != HEAD_DIM, ATOMIC)
+
+
+@triton.jit
+def _zeros_head(ROWS: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr):
+    x0 = tl.zeros([ROWS, BLOCK_D0], dtype=tl.float32)
+    x1 = x0
+    if BLOCK_D1 > 0:
+        x1 = tl.zeros([ROWS, BLOCK_D1], dtype=tl.float32)
+    return x0, x1
+
+
+@triton.jit
+def _dot_nt(a0, a1, b0, b1, BLOCK_D1: tl.constexpr, PRECISION: tl.constexpr):
+    """``a @ b^T`` over the head dim, piece by piece (float32)."""
+    out = tl.dot(a0, tl.trans(b0), input_precision=PRECISION)
+    if BLOCK_D1 > 0:
+        out += tl.dot(a1, tl.trans(b1), input_precision=PRECISION)
+    return out
 
 
 @triton.jit
@@ -108,6 +155,14 @@ def _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile):
     return block, q_start, q_len, k_start, k_len
 
 
+@triton.jit
+def _load_lse2(LSE, offs, ok):
+    """Row log-sum-exp in base 2; rows that saw no key (or lie past the document) get +inf, so
+    their probabilities come out 0 instead of NaN."""
+    lse = tl.load(LSE + offs, mask=ok, other=float("inf")) * 1.4426950408889634
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------
@@ -119,19 +174,11 @@ def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_v
                CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi). ``BOUNDARY`` blocks mask keys past the document."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    if BLOCK_D1 > 0:
-        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < k_len
-        k0 = _load_tile(k_base, cols, stride_kt, offs_d0, col_ok, HEAD_DIM, BOUNDARY, BLOCK_D0 > HEAD_DIM)
-        qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
-        if BLOCK_D1 > 0:
-            k1 = _load_tile(k_base, cols, stride_kt, offs_d1, col_ok, HEAD_DIM, BOUNDARY,
-                            BLOCK_D0 + BLOCK_D1 != HEAD_DIM)
-            qk += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-        qk = qk * qk_scale
+        k0, k1 = _load_head(k_base, cols, stride_kt, col_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, BOUNDARY)
+        qk = _dot_nt(q0, q1, k0, k1, BLOCK_D1, PRECISION) * qk_scale
         if CAUSAL:
             keep = (cols[None, :] <= offs_m[:, None] + causal_shift) & col_ok[None, :]
             qk = tl.where(keep, qk, float("-inf"))
@@ -143,11 +190,9 @@ def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_v
         p = tl.math.exp2(qk - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v0 = _load_tile(v_base, cols, stride_vt, offs_d0, col_ok, HEAD_DIM, BOUNDARY, BLOCK_D0 > HEAD_DIM)
+        v0, v1 = _load_head(v_base, cols, stride_vt, col_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, BOUNDARY)
         acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PRECISION)
         if BLOCK_D1 > 0:
-            v1 = _load_tile(v_base, cols, stride_vt, offs_d1, col_ok, HEAD_DIM, BOUNDARY,
-                            BLOCK_D0 + BLOCK_D1 != HEAD_DIM)
             acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PRECISION)
         m_i = m_new
     return acc0, acc1, m_i, l_i
@@ -172,18 +217,8 @@ def _varlen_attention_fwd_kernel(
 
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q_len
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    if BLOCK_D1 > 0:
-        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-    D1_MASKED: tl.constexpr = BLOCK_D0 + BLOCK_D1 != HEAD_DIM
-    q0 = _load_tile(q_base, offs_m, stride_qt, offs_d0, row_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
-    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
-    if BLOCK_D1 > 0:
-        q1 = _load_tile(q_base, offs_m, stride_qt, offs_d1, row_ok, HEAD_DIM, True, D1_MASKED)
-        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
-    else:  # placeholders, never read
-        q1 = q0
-        acc1 = acc0
+    q0, q1 = _load_head(q_base, offs_m, stride_qt, row_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+    acc0, acc1 = _zeros_head(BLOCK_M, BLOCK_D0, BLOCK_D1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
@@ -206,11 +241,8 @@ def _varlen_attention_fwd_kernel(
     # Rows that saw no key: output 0, lse -inf.
     no_key = l_i == 0.0
     l_safe = tl.where(no_key, 1.0, l_i)
-    _store_tile(o_base, offs_m, stride_ot, offs_d0, row_ok, (acc0 / l_safe[:, None]).to(O.dtype.element_ty),
-                HEAD_DIM, BLOCK_D0 > HEAD_DIM)
-    if BLOCK_D1 > 0:
-        _store_tile(o_base, offs_m, stride_ot, offs_d1, row_ok, (acc1 / l_safe[:, None]).to(O.dtype.element_ty),
-                    HEAD_DIM, D1_MASKED)
+    _store_head(o_base, offs_m, stride_ot, row_ok, (acc0 / l_safe[:, None]).to(O.dtype.element_ty),
+                (acc1 / l_safe[:, None]).to(O.dtype.element_ty), HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
     lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE + head * stride_lh + q_start + offs_m, lse, mask=row_ok)
 
@@ -237,14 +269,6 @@ def _varlen_attention_bwd_preprocess_kernel(O, DO, DLSE, DELTA, total, stride_ot
 
 
 @triton.jit
-def _load_lse2(LSE, offs, ok):
-    """Row log-sum-exp in base 2; rows that saw no key (or lie past the document) get +inf, so
-    their probabilities come out 0 instead of NaN."""
-    lse = tl.load(LSE + offs, mask=ok, other=float("inf")) * 1.4426950408889634
-    return tl.where(lse == float("-inf"), float("inf"), lse)
-
-
-@triton.jit
 def _varlen_attention_bwd_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -262,27 +286,12 @@ def _varlen_attention_bwd_kernel(
     n_block, q_start, q_len, k_start, k_len = _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile)
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < k_len
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    if BLOCK_D1 > 0:
-        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-    D1_MASKED: tl.constexpr = BLOCK_D0 + BLOCK_D1 != HEAD_DIM
-
     k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
-    k0 = _load_tile(k_base, offs_n, stride_kt, offs_d0, col_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
-    v0 = _load_tile(v_base, offs_n, stride_vt, offs_d0, col_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
-    dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
-    dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
-    if BLOCK_D1 > 0:
-        k1 = _load_tile(k_base, offs_n, stride_kt, offs_d1, col_ok, HEAD_DIM, True, D1_MASKED)
-        v1 = _load_tile(v_base, offs_n, stride_vt, offs_d1, col_ok, HEAD_DIM, True, D1_MASKED)
-        dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
-        dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
-    else:  # placeholders, never read
-        k1 = k0
-        v1 = v0
-        dk1 = dk0
-        dv1 = dv0
+    k0, k1 = _load_head(k_base, offs_n, stride_kt, col_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+    v0, v1 = _load_head(v_base, offs_n, stride_vt, col_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+    dk0, dk1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
+    dv0, dv1 = _zeros_head(BLOCK_N, BLOCK_D0, BLOCK_D1)
 
     causal_shift = k_len - q_len
     lo = 0
@@ -301,13 +310,9 @@ def _varlen_attention_bwd_kernel(
         for start_m in range(lo, q_hi, BLOCK_M):
             offs_m = start_m + offs_mb
             row_ok = offs_m < q_len
-            q0 = _load_tile(q_base, offs_m, stride_qt, offs_d0, row_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
-            do0 = _load_tile(do_base, offs_m, stride_dot, offs_d0, row_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
-            qkT = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
-            if BLOCK_D1 > 0:
-                q1 = _load_tile(q_base, offs_m, stride_qt, offs_d1, row_ok, HEAD_DIM, True, D1_MASKED)
-                do1 = _load_tile(do_base, offs_m, stride_dot, offs_d1, row_ok, HEAD_DIM, True, D1_MASKED)
-                qkT += tl.dot(k1, tl.trans(q1), input_precision=PRECISION)
+            q0, q1 = _load_head(q_base, offs_m, stride_qt, row_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+            do0, do1 = _load_head(do_base, offs_m, stride_dot, row_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+            qkT = _dot_nt(k0, k1, q0, q1, BLOCK_D1, PRECISION)
             lse2 = _load_lse2(lse_base, offs_m, row_ok)
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
             # Keys past the document were loaded as zeros: their probabilities are not 0, but
@@ -316,32 +321,26 @@ def _varlen_attention_bwd_kernel(
             if CAUSAL:
                 pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
             dv0 += tl.dot(pT.to(do0.dtype), do0, input_precision=PRECISION)
-            dpT = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)
             if BLOCK_D1 > 0:
                 dv1 += tl.dot(pT.to(do1.dtype), do1, input_precision=PRECISION)
-                dpT += tl.dot(v1, tl.trans(do1), input_precision=PRECISION)
-            dsT = pT * (dpT - delta[None, :])
+            dsT = pT * (_dot_nt(v0, v1, do0, do1, BLOCK_D1, PRECISION) - delta[None, :])
             dk0 += tl.dot(dsT.to(q0.dtype), q0, input_precision=PRECISION)
             if BLOCK_D1 > 0:
                 dk1 += tl.dot(dsT.to(q1.dtype), q1, input_precision=PRECISION)
-            if ATOMIC_DQ:  # relaxed: only the sum after the kernel matters, not the order
+            if ATOMIC_DQ:
                 ds = tl.trans(dsT).to(k0.dtype)
                 dq0 = tl.dot(ds, k0, input_precision=PRECISION) * sm_scale
-                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d0[None, :], dq0,
-                              mask=row_ok[:, None] & (offs_d0[None, :] < HEAD_DIM), sem="relaxed")
+                dq1 = dq0
                 if BLOCK_D1 > 0:
                     dq1 = tl.dot(ds, k1, input_precision=PRECISION) * sm_scale
-                    tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d1[None, :], dq1,
-                                  mask=row_ok[:, None] & (offs_d1[None, :] < HEAD_DIM), sem="relaxed")
+                _store_head(dq_base, offs_m, stride_dqt, row_ok, dq0, dq1, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
 
     dk_base = DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh
     dv_base = DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh
-    _store_tile(dk_base, offs_n, stride_dkt, offs_d0, col_ok, (dk0 * sm_scale).to(DK.dtype.element_ty), HEAD_DIM, BLOCK_D0 > HEAD_DIM)
-    _store_tile(dv_base, offs_n, stride_dvt, offs_d0, col_ok, dv0.to(DV.dtype.element_ty), HEAD_DIM, BLOCK_D0 > HEAD_DIM)
-    if BLOCK_D1 > 0:
-        _store_tile(dk_base, offs_n, stride_dkt, offs_d1, col_ok, (dk1 * sm_scale).to(DK.dtype.element_ty),
-                    HEAD_DIM, D1_MASKED)
-        _store_tile(dv_base, offs_n, stride_dvt, offs_d1, col_ok, dv1.to(DV.dtype.element_ty), HEAD_DIM, D1_MASKED)
+    _store_head(dk_base, offs_n, stride_dkt, col_ok, (dk0 * sm_scale).to(DK.dtype.element_ty),
+                (dk1 * sm_scale).to(DK.dtype.element_ty), HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
+    _store_head(dv_base, offs_n, stride_dvt, col_ok, dv0.to(DV.dtype.element_ty), dv1.to(DV.dtype.element_ty),
+                HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
 
 
 @triton.jit
@@ -359,27 +358,15 @@ def _varlen_attention_bwd_dq_kernel(
     tile = pid // HQ
     head = pid % HQ
     m_block, q_start, q_len, k_start, k_len = _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile)
-    q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
-    do_base = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
     k_base = K + k_start.to(tl.int64) * stride_kt + (head // GROUP) * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + (head // GROUP) * stride_vh
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q_len
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    if BLOCK_D1 > 0:
-        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-    D1_MASKED: tl.constexpr = BLOCK_D0 + BLOCK_D1 != HEAD_DIM
-    q0 = _load_tile(q_base, offs_m, stride_qt, offs_d0, row_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
-    do0 = _load_tile(do_base, offs_m, stride_dot, offs_d0, row_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
-    dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
-    if BLOCK_D1 > 0:
-        q1 = _load_tile(q_base, offs_m, stride_qt, offs_d1, row_ok, HEAD_DIM, True, D1_MASKED)
-        do1 = _load_tile(do_base, offs_m, stride_dot, offs_d1, row_ok, HEAD_DIM, True, D1_MASKED)
-        dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
-    else:  # placeholders, never read
-        q1 = q0
-        do1 = do0
-        dq1 = dq0
+    q0, q1 = _load_head(Q + q_start.to(tl.int64) * stride_qt + head * stride_qh, offs_m, stride_qt, row_ok,
+                        HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+    do0, do1 = _load_head(DO + q_start.to(tl.int64) * stride_dot + head * stride_doh, offs_m, stride_dot, row_ok,
+                          HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+    dq0, dq1 = _zeros_head(BLOCK_M, BLOCK_D0, BLOCK_D1)
     lse2 = _load_lse2(LSE + head * stride_lh + q_start, offs_m, row_ok)
     delta = tl.load(DELTA + head * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
 
@@ -391,28 +378,19 @@ def _varlen_attention_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_nb
         col_ok = cols < k_len
-        k0 = _load_tile(k_base, cols, stride_kt, offs_d0, col_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
-        v0 = _load_tile(v_base, cols, stride_vt, offs_d0, col_ok, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM)
-        qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
-        dp = tl.dot(do0, tl.trans(v0), input_precision=PRECISION)
-        if BLOCK_D1 > 0:
-            k1 = _load_tile(k_base, cols, stride_kt, offs_d1, col_ok, HEAD_DIM, True, D1_MASKED)
-            v1 = _load_tile(v_base, cols, stride_vt, offs_d1, col_ok, HEAD_DIM, True, D1_MASKED)
-            qk += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-            dp += tl.dot(do1, tl.trans(v1), input_precision=PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        k0, k1 = _load_head(k_base, cols, stride_kt, col_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+        v0, v1 = _load_head(v_base, cols, stride_vt, col_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+        p = tl.math.exp2(_dot_nt(q0, q1, k0, k1, BLOCK_D1, PRECISION) * qk_scale - lse2[:, None])
         # Keys past the document (zeros) add nothing: their K rows are zero.
         if CAUSAL:
             p = tl.where(cols[None, :] <= offs_m[:, None] + causal_shift, p, 0.0)
-        ds = (p * (dp - delta[:, None])).to(k0.dtype)
+        ds = (p * (_dot_nt(do0, do1, v0, v1, BLOCK_D1, PRECISION) - delta[:, None])).to(k0.dtype)
         dq0 += tl.dot(ds, k0, input_precision=PRECISION)
         if BLOCK_D1 > 0:
             dq1 += tl.dot(ds, k1, input_precision=PRECISION)
-    dq_base = DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh
-    _store_tile(dq_base, offs_m, stride_dqt, offs_d0, row_ok, (dq0 * sm_scale).to(DQ.dtype.element_ty), HEAD_DIM, BLOCK_D0 > HEAD_DIM)
-    if BLOCK_D1 > 0:
-        _store_tile(dq_base, offs_m, stride_dqt, offs_d1, row_ok, (dq1 * sm_scale).to(DQ.dtype.element_ty),
-                    HEAD_DIM, D1_MASKED)
+    _store_head(DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh, offs_m, stride_dqt, row_ok,
+                (dq0 * sm_scale).to(DQ.dtype.element_ty), (dq1 * sm_scale).to(DQ.dtype.element_ty),
+                HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
 
 
 # ------------------------------------------------------------------------------------------------
