@@ -1,7 +1,7 @@
 """Compile every Triton kernel variant for Hopper (sm_90a) without a GPU, and report its resources.
 
-    python -m moca_kernels.compile_check            # the autotuning space, head dims 64/80/128/256, causal or not
-    python -m moca_kernels.compile_check --quick    # non-causal only (what CI runs)
+    python -m moca_kernels.compile_check            # everything below, plus causal, deterministic, hdim 96/192, fp32
+    python -m moca_kernels.compile_check --quick    # bf16 autotuning candidates, hdim 64/80/128/256, non-causal (CI)
 
 Triton compiles down to a cubin with its bundled LLVM and ptxas given only a target, so this
 catches what the CPU interpreter cannot: code that does not compile for the GPU, shared memory
@@ -40,41 +40,56 @@ def _signature(kernel, pointers: dict[str, str]) -> dict[str, str]:
 
 
 def variants(quick: bool) -> list[dict]:
-    """Every (kernel, constexprs, warps, stages) the launchers can produce, in bf16."""
+    """The (kernel, constexprs, warps, stages) the launchers can produce: every autotuning
+    candidate in bf16, and in full mode also causal, the deterministic backward, more head dims,
+    and float32 (first candidate of each class; exact IEEE products, which do not use wgmma and
+    are not a speed path)."""
     import triton
 
     from .varlen_attention import triton_kernels as tk
     out = []
-    dt = "*bf16"
-    causals = (False,) if quick else (False, True)
-    for head_dim in HEAD_DIMS:
-        d0, d1 = tk.head_dim_split(head_dim)
-        dims = dict(HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, PRECISION="tf32")
-        cls = tk.head_dim_class(head_dim)
-        for causal in causals:
-            for block, warps, stages in tk.TUNING["fwd"]["candidates"][cls]:
-                out.append(dict(kernel="_varlen_attention_fwd_kernel",
-                                pointers=dict(Q=dt, K=dt, V=dt, O=dt, LSE="*fp32"),
-                                constexprs=dict(HQ=16, GROUP=8, BLOCK_M=tk.grid_block("fwd", head_dim), BLOCK_N=block,
-                                                CAUSAL=causal, **dims), warps=warps, stages=stages))
-            for atomic in ((True,) if quick else (True, False)):
-                for block, warps, stages in tk.TUNING["bwd"]["candidates"][cls]:
-                    out.append(dict(kernel="_varlen_attention_bwd_kernel",
-                                    pointers=dict(Q=dt, K=dt, V=dt, DO=dt, DK=dt, DV=dt, LSE="*fp32", DELTA="*fp32",
-                                                  DQ="*fp32" if atomic else dt),
-                                    constexprs=dict(HKV=2, GROUP=8, BLOCK_M=block, BLOCK_N=tk.grid_block("bwd", head_dim),
-                                                    CAUSAL=causal, ATOMIC_DQ=atomic, **dims),
-                                    warps=warps, stages=stages))
-            for block, warps, stages in tk.TUNING["bwd_dq"]["candidates"][cls]:
-                out.append(dict(kernel="_varlen_attention_bwd_dq_kernel",
-                                pointers=dict(Q=dt, K=dt, V=dt, DO=dt, DQ=dt, LSE="*fp32", DELTA="*fp32"),
-                                constexprs=dict(HQ=16, GROUP=8, BLOCK_M=tk.grid_block("bwd_dq", head_dim), BLOCK_N=block,
-                                                CAUSAL=causal, **dims), warps=warps, stages=stages))
-        out.append(dict(kernel="_varlen_attention_bwd_preprocess_kernel",
-                        pointers=dict(O=dt, DO=dt, DLSE="*fp32", DELTA="*fp32"),
-                        constexprs=dict(HEAD_DIM=head_dim, BLOCK_T=tk.preprocess_block_t(head_dim),
-                                        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                                        HAS_DLSE=True), warps=4, stages=1, dots=False))
+    head_dims = HEAD_DIMS if quick else HEAD_DIMS + (96, 192)
+    for dtype in ("bf16",) if quick else ("bf16", "fp32"):
+        dt = "*" + dtype
+        precision = "ieee" if dtype == "fp32" else "tf32"
+        for head_dim in head_dims:
+            d0, d1 = tk.head_dim_split(head_dim)
+            dims = dict(HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, PRECISION=precision)
+            cls = tk.head_dim_class(head_dim)
+
+            common = dict(dtype=dtype, dots=dtype != "fp32")
+
+            def candidates(kernel):
+                every = tk.TUNING[kernel]["candidates"][cls]
+                return every if dtype == "bf16" else every[:1]
+
+            for causal in (False,) if quick else (False, True):
+                for block, warps, stages in candidates("fwd"):
+                    out.append(dict(kernel="_varlen_attention_fwd_kernel",
+                                    pointers=dict(Q=dt, K=dt, V=dt, O=dt, LSE="*fp32"),
+                                    constexprs=dict(HQ=16, GROUP=8, BLOCK_M=tk.grid_block("fwd", head_dim),
+                                                    BLOCK_N=block, CAUSAL=causal, **dims),
+                                    warps=warps, stages=stages, **common))
+                for atomic in (True,) if quick else (True, False):
+                    for block, warps, stages in candidates("bwd"):
+                        out.append(dict(kernel="_varlen_attention_bwd_kernel",
+                                        pointers=dict(Q=dt, K=dt, V=dt, DO=dt, DK=dt, DV=dt, LSE="*fp32",
+                                                      DELTA="*fp32", DQ="*fp32" if atomic else dt),
+                                        constexprs=dict(HKV=2, GROUP=8, BLOCK_M=block,
+                                                        BLOCK_N=tk.grid_block("bwd", head_dim),
+                                                        CAUSAL=causal, ATOMIC_DQ=atomic, **dims),
+                                        warps=warps, stages=stages, **common))
+                for block, warps, stages in candidates("bwd_dq"):
+                    out.append(dict(kernel="_varlen_attention_bwd_dq_kernel",
+                                    pointers=dict(Q=dt, K=dt, V=dt, DO=dt, DQ=dt, LSE="*fp32", DELTA="*fp32"),
+                                    constexprs=dict(HQ=16, GROUP=8, BLOCK_M=tk.grid_block("bwd_dq", head_dim),
+                                                    BLOCK_N=block, CAUSAL=causal, **dims),
+                                    warps=warps, stages=stages, **common))
+            out.append(dict(kernel="_varlen_attention_bwd_preprocess_kernel",
+                            pointers=dict(O=dt, DO=dt, LSE="*fp32", DLSE="*fp32", DELTA="*fp32"),
+                            constexprs=dict(HEAD_DIM=head_dim, BLOCK_T=tk.preprocess_block_t(head_dim),
+                                            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_DLSE=True),
+                            warps=4, stages=1, dtype=dtype, dots=False))
     return out
 
 
@@ -86,7 +101,7 @@ def compile_one(variant: dict) -> dict:
 
     from .varlen_attention import triton_kernels as tk
     kernel = getattr(tk, variant["kernel"])
-    label = f"{variant['kernel']} " + " ".join(f"{k}={v}" for k, v in variant["constexprs"].items()
+    label = f"{variant['kernel']} {variant['dtype']} " + " ".join(f"{k}={v}" for k, v in variant["constexprs"].items()
                                                 if k not in ("PRECISION",)) \
         + f" warps={variant['warps']} stages={variant['stages']}"
     start = time.time()
@@ -118,14 +133,15 @@ def compile_one(variant: dict) -> dict:
         result["warnings"].append(f"spills {result['spill_bytes']} bytes")
     if result["shared"] > SM90_MAX_SHARED:
         result["problems"].append(f"needs {result['shared']} bytes of shared memory (sm_90 max {SM90_MAX_SHARED})")
-    if variant.get("dots", True) and not result["wgmma"]:
+    if variant["dots"] and not result["wgmma"]:
         result["problems"].append("no wgmma: the products miss the Hopper tensor cores")
     return result
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="non-causal variants only")
+    parser.add_argument("--quick", action="store_true",
+                        help="bf16, non-causal, head dims 64/80/128/256 only")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiles")
     parser.add_argument("--fail-on-spills", action="store_true", help="count register spills as failures")
     args = parser.parse_args(argv)

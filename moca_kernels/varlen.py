@@ -41,14 +41,16 @@ def cu_seqlens_to_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
 
 def check_cu_seqlens_layout(cu_seqlens: torch.Tensor, name: str = "cu_seqlens",
                             device: torch.device | None = None) -> None:
-    """The checks that need no values (so they also hold while torch.compile traces): an int32
-    tensor of shape ``(B+1,)`` with B >= 1, on ``device`` when given."""
+    """The checks that need no values (so they also hold while torch.compile traces): a contiguous
+    int32 tensor of shape ``(B+1,)`` with B >= 1, on ``device`` when given."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"{name} must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{name} must have shape (B+1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
+    if not cu_seqlens.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the kernels read it with stride 1)")
     if device is not None and cu_seqlens.device != device:
         raise ValueError(f"{name} is on {cu_seqlens.device} but the tensor it describes is on {device}")
 

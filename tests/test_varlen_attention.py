@@ -92,6 +92,73 @@ def test_key_documents_differ_from_query_documents(causal, device):
     assert torch.all(out[no_keys] == 0) and torch.all(torch.isneginf(lse[:, no_keys]))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lens_q,lens_k", [([150, 70], [200, 20]), ([200, 20], [130, 90])])
+def test_unequal_documents_over_several_blocks(lens_q, lens_k, causal, device):
+    check_against_reference(lens_q, lens_k, 2, 1, 64, torch.float32, device, causal, seed=sum(lens_q))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_strongly_negative_scores_keep_gradients_finite(dtype, deterministic, device):
+    # One-key documents whose score is far below 0 (lse << 0): the padding keys of their partial
+    # key block must not turn exp(-lse) into inf and then NaN in dQ.
+    lens = [1, 1, 3]
+    gen = torch.Generator().manual_seed(11)
+    k = torch.randn(5, 1, 64, generator=gen)
+    scale = -120.0 if dtype == torch.float32 else -15.0
+    q = (scale * 8 * k / (k * k).sum(-1, keepdim=True)).to(dtype)  # score q.k / sqrt(64) = scale
+    k, v = k.to(dtype), torch.randn(5, 1, 64, generator=gen).to(dtype)
+    q, k, v = (x.to(device).requires_grad_() for x in (q, k, v))
+    cu = lengths_to_cu_seqlens(lens, device)
+    dout = torch.randn(5, 1, 64, generator=gen).to(device=device, dtype=dtype)
+    out, lse, grads = run(q, k, v, cu, cu, dout, torch.zeros(1, 5, device=device), backend="triton",
+                          deterministic=deterministic)
+    assert lse[0, :2].max() < -10, "the case must have strongly negative scores"
+    ref_grads = reference64(q, k, v, cu, cu, dout, torch.zeros(1, 5, device=device))[2]
+    for name, g, ref in zip("qkv", grads, ref_grads):
+        assert torch.isfinite(g).all(), f"d{name} is not finite"
+        assert_close(g, ref, dtype, f"d{name}")
+
+
+def test_nan_lse_gradient_on_rows_without_keys_is_ignored(device):
+    # Causal with more queries than keys: the first rows see no key (lse = -inf). A NaN gradient
+    # arriving there (as from merging partial attention states) must not reach q, k or v.
+    q, k, v, cu_q, cu_k, dout, dlse = make_problem([40], [25], 2, 1, 64, torch.float32, device, seed=14)
+    out, lse = varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True, backend="triton")
+    assert torch.isneginf(lse[:, :15]).all()
+    dlse = torch.where(torch.isneginf(lse), float("nan"), dlse)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_only_lse_used(device):
+    # The output's gradient never arrives (None): the backward must still give lse's gradient.
+    q, k, v, cu, _, _, dlse = make_problem([30, 70], [30, 70], 2, 1, 64, torch.float32, device, seed=12)
+    grads = torch.autograd.grad((varlen_attention(q, k, v, cu, return_lse=True, backend="triton")[1] * dlse).sum(),
+                                (q, k, v), allow_unused=True)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_lse = varlen_attention(*leaves, cu, return_lse=True, backend="torch")[1]
+    ref_grads = torch.autograd.grad((ref_lse * dlse.double()).sum(), leaves, allow_unused=True)
+    for name, g, ref in zip("qkv", grads, ref_grads):
+        ref = torch.zeros_like(leaves[0 if name == "q" else 1]) if ref is None else ref
+        assert g is not None, f"d{name} missing"
+        assert_close(g, ref, torch.float32, f"d{name}")
+
+
+def test_in_place_change_of_cu_seqlens_is_seen(device):
+    q, k, v, cu, _, _, _ = make_problem([40, 60], [40, 60], 2, 1, 64, torch.float32, device, seed=13)
+    before = varlen_attention(q, k, v, cu, backend="triton")
+    cu[1] = 70  # tracked by the version counter: the documents are checked and tiled again
+    after = varlen_attention(q, k, v, cu, backend="triton")
+    ref = varlen_attention(q.double(), k.double(), v.double(), cu, backend="torch")
+    assert_close(after, ref, torch.float32, "out after the change")
+    assert (after - before).abs().max() > 1e-3
+    cu[1] = 101
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        varlen_attention(q, k, v, cu, backend="triton")
+
+
 def test_deterministic_backward(device):
     problem = make_problem([5, 140, 61], [5, 140, 61], 4, 2, 80, torch.float32, device, seed=3)
     first = run(*problem, backend="triton", deterministic=True)[2]
@@ -107,7 +174,7 @@ def test_deterministic_follows_torch_flag(device, monkeypatch):
     original = triton_kernels.backward
 
     def spy(*args):
-        seen.append(args[-2])  # the deterministic flag
+        seen.append(args[-1])  # the deterministic flag
         return original(*args)
 
     problem = make_problem([20, 7], [20, 7], 2, 2, 64, torch.float32, device, seed=4)
@@ -175,6 +242,8 @@ def _good():
 BAD = {
     "cu int64": (dict(cu_seqlens_q=torch.tensor([0, 4, 10])), "cu_seqlens_q must be int32"),
     "cu 2-D": (dict(cu_seqlens_q=torch.tensor([[0, 4, 10]], dtype=torch.int32)), r"cu_seqlens_q must have shape \(B\+1,\)"),
+    "cu strided": (dict(cu_seqlens_q=torch.tensor([[0, 9], [4, 9], [10, 9]], dtype=torch.int32)[:, 0]),
+                   "cu_seqlens_q must be contiguous"),
     "cu start": (dict(cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32)), "cu_seqlens_q must start at 0"),
     "cu decreasing": (dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), "cu_seqlens_q must be non-decreasing"),
     "cu end": (dict(cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32)), "cu_seqlens_q must end at the token count 10"),
@@ -241,6 +310,9 @@ def test_opcheck(device):
     args = (dout, torch.randn_like(lse), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu_q, cu_k,
             0.125, False, False)
     torch.library.opcheck(varlen_attention_bwd, args)
+    out, lse = varlen_attention_fwd(q, k, v, cu_q, cu_k, 0.125, True, True)
+    args = (dout, None, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu_q, cu_k, 0.125, True, True)
+    torch.library.opcheck(varlen_attention_bwd, args)
 
 
 def test_torch_compile(device):
@@ -250,11 +322,15 @@ def test_torch_compile(device):
     def layer(q, k, v):
         return torch.tanh(varlen_attention(q * 2, k, v, cu, backend="triton")).sum(-1)
 
+    def reference(q, k, v):
+        return torch.tanh(varlen_attention(q * 2, k, v, cu, backend="torch")).sum(-1)
+
     compiled = torch.compile(layer, fullgraph=True)
     out = compiled(q, k, v)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
-    ref = layer(q, k, v)
-    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = reference(*leaves)
+    ref_grads = torch.autograd.grad(ref.sum(), leaves)
     assert_close(out, ref, torch.float32, "compiled out")
     for g, r in zip(grads, ref_grads):
         assert_close(g, r, torch.float32, "compiled grad")

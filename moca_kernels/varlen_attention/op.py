@@ -37,8 +37,9 @@ register_op(OP, [
 
 class _ValueCache:
     """Results derived from the values of small index tensors (``cu_seqlens``), kept while the very
-    same tensor objects are alive and unmodified. The attention of every layer of a model sees the
-    same ``cu_seqlens`` object, so validation and tile lists are computed once per batch."""
+    same tensor objects are alive and unmodified (by PyTorch: writes through numpy, DLPack or a
+    kernel of one's own do not bump the version counter and go unseen). Every layer of a model
+    sees the same ``cu_seqlens`` object, so its values are read and checked once per batch."""
 
     def __init__(self, size: int = 64):
         self._entries: OrderedDict = OrderedDict()
@@ -72,24 +73,19 @@ def _documents(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_
     return _CACHE.get((cu_seqlens_q, cu_seqlens_k), ("documents", q.shape[0], k.shape[0]), check)
 
 
-def _check_offsets(name: str, x: torch.Tensor, longest: int) -> None:
-    # Offsets inside one document are 32-bit in the kernels (the document start is 64-bit).
-    if longest * x.stride(0) >= 2**31:
-        raise ValueError(f"{name}: a document of {longest} rows with row stride {x.stride(0)} exceeds the "
-                         "kernels' 32-bit in-document offsets; split the document")
+def _check_offsets(longest: int, *named: tuple[str, torch.Tensor]) -> None:
+    """Offsets inside one document are 32-bit in the kernels (document starts and heads are
+    64-bit). Outputs and gradients are allocated contiguous, hence the row stride of H * D."""
+    for name, x in named:
+        row_stride = max(x.stride(0), x.shape[1] * x.shape[2])
+        if longest * row_stride >= 2**31:
+            raise ValueError(f"{name}: a document of {longest} rows with row stride {row_stride} exceeds the "
+                             "kernels' 32-bit in-document offsets; split the document")
 
 
 def _triton_impl():
     from . import triton_kernels  # imported on first use: importing triton costs time
     return triton_kernels
-
-
-def _tiles(cu_seqlens_q, cu_seqlens_k, total_q, total_k):
-    def tiles(block: int, kind: str):
-        own, cost, total = (cu_seqlens_q, cu_seqlens_k, total_q) if kind == "q" else (cu_seqlens_k, cu_seqlens_q, total_k)
-        return _CACHE.get((cu_seqlens_q, cu_seqlens_k), ("tiles", kind, block, total),
-                          lambda: _triton_impl().build_tiles(own, cost, total, block))
-    return tiles
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -104,10 +100,10 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     for the backward."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     longest_q, longest_k = _documents(q, k, cu_seqlens_q, cu_seqlens_k)
-    for name, x, longest in (("q", q, longest_q), ("k", k, longest_k), ("v", v, longest_k)):
-        _check_offsets(name, x, longest)
-    return _triton_impl().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
-                                  _tiles(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]))
+    _check_offsets(longest_q, ("q", q))
+    _check_offsets(longest_k, ("k", k), ("v", v))
+    with torch.cuda.device_of(q):  # Triton launches on the current device, not the tensors'
+        return _triton_impl().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
 
 
 @varlen_attention_fwd.register_fake
@@ -120,14 +116,16 @@ def varlen_attention_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: to
                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
                          deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton backward. Returns (dq, dk, dv) like (q, k, v)."""
+    """Triton backward. Returns (dq, dk, dv) like (q, k, v). ``dlse`` may be None (lse unused)."""
     q, k, v, out, dout = (_last_dim_contiguous(x) for x in (q, k, v, out, dout))
     if dlse is not None:  # the kernels index it like lse; autograd may hand in an expanded view
         dlse = dlse.contiguous()
-    _documents(q, k, cu_seqlens_q, cu_seqlens_k)
-    return _triton_impl().backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
-                                   causal, deterministic,
-                                   _tiles(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]))
+    longest_q, longest_k = _documents(q, k, cu_seqlens_q, cu_seqlens_k)
+    _check_offsets(longest_q, ("q", q), ("out", out), ("dout", dout))
+    _check_offsets(longest_k, ("k", k), ("v", v))
+    with torch.cuda.device_of(q):
+        return _triton_impl().backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
+                                       causal, deterministic)
 
 
 @varlen_attention_bwd.register_fake
@@ -140,6 +138,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
     ctx.softmax_scale, ctx.causal, ctx.deterministic = softmax_scale, causal, deterministic
+    ctx.set_materialize_grads(False)  # an unused lse then costs nothing in the backward
 
 
 def _backward(ctx, dout, dlse):

@@ -8,9 +8,10 @@ is masked element-wise (causal tiles mask every block). The tile list is built o
 a fixed upper bound on its size, so building it needs no host synchronization; spare tiles exit
 at once.
 
-Head dims that are not powers of two are split into two power-of-two pieces (80 = 64 + 16,
-96 = 64 + 32, 192 = 128 + 64) and each matrix product runs as two ``tl.dot``; only a remainder
-below 16 columns is padded. So hdim 80 does no wasted tensor-core work.
+Head dims that are not powers of two are split into a power of two and a power-of-two rest
+(80 = 64 + 16, 96 = 64 + 32, 192 = 128 + 64) and each matrix product runs as two ``tl.dot``;
+other dims pad the rest up to a power of two >= 16 (40 = 32 + 16 for 8 columns, 200 = 128 + 128
+for 72). So hdim 80 and 96 do no wasted tensor-core work.
 
 Softmax runs in base 2 with ``softmax_scale * log2(e)`` folded into the scores. ``lse`` is stored in
 natural log, ``-inf`` for rows that see no key.
@@ -208,7 +209,7 @@ def _varlen_attention_fwd_kernel(
         CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     tile = pid // HQ
-    head = pid % HQ
+    head = (pid % HQ).to(tl.int64)  # 64-bit: head-major layouts have large head strides
     m_block, q_start, q_len, k_start, k_len = _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile)
     q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
     k_base = K + k_start.to(tl.int64) * stride_kt + (head // GROUP) * stride_kh
@@ -252,20 +253,26 @@ def _varlen_attention_fwd_kernel(
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _varlen_attention_bwd_preprocess_kernel(O, DO, DLSE, DELTA, total, stride_ot, stride_oh, stride_dot, stride_doh,
-                                            stride_lh, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+def _varlen_attention_bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, total, stride_ot, stride_oh, stride_dot,
+                                            stride_doh, stride_lh, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
                                             BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr):
-    """delta[h, t] = sum_d O[t, h, d] * dO[t, h, d] - dLSE[h, t]  (float32)."""
-    head = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < total
+    """delta[h, t] = sum_d O[t, h, d] * dO[t, h, d] - dLSE[h, t]  (float32); 0 on rows that saw no
+    key, whose probabilities are all 0 (so a NaN dLSE there cannot leak into the gradients)."""
+    head = tl.program_id(1).to(tl.int64)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_T  # 64-bit: rows * row stride may pass 2**31
+    rows = tl.arange(0, BLOCK_T)
+    row_ok = row0 + rows < total
     cols = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + head * stride_oh, rows, stride_ot, cols, row_ok, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    do = _load_tile(DO + head * stride_doh, rows, stride_dot, cols, row_ok, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    o = _load_tile(O + row0 * stride_ot + head * stride_oh, rows, stride_ot, cols, row_ok, HEAD_DIM, True,
+                   BLOCK_D != HEAD_DIM)
+    do = _load_tile(DO + row0 * stride_dot + head * stride_doh, rows, stride_dot, cols, row_ok, HEAD_DIM, True,
+                    BLOCK_D != HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    offs = head * stride_lh + row0 + rows
     if HAS_DLSE:
-        delta -= tl.load(DLSE + head * stride_lh + rows, mask=row_ok, other=0.0)
-    tl.store(DELTA + head * stride_lh + rows, delta, mask=row_ok)
+        delta -= tl.load(DLSE + offs, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + offs, mask=row_ok, other=0.0)
+    tl.store(DELTA + offs, tl.where(lse == float("-inf"), 0.0, delta), mask=row_ok)
 
 
 @triton.jit
@@ -282,7 +289,7 @@ def _varlen_attention_bwd_kernel(
     adds its share of dQ to the float32 buffer DQ."""
     pid = tl.program_id(0)
     tile = pid // HKV
-    kv_head = pid % HKV
+    kv_head = (pid % HKV).to(tl.int64)
     n_block, q_start, q_len, k_start, k_len = _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile)
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < k_len
@@ -315,11 +322,13 @@ def _varlen_attention_bwd_kernel(
             qkT = _dot_nt(k0, k1, q0, q1, BLOCK_D1, PRECISION)
             lse2 = _load_lse2(lse_base, offs_m, row_ok)
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-            # Keys past the document were loaded as zeros: their probabilities are not 0, but
-            # they only reach dK/dV rows that are never stored and dQ through K rows of zeros.
             pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+            # Keys past the document (zero rows) must get probability 0: exp2(0 - lse) can
+            # overflow, and inf * 0 in dS @ K would put NaN into dQ.
             if CAUSAL:
-                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
+                pT = tl.where((offs_n[:, None] <= offs_m[None, :] + causal_shift) & col_ok[:, None], pT, 0.0)
+            else:
+                pT = tl.where(col_ok[:, None], pT, 0.0)
             dv0 += tl.dot(pT.to(do0.dtype), do0, input_precision=PRECISION)
             if BLOCK_D1 > 0:
                 dv1 += tl.dot(pT.to(do1.dtype), do1, input_precision=PRECISION)
@@ -356,7 +365,7 @@ def _varlen_attention_bwd_dq_kernel(
     document's keys (recomputes QK^T and dO V^T instead of accumulating with atomics)."""
     pid = tl.program_id(0)
     tile = pid // HQ
-    head = pid % HQ
+    head = (pid % HQ).to(tl.int64)  # 64-bit: head-major layouts have large head strides
     m_block, q_start, q_len, k_start, k_len = _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile)
     k_base = K + k_start.to(tl.int64) * stride_kt + (head // GROUP) * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + (head // GROUP) * stride_vh
@@ -381,9 +390,11 @@ def _varlen_attention_bwd_dq_kernel(
         k0, k1 = _load_head(k_base, cols, stride_kt, col_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
         v0, v1 = _load_head(v_base, cols, stride_vt, col_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
         p = tl.math.exp2(_dot_nt(q0, q1, k0, k1, BLOCK_D1, PRECISION) * qk_scale - lse2[:, None])
-        # Keys past the document (zeros) add nothing: their K rows are zero.
+        # Keys past the document get probability 0 (see the dK/dV kernel).
         if CAUSAL:
-            p = tl.where(cols[None, :] <= offs_m[:, None] + causal_shift, p, 0.0)
+            p = tl.where((cols[None, :] <= offs_m[:, None] + causal_shift) & col_ok[None, :], p, 0.0)
+        else:
+            p = tl.where(col_ok[None, :], p, 0.0)
         ds = (p * (_dot_nt(do0, do1, v0, v1, BLOCK_D1, PRECISION) - delta[:, None])).to(k0.dtype)
         dq0 += tl.dot(ds, k0, input_precision=PRECISION)
         if BLOCK_D1 > 0:
@@ -464,15 +475,15 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool, tiles):
-    """Returns (out like q, lse float32 (Hq, total_q)). ``tiles(block, kind)`` gives the tile list."""
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool):
+    """Returns (out like q, lse float32 (Hq, total_q))."""
     total_q, hq, head_dim = q.shape
     group = hq // k.shape[1]
     d0, d1 = head_dim_split(head_dim)
     out = q.new_empty(q.shape)
     lse = torch.empty((hq, total_q), device=q.device, dtype=torch.float32)
     block_m = grid_block("fwd", head_dim)
-    tile_doc, tile_block = tiles(block_m, "q")
+    tile_doc, tile_block = build_tiles(cu_seqlens_q, cu_seqlens_k, total_q, block_m)
     _fwd[(tile_doc.numel() * hq,)](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -484,7 +495,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: b
 
 
 def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool,
-             deterministic: bool, tiles):
+             deterministic: bool):
     """Returns (dq, dk, dv) like (q, k, v). ``dlse`` (or None) is the gradient of ``lse``."""
     total_q, hq, head_dim = q.shape
     hkv = k.shape[1]
@@ -492,7 +503,7 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_
     delta = torch.empty_like(lse)
     block_t = preprocess_block_t(head_dim)
     _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
-        out, dout, dlse if dlse is not None else delta, delta, total_q,
+        out, dout, lse, dlse if dlse is not None else delta, delta, total_q,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
         HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         HAS_DLSE=dlse is not None)
@@ -504,7 +515,7 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_
     # dQ accumulates in float32 across key blocks unless the backward must be deterministic.
     dq = q.new_empty(q.shape) if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     block_n = grid_block("bwd", head_dim)
-    tile_doc, tile_block = tiles(block_n, "k")
+    tile_doc, tile_block = build_tiles(cu_seqlens_k, cu_seqlens_q, k.shape[0], block_n)
     _bwd[(tile_doc.numel() * hkv,)](
         q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -513,7 +524,7 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_
         HKV=hkv, GROUP=hq // hkv, BLOCK_N=block_n, ATOMIC_DQ=not deterministic, **common)
     if deterministic:
         block_m = grid_block("bwd_dq", head_dim)
-        tile_doc, tile_block = tiles(block_m, "q")
+        tile_doc, tile_block = build_tiles(cu_seqlens_q, cu_seqlens_k, total_q, block_m)
         _bwd_dq[(tile_doc.numel() * hq,)](
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
