@@ -6,7 +6,8 @@ on one card.
     python benchmarks/bench_attention.py --list                   # cases, providers, availability (no GPU needed)
 
 Providers get the same documents in their own input layout, built outside the timed region:
-moca (varlen_attention, Triton); sdpa-padded (scaled_dot_product_attention on a padded batch with a
+moca (varlen_attention, Triton); moca-tma (the same with its experimental TMA loads of K/V in the
+forward); sdpa-padded (scaled_dot_product_attention on a padded batch with a
 key-padding mask); sdpa-njt (SDPA on nested jagged tensors: PyTorch's FlashAttention-2 varlen kernel;
 K/V heads repeated for GQA, which it cannot take while training); varlen-attn
 (torch.nn.attention.varlen, the same kernel); flex (compiled FlexAttention with a document
@@ -85,6 +86,20 @@ def setup_moca(x):
     q, k, v = _leaf(x["q"]), _leaf(x["k"]), _leaf(x["v"])
     cu, max_len = x["cu"], x["max_len"]
     return (lambda: varlen_attention(q, k, v, cu, cu, max_len, max_len, backend="triton")), (q, k, v)
+
+
+def setup_moca_tma(x):
+    from moca_kernels.varlen_attention.triton_kernels import TMA_ENV
+    forward, leaves = setup_moca(x)
+
+    def with_tma():  # the experimental TMA path is chosen per call by the environment
+        os.environ[TMA_ENV] = "1"
+        try:
+            return forward()
+        finally:
+            del os.environ[TMA_ENV]
+
+    return with_tma, leaves
 
 
 def setup_sdpa_padded(x):
@@ -187,6 +202,8 @@ def _triton_unavailable():
 
 PROVIDERS = {
     "moca": Provider("moca", setup_moca, "moca_kernels.varlen_attention, Triton", _triton_unavailable),
+    "moca-tma": Provider("moca-tma", setup_moca_tma, "the same, K/V loaded through TMA descriptors (MOCA_KERNELS_TMA=1)",
+                         _triton_unavailable),
     "sdpa-padded": Provider("sdpa-padded", setup_sdpa_padded, "SDPA, padded batch + key-padding mask"),
     "sdpa-njt": Provider("sdpa-njt", setup_sdpa_njt, "SDPA on nested jagged tensors (FA2 varlen kernel)"),
     "varlen-attn": Provider("varlen-attn", setup_varlen_attn, "torch.nn.attention.varlen (FA2 varlen kernel)",

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (about 8 minutes): build, GPU tests, attention benchmark.
-# Writes under $OUT (default ./device_check_out): info.txt, tests.txt, bench/results.{json,md},
-# bench.log and summary.json (each step's exit status and seconds). A failing step does not stop
-# the later ones. Usage: OUT=/some/dir bash benchmarks/device_check.sh
+# Writes under $OUT (default ./device_check_out): one NAME.txt per step (install, info, env, tests,
+# bench), bench/results.{json,md}, and summary.json (each step's exit status and seconds). A
+# failing step does not stop the later ones. Usage: OUT=/some/dir bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_check_out}
@@ -22,9 +22,10 @@ step() {  # step NAME TIMEOUT_S COMMAND... ; output to $OUT/NAME.txt
 step install 120 pip install -e . --no-build-isolation --no-deps -q
 step info 60 python -m moca_kernels.info
 step env 60 python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"
-step tests 200 python -m pytest -q -x -m gpu tests/test_varlen_attention.py
-step tests_cuda 150 python -m pytest -q tests/test_varlen_attention.py -k "matches_reference or key_documents or deterministic or opcheck or compile"
-step bench 330 python benchmarks/bench_attention.py --out "$OUT/bench" \
+# GPU-marked tests (bf16, the numerics rule), then the CPU suite's kernel tests on CUDA tensors.
+step tests 180 python -m pytest -q tests/test_varlen_attention.py \
+    -k "gpu or key_documents or unequal or strongly or tma or deterministic or opcheck"
+step bench 360 python benchmarks/bench_attention.py --out "$OUT/bench" \
     --cases moca-16k moca-64k long-8k vision-windows
 
 {
@@ -33,7 +34,7 @@ step bench 330 python benchmarks/bench_attention.py --out "$OUT/bench" \
     echo "  \"date\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\","
     echo "  \"steps\": {"
     first=1
-    for name in install info env tests tests_cuda bench; do
+    for name in install info env tests bench; do
         [ $first -eq 1 ] || echo ","
         first=0
         printf '    "%s": {"exit": %s, "seconds": %s}' "$name" "${STATUS[$name]:-null}" "${SECONDS_TAKEN[$name]:-null}"

@@ -12,6 +12,7 @@ count as failures with ``--fail-on-spills``. Run it without ``TRITON_INTERPRET``
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -64,11 +65,15 @@ def variants(quick: bool) -> list[dict]:
                 return every if dtype == "bf16" else every[:1]
 
             for causal in (False,) if quick else (False, True):
-                for block, warps, stages in candidates("fwd"):
+                for (block, warps, stages), tma in itertools.product(candidates("fwd"), (False, True)):
+                    kv = dict.fromkeys(("K_TMA0", "K_TMA1", "V_TMA0", "V_TMA1"), dt)
+                    if tma:
+                        kv = {f"{x}_TMA{i}": f"tensordesc<{dtype}[{block},{piece or d0}]>"
+                              for x in "KV" for i, piece in enumerate((d0, d1))}
                     out.append(dict(kernel="_varlen_attention_fwd_kernel",
-                                    pointers=dict(Q=dt, K=dt, V=dt, O=dt, LSE="*fp32"),
+                                    pointers=dict(Q=dt, K=dt, V=dt, O=dt, LSE="*fp32", **kv),
                                     constexprs=dict(HQ=16, GROUP=8, BLOCK_M=tk.grid_block("fwd", head_dim),
-                                                    BLOCK_N=block, CAUSAL=causal, **dims),
+                                                    BLOCK_N=block, CAUSAL=causal, USE_TMA=tma, **dims),
                                     warps=warps, stages=stages, **common))
                 for atomic in (True,) if quick else (True, False):
                     for block, warps, stages in candidates("bwd"):
@@ -102,7 +107,7 @@ def compile_one(variant: dict) -> dict:
     from .varlen_attention import triton_kernels as tk
     kernel = getattr(tk, variant["kernel"])
     label = f"{variant['kernel']} {variant['dtype']} " + " ".join(f"{k}={v}" for k, v in variant["constexprs"].items()
-                                                if k not in ("PRECISION",)) \
+                                                if k != "PRECISION") \
         + f" warps={variant['warps']} stages={variant['stages']}"
     start = time.time()
     try:

@@ -8,6 +8,8 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests check results, not speed: one launch configuration per shape class instead of autotuning.
+os.environ.setdefault("MOCA_KERNELS_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -38,7 +38,7 @@ def test_run_without_gpu_says_why():
     assert result.returncode != 0 and "no CUDA device here" in result.stderr
 
 
-@pytest.mark.parametrize("provider", ["moca", "sdpa-padded", "sdpa-njt"])
+@pytest.mark.parametrize("provider", ["moca", "moca-tma", "sdpa-padded", "sdpa-njt"])
 def test_provider_computes_the_same_attention(provider, device):
     spec = dict(lengths=("random", 150, 5, 70), hq=4, hkv=2, dim=64)
     case = bench_attention.make_case("tiny", torch.float32, str(device), spec)

@@ -159,6 +159,28 @@ def test_in_place_change_of_cu_seqlens_is_seen(device):
         varlen_attention(q, k, v, cu, backend="triton")
 
 
+@pytest.mark.parametrize("dim,heads", [(64, (4, 1)), (80, (4, 2)), (72, (2, 1)), (128, (2, 2))])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tma_forward(dim, heads, causal, device, monkeypatch):
+    # Opt-in TMA loads of K/V: blocks past a document read the next one's rows (or zeros past the
+    # end); they must still get probability 0. 72 pads its second piece into the next head.
+    monkeypatch.setenv(triton_kernels.TMA_ENV, "1")
+    used = []
+    original = triton_kernels._tma_descriptors
+    monkeypatch.setattr(triton_kernels, "_tma_descriptors", lambda *a: used.append(original(*a)) or used[-1])
+    check_against_reference([0, 1, 17, 129, 60], [3, 1, 17, 129, 0], *heads, dim, torch.float32, device, causal,
+                            seed=dim)
+    assert used and all(d is not None for d in used), "the TMA path was not taken"
+
+
+def test_tma_falls_back_where_rows_are_not_aligned(device, monkeypatch):
+    # fp16 rows of 1 x 12 values are 24 bytes: TMA cannot read them, the pointer path does.
+    monkeypatch.setenv(triton_kernels.TMA_ENV, "1")
+    check_against_reference([9, 40], [9, 40], 2, 1, 12, torch.float16, device, causal=False)
+    k = torch.zeros(49, 1, 12, dtype=torch.float16, device=device)
+    assert triton_kernels._tma_descriptors(k, *triton_kernels.head_dim_split(12)) is None
+
+
 def test_deterministic_backward(device):
     problem = make_problem([5, 140, 61], [5, 140, 61], 4, 2, 80, torch.float32, device, seed=3)
     first = run(*problem, backend="triton", deterministic=True)[2]

@@ -18,6 +18,8 @@ natural log, ``-inf`` for rows that see no key.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -169,16 +171,34 @@ def _load_lse2(LSE, offs, ok):
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _load_kv_block(base, tma0, tma1, stride, doc_row, col, start_n, cols, col_ok, HEAD_DIM: tl.constexpr,
+                   BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BOUNDARY: tl.constexpr, USE_TMA: tl.constexpr):
+    """Key or value rows ``cols`` of a document. By TMA (``USE_TMA``: descriptors over the packed
+    (total, H * D) tensor; rows past the document come from the next one or are zero past the
+    end, and the caller gives them probability 0), or by masked pointer loads."""
+    if USE_TMA:
+        x0 = tma0.load([doc_row + start_n, col])
+        x1 = x0
+        if BLOCK_D1 > 0:
+            x1 = tma1.load([doc_row + start_n, col + BLOCK_D0])
+    else:
+        x0, x1 = _load_head(base, cols, stride, col_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, BOUNDARY)
+    return x0, x1
+
+
+@triton.jit
 def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
+               K_TMA0, K_TMA1, V_TMA0, V_TMA1, k_start, kv_col,
                offs_m, k_len, causal_shift, lo, hi, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-               CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr, PRECISION: tl.constexpr):
+               CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax over key blocks [lo, hi). ``BOUNDARY`` blocks mask keys past the document."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < k_len
-        k0, k1 = _load_head(k_base, cols, stride_kt, col_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, BOUNDARY)
+        k0, k1 = _load_kv_block(k_base, K_TMA0, K_TMA1, stride_kt, k_start, kv_col, start_n, cols, col_ok,
+                                HEAD_DIM, BLOCK_D0, BLOCK_D1, BOUNDARY, USE_TMA)
         qk = _dot_nt(q0, q1, k0, k1, BLOCK_D1, PRECISION) * qk_scale
         if CAUSAL:
             keep = (cols[None, :] <= offs_m[:, None] + causal_shift) & col_ok[None, :]
@@ -191,7 +211,8 @@ def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_v
         p = tl.math.exp2(qk - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v0, v1 = _load_head(v_base, cols, stride_vt, col_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, BOUNDARY)
+        v0, v1 = _load_kv_block(v_base, V_TMA0, V_TMA1, stride_vt, k_start, kv_col, start_n, cols, col_ok,
+                                HEAD_DIM, BLOCK_D0, BLOCK_D1, BOUNDARY, USE_TMA)
         acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PRECISION)
         if BLOCK_D1 > 0:
             acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PRECISION)
@@ -201,12 +222,15 @@ def _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_v
 
 @triton.jit
 def _varlen_attention_fwd_kernel(
-        Q, K, V, O, LSE, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
+        Q, K, V, O, LSE, CU_Q, CU_K, TILE_DOC, TILE_BLOCK, K_TMA0, K_TMA1, V_TMA0, V_TMA1,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
         qk_scale,
         HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        CAUSAL: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """One program per (query block of a document, query head). With ``USE_TMA`` the K/V blocks
+    come through the TMA descriptors K_TMA*/V_TMA* (pieces 0 and 1 of the head dim); otherwise
+    those arguments are unused."""
     pid = tl.program_id(0)
     tile = pid // HQ
     head = (pid % HQ).to(tl.int64)  # 64-bit: head-major layouts have large head strides
@@ -215,6 +239,7 @@ def _varlen_attention_fwd_kernel(
     k_base = K + k_start.to(tl.int64) * stride_kt + (head // GROUP) * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + (head // GROUP) * stride_vh
     o_base = O + q_start.to(tl.int64) * stride_ot + head * stride_oh
+    kv_col = (head // GROUP).to(tl.int32) * HEAD_DIM  # the head's first column in (total, H * D)
 
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q_len
@@ -228,16 +253,16 @@ def _varlen_attention_fwd_kernel(
     if CAUSAL:
         hi = tl.maximum(tl.minimum(k_len, (m_block + 1) * BLOCK_M + causal_shift), 0)
         acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
-                                          offs_m, k_len, causal_shift, 0, hi, qk_scale,
-                                          HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, True, True, PRECISION)
+                                          K_TMA0, K_TMA1, V_TMA0, V_TMA1, k_start, kv_col, offs_m, k_len, causal_shift, 0, hi, qk_scale,
+                                          HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, True, True, PRECISION, USE_TMA)
     else:
         full = (k_len // BLOCK_N) * BLOCK_N
         acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
-                                          offs_m, k_len, causal_shift, 0, full, qk_scale,
-                                          HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, False, False, PRECISION)
+                                          K_TMA0, K_TMA1, V_TMA0, V_TMA1, k_start, kv_col, offs_m, k_len, causal_shift, 0, full, qk_scale,
+                                          HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, False, False, PRECISION, USE_TMA)
         acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
-                                          offs_m, k_len, causal_shift, full, k_len, qk_scale,
-                                          HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, False, True, PRECISION)
+                                          K_TMA0, K_TMA1, V_TMA0, V_TMA1, k_start, kv_col, offs_m, k_len, causal_shift, full, k_len, qk_scale,
+                                          HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, False, True, PRECISION, USE_TMA)
 
     # Rows that saw no key: output 0, lse -inf.
     no_key = l_i == 0.0
@@ -418,10 +443,11 @@ def head_dim_class(head_dim: int) -> str:
     return "small" if head_dim <= 64 else "medium" if head_dim <= 128 else "large"
 
 
-# Per kernel: the grid block per head-dim class, and (inner block, warps, stages) candidates.
+# Per kernel: the grid block per head-dim class, and (inner block, warps, stages) candidates,
+# the first of each class being the one used without autotuning.
 TUNING = {
     "fwd": dict(grid_block=dict(small=128, medium=128, large=64), candidates=dict(
-        small=[(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 8, 2)],
+        small=[(128, 8, 3), (64, 8, 3), (64, 4, 3), (128, 8, 2)],
         medium=[(64, 8, 3), (64, 8, 2), (128, 8, 2)],
         large=[(32, 8, 2), (64, 8, 2), (16, 4, 2)])),
     "bwd": dict(grid_block=dict(small=128, medium=64, large=64), candidates=dict(
@@ -440,27 +466,39 @@ def grid_block(kernel: str, head_dim: int) -> int:
 
 
 _TUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL"]
+# MOCA_KERNELS_AUTOTUNE=0 skips the tuning (the GPU tests use it: every new shape class would
+# otherwise compile and time every candidate).
+AUTOTUNE_ENV = "MOCA_KERNELS_AUTOTUNE"
 
 
-def _autotune(kernel, name: str, block: str, key=(), **kwargs):
+def _autotune(kernel, name: str, block: str, key=(), pre_hook=None, **kwargs):
     """Autotune ``block`` (the inner-loop block), warps and stages over the candidates of the
     call's head-dim class."""
     candidates = TUNING[name]["candidates"]
     if triton_interpret():
-        configs = [triton.Config({block: 32}, num_warps=4, num_stages=1)]
+        configs = [triton.Config({block: 32}, num_warps=4, num_stages=1, pre_hook=pre_hook)]
     else:
         every = dict.fromkeys(c for cls in candidates.values() for c in cls)
-        configs = [triton.Config({block: b}, num_warps=w, num_stages=s) for b, w, s in every]
+        configs = [triton.Config({block: b}, num_warps=w, num_stages=s, pre_hook=pre_hook) for b, w, s in every]
 
     def prune(configs, named_args, **call_kwargs):
         allowed = candidates[head_dim_class(call_kwargs["HEAD_DIM"])]
+        if os.environ.get(AUTOTUNE_ENV) == "0":  # first candidate only: compile once, no tuning
+            allowed = allowed[:1]
         return [c for c in configs if (c.kwargs[block], c.num_warps, c.num_stages) in allowed]
 
     return triton.autotune(configs, key=_TUNE_KEY + list(key), prune_configs_by={"early_config_prune": prune},
                            **kwargs)(kernel)
 
 
-_fwd = _autotune(_varlen_attention_fwd_kernel, "fwd", "BLOCK_N")
+def _tma_block_rows(nargs):
+    """The TMA descriptors' block is BLOCK_N rows, which each configuration sets."""
+    if nargs["USE_TMA"]:
+        for name in ("K_TMA0", "K_TMA1", "V_TMA0", "V_TMA1"):
+            nargs[name].block_shape = [nargs["BLOCK_N"], nargs[name].block_shape[1]]
+
+
+_fwd = _autotune(_varlen_attention_fwd_kernel, "fwd", "BLOCK_N", key=["USE_TMA"], pre_hook=_tma_block_rows)
 _bwd = _autotune(_varlen_attention_bwd_kernel, "bwd", "BLOCK_M", key=["ATOMIC_DQ"], reset_to_zero=["DQ"])
 _bwd_dq = _autotune(_varlen_attention_bwd_dq_kernel, "bwd_dq", "BLOCK_N")
 
@@ -475,8 +513,29 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+TMA_ENV = "MOCA_KERNELS_TMA"
+
+
+def _tma_descriptors(x: torch.Tensor, d0: int, d1: int):
+    """TMA descriptors of the two head-dim pieces over ``x`` (total, H, D) seen as (total, H * D),
+    or None where TMA cannot read it (heads not packed, addresses or row stride not 16-byte
+    aligned, no rows, too many rows for 32-bit coordinates). Block rows are set per config."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    total, heads, dim = x.shape
+    size = x.element_size()
+    if (total == 0 or total >= 2**31 or x.stride(1) != dim or x.data_ptr() % 16 or (x.stride(0) * size) % 16
+            or d0 * size < 16):
+        return None
+    shape, strides = [total, heads * dim], [x.stride(0), 1]
+    first = TensorDescriptor(x, shape, strides, [1, d0])
+    return first, (TensorDescriptor(x, shape, strides, [1, d1]) if d1 else first)
+
+
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool):
-    """Returns (out like q, lse float32 (Hq, total_q))."""
+    """Returns (out like q, lse float32 (Hq, total_q)).
+
+    With the environment variable MOCA_KERNELS_TMA=1 (experimental, not yet measured on a GPU)
+    the K/V blocks are read through Hopper TMA descriptors where the layout allows it."""
     total_q, hq, head_dim = q.shape
     group = hq // k.shape[1]
     d0, d1 = head_dim_split(head_dim)
@@ -484,13 +543,17 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: b
     lse = torch.empty((hq, total_q), device=q.device, dtype=torch.float32)
     block_m = grid_block("fwd", head_dim)
     tile_doc, tile_block = build_tiles(cu_seqlens_q, cu_seqlens_k, total_q, block_m)
+    descriptors = None
+    if os.environ.get(TMA_ENV) == "1":
+        k_desc, v_desc = _tma_descriptors(k, d0, d1), _tma_descriptors(v, d0, d1)
+        descriptors = (*k_desc, *v_desc) if k_desc and v_desc else None
     _fwd[(tile_doc.numel() * hq,)](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block, *(descriptors or (k, k, v, v)),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         softmax_scale * LOG2E,
         HQ=hq, GROUP=group, HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=block_m,
-        CAUSAL=causal, PRECISION=_precision(q.dtype))
+        CAUSAL=causal, PRECISION=_precision(q.dtype), USE_TMA=descriptors is not None)
     return out, lse
 
 
