@@ -4,9 +4,9 @@ fp32 dQ accumulated by atomics, or a separate dQ kernel for a deterministic back
 Scheduling. The grid is a flat list of (document, block) tiles, longest document first, times the
 heads (tile-major, so query heads that share a KV head run side by side and share it in L2). Each
 query tile's keys are one contiguous interval, its own document; only the last, partial KV block
-is masked element-wise (causal tiles mask every block). The tile list is built on the device with
-a fixed upper bound on its size, so building it needs no host synchronization; spare tiles exit
-at once.
+is masked element-wise (causal tiles also mask their diagonal band). The tile list is built on the
+device with a fixed upper bound on its size, so building it needs no host synchronization; spare
+tiles exit at once.
 
 Head dims that are not powers of two are split into a power of two and a power-of-two rest
 (80 = 64 + 16, 96 = 64 + 32, 192 = 128 + 64) and each matrix product runs as two ``tl.dot``;
@@ -248,21 +248,24 @@ def _varlen_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
+    # Key blocks [0, full) are seen whole by every row of the tile: no masks. Blocks [full, hi)
+    # are masked element-wise: the document's last, partial block and, causal, the diagonal band.
     # Bottom-right causal alignment: row i sees keys j <= i + (k_len - q_len).
     causal_shift = k_len - q_len
     if CAUSAL:
         hi = tl.maximum(tl.minimum(k_len, (m_block + 1) * BLOCK_M + causal_shift), 0)
-        acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
-                                          K_TMA0, K_TMA1, V_TMA0, V_TMA1, k_start, kv_col, offs_m, k_len, causal_shift, 0, hi, qk_scale,
-                                          HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, True, True, PRECISION, USE_TMA)
+        full = (tl.maximum(tl.minimum(k_len, m_block * BLOCK_M + causal_shift + 1), 0) // BLOCK_N) * BLOCK_N
     else:
+        hi = k_len
         full = (k_len // BLOCK_N) * BLOCK_N
-        acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
-                                          K_TMA0, K_TMA1, V_TMA0, V_TMA1, k_start, kv_col, offs_m, k_len, causal_shift, 0, full, qk_scale,
-                                          HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, False, False, PRECISION, USE_TMA)
-        acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
-                                          K_TMA0, K_TMA1, V_TMA0, V_TMA1, k_start, kv_col, offs_m, k_len, causal_shift, full, k_len, qk_scale,
-                                          HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, False, True, PRECISION, USE_TMA)
+    acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
+                                      K_TMA0, K_TMA1, V_TMA0, V_TMA1, k_start, kv_col, offs_m, k_len,
+                                      causal_shift, 0, full, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1,
+                                      False, False, PRECISION, USE_TMA)
+    acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
+                                      K_TMA0, K_TMA1, V_TMA0, V_TMA1, k_start, kv_col, offs_m, k_len,
+                                      causal_shift, full, hi, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1,
+                                      CAUSAL, True, PRECISION, USE_TMA)
 
     # Rows that saw no key: output 0, lse -inf.
     no_key = l_i == 0.0
