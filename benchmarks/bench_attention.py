@@ -6,13 +6,17 @@ on one card.
     python benchmarks/bench_attention.py --list                   # cases, providers, availability (no GPU needed)
 
 Providers get the same documents in their own input layout, built outside the timed region:
-moca (varlen_attention, Triton); moca-tma (the same with its experimental TMA loads of K/V in the
-forward); sdpa-padded (scaled_dot_product_attention on a padded batch with a
-key-padding mask); sdpa-njt (SDPA on nested jagged tensors: PyTorch's FlashAttention-2 varlen kernel;
-K/V heads repeated for GQA, which it cannot take while training); varlen-attn
-(torch.nn.attention.varlen, the same kernel); flex (compiled FlexAttention with a document
-BlockMask, built once per batch outside the timing); flash-attn (FlashAttention-2
-flash_attn_varlen_func) and fa3 (flash_attn_interface, FlashAttention-3) when importable.
+- moca: varlen_attention, Triton;
+- moca-tma: the same with its experimental TMA loads of K/V; forward only, and checked against
+  moca before it is timed;
+- sdpa-padded: scaled_dot_product_attention on a padded batch with a key-padding mask (K/V heads
+  repeated: with a mask, GQA would leave only the math kernel);
+- sdpa-njt: SDPA on nested jagged tensors, PyTorch's FlashAttention-2 varlen kernel (K/V heads
+  repeated: it cannot take GQA while training);
+- varlen-attn: torch.nn.attention.varlen, the same kernel;
+- flex: compiled FlexAttention with a document BlockMask, built once per batch outside the timing;
+- flash-attn (FlashAttention-2 flash_attn_varlen_func) and fa3 (flash_attn_interface,
+  FlashAttention-3) when importable.
 """
 from __future__ import annotations
 
@@ -81,25 +85,52 @@ def _missing(module: str) -> str | None:
 # Providers
 # ------------------------------------------------------------------------------------------------
 
-def setup_moca(x):
+def _with_tma(forward, enabled: bool):
+    """``forward`` with the experimental TMA path on or off for its own calls only (the switch is
+    read per call; any outside setting comes back afterwards)."""
+    from moca_kernels.varlen_attention.triton_kernels import TMA_ENV
+
+    def wrapped():
+        before = os.environ.pop(TMA_ENV, None)
+        if enabled:
+            os.environ[TMA_ENV] = "1"
+        try:
+            return forward()
+        finally:
+            os.environ.pop(TMA_ENV, None)
+            if before is not None:
+                os.environ[TMA_ENV] = before
+
+    return wrapped
+
+
+def _moca_forward(x):
     from moca_kernels import varlen_attention
     q, k, v = _leaf(x["q"]), _leaf(x["k"]), _leaf(x["v"])
     cu, max_len = x["cu"], x["max_len"]
     return (lambda: varlen_attention(q, k, v, cu, cu, max_len, max_len, backend="triton")), (q, k, v)
 
 
+def setup_moca(x):
+    forward, leaves = _moca_forward(x)
+    return _with_tma(forward, False), leaves
+
+
 def setup_moca_tma(x):
-    from moca_kernels.varlen_attention.triton_kernels import TMA_ENV
-    forward, leaves = setup_moca(x)
-
-    def with_tma():  # the experimental TMA path is chosen per call by the environment
-        os.environ[TMA_ENV] = "1"
-        try:
-            return forward()
-        finally:
-            del os.environ[TMA_ENV]
-
-    return with_tma, leaves
+    """Forward only (its backward is moca's). Refuses to be timed unless TMA applies to these
+    tensors and its output matches moca's with the configuration the autotuner picked."""
+    from moca_kernels.varlen_attention import triton_kernels
+    d0, d1 = triton_kernels.head_dim_split(x["q"].shape[2])
+    if triton_kernels._tma_descriptors(x["k"], d0, d1) is None:
+        raise Unavailable("TMA cannot read these K/V tensors; moca-tma would be moca")
+    forward, leaves = _moca_forward(x)
+    with torch.no_grad():
+        plain = _with_tma(forward, False)()
+        tma = _with_tma(forward, True)()
+    diff = (plain.float() - tma.float()).abs().max().item()
+    if not diff <= 2e-2:
+        raise Unavailable(f"TMA output differs from moca's by {diff:.3g}")
+    return _with_tma(forward, True), leaves, {"max_abs_diff_vs_moca": diff}
 
 
 def setup_sdpa_padded(x):
@@ -113,10 +144,12 @@ def setup_sdpa_padded(x):
         out[mask] = t
         return _leaf(out.transpose(1, 2))
 
-    q, k, v = padded(x["q"]), padded(x["k"]), padded(x["v"])
+    # K/V heads repeated for GQA: with a mask, enable_gqa would leave only the math kernel.
+    k_rep, v_rep = _repeat_kv(x)
+    q, k, v = padded(x["q"]), padded(k_rep), padded(v_rep)
     key_mask = mask[:, None, None, :]
     f = torch.nn.functional.scaled_dot_product_attention
-    return (lambda: f(q, k, v, attn_mask=key_mask, enable_gqa=True)), (q, k, v)
+    return (lambda: f(q, k, v, attn_mask=key_mask)), (q, k, v)
 
 
 def _repeat_kv(x):
@@ -203,7 +236,7 @@ def _triton_unavailable():
 PROVIDERS = {
     "moca": Provider("moca", setup_moca, "moca_kernels.varlen_attention, Triton", _triton_unavailable),
     "moca-tma": Provider("moca-tma", setup_moca_tma, "the same, K/V loaded through TMA descriptors (MOCA_KERNELS_TMA=1)",
-                         _triton_unavailable),
+                         _triton_unavailable, modes=("fwd",)),
     "sdpa-padded": Provider("sdpa-padded", setup_sdpa_padded, "SDPA, padded batch + key-padding mask"),
     "sdpa-njt": Provider("sdpa-njt", setup_sdpa_njt, "SDPA on nested jagged tensors (FA2 varlen kernel)"),
     "varlen-attn": Provider("varlen-attn", setup_varlen_attn, "torch.nn.attention.varlen (FA2 varlen kernel)",

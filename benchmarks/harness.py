@@ -1,9 +1,10 @@
 """Shared benchmark harness: providers, CUDA-event timing, FLOP rates, peak memory, result files.
 
 Every ``bench_<op>.py`` describes its cases and providers and hands them to :func:`run`. A provider
-is a name plus a ``setup(inputs)`` that returns ``(forward, leaves)``: a callable computing the op
-on inputs prepared in the provider's own layout (outside the timed region) and the tensors that
-receive gradients; or it raises :class:`Unavailable` with the reason it cannot run; the harness times the
+is a name plus a ``setup(inputs)`` that returns ``(forward, leaves)`` or ``(forward, leaves, notes)``:
+a callable computing the op on inputs prepared in the provider's own layout (outside the timed
+region), the tensors that receive gradients, and a dict recorded in the provider's row; or it
+raises :class:`Unavailable` with the reason it cannot run; the harness times the
 forward, the backward and both, in one process on one card, and writes ``results.json`` and
 ``results.md``.
 """
@@ -35,6 +36,8 @@ class Provider:
     description: str = ""
     # Why it cannot run on this machine at all (a missing package), or None; checked without a GPU.
     unavailable: Callable[[], str | None] = lambda: None
+    # The modes it is timed in, when not all that were asked for (e.g. forward-only variants).
+    modes: Sequence[str] | None = None
 
 
 @dataclass
@@ -81,12 +84,13 @@ def measure(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor],
 
     if "fwd" in modes:
         with torch.no_grad():
-            result["fwd_ms"] = do_bench(forward, warmup=25, rep=100, quantiles=[0.5])[0]
+            result["fwd_ms"] = do_bench(forward, warmup=25, rep=100, return_mode="median")
     if "bwd" in modes:
         result["bwd_ms"] = do_bench(lambda: out.backward(grad, retain_graph=True), warmup=25, rep=100,
-                                    grad_to_none=list(leaves), quantiles=[0.5])[0]
+                                    grad_to_none=list(leaves), return_mode="median")
     if "fwd+bwd" in modes:
-        result["fwd+bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=list(leaves), quantiles=[0.5])[0]
+        result["fwd+bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=list(leaves),
+                                        return_mode="median")
     del out
     for x in leaves:
         x.grad = None
@@ -140,22 +144,23 @@ def run(title: str, cases: Sequence[Case], providers: Sequence[Provider], modes:
         for provider in providers:
             row = {"case": case.name, **case.params, "provider": provider.name}
             try:
-                forward, leaves = provider.setup(inputs)
-                timings = measure(forward, leaves, modes)
+                forward, leaves, *notes = provider.setup(inputs)
+                row.update(*notes)
+                timings = measure(forward, leaves, [m for m in modes if m in (provider.modes or modes)])
                 row.update(timings, **rates(case, timings))
+                del forward, leaves
+                torch.cuda.empty_cache()
             except Unavailable as why:
                 row["skipped"] = str(why)
             except torch.cuda.OutOfMemoryError:
                 row["skipped"] = "out of memory"
             except Exception as exc:  # a peer that breaks on a case is reported, not fatal to the run
                 row["skipped"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            torch.cuda.empty_cache()
             rows.append(row)
             log(format_row(row))
+            if out_dir:  # after every row: a run cut short keeps what it measured
+                write(out_dir, title, env, flop_convention, rows)
         del inputs
-        torch.cuda.empty_cache()
-    if out_dir:
-        write(out_dir, title, env, flop_convention, rows)
     return rows
 
 

@@ -44,7 +44,7 @@ def test_provider_computes_the_same_attention(provider, device):
     case = bench_attention.make_case("tiny", torch.float32, str(device), spec)
     x = case.inputs()
     expected = varlen_attention(x["q"], x["k"], x["v"], x["cu"], backend="torch")
-    forward, leaves = bench_attention.PROVIDERS[provider].setup(x)
+    forward, leaves, *notes = bench_attention.PROVIDERS[provider].setup(x)
     out = forward()
     if provider == "sdpa-padded":  # (B, H, S, D) -> packed rows
         lengths = torch.tensor(x["lengths"], device=out.device)
@@ -53,3 +53,35 @@ def test_provider_computes_the_same_attention(provider, device):
     out.sum().backward()
     assert all(leaf.grad is not None and torch.isfinite(leaf.grad).all() for leaf in leaves)
     assert case.fwd_flops == 4 * sum(n * n for n in x["lengths"]) * 4 * 64
+    if provider == "moca-tma":
+        assert notes and notes[0]["max_abs_diff_vs_moca"] < 1e-5
+
+
+def test_measure_and_write_without_a_gpu(tmp_path, monkeypatch):
+    # The timing plumbing with a stand-in timer and memory counters: each mode's time, rates by
+    # the case's FLOP count, and the result files.
+    import triton.testing
+
+    import harness
+    calls = []
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none=None, return_mode="mean"):
+        calls.append(return_mode)
+        fn()
+        return 2.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    for name, value in [("synchronize", None), ("reset_peak_memory_stats", None), ("memory_allocated", 100),
+                        ("max_memory_allocated", 612)]:
+        monkeypatch.setattr(torch.cuda, name, lambda *a, value=value: value)
+    x = torch.randn(8, 4, requires_grad=True)
+    timings = harness.measure(lambda: (x * 3).sum(0), [x], harness.MODES)
+    assert timings == {"fwd_ms": 2.0, "bwd_ms": 2.0, "fwd+bwd_ms": 2.0, "peak_mem_bytes": 512}
+    assert calls == ["median"] * 3
+    case = harness.Case("c", {"tokens": 8}, fwd_flops=4e9)
+    assert harness.rates(case, timings) == {"fwd_tflops": 2.0, "bwd_tflops": 5.0, "fwd+bwd_tflops": 7.0}
+    row = {"case": "c", "tokens": 8, "provider": "p", **timings, **harness.rates(case, timings)}
+    harness.write(str(tmp_path), "t", {"gpu": "g", "torch": "1", "triton": "2", "commit": "c", "date": "d"}, "conv",
+                  [row, {"case": "c", "provider": "q", "skipped": "why"}])
+    table = (tmp_path / "results.md").read_text()
+    assert "| c | p | 2.000 | 2 | 2.000 | 5 | 2.000 | 7 | 0 |" in table and "skipped: why" in table

@@ -173,6 +173,22 @@ def test_tma_forward(dim, heads, causal, device, monkeypatch):
     assert used and all(d is not None for d in used), "the TMA path was not taken"
 
 
+def test_tma_keeps_non_finite_values_in_their_document_and_head(device, monkeypatch):
+    # TMA reads whole blocks: rows of the next document and, for hdim 72, columns of the next head.
+    # NaN in document 1's keys and values of KV head 1 must reach nothing else.
+    monkeypatch.setenv(triton_kernels.TMA_ENV, "1")
+    q, k, v, cu, _, _, _ = make_problem([30, 50], [30, 50], 4, 2, 72, torch.float32, device, seed=15)
+    k, v = k.detach().clone(), v.detach().clone()
+    k[30:, 1] = float("nan")
+    v[30:, 1] = float("nan")
+    out = varlen_attention(q.detach(), k, v, cu, backend="triton")
+    ref = varlen_attention(q.detach().double(), k.double(), v.double(), cu, backend="torch")
+    clean = torch.isfinite(ref)
+    assert clean[:30].all() and clean[30:, :2].all() and not clean[30:, 2:].any()
+    assert torch.isfinite(out[clean]).all()
+    assert_close(out[clean], ref[clean], torch.float32, "out")
+
+
 def test_tma_falls_back_where_rows_are_not_aligned(device, monkeypatch):
     # fp16 rows of 1 x 12 values are 24 bytes: TMA cannot read them, the pointer path does.
     monkeypatch.setenv(triton_kernels.TMA_ENV, "1")
