@@ -198,6 +198,8 @@ def test_tma_falls_back_where_rows_are_not_aligned(device, monkeypatch):
 
 
 def test_deterministic_backward(device):
+    # Bitwise equality of two runs only means something on a GPU (the interpreter runs atomics in
+    # order); the comparison with the reference holds everywhere.
     problem = make_problem([5, 140, 61], [5, 140, 61], 4, 2, 80, torch.float32, device, seed=3)
     first = run(*problem, backend="triton", deterministic=True)[2]
     second = run(*problem, backend="triton", deterministic=True)[2]

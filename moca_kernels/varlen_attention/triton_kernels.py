@@ -27,8 +27,7 @@ import triton.testing
 
 from .._registry import triton_interpret
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # the kernels spell it, and ln 2, as literals
 
 
 def head_dim_split(head_dim: int) -> tuple[int, int]:
@@ -163,7 +162,7 @@ def _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile):
 def _load_lse2(LSE, offs, ok):
     """Row log-sum-exp in base 2; rows that saw no key (or lie past the document) get +inf, so
     their probabilities come out 0 instead of NaN."""
-    lse = tl.load(LSE + offs, mask=ok, other=float("inf")) * 1.4426950408889634
+    lse = tl.load(LSE + offs, mask=ok, other=float("inf")) * 1.4426950408889634  # log2(e)
     return tl.where(lse == float("-inf"), float("inf"), lse)
 
 
@@ -282,7 +281,7 @@ def _varlen_attention_fwd_kernel(
     l_safe = tl.where(no_key, 1.0, l_i)
     _store_head(o_base, offs_m, stride_ot, row_ok, (acc0 / l_safe[:, None]).to(O.dtype.element_ty),
                 (acc1 / l_safe[:, None]).to(O.dtype.element_ty), HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
-    lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
     tl.store(LSE + head * stride_lh + q_start + offs_m, lse, mask=row_ok)
 
 
