@@ -6,7 +6,6 @@ prints and what a forced but unusable backend raises.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -23,15 +22,22 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT: dict[str, str | None] = {}
+
+
 def triton_import_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed"
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # a broken install must not break the import of moca_kernels
-        return f"importing triton failed: {exc}"
-    return None
+    """Why triton cannot be imported here, or None (probed once; a plain dict rather than
+    functools.cache, which torch.compile warns about when it traces through)."""
+    if "error" not in _TRITON_IMPORT:
+        if importlib.util.find_spec("triton") is None:
+            _TRITON_IMPORT["error"] = "the triton package is not installed"
+        else:
+            try:
+                import triton  # noqa: F401
+                _TRITON_IMPORT["error"] = None
+            except Exception as exc:  # a broken install must not break the import of moca_kernels
+                _TRITON_IMPORT["error"] = f"importing triton failed: {exc}"
+    return _TRITON_IMPORT["error"]
 
 
 def triton_device_reason(device: torch.device | None) -> str | None:
