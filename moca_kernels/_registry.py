@@ -59,7 +59,7 @@ def triton_device_reason(device: torch.device | None) -> str | None:
 class Backend:
     """One implementation of an op.
 
-    ``reasons(device, dtype, **problem)`` lists why it cannot serve that call (empty: it can);
+    ``reasons(device, dtype)`` lists why it cannot serve that call (empty: it can);
     with ``device=None`` it answers for this machine in general. ``auto`` says whether it may be
     picked when the caller names no backend (the Triton interpreter is a test vehicle, so it is
     never picked automatically on CPU tensors).
@@ -87,7 +87,7 @@ def register_op(name: str, backends: Sequence[Backend]) -> OpEntry:
     return REGISTRY[name]
 
 
-def select_backend(op: str, backend: str | None, device: torch.device, dtype: torch.dtype, **problem) -> str:
+def select_backend(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """Name of the backend that runs this call of ``op``.
 
     ``backend`` (or, when it is None, the ``MOCA_KERNELS_BACKEND`` environment variable) forces one;
@@ -104,11 +104,11 @@ def select_backend(op: str, backend: str | None, device: torch.device, dtype: to
         if chosen is None:
             have = ", ".join(b.name for b in entry.backends)
             raise ValueError(f"{source}={backend!r}: {op} has no {backend} backend (it has: {have})")
-        why = chosen.reasons(device, dtype, **problem)
+        why = chosen.reasons(device, dtype)
         if why:
             raise ValueError(f"{source}={backend!r} cannot run {op} here: " + "; ".join(why))
         return backend
     for b in entry.backends:
-        if b.auto(device) and not b.reasons(device, dtype, **problem):
+        if b.auto(device) and not b.reasons(device, dtype):
             return b.name
     raise ValueError(f"no backend of {op} can serve {dtype} tensors on {device}")

@@ -17,7 +17,7 @@ MAX_HEAD_DIM = 256
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _triton_reasons(device: torch.device | None, dtype: torch.dtype | None, **problem) -> list[str]:
+def _triton_reasons(device: torch.device | None, dtype: torch.dtype | None) -> list[str]:
     reasons = []
     why = triton_device_reason(device)
     if why:
@@ -31,7 +31,7 @@ def _triton_reasons(device: torch.device | None, dtype: torch.dtype | None, **pr
 
 register_op(OP, [
     Backend("triton", _triton_reasons, auto=lambda device: device.type == "cuda"),
-    Backend("torch", lambda device, dtype, **problem: []),
+    Backend("torch", lambda device, dtype: []),
 ])
 
 
