@@ -1,5 +1,4 @@
-"""Bidirectional attention over packed documents: moca's Triton kernel against the peers, in one run
-on one card.
+"""Attention over packed documents: moca's Triton kernel against its peers, one run on one card.
 
     python benchmarks/bench_attention.py --out results/           # every case and provider
     python benchmarks/bench_attention.py --cases moca-16k --providers moca flex
