@@ -17,6 +17,7 @@ def _info(env_extra):
 def test_info_lists_every_backend_with_reasons():
     out = _info({})
     assert "varlen_attention:" in out
+    assert "info_nce:\n  torch   available\n  cuda    not implemented for this op\n  triton  not implemented for this op" in out
     assert "torch   available" in out
     assert "cuda    not implemented for this op" in out
     if torch.cuda.is_available():

@@ -1,0 +1,89 @@
+"""``info_nce``: validation and backend choice. Only the chunked PyTorch backend exists so far; the
+Triton kernel of issue 4 is still to come."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._registry import Backend, register_op, select_backend
+from .reference import info_nce_reference
+
+OP = "info_nce"
+REDUCTIONS = ("mean", "sum", "none")
+
+register_op(OP, [Backend("torch", lambda device, dtype: [])])
+
+
+def _check(query, docs, labels, hard_negatives, temperature, reduction) -> None:
+    for name, x, rank in (("query", query, 2), ("docs", docs, 2)):
+        if not isinstance(x, torch.Tensor) or x.dim() != rank:
+            raise ValueError(f"{name} must be a {rank}-D tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    batch, dim = query.shape
+    if batch == 0 or docs.shape[0] == 0:
+        raise ValueError(f"query and docs need at least one row, got {batch} and {docs.shape[0]}")
+    if docs.shape[1] != dim:
+        raise ValueError(f"docs has embedding size {docs.shape[1]}, query has {dim}")
+    tensors = [("docs", docs)]
+    if hard_negatives is not None:
+        if not isinstance(hard_negatives, torch.Tensor) or hard_negatives.dim() != 3 \
+                or hard_negatives.shape[0] != batch or hard_negatives.shape[2] != dim:
+            shape = tuple(hard_negatives.shape) if isinstance(hard_negatives, torch.Tensor) else hard_negatives
+            raise ValueError(f"hard_negatives must have shape ({batch}, K, {dim}), got {shape}")
+        tensors.append(("hard_negatives", hard_negatives))
+    for name, x in tensors:
+        if x.dtype != query.dtype:
+            raise ValueError(f"{name} is {x.dtype} but query is {query.dtype}")
+        if x.device != query.device:
+            raise ValueError(f"{name} is on {x.device} but query is on {query.device}")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (batch,):
+        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be int64 of shape ({batch},), got {got}")
+    if labels.device != query.device:
+        raise ValueError(f"labels is on {labels.device} but query is on {query.device}")
+    if bool(((labels < 0) | (labels >= docs.shape[0])).any()):
+        raise ValueError(f"labels must index docs (0 <= label < {docs.shape[0]})")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0 or not temperature.dtype.is_floating_point:
+            raise ValueError(f"temperature must be a float or a 0-dim floating tensor, got {tuple(temperature.shape)} "
+                             f"{temperature.dtype}")
+        value = float(temperature.detach())
+    else:
+        value = float(temperature)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"temperature must be positive and finite, got {value}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def info_nce(query: torch.Tensor, docs: torch.Tensor, *, temperature: float | torch.Tensor = 0.03,
+             labels: torch.Tensor | None = None, hard_negatives: torch.Tensor | None = None, symmetric: bool = False,
+             normalize: bool = True, reduction: str = "mean", backend: str | None = None) -> torch.Tensor:
+    """InfoNCE with in-batch and hard negatives, never holding the (B, M) score matrix.
+
+    Args:
+        query: ``(B, d)``. docs: ``(M, d)`` candidates shared by every query.
+        labels: int64 ``(B,)``, the index of each query's positive in ``docs`` (default
+            ``arange(B)``, which needs ``M >= B``).
+        hard_negatives: ``(B, K, d)``, scored only against their own query.
+        temperature: a float, or a 0-dim tensor that receives a gradient.
+        symmetric: the mean of the two directions: each query against all docs and its hard
+            negatives, and each query's positive against every query.
+        normalize: L2-normalize every embedding first (scores are cosines).
+        reduction: "mean" (over queries), "sum" or "none" (``(B,)``).
+
+    The loss of query i is ``logsumexp(s(i, docs) ++ s(i, hard_negatives[i])) - s(i, docs[labels[i]])``
+    with ``s = score / temperature``. Differentiable in every tensor input.
+    """
+    if labels is None and isinstance(query, torch.Tensor) and isinstance(docs, torch.Tensor) \
+            and query.dim() == 2 and docs.dim() == 2:
+        if docs.shape[0] < query.shape[0]:
+            raise ValueError(f"labels default to arange(B), which needs at least B={query.shape[0]} docs, "
+                             f"got {docs.shape[0]}")
+        labels = torch.arange(query.shape[0], device=query.device)
+    _check(query, docs, labels, hard_negatives, temperature, reduction)
+    select_backend(OP, backend, query.device, query.dtype)
+    return info_nce_reference(query, docs, labels, temperature, hard_negatives, symmetric, normalize, reduction)
