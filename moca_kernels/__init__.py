@@ -7,8 +7,8 @@ Ops (each with a ``backend=`` argument; ``python -m moca_kernels.info`` lists th
 Helpers for packed batches live in ``moca_kernels.varlen``.
 """
 from . import varlen
-from .info_nce import info_nce
+from .info_nce import all_gather_with_grad, info_nce
 from .varlen_attention import varlen_attention
 
 __version__ = "0.1.0"
-__all__ = ["info_nce", "varlen", "varlen_attention", "__version__"]
+__all__ = ["all_gather_with_grad", "info_nce", "varlen", "varlen_attention", "__version__"]
