@@ -55,6 +55,22 @@ def triton_device_reason(device: torch.device | None) -> str | None:
     return f"Triton does not run on {device.type} tensors"
 
 
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_reasons(device: torch.device | None, dtype: torch.dtype | None) -> list[str]:
+    """Why the Triton kernels (which take float16, bfloat16 or float32) cannot serve a call."""
+    reasons = []
+    why = triton_device_reason(device)
+    if why:
+        reasons.append(why)
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        reasons.append(f"{dtype} inputs (it takes float16, bfloat16 or float32)")
+    if dtype == torch.bfloat16 and device is not None and device.type == "cpu":
+        reasons.append("bfloat16 tl.dot gives wrong results in the Triton interpreter")
+    return reasons
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of an op.

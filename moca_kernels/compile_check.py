@@ -25,13 +25,16 @@ SM90_MAX_SHARED = 232448
 HEAD_DIMS = (64, 80, 128, 256)
 
 
+INFO_NCE_INTS = ("n_rows", "n_cols", "dim", "cols_per_split", "col_offset")
+
+
 def _signature(kernel, pointers: dict[str, str]) -> dict[str, str]:
     sig = {}
     pointers = dict(CU_Q="*i32", CU_K="*i32", TILE_DOC="*i32", TILE_BLOCK="*i32", **pointers)
     for name in kernel.arg_names:
         if name in pointers:
             sig[name] = pointers[name]
-        elif name.startswith("stride") or name == "total":
+        elif name.startswith("stride") or name == "total" or name in INFO_NCE_INTS:
             sig[name] = "i32"
         elif name.endswith("scale"):
             sig[name] = "fp32"
@@ -95,6 +98,29 @@ def variants(quick: bool) -> list[dict]:
                             constexprs=dict(HEAD_DIM=head_dim, BLOCK_T=tk.preprocess_block_t(head_dim),
                                             BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_DLSE=True),
                             warps=4, stages=1, dtype=dtype, dots=False))
+    out += info_nce_variants(quick)
+    return out
+
+
+def info_nce_variants(quick: bool) -> list[dict]:
+    """``info_nce``'s two kernels: every autotuning candidate in bf16 (full mode: also fp16,
+    symmetric off, and d not a multiple of 128)."""
+    from .info_nce import triton_kernels as tk
+    out = []
+    for dtype in ("bf16",) if quick else ("bf16", "fp16"):
+        dt = "*" + dtype
+        for (block_k, warps, stages), symmetric, even_k in itertools.product(
+                tk.CANDIDATES, (True,) if quick else (True, False), (True,) if quick else (True, False)):
+            common = dict(module="info_nce", dtype=dtype, dots=True, warps=warps, stages=stages)
+            constexprs = dict(SYMMETRIC=symmetric, BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, EVEN_K=even_k,
+                              PRECISION="tf32")
+            vectors = dict(RQ="*fp32", RK="*fp32", LABELS="*i64", INV_T="*fp32")
+            out.append(dict(kernel="_fwd_kernel", constexprs=constexprs, **common,
+                            pointers=dict(Q=dt, K=dt, ROW_LSE="*fp32", POS="*fp32", COL_LSE="*fp32", **vectors)))
+            out.append(dict(kernel="_coef_kernel", constexprs=constexprs, **common,
+                            pointers=dict(Q=dt, K=dt, E=dt, ROW_LSE="*fp32", ROW_W="*fp32", G="*fp32",
+                                          COL_LSE="*fp32", COL_W="*fp32", E_SCALE="*fp32", PART="*fp32",
+                                          **vectors)))
     return out
 
 
@@ -104,14 +130,20 @@ def compile_one(variant: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .varlen_attention import triton_kernels as tk
+    import importlib
+    tk = importlib.import_module(f"moca_kernels.{variant.get('module', 'varlen_attention')}.triton_kernels")
     kernel = getattr(tk, variant["kernel"])
     label = f"{variant['kernel']} {variant['dtype']} " + " ".join(f"{k}={v}" for k, v in variant["constexprs"].items()
                                                 if k != "PRECISION") \
         + f" warps={variant['warps']} stages={variant['stages']}"
     start = time.time()
     try:
-        src = ASTSource(kernel, _signature(kernel, variant["pointers"]), variant["constexprs"])
+        signature = _signature(kernel, variant["pointers"])
+        # As a launch specializes them: 16-byte aligned pointers, and strides and sizes divisible
+        # by 16 (the usual case, and what lets loads vectorize and pipeline).
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+                 if signature[name].startswith("*") or name.startswith("stride") or name == "dim"}
+        src = ASTSource(kernel, signature, variant["constexprs"], attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=variant["warps"], num_stages=variant["stages"]))
     except Exception as exc:

@@ -1,18 +1,99 @@
-"""``info_nce``: validation and backend choice. Only the chunked PyTorch backend exists so far; the
-Triton kernel of issue 4 is still to come."""
+"""``info_nce``: validation, backend choice, and the ``torch.library`` ops of the Triton backend."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .._registry import Backend, register_op, select_backend
+from .._registry import Backend, register_op, select_backend, triton_reasons
 from .reference import info_nce_reference
 
 OP = "info_nce"
 REDUCTIONS = ("mean", "sum", "none")
 
-register_op(OP, [Backend("torch", lambda device, dtype: [])])
+register_op(OP, [
+    Backend("triton", triton_reasons, auto=lambda device: device.type == "cuda"),
+    Backend("torch", lambda device, dtype: []),
+])
+
+
+def _triton_impl():
+    from . import triton_kernels  # imported on first use: importing triton costs time
+    return triton_kernels
+
+
+def _contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 and (x.dim() < 3 or x.stride(1) == x.shape[2]) else x.contiguous()
+
+
+@torch.library.custom_op("moca::info_nce_fwd", mutates_args=())
+def info_nce_fwd(query: torch.Tensor, docs: torch.Tensor, hard: torch.Tensor, labels: torch.Tensor,
+                 inv_t: torch.Tensor, symmetric: bool, normalize: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton forward: (losses (B,), row LSE (B,), column LSE (M,) or (0,), 1/|query| (B,),
+    1/|docs| (M,), 1/|hard| (B, K)), all float32. ``hard`` is (B, K, d) with K >= 0."""
+    query, docs, hard = (_contiguous(x) for x in (query, docs, hard))
+    with torch.cuda.device_of(query):
+        return _triton_impl().forward(query, docs, hard, labels, inv_t, symmetric, normalize)
+
+
+@info_nce_fwd.register_fake
+def _(query, docs, hard, labels, inv_t, symmetric, normalize):
+    f32 = dict(dtype=torch.float32)
+    batch, m = query.shape[0], docs.shape[0]
+    return (query.new_empty(batch, **f32), query.new_empty(batch, **f32), query.new_empty(m if symmetric else 0, **f32),
+            query.new_empty(batch, **f32), query.new_empty(m, **f32), query.new_empty(hard.shape[:2], **f32))
+
+
+@torch.library.custom_op("moca::info_nce_bwd", mutates_args=())
+def info_nce_bwd(grad: torch.Tensor, query: torch.Tensor, docs: torch.Tensor, hard: torch.Tensor,
+                 labels: torch.Tensor, inv_t: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
+                 rq: torch.Tensor, rk: torch.Tensor, rh: torch.Tensor, symmetric: bool, normalize: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: gradients of sum(grad * losses) for query, docs, hard and inv_t."""
+    query, docs, hard = (_contiguous(x) for x in (query, docs, hard))
+    with torch.cuda.device_of(query):
+        return _triton_impl().backward(grad.contiguous(), query, docs, hard, labels, inv_t, row_lse, col_lse,
+                                       rq, rk, rh, symmetric, normalize)
+
+
+@info_nce_bwd.register_fake
+def _(grad, query, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, symmetric, normalize):
+    return query.new_empty(query.shape), docs.new_empty(docs.shape), hard.new_empty(hard.shape), \
+        inv_t.new_empty(inv_t.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    query, docs, hard, labels, inv_t, symmetric, normalize = inputs
+    _, row_lse, col_lse, rq, rk, rh = output
+    ctx.save_for_backward(query, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh)
+    ctx.symmetric, ctx.normalize = symmetric, normalize
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad, *unused):
+    if grad is None:
+        return None, None, None, None, None, None, None
+    query, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh = ctx.saved_tensors
+    dq, ddocs, dhard, dinv_t = info_nce_bwd(grad, query, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh,
+                                            ctx.symmetric, ctx.normalize)
+    return dq, ddocs, dhard, None, dinv_t, None, None
+
+
+info_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _info_nce_triton(query, docs, labels, temperature, hard, symmetric, normalize, reduction):
+    if hard is None:
+        hard = query.new_empty(query.shape[0], 0, query.shape[1])
+    if isinstance(temperature, torch.Tensor):
+        inv_t = 1.0 / temperature.to(device=query.device, dtype=torch.float32)
+    else:
+        inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32, device=query.device)
+    losses = info_nce_fwd(query, docs, hard, labels, inv_t, symmetric, normalize)[0]
+    if reduction == "none":
+        return losses
+    return losses.sum() if reduction == "sum" else losses.mean()
 
 
 def _check(query, docs, labels, hard_negatives, temperature, reduction) -> None:
@@ -85,5 +166,6 @@ def info_nce(query: torch.Tensor, docs: torch.Tensor, *, temperature: float | to
                              f"got {docs.shape[0]}")
         labels = torch.arange(query.shape[0], device=query.device)
     _check(query, docs, labels, hard_negatives, temperature, reduction)
-    select_backend(OP, backend, query.device, query.dtype)
+    if select_backend(OP, backend, query.device, query.dtype) == "triton":
+        return _info_nce_triton(query, docs, labels, temperature, hard_negatives, symmetric, normalize, reduction)
     return info_nce_reference(query, docs, labels, temperature, hard_negatives, symmetric, normalize, reduction)

@@ -8,29 +8,14 @@ from typing import Callable, Optional
 
 import torch
 
-from .._registry import Backend, register_op, select_backend, triton_device_reason
+from .._registry import Backend, register_op, select_backend, triton_reasons
 from ..varlen import check_cu_seqlens, check_cu_seqlens_layout
 from .reference import varlen_attention_reference
 
 OP = "varlen_attention"
 MAX_HEAD_DIM = 256
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _triton_reasons(device: torch.device | None, dtype: torch.dtype | None) -> list[str]:
-    reasons = []
-    why = triton_device_reason(device)
-    if why:
-        reasons.append(why)
-    if dtype is not None and dtype not in _TRITON_DTYPES:
-        reasons.append(f"{dtype} inputs (it takes float16, bfloat16 or float32)")
-    if dtype == torch.bfloat16 and device is not None and device.type == "cpu":
-        reasons.append("bfloat16 tl.dot gives wrong results in the Triton interpreter")
-    return reasons
-
-
 register_op(OP, [
-    Backend("triton", _triton_reasons, auto=lambda device: device.type == "cuda"),
+    Backend("triton", triton_reasons, auto=lambda device: device.type == "cuda"),
     Backend("torch", lambda device, dtype: []),
 ])
 
