@@ -100,7 +100,9 @@ def _bad(**change):
     (dict(hard_negatives=torch.randn(4, 2, 7)), r"hard_negatives must have shape \(4, K, 8\)"),
     (dict(reduction="avg"), "reduction must be one of"),
     (dict(query=torch.ones(4, 8, dtype=torch.int64)), "query must be a floating-point tensor"),
-    (dict(backend="triton"), "info_nce has no triton backend"),
+    (dict(backend="cuda"), "info_nce has no cuda backend"),
+    (dict(query=torch.randn(4, 8, dtype=torch.bfloat16), docs=torch.randn(6, 8, dtype=torch.bfloat16),
+          backend="triton"), "bfloat16 tl.dot gives wrong results in the Triton interpreter"),
 ])
 def test_bad_input(change, message):
     with pytest.raises(ValueError, match=message):

@@ -8,9 +8,9 @@ log-sum-exp, which the host merges over row blocks. Only O(B + M) floats leave t
 
 Backward, one pass over the tiles (6*B*M*d FLOPs): ``_coef_kernel`` recomputes a chunk of S
 once and writes E = dLoss/dS (times the normalization factors and a range-keeping scale) in the
-input dtype, then two cuBLAS products turn E into the gradients: docs from E^T q (accumulated
-in float32 over the query chunks), queries from E docs (accumulated in the input dtype over
-the doc chunks: at most a few roundings, see ``scratch_plan``). The chunk sizes keep every
+input dtype, then two cuBLAS products (float32 outputs) turn E into the gradients: docs from E^T q
+(accumulated in float32 over the query chunks), queries from E docs (accumulated in the input
+dtype over the doc chunks: one rounding per doc chunk, see ``scratch_plan``). The chunk sizes keep every
 temporary under ``SCRATCH_FRACTION`` of the inputs plus their gradients, so peak memory stays
 within 1.2x of that floor at every batch size.
 
@@ -208,11 +208,11 @@ def _rows_fitting(budget: int, bytes_per_row: int, total: int, multiple: int) ->
 
 def scratch_plan(batch: int, m: int, dim: int, elt: int, budget: int) -> tuple[int, int]:
     """(query rows, doc columns) per backward chunk. The E chunk (rows x cols), the float32 docs
-    accumulator (cols x d) and one (rows x d) product fit in ``budget``. Query gradients take one
+    accumulator (cols x d) and one float32 (rows x d) product fit in ``budget``. Query gradients take one
     rounding per doc chunk: ceil(M / cols) of them, 1 when the budget allows."""
     block_m, block_n = blocks()
     rows = min(triton.cdiv(batch, block_m) * block_m, 2048)
-    cols = _rows_fitting(budget - elt * rows * dim, 4 * dim + elt * rows, m, block_n)
+    cols = _rows_fitting(budget - 4 * rows * dim, 4 * dim + elt * rows, m, block_n)
     return rows, cols
 
 
@@ -279,22 +279,20 @@ def forward(q, docs, hard, labels, inv_t, symmetric: bool, normalize: bool):
     return loss, row_lse, col_lse, rq, rk, rh
 
 
-_FP32_ACCUMULATE: dict[str, bool] = {}
+_FP32_OUT: dict[str, bool] = {}
 
 
-def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (float32) += a @ b, products of half-precision inputs accumulated in float32 by cuBLAS
-    (``out_dtype``) where this torch offers it, else in float32 copies of the operands."""
-    if a.dtype != torch.float32 and a.is_cuda:
-        key = str(a.device)
-        if _FP32_ACCUMULATE.get(key, True):
-            try:
-                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-                _FP32_ACCUMULATE[key] = True
-                return
-            except (RuntimeError, TypeError):
-                _FP32_ACCUMULATE[key] = False
-    acc.addmm_(a.float(), b.float())
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """out (float32) = a @ b (+ out when ``accumulate``), products of half-precision inputs summed
+    in float32 by cuBLAS (``out_dtype``) where this torch offers it, else in float32 copies."""
+    if a.dtype != torch.float32 and a.is_cuda and _FP32_OUT.get(str(a.device), True):
+        try:
+            torch.addmm(out, a, b, out_dtype=torch.float32, beta=1 if accumulate else 0, out=out)
+            _FP32_OUT[str(a.device)] = True
+            return
+        except (RuntimeError, TypeError):
+            _FP32_OUT[str(a.device)] = False
+    torch.addmm(out, a.float(), b.float(), beta=1 if accumulate else 0, out=out)
 
 
 def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, symmetric: bool, normalize: bool):
@@ -316,6 +314,7 @@ def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, s
     dq = torch.empty_like(q)
     ddocs = torch.empty_like(docs)
     parts = []
+    product = torch.empty(min(rows, batch), dim, dtype=torch.float32, device=q.device)
     for c0, c1 in _row_chunks(m, cols):
         acc = torch.zeros(c1 - c0, dim, dtype=torch.float32, device=q.device)
         for r0, r1 in _row_chunks(batch, rows):
@@ -328,12 +327,13 @@ def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, s
                         SYMMETRIC=symmetric, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_K=_even_k(dim),
                         PRECISION=_precision(q.dtype))
             parts.append(part.sum())
-            _accumulate_fp32(acc, e.T, q[r0:r1])
-            product = e @ docs[c0:c1]
+            _matmul_fp32(e.T, q[r0:r1], acc, accumulate=True)
+            _matmul_fp32(e, docs[c0:c1], product[:r1 - r0], accumulate=False)
+            product[:r1 - r0] *= post
             if c0 == 0:
-                torch.mul(product, post, out=dq[r0:r1])
+                dq[r0:r1] = product[:r1 - r0]
             else:
-                dq[r0:r1].addcmul_(product, post)
+                dq[r0:r1] += product[:r1 - r0]
         acc *= post
         if normalize:  # backward of x / |x|: remove the component along x / |x|
             unit = docs[c0:c1].float() * rk[c0:c1, None]
