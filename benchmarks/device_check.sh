@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (about 8 minutes): build, GPU tests, attention benchmark.
+# One prepared run on a lent GPU machine (about 8 minutes): build, the InfoNCE and attention
+# benchmarks, and the GPU tests of both.
 # Writes under $OUT (default ./device_check_out): one NAME.txt per step, bench*/results.{json,md}
 # (rewritten after every measured row) and summary.json (rewritten after every step: exit status
-# and seconds). A failing step does not stop the later ones; the limits sum to under 8 minutes.
+# and seconds). A failing step does not stop the later ones; the limits sum to 530 seconds.
 # Usage: OUT=/some/dir bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,18 +41,25 @@ step() {  # step NAME TIMEOUT_S COMMAND... ; output to $OUT/NAME.txt
     echo "== $name: exit ${STATUS[$name]} after ${SECONDS_TAKEN[$name]}s"
 }
 
-step install 60 pip install -e . --no-build-isolation --no-deps -q
-step info 20 python -m moca_kernels.info
-step env 20 python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"
-# GPU-marked tests (bf16, the numerics rule), then kernel tests of the CPU suite on CUDA tensors.
-step tests 120 python -m pytest -q tests/test_varlen_attention.py \
-    -k "gpu or key_documents or unequal or strongly or tma or deterministic or opcheck"
-step bench 150 python benchmarks/bench_attention.py --out "$OUT/bench" \
-    --cases moca-16k moca-64k long-8k vision-windows \
-    --providers moca moca-tma sdpa-padded sdpa-njt varlen-attn flash-attn fa3
-# FlexAttention compiles anew for every shape: two cases only.
-step bench_flex 90 python benchmarks/bench_attention.py --out "$OUT/bench_flex" --cases moca-16k long-8k \
-    --providers flex
+# Peers that the GPU image lacks travel as wheels in .whl/ (git-ignored; see benchmarks/results/README.md).
+if compgen -G ".whl/*.whl" > /dev/null; then
+    step wheels 30 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/moca_site .whl/*.whl
+    export PYTHONPATH=/tmp/moca_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+step install 45 pip install -e . --no-build-isolation --no-deps -q
+step env 15 bash -c 'python -m moca_kernels.info; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv'
+# InfoNCE first (issue 4's measurement); the 256k case last, as the longest.
+step bench_infonce 200 python benchmarks/bench_infonce.py --out "$OUT/bench_infonce" \
+    --cases b1k-d2048 b4k-d2048 b16k-d2048 b64k-d2048 b64k-d2048-h2 b64k-d2048-sym b64k-d2048-h2-sym \
+    b64k-d3584 b256k-d2048 --providers matmul moca inf-cl dense
+# torch.compile builds anew for every shape: two cases only.
+step bench_infonce_compiled 50 python benchmarks/bench_infonce.py --out "$OUT/bench_infonce_compiled" \
+    --cases b16k-d2048 b64k-d2048 --providers dense-compiled
+step tests_infonce 75 python -m pytest -q -x tests/test_info_nce_triton.py
+step bench_attention 70 python benchmarks/bench_attention.py --out "$OUT/bench_attention" \
+    --cases moca-16k long-8k --providers moca sdpa-njt varlen-attn flash-attn fa3
+step tests_attention 45 python -m pytest -q tests/test_varlen_attention.py -m gpu
 
 cat "$OUT/summary.json"
 for table in "$OUT"/bench*/results.md; do

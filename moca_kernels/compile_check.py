@@ -25,7 +25,7 @@ SM90_MAX_SHARED = 232448
 HEAD_DIMS = (64, 80, 128, 256)
 
 
-INFO_NCE_INTS = ("n_rows", "n_cols", "dim", "cols_per_split", "col_offset")
+INFO_NCE_INTS = ("n_rows", "n_cols", "dim", "cols_per_split", "col_offset", "size_class")
 
 
 def _signature(kernel, pointers: dict[str, str]) -> dict[str, str]:

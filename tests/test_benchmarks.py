@@ -1,5 +1,5 @@
 """The parts of the benchmarks that need no GPU: argument parsing, provider discovery, and that the
-providers which also run on CPU compute the same attention as our reference on a tiny case."""
+providers which also run on CPU compute the same attention (or loss) as our reference on a tiny case."""
 import os
 import subprocess
 import sys
@@ -10,13 +10,13 @@ import torch
 BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
 sys.path.insert(0, BENCH)
 import bench_attention  # noqa: E402
+import bench_infonce  # noqa: E402
 
-from moca_kernels import varlen_attention  # noqa: E402
+from moca_kernels import info_nce, varlen_attention  # noqa: E402
 
 
-def _bench(*args):
-    return subprocess.run([sys.executable, os.path.join(BENCH, "bench_attention.py"), *args],
-                          capture_output=True, text=True)
+def _bench(*args, script="bench_attention.py"):
+    return subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True)
 
 
 def test_list_shows_cases_and_providers():
@@ -57,9 +57,51 @@ def test_provider_computes_the_same_attention(provider, device):
         assert notes and notes[0]["max_abs_diff_vs_moca"] < 1e-5
 
 
-def test_measure_and_write_without_a_gpu(tmp_path, monkeypatch):
-    # The timing plumbing with a stand-in timer and memory counters: each mode's time, rates by
-    # the case's FLOP count, and the result files.
+def test_infonce_list_shows_cases_and_providers():
+    result = _bench("--list", script="bench_infonce.py")
+    assert result.returncode == 0, result.stderr
+    for name in bench_infonce.CASES + list(bench_infonce.PROVIDERS):
+        assert name in result.stdout
+    # B = M = 65,536, d = 2,048: 8 * B * M * d FLOPs forward and backward, 512 MiB of bf16 inputs
+    assert "case b64k-d2048: {'batch': 65536, 'dim': 2048, 'hard': 0, 'symmetric': False}, fwd+bwd 70.4 TFLOP, " \
+        "inputs 512 MiB" in result.stdout
+
+
+@pytest.mark.parametrize("spec", [dict(batch=37, dim=24, hard=0, symmetric=False),
+                                  dict(batch=37, dim=24, hard=2, symmetric=True)])
+@pytest.mark.parametrize("provider", ["moca", "dense"])
+def test_infonce_provider_computes_the_same_loss(provider, spec, device):
+    case = bench_infonce.make_case("tiny", torch.float32, str(device), spec)
+    x = case.inputs()
+    expected = info_nce(x["query"], x["docs"], labels=x["labels"], hard_negatives=x["hard"],
+                        symmetric=spec["symmetric"], temperature=bench_infonce.TEMPERATURE, backend="torch")
+    forward, leaves = bench_infonce.PROVIDERS[provider].setup(x)
+    out = forward()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
+    out.backward()
+    assert len(leaves) == 2 + bool(spec["hard"]) and all(torch.isfinite(leaf.grad).all() for leaf in leaves)
+    assert case.fwd_flops == 2 * 37 * (37 + spec["hard"]) * 24 and case.bwd_flop_factor == 3
+    assert case.input_bytes == 4 * 37 * (2 + spec["hard"]) * 24
+
+
+class _FakeEvent:
+    elapsed = 1.0
+
+    def __init__(self, enable_timing=False):
+        pass
+
+    def record(self):
+        pass
+
+    def elapsed_time(self, other):
+        return _FakeEvent.elapsed
+
+
+@pytest.mark.parametrize("first_call_ms", [1.0, 500.0])
+def test_measure_and_write_without_a_gpu(first_call_ms, tmp_path, monkeypatch):
+    # The timing plumbing with a stand-in timer and memory counters: each mode's time (do_bench's
+    # median, or for calls over LONG_CALL_MS the mean of two event-timed calls), rates by the
+    # case's FLOP count, the peak against the inputs' floor, and the result files.
     import triton.testing
 
     import harness
@@ -71,17 +113,23 @@ def test_measure_and_write_without_a_gpu(tmp_path, monkeypatch):
         return 2.0
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(_FakeEvent, "elapsed", first_call_ms)
     for name, value in [("synchronize", None), ("reset_peak_memory_stats", None), ("memory_allocated", 100),
                         ("max_memory_allocated", 612)]:
         monkeypatch.setattr(torch.cuda, name, lambda *a, value=value: value)
     x = torch.randn(8, 4, requires_grad=True)
     timings = harness.measure(lambda: (x * 3).sum(0), [x], harness.MODES)
-    assert timings == {"fwd_ms": 2.0, "bwd_ms": 2.0, "fwd+bwd_ms": 2.0, "peak_mem_bytes": 512}
-    assert calls == ["median"] * 3
+    ms = 2.0 if first_call_ms < harness.LONG_CALL_MS else first_call_ms
+    assert timings == {"fwd_ms": ms, "bwd_ms": ms, "fwd+bwd_ms": ms, "peak_mem_bytes": 512}
+    assert calls == (["median"] * 3 if first_call_ms < harness.LONG_CALL_MS else [])
+    if first_call_ms > harness.LONG_CALL_MS:
+        return
     case = harness.Case("c", {"tokens": 8}, fwd_flops=4e9)
     assert harness.rates(case, timings) == {"fwd_tflops": 2.0, "bwd_tflops": 5.0, "fwd+bwd_tflops": 7.0}
-    row = {"case": "c", "tokens": 8, "provider": "p", **timings, **harness.rates(case, timings)}
+    row = {"case": "c", "tokens": 8, "provider": "p", **timings, **harness.rates(case, timings),
+           "peak_over_floor": 1.25}
     harness.write(str(tmp_path), "t", {"gpu": "g", "torch": "1", "triton": "2", "commit": "c", "date": "d"}, "conv",
                   [row, {"case": "c", "provider": "q", "skipped": "why"}])
     table = (tmp_path / "results.md").read_text()
-    assert "| c | p | 2.000 | 2 | 2.000 | 5 | 2.000 | 7 | 0 |" in table and "skipped: why" in table
+    assert "| c | p | 2.000 | 2 | 2.000 | 5 | 2.000 | 7 | 0 | 1.25 |" in table and "skipped: why" in table

@@ -20,8 +20,8 @@ and the backward of the normalization is applied to the O((B + M) d) results. Ha
 """
 from __future__ import annotations
 
-import math
 import os
+import warnings
 
 import torch
 import triton
@@ -74,7 +74,7 @@ def _score_tile(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_
 
 @triton.jit
 def _fwd_kernel(Q, K, RQ, RK, LABELS, INV_T, ROW_LSE, POS, COL_LSE,
-                n_rows, n_cols, dim, stride_q, stride_k, cols_per_split,
+                n_rows, n_cols, dim, stride_q, stride_k, cols_per_split, size_class,
                 SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     """Program (row block, column split): ROW_LSE[split, rows], the LSE of the split's scores;
@@ -115,7 +115,7 @@ def _fwd_kernel(Q, K, RQ, RK, LABELS, INV_T, ROW_LSE, POS, COL_LSE,
 
 @triton.jit
 def _coef_kernel(Q, K, RQ, RK, LABELS, INV_T, ROW_LSE, ROW_W, G, COL_LSE, COL_W, E_SCALE, E, PART,
-                 n_rows, n_cols, dim, stride_q, stride_k, stride_e, col_offset,
+                 n_rows, n_cols, dim, stride_q, stride_k, stride_e, col_offset, size_class,
                  SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     """One (BLOCK_M x BLOCK_N) tile of E = coef * rq * rk * E_SCALE, where coef = dLoss/dS:
@@ -165,12 +165,18 @@ def _autotune(kernel):
     def prune(configs, named_args, **kwargs):
         return configs[:1] if os.environ.get(AUTOTUNE_ENV) == "0" else configs
 
-    return triton.autotune(configs, key=["dim", "SYMMETRIC", "EVEN_K", "PRECISION"],
+    return triton.autotune(configs, key=["dim", "size_class", "SYMMETRIC", "EVEN_K", "PRECISION"],
                            prune_configs_by={"early_config_prune": prune}, do_bench=_bench_unless_disabled)(kernel)
 
 
 _fwd = _autotune(_fwd_kernel)
 _coef = _autotune(_coef_kernel)
+
+
+def _size_class(rows: int, cols: int) -> int:
+    """The autotuning key's coarse problem size (factors of 4 in rows x cols): configurations
+    are tuned on a problem of about the size they serve, not on the first one seen."""
+    return max(0, (rows * cols).bit_length() // 2)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -262,7 +268,7 @@ def forward(q, docs, hard, labels, inv_t, symmetric: bool, normalize: bool):
         parts = torch.empty(splits, r1 - r0, dtype=torch.float32, device=q.device)
         col_parts = torch.empty((n_rb, m) if symmetric else (1,), dtype=torch.float32, device=q.device)
         _fwd[(n_rb, splits)](q[r0:r1], docs, rq[r0:r1], rk, labels[r0:r1], inv_t, parts, pos[r0:r1], col_parts,
-                             r1 - r0, m, dim, q.stride(0), docs.stride(0), cols_per_split,
+                             r1 - r0, m, dim, q.stride(0), docs.stride(0), cols_per_split, _size_class(r1 - r0, m),
                              SYMMETRIC=symmetric, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_K=_even_k(dim),
                              PRECISION=_precision(q.dtype))
         row_lse[r0:r1] = torch.logsumexp(parts, 0)
@@ -290,8 +296,10 @@ def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate
             torch.addmm(out, a, b, out_dtype=torch.float32, beta=1 if accumulate else 0, out=out)
             _FP32_OUT[str(a.device)] = True
             return
-        except (RuntimeError, TypeError):
+        except (RuntimeError, TypeError) as exc:
             _FP32_OUT[str(a.device)] = False
+            warnings.warn(f"torch.addmm(out_dtype=torch.float32) failed on {a.device} ({exc}); info_nce falls back "
+                          "to float32 copies of the operands: slower, and more memory than planned")
     torch.addmm(out, a.float(), b.float(), beta=1 if accumulate else 0, out=out)
 
 
@@ -324,6 +332,7 @@ def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, s
             _coef[grid](q[r0:r1], docs[c0:c1], rq[r0:r1], rk[c0:c1], labels[r0:r1], inv_t, row_lse[r0:r1],
                         row_w[r0:r1], grad[r0:r1], col_lse[c0:c1] if symmetric else col_lse, col_w[c0:c1],
                         e_scale, e, part, r1 - r0, c1 - c0, dim, q.stride(0), docs.stride(0), e.stride(0), c0,
+                        _size_class(rows, cols),
                         SYMMETRIC=symmetric, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_K=_even_k(dim),
                         PRECISION=_precision(q.dtype))
             parts.append(part.sum())
