@@ -48,6 +48,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH=/tmp/moca_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 step install 45 pip install -e . --no-build-isolation --no-deps -q
+# The benchmarks run as scripts from benchmarks/: make the checkout importable whatever pip did.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step env 15 bash -c 'python -m moca_kernels.info; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv'
 # InfoNCE first (issue 4's measurement); the 256k case last, as the longest.
 step bench_infonce 200 python benchmarks/bench_infonce.py --out "$OUT/bench_infonce" \

@@ -88,7 +88,7 @@ def test_reductions_match_the_reference(reduction, device):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     (g_out,) = torch.autograd.grad(out, [query])
     (g_ref,) = torch.autograd.grad(ref, [query])
-    torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-3, atol=1e-5)  # softmax minus one-hot: cancellation
 
 
 def test_all_zero_upstream_gradient_gives_zero_gradients(device):
