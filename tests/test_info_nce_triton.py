@@ -46,11 +46,14 @@ def check(query, docs, hard, labels, weights, temperature, symmetric, normalize,
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("k", [0, 1, 3])
-@pytest.mark.parametrize("chunked", [False, True])
-def test_float32_matches_dense(symmetric, normalize, k, chunked, device, monkeypatch):
+@pytest.mark.parametrize("chunks", ["none", "docs", "queries and docs"])
+def test_float32_matches_dense(symmetric, normalize, k, chunks, device, monkeypatch):
     # B and M are not multiples of the 32 x 32 interpreter tiles; d = 40 is not a multiple of BLOCK_K.
-    if chunked:  # a budget so small that the forward and backward walk many row and column chunks
+    if chunks != "none":  # a budget so small that the forward and backward walk many chunks
         monkeypatch.setattr(tk, "SCRATCH_FRACTION", 1e-4)
+    if chunks == "queries and docs":  # the backward's float32 accumulator over query chunks
+        monkeypatch.setattr(tk, "MAX_SINGLE_PASS_DOC_CHUNKS", 0)
+        monkeypatch.setattr(tk, "QUERY_CHUNK_ROWS", 32)
     query, docs, hard, labels, weights = make(37, 70, k, 40, seed=k + 3 * symmetric + 7 * normalize,
                                               dtype=torch.float32, device=device)
     check(query, docs, hard, labels, weights, 0.05 if normalize else 1.5, symmetric, normalize,

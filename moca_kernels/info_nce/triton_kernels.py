@@ -36,6 +36,10 @@ LN2 = 0.6931471805599453
 SCRATCH_FRACTION = 0.15
 # E is kept near 1 (not near g * p / B, which underflows float16 at large batches).
 E_RANGE = 1024.0
+# The one-query-chunk backward (no float32 accumulator) is taken when it needs at most this many doc
+# chunks, each one more rounding of the query gradient.
+MAX_SINGLE_PASS_DOC_CHUNKS = 8
+QUERY_CHUNK_ROWS = 2048  # otherwise: enough for float32-output products that stay compute-bound
 AUTOTUNE_ENV = "MOCA_KERNELS_AUTOTUNE"
 
 # (BLOCK_K, num_warps, num_stages); the first is used when MOCA_KERNELS_AUTOTUNE=0. Tiles are
@@ -212,14 +216,22 @@ def _rows_fitting(budget: int, bytes_per_row: int, total: int, multiple: int) ->
     return min(rows, triton.cdiv(total, multiple) * multiple)
 
 
-def scratch_plan(batch: int, m: int, dim: int, elt: int, budget: int) -> tuple[int, int]:
-    """(query rows, doc columns) per backward chunk. The E chunk (rows x cols), the float32 docs
-    accumulator (cols x d) and one float32 (rows x d) product fit in ``budget``. Query gradients take one
-    rounding per doc chunk: ceil(M / cols) of them, 1 when the budget allows."""
+def scratch_plan(batch: int, m: int, dim: int, elt: int, budget: int, fp32_out: bool) -> tuple[int, int]:
+    """(query rows, doc columns) per backward chunk, so that the temporaries fit in ``budget``.
+
+    With all queries in one chunk (small batches), a doc chunk's gradient is a single product
+    and needs only E (B x cols). Otherwise it accumulates over query chunks (QUERY_CHUNK_ROWS) in a
+    float32 (cols x d) buffer beside E (rows x cols). ``fp32_out`` (float16 inputs) adds a float32
+    (rows x d) product for the query gradient. The query gradient takes one rounding per doc chunk.
+    """
     block_m, block_n = blocks()
-    rows = min(triton.cdiv(batch, block_m) * block_m, 2048)
-    cols = _rows_fitting(budget - 4 * rows * dim, 4 * dim + elt * rows, m, block_n)
-    return rows, cols
+    if not fp32_out:
+        cols = _rows_fitting(budget, elt * batch, m, block_n)
+        if triton.cdiv(m, cols) <= MAX_SINGLE_PASS_DOC_CHUNKS:
+            return batch, cols
+    rows = min(triton.cdiv(batch, block_m) * block_m, QUERY_CHUNK_ROWS)
+    product = 4 * rows * dim if fp32_out else 0
+    return rows, _rows_fitting(budget - product, 4 * dim + elt * rows, m, block_n)
 
 
 def _row_chunks(n: int, size: int):
@@ -303,28 +315,47 @@ def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate
     torch.addmm(out, a.float(), b.float(), beta=1 if accumulate else 0, out=out)
 
 
+def _remove_radial(grad: torch.Tensor, x: torch.Tensor, r: torch.Tensor, rows: int) -> None:
+    """Backward of x / |x| in place: grad -= u (u . grad) per row, u = x * r (r = 1 / |x|), in
+    float32 a chunk of ``rows`` rows at a time. ``grad`` holds r * (gradient at the unit vector)."""
+    for s0, s1 in _row_chunks(grad.shape[0], max(1, rows)):
+        unit = x[s0:s1].float() * r[s0:s1, None]
+        g = grad[s0:s1].float()  # the very rows when grad is float32, else a copy
+        g.addcmul_(unit, torch.bmm(unit[:, None, :], g[:, :, None])[:, 0], value=-1)
+        if g.data_ptr() != grad[s0:s1].data_ptr():
+            grad[s0:s1] = g
+
+
 def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, symmetric: bool, normalize: bool):
     """Gradients (dq, ddocs, dhard, dinv_t) of sum(grad * losses)."""
     batch, dim = q.shape
-    m = docs.shape[0]
+    m, k = docs.shape[0], hard.shape[1]
     grad = grad.float()
     row_w = grad * (0.5 if symmetric else 1.0)
     col_w = torch.zeros(m, dtype=torch.float32, device=q.device)
     if symmetric:
         col_w.index_add_(0, labels, row_w)
-    # E = coef * rq * rk * e_scale stays within about E_RANGE, whatever the scale of grad.
-    big = torch.stack([grad.abs().max(), col_w.abs().max()]).max() * rq.max() * rk.max()
-    e_scale = (E_RANGE / big.clamp_min(1e-30)).reshape(1)
-    post = inv_t / e_scale  # E @ docs * post = rq * dLoss/d(q / |q|), likewise for docs
+    # E = dLoss/dS * rq * rk * e_scale. bfloat16 and float32 have the range for e_scale = 1/t, so
+    # the products give the gradients directly. float16 does not: E is kept near E_RANGE, the
+    # products have float32 outputs, and ``post`` scales them back.
+    fp32_out = q.dtype == torch.float16
+    post = None
+    if fp32_out:
+        big = torch.stack([grad.abs().max(), col_w.abs().max()]).max() * rq.max() * rk.max()
+        e_scale = (E_RANGE / big.clamp_min(1e-30)).reshape(1)
+        post = inv_t / e_scale
+    else:
+        e_scale = inv_t.reshape(1)
     budget = scratch_budget(q, docs, hard)
-    rows, cols = scratch_plan(batch, m, dim, q.element_size(), budget)
+    rows, cols = scratch_plan(batch, m, dim, q.element_size(), budget, fp32_out)
     block_m, block_n = blocks()
     dq = torch.empty_like(q)
     ddocs = torch.empty_like(docs)
     parts = []
-    product = torch.empty(min(rows, batch), dim, dtype=torch.float32, device=q.device)
+    product = torch.empty(min(rows, batch), dim, dtype=torch.float32, device=q.device) if fp32_out else None
     for c0, c1 in _row_chunks(m, cols):
-        acc = torch.zeros(c1 - c0, dim, dtype=torch.float32, device=q.device)
+        one_product = rows >= batch and not fp32_out
+        acc = None if one_product else torch.zeros(c1 - c0, dim, dtype=torch.float32, device=q.device)
         for r0, r1 in _row_chunks(batch, rows):
             e = torch.empty(r1 - r0, c1 - c0, dtype=q.dtype, device=q.device)
             grid = (triton.cdiv(r1 - r0, block_m), triton.cdiv(c1 - c0, block_n))
@@ -336,37 +367,48 @@ def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, s
                         SYMMETRIC=symmetric, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_K=_even_k(dim),
                         PRECISION=_precision(q.dtype))
             parts.append(part.sum())
-            _matmul_fp32(e.T, q[r0:r1], acc, accumulate=True)
-            _matmul_fp32(e, docs[c0:c1], product[:r1 - r0], accumulate=False)
-            product[:r1 - r0] *= post
-            if c0 == 0:
-                dq[r0:r1] = product[:r1 - r0]
+            if one_product:
+                torch.mm(e.T, q, out=ddocs[c0:c1])
             else:
-                dq[r0:r1] += product[:r1 - r0]
-        acc *= post
-        if normalize:  # backward of x / |x|: remove the component along x / |x|
-            unit = docs[c0:c1].float() * rk[c0:c1, None]
-            acc -= unit * (unit * acc).sum(-1, keepdim=True)
-        ddocs[c0:c1] = acc
-        del acc
+                _matmul_fp32(e.T, q[r0:r1], acc, accumulate=True)
+            if fp32_out:
+                _matmul_fp32(e, docs[c0:c1], product[:r1 - r0], accumulate=False)
+                product[:r1 - r0] *= post
+                if c0 == 0:
+                    dq[r0:r1] = product[:r1 - r0]
+                else:
+                    dq[r0:r1] += product[:r1 - r0]
+            else:
+                torch.addmm(dq[r0:r1], e, docs[c0:c1], beta=0 if c0 == 0 else 1, out=dq[r0:r1])
+            del e
+        # E's share of the budget is free again: the normalization backward works in it.
+        sub_rows = q.element_size() * min(rows, batch) * (c1 - c0) // (8 * dim)
+        if acc is not None:
+            if post is not None:
+                acc *= post
+            if normalize:
+                _remove_radial(acc, docs[c0:c1], rk[c0:c1], sub_rows)
+            ddocs[c0:c1] = acc
+            del acc
+        elif normalize:
+            _remove_radial(ddocs[c0:c1], docs[c0:c1], rk[c0:c1], sub_rows)
     dinv_t = torch.stack(parts).sum() / inv_t.reshape(())
     dhard = torch.empty_like(hard)
-    k = hard.shape[1]
-    per_row = 4 * dim * (3 + 3 * k)
-    for r0, r1 in _row_chunks(batch, max(1, budget // per_row)):
-        grad_q = dq[r0:r1].float()  # rq * dLoss/d(q / |q|) so far
-        unit_q = q[r0:r1].float() * rq[r0:r1, None]
-        if k:
+    if k:  # the hard negatives' share of the query gradient, and theirs
+        for r0, r1 in _row_chunks(batch, max(1, budget // (4 * dim * (3 + 4 * k)))):
+            unit_q = q[r0:r1].float() * rq[r0:r1, None]
             unit_h = hard[r0:r1].float() * rh[r0:r1, :, None]
-            scores = torch.einsum("bd,bkd->bk", unit_q, unit_h) * inv_t
+            scores = torch.bmm(unit_h, unit_q[:, :, None])[:, :, 0] * inv_t
             coef = row_w[r0:r1, None] * torch.exp(scores - row_lse[r0:r1, None])
             dinv_t = dinv_t + (coef * scores).sum() / inv_t.reshape(())
-            grad_q += torch.einsum("bk,bkd->bd", coef, unit_h) * (inv_t * rq[r0:r1, None])
+            grad_q = dq[r0:r1].float()  # rq * dLoss/d(q / |q|) so far
+            grad_q += torch.bmm(coef[:, None, :], unit_h)[:, 0] * (inv_t * rq[r0:r1, None])
+            dq[r0:r1] = grad_q
             grad_h = coef[:, :, None] * unit_q[:, None, :] * inv_t
             if normalize:
-                grad_h = (grad_h - unit_h * (unit_h * grad_h).sum(-1, keepdim=True)) * rh[r0:r1, :, None]
+                grad_h -= unit_h * (unit_h * grad_h).sum(-1, keepdim=True)
+                grad_h *= rh[r0:r1, :, None]
             dhard[r0:r1] = grad_h
-        if normalize:
-            grad_q -= unit_q * (unit_q * grad_q).sum(-1, keepdim=True)
-        dq[r0:r1] = grad_q
+    if normalize:
+        _remove_radial(dq, q, rq, budget // (8 * dim))
     return dq, ddocs, dhard, dinv_t.reshape(inv_t.shape)
