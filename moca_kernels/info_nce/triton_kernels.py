@@ -33,7 +33,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Temporaries (partial LSEs, E, float32 accumulators) may take this fraction of the bytes of the
 # inputs plus their gradients. Tests lower it to force many chunks on small problems.
-SCRATCH_FRACTION = 0.15
+SCRATCH_FRACTION = 0.1
 # E is kept near 1 (not near g * p / B, which underflows float16 at large batches).
 E_RANGE = 1024.0
 # The one-query-chunk backward (no float32 accumulator) is taken when it needs at most this many doc
@@ -319,7 +319,8 @@ def _remove_radial(grad: torch.Tensor, x: torch.Tensor, r: torch.Tensor, rows: i
     """Backward of x / |x| in place: grad -= u (u . grad) per row, u = x * r (r = 1 / |x|), in
     float32 a chunk of ``rows`` rows at a time. ``grad`` holds r * (gradient at the unit vector)."""
     for s0, s1 in _row_chunks(grad.shape[0], max(1, rows)):
-        unit = x[s0:s1].float() * r[s0:s1, None]
+        unit = x[s0:s1].to(torch.float32, copy=True)
+        unit *= r[s0:s1, None]
         g = grad[s0:s1].float()  # the very rows when grad is float32, else a copy
         g.addcmul_(unit, torch.bmm(unit[:, None, :], g[:, :, None])[:, 0], value=-1)
         if g.data_ptr() != grad[s0:s1].data_ptr():
@@ -395,9 +396,11 @@ def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, s
     dinv_t = torch.stack(parts).sum() / inv_t.reshape(())
     dhard = torch.empty_like(hard)
     if k:  # the hard negatives' share of the query gradient, and theirs
-        for r0, r1 in _row_chunks(batch, max(1, budget // (4 * dim * (3 + 4 * k)))):
-            unit_q = q[r0:r1].float() * rq[r0:r1, None]
-            unit_h = hard[r0:r1].float() * rh[r0:r1, :, None]
+        for r0, r1 in _row_chunks(batch, max(1, budget // (4 * dim * (4 + 5 * k)))):  # float32 temporaries
+            unit_q = q[r0:r1].to(torch.float32, copy=True)
+            unit_q *= rq[r0:r1, None]
+            unit_h = hard[r0:r1].to(torch.float32, copy=True)
+            unit_h *= rh[r0:r1, :, None]
             scores = torch.bmm(unit_h, unit_q[:, :, None])[:, :, 0] * inv_t
             coef = row_w[r0:r1, None] * torch.exp(scores - row_lse[r0:r1, None])
             dinv_t = dinv_t + (coef * scores).sum() / inv_t.reshape(())
