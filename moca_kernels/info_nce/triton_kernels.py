@@ -286,6 +286,7 @@ def forward(q, docs, hard, labels, inv_t, symmetric: bool, normalize: bool):
         row_lse[r0:r1] = torch.logsumexp(parts, 0)
         if symmetric:
             torch.logaddexp(col_lse, torch.logsumexp(col_parts, 0), out=col_lse)
+        del parts, col_parts  # before the next chunk allocates its own
     if hard.shape[1]:
         per_row = 4 * hard.shape[1] * dim * 2 + 4 * dim
         for r0, r1 in _row_chunks(batch, max(1, budget // per_row)):
@@ -325,6 +326,7 @@ def _remove_radial(grad: torch.Tensor, x: torch.Tensor, r: torch.Tensor, rows: i
         g.addcmul_(unit, torch.bmm(unit[:, None, :], g[:, :, None])[:, 0], value=-1)
         if g.data_ptr() != grad[s0:s1].data_ptr():
             grad[s0:s1] = g
+        del unit, g  # before the next chunk allocates its own
 
 
 def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, symmetric: bool, normalize: bool):
@@ -412,6 +414,7 @@ def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, s
                 grad_h -= unit_h * (unit_h * grad_h).sum(-1, keepdim=True)
                 grad_h *= rh[r0:r1, :, None]
             dhard[r0:r1] = grad_h
+            del unit_q, unit_h, grad_q, grad_h  # before the next chunk allocates its own
     if normalize:
         _remove_radial(dq, q, rq, budget // (8 * dim))
     return dq, ddocs, dhard, dinv_t.reshape(inv_t.shape)
