@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -67,12 +68,28 @@ def environment() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+                                        cwd=root).stdout.strip() or None
     except OSError:
         info["commit"] = None
+    info["source_sha1"] = source_hash(root)
     return info
+
+
+def source_hash(root: str) -> str:
+    """sha1 of the Python sources of moca_kernels and benchmarks: names the code measured even
+    where the checkout's git metadata is stale or the tree has uncommitted changes."""
+    digest = hashlib.sha1()
+    for folder in ("moca_kernels", "benchmarks"):
+        for dirpath, dirnames, filenames in sorted(os.walk(os.path.join(root, folder))):
+            for name in sorted(f for f in filenames if f.endswith(".py")):
+                path = os.path.join(dirpath, name)
+                digest.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 LONG_CALL_MS = 100.0
@@ -208,8 +225,8 @@ def write(out_dir: str, title: str, env: dict, flop_convention: str, rows: list[
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"title": title, "environment": env, "flop_convention": flop_convention, "rows": rows}, f, indent=1)
-    lines = [f"# {title}", "", f"{env['gpu']}; torch {env['torch']}; triton {env['triton']}; commit {env['commit']}; "
-             f"{env['date']}", "", f"FLOP convention: {flop_convention}", "",
+    lines = [f"# {title}", "", f"{env['gpu']}; torch {env['torch']}; triton {env['triton']}; commit {env['commit']} "
+             f"(sources {env.get('source_sha1')}); {env['date']}", "", f"FLOP convention: {flop_convention}", "",
              "| case | provider | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB "
              "| peak / floor |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:

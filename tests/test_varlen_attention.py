@@ -168,7 +168,7 @@ def test_tma_forward(dim, heads, causal, device, monkeypatch):
     used = []
     original = triton_kernels._tma_descriptors
     monkeypatch.setattr(triton_kernels, "_tma_descriptors", lambda *a: used.append(original(*a)) or used[-1])
-    check_against_reference([0, 1, 17, 129, 60], [3, 1, 17, 129, 0], *heads, dim, torch.float32, device, causal,
+    check_against_reference([0, 1, 17, 129, 60], [3, 1, 17, 129, 0], *heads, dim, torch.float16, device, causal,
                             seed=dim)
     assert used and all(d is not None for d in used), "the TMA path was not taken"
 
@@ -177,7 +177,7 @@ def test_tma_keeps_non_finite_values_in_their_document_and_head(device, monkeypa
     # TMA reads whole blocks: rows of the next document and, for hdim 72, columns of the next head.
     # NaN in document 1's keys and values of KV head 1 must reach nothing else.
     monkeypatch.setenv(triton_kernels.TMA_ENV, "1")
-    q, k, v, cu, _, _, _ = make_problem([30, 50], [30, 50], 4, 2, 72, torch.float32, device, seed=15)
+    q, k, v, cu, _, _, _ = make_problem([30, 50], [30, 50], 4, 2, 72, torch.float16, device, seed=15)
     k, v = k.detach().clone(), v.detach().clone()
     k[30:, 1] = float("nan")
     v[30:, 1] = float("nan")
@@ -186,7 +186,7 @@ def test_tma_keeps_non_finite_values_in_their_document_and_head(device, monkeypa
     clean = torch.isfinite(ref)
     assert clean[:30].all() and clean[30:, :2].all() and not clean[30:, 2:].any()
     assert torch.isfinite(out[clean]).all()
-    assert_close(out[clean], ref[clean], torch.float32, "out")
+    assert_close(out[clean], ref[clean], torch.float16, "out")
 
 
 def test_tma_falls_back_where_rows_are_not_aligned(device, monkeypatch):
@@ -195,6 +195,9 @@ def test_tma_falls_back_where_rows_are_not_aligned(device, monkeypatch):
     check_against_reference([9, 40], [9, 40], 2, 1, 12, torch.float16, device, causal=False)
     k = torch.zeros(49, 1, 12, dtype=torch.float16, device=device)
     assert triton_kernels._tma_descriptors(k, *triton_kernels.head_dim_split(12)) is None
+    # float32 tiles would not fit in shared memory (compile_check): never TMA
+    k = torch.zeros(49, 1, 64, dtype=torch.float32, device=device)
+    assert triton_kernels._tma_descriptors(k, *triton_kernels.head_dim_split(64)) is None
 
 
 def test_deterministic_backward(device):

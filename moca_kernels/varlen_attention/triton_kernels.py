@@ -538,12 +538,13 @@ TMA_ENV = "MOCA_KERNELS_TMA"
 def _tma_descriptors(x: torch.Tensor, d0: int, d1: int):
     """TMA descriptors of the two head-dim pieces over ``x`` (total, H, D) seen as (total, H * D),
     or None where TMA cannot read it (heads not packed, addresses or row stride not 16-byte
-    aligned, no rows, too many rows for 32-bit coordinates). Block rows are set per config."""
+    aligned, no rows, too many rows for 32-bit coordinates) or should not: float32 tiles
+    overflow shared memory (compile_check) and are no speed path. Block rows are set per config."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     total, heads, dim = x.shape
     size = x.element_size()
-    if (total == 0 or total >= 2**31 or x.stride(1) != dim or x.data_ptr() % 16 or (x.stride(0) * size) % 16
-            or d0 * size < 16):
+    if (x.dtype == torch.float32 or total == 0 or total >= 2**31 or x.stride(1) != dim or x.data_ptr() % 16
+            or (x.stride(0) * size) % 16 or d0 * size < 16):
         return None
     shape, strides = [total, heads * dim], [x.stride(0), 1]
     first = TensorDescriptor(x, shape, strides, [1, d0])
