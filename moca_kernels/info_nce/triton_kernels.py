@@ -7,12 +7,12 @@ score out of the tile that holds it and, for ``symmetric``, writes the tile's co
 log-sum-exp, which the host merges over row blocks. Only O(B + M) floats leave the kernel.
 
 Backward, one pass over the tiles (6*B*M*d FLOPs): ``_coef_kernel`` recomputes a chunk of S
-once and writes E = dLoss/dS (times the normalization factors and a range-keeping scale) in the
-input dtype, then two cuBLAS products (float32 outputs) turn E into the gradients: docs from E^T q
-(accumulated in float32 over the query chunks), queries from E docs (accumulated in the input
-dtype over the doc chunks: one rounding per doc chunk, see ``scratch_plan``). The chunk sizes keep every
-temporary under ``SCRATCH_FRACTION`` of the inputs plus their gradients, so peak memory stays
-within 1.2x of that floor at every batch size.
+once and writes E = dLoss/dS times the inverse norms and 1/t, in the input dtype; two cuBLAS
+products turn E into the gradients: docs from E^T q, queries from E docs (see ``scratch_plan``
+for how they accumulate over chunks). float16 lacks the range for E, so there E is scaled to
+about E_RANGE and the products have float32 outputs. The chunk sizes are planned to keep the
+temporaries within ``SCRATCH_FRACTION`` of the inputs plus their gradients, so that peak memory
+stays near 1.1x of that floor at every batch size.
 
 ``normalize`` never materializes normalized copies: the kernels scale by the inverse norms,
 and the backward of the normalization is applied to the O((B + M) d) results. Hard negatives
@@ -29,8 +29,6 @@ import triton.language as tl
 
 from .._registry import triton_interpret
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # Temporaries (partial LSEs, E, float32 accumulators) may take this fraction of the bytes of the
 # inputs plus their gradients. Tests lower it to force many chunks on small problems.
 SCRATCH_FRACTION = 0.1
@@ -43,7 +41,7 @@ QUERY_CHUNK_ROWS = 2048  # otherwise: enough for float32-output products that st
 AUTOTUNE_ENV = "MOCA_KERNELS_AUTOTUNE"
 
 # (BLOCK_K, num_warps, num_stages); the first is used when MOCA_KERNELS_AUTOTUNE=0. Tiles are
-# BLOCK_M x BLOCK_N = 128 x 128 (64 x 32 x 32 in the interpreter, to cover odd shapes cheaply).
+# BLOCK_M x BLOCK_N = 128 x 128 (32 x 32 with BLOCK_K 32 in the interpreter, to cover odd shapes cheaply).
 CANDIDATES = [(64, 8, 3), (64, 8, 4), (128, 8, 2)]  # 4 warps spill at 128 x 128 (compile_check)
 
 
