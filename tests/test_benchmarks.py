@@ -41,7 +41,8 @@ def test_run_without_gpu_says_why():
 @pytest.mark.parametrize("provider", ["moca", "moca-tma", "sdpa-padded", "sdpa-njt"])
 def test_provider_computes_the_same_attention(provider, device):
     spec = dict(lengths=("random", 150, 5, 70), hq=4, hkv=2, dim=64)
-    case = bench_attention.make_case("tiny", torch.float32, str(device), spec)
+    dtype = torch.float16 if provider == "moca-tma" else torch.float32  # float32 never takes TMA
+    case = bench_attention.make_case("tiny", dtype, str(device), spec)
     x = case.inputs()
     expected = varlen_attention(x["q"], x["k"], x["v"], x["cu"], backend="torch")
     forward, leaves, *notes = bench_attention.PROVIDERS[provider].setup(x)
@@ -49,12 +50,13 @@ def test_provider_computes_the_same_attention(provider, device):
     if provider == "sdpa-padded":  # (B, H, S, D) -> packed rows
         lengths = torch.tensor(x["lengths"], device=out.device)
         out = out.transpose(1, 2)[torch.arange(out.shape[2], device=out.device)[None, :] < lengths[:, None]]
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    tolerance = 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
     out.sum().backward()
     assert all(leaf.grad is not None and torch.isfinite(leaf.grad).all() for leaf in leaves)
     assert case.fwd_flops == 4 * sum(n * n for n in x["lengths"]) * 4 * 64
     if provider == "moca-tma":
-        assert notes and notes[0]["max_abs_diff_vs_moca"] < 1e-5
+        assert notes and notes[0]["max_abs_diff_vs_moca"] < 1e-3
 
 
 def test_infonce_list_shows_cases_and_providers():

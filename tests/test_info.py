@@ -17,13 +17,13 @@ def _info(env_extra):
 def test_info_lists_every_backend_with_reasons():
     out = _info({})
     assert "varlen_attention:" in out
-    assert "info_nce:\n  torch   available\n  cuda    not implemented for this op\n  triton  not implemented for this op" in out
+    assert "info_nce:\n" in out
     assert "torch   available" in out
     assert "cuda    not implemented for this op" in out
     if torch.cuda.is_available():
         assert "triton  available" in out
     else:
-        assert "triton  not usable: no CUDA device" in out
+        assert out.count("triton  not usable: no CUDA device") == 2  # varlen_attention and info_nce
         assert "CUDA device: none" in out
 
 
