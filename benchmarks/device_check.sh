@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (about 8 minutes): build, the InfoNCE and attention
-# benchmarks, and the GPU tests of both.
+# One prepared run on a lent GPU machine (about 9 minutes): build, the InfoNCE, MAE and attention
+# benchmarks, and the GPU tests of each.
 # Writes under $OUT (default ./device_check_out): one NAME.txt per step, bench*/results.{json,md}
 # (rewritten after every measured row) and summary.json (rewritten after every step: exit status
-# and seconds). A failing step does not stop the later ones; the limits sum to 510 seconds.
+# and seconds). A failing step does not stop the later ones; the limits sum to 545 seconds.
 # Usage: OUT=/some/dir bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,13 +57,15 @@ step env 15 bash -c 'python -m moca_kernels.info; nvidia-smi --query-gpu=name,me
 step bench_infonce 100 python benchmarks/bench_infonce.py --out "$OUT/bench_infonce" \
     --cases b1k-d2048 b4k-d2048 b16k-d2048 b64k-d2048 b64k-d2048-h2 b64k-d2048-sym b64k-d2048-h2-sym \
     b64k-d3584 b256k-d2048 --providers matmul moca
-step bench_infonce_peers 100 python benchmarks/bench_infonce.py --out "$OUT/bench_infonce_peers" \
+step bench_infonce_peers 80 python benchmarks/bench_infonce.py --out "$OUT/bench_infonce_peers" \
     --cases b4k-d2048 b16k-d2048 b64k-d2048 b64k-d2048-sym --providers moca inf-cl dense
 # torch.compile builds anew for every shape: two cases only.
 step bench_infonce_compiled 40 python benchmarks/bench_infonce.py --out "$OUT/bench_infonce_compiled" \
     --cases b16k-d2048 b64k-d2048 --providers dense-compiled
 # bf16, peak memory, float16 range, reductions, opcheck (all of the file compiles too many shapes for 75 s)
-step tests_infonce 75 python -m pytest -q tests/test_info_nce_triton.py -k "gpu or float16 or reductions or opcheck"
+step tests_infonce 60 python -m pytest -q tests/test_info_nce_triton.py -k "gpu or float16 or reductions or opcheck"
+step bench_mae 40 python benchmarks/bench_mae.py --out "$OUT/bench_mae" --providers copy cuda triton eager compiled
+step tests_mae 30 python -m pytest -q tests/test_mae_loss.py -m gpu
 step bench_attention 60 python benchmarks/bench_attention.py --out "$OUT/bench_attention" \
     --cases moca-16k long-8k --providers moca sdpa-njt varlen-attn flash-attn fa3
 step tests_attention 45 python -m pytest -q tests/test_varlen_attention.py -m gpu

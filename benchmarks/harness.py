@@ -52,6 +52,10 @@ class Case:
     # Bytes of the differentiable inputs; when set, rows report (inputs + peak) / (2 * inputs):
     # peak memory against the floor of the inputs plus their gradients.
     input_bytes: int | None = None
+    # Bytes a memory-bound op must move in the forward and the backward; when set, rows also
+    # report GB/s (the same useful-bytes count for every provider).
+    fwd_bytes: int | None = None
+    bwd_bytes: int | None = None
 
 
 def environment() -> dict:
@@ -153,8 +157,13 @@ def rates(case: Case, timings: dict) -> dict:
     """TFLOP/s of each timed mode, from the case's FLOP count."""
     flops = {"fwd": case.fwd_flops, "bwd": case.fwd_flops * case.bwd_flop_factor,
              "fwd+bwd": case.fwd_flops * (1 + case.bwd_flop_factor)}
-    return {f"{mode}_tflops": flops[mode] / (timings[f"{mode}_ms"] * 1e-3) / 1e12
-            for mode in MODES if f"{mode}_ms" in timings}
+    out = {f"{mode}_tflops": flops[mode] / (timings[f"{mode}_ms"] * 1e-3) / 1e12
+           for mode in MODES if f"{mode}_ms" in timings}
+    if case.fwd_bytes is not None:
+        moved = {"fwd": case.fwd_bytes, "bwd": case.bwd_bytes or 0, "fwd+bwd": case.fwd_bytes + (case.bwd_bytes or 0)}
+        out.update({f"{mode}_gbps": moved[mode] / (timings[f"{mode}_ms"] * 1e-3) / 1e9
+                    for mode in MODES if f"{mode}_ms" in timings})
+    return out
 
 
 def parser(description: str, providers: Sequence[str], cases: Sequence[str]) -> argparse.ArgumentParser:
@@ -216,7 +225,9 @@ def format_row(row: dict) -> str:
     head = f"{row['case']:<28} {row['provider']:<14}"
     if "skipped" in row:
         return f"{head} skipped: {row['skipped']}"
-    parts = [f"{m} {row[f'{m}_ms']:.3f} ms {row[f'{m}_tflops']:.0f} TFLOP/s" for m in MODES if f"{m}_ms" in row]
+    parts = [f"{m} {row[f'{m}_ms']:.3f} ms " + (f"{row[f'{m}_gbps']:.0f} GB/s" if f"{m}_gbps" in row
+                                                 else f"{row[f'{m}_tflops']:.0f} TFLOP/s")
+             for m in MODES if f"{m}_ms" in row]
     floor = f" ({row['peak_over_floor']:.2f}x floor)" if "peak_over_floor" in row else ""
     return f"{head} " + " | ".join(parts) + f" | peak {row['peak_mem_bytes'] / 2**20:.0f} MiB{floor}"
 
@@ -235,7 +246,8 @@ def write(out_dir: str, title: str, env: dict, flop_convention: str, rows: list[
             continue
         cells = []
         for m in MODES:
-            cells += [f"{row[f'{m}_ms']:.3f}", f"{row[f'{m}_tflops']:.0f}"] if f"{m}_ms" in row else ["", ""]
+            rate = f"{row[f'{m}_gbps']:.0f} GB/s" if f"{m}_gbps" in row else f"{row.get(f'{m}_tflops', 0):.0f}"
+            cells += [f"{row[f'{m}_ms']:.3f}", rate] if f"{m}_ms" in row else ["", ""]
         floor = f"{row['peak_over_floor']:.2f}" if "peak_over_floor" in row else ""
         lines.append(f"| {row['case']} | {row['provider']} | " + " | ".join(cells) +
                      f" | {row['peak_mem_bytes'] / 2**20:.0f} | {floor} |")

@@ -11,8 +11,9 @@ BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
 sys.path.insert(0, BENCH)
 import bench_attention  # noqa: E402
 import bench_infonce  # noqa: E402
+import bench_mae  # noqa: E402
 
-from moca_kernels import info_nce, varlen_attention  # noqa: E402
+from moca_kernels import info_nce, mae_loss, varlen_attention  # noqa: E402
 
 
 def _bench(*args, script="bench_attention.py"):
@@ -84,6 +85,30 @@ def test_infonce_provider_computes_the_same_loss(provider, spec, device):
     assert len(leaves) == 2 + bool(spec["hard"]) and all(torch.isfinite(leaf.grad).all() for leaf in leaves)
     assert case.fwd_flops == 2 * 37 * (37 + spec["hard"]) * 24 and case.bwd_flop_factor == 3
     assert case.input_bytes == 4 * 37 * (2 + spec["hard"]) * 24
+
+
+def test_mae_list_shows_cases_and_providers():
+    result = _bench("--list", script="bench_mae.py")
+    assert result.returncode == 0, result.stderr
+    for name in bench_mae.CASES + list(bench_mae.PROVIDERS):
+        assert name in result.stdout
+    # 16,384 rows of 4,704: bf16 pred read and gradient written, float32 target read
+    assert "case n16k: {'rows': 16384, 'masked': False, 'norm_pix': False}, forward moves 588 MiB" in result.stdout
+
+
+@pytest.mark.parametrize("spec", [dict(rows=37, masked=False, norm_pix=False), dict(rows=37, masked=True, norm_pix=True)])
+@pytest.mark.parametrize("provider", ["triton", "eager"])
+def test_mae_provider_computes_the_same_loss(provider, spec, device):
+    case = bench_mae.make_case("tiny", str(device), spec, p=40)
+    x = case.inputs()
+    x["pred"] = x["pred"].float()  # the interpreter's products are not involved, but keep it exact
+    expected = mae_loss(x["pred"], x["target"], mask=x["mask"], norm_pix=spec["norm_pix"], backend="torch")
+    forward, leaves = bench_mae.PROVIDERS[provider].setup(x)
+    out = forward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.backward()
+    assert torch.isfinite(leaves[0].grad).all()
+    assert case.fwd_bytes == (2 * 2 + 4) * 37 * 40 and case.bwd_bytes == 2 * 2 * 37 * 40
 
 
 class _FakeEvent:
