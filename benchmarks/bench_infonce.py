@@ -162,8 +162,8 @@ def main(argv=None):
     harness.run("InfoNCE", [make_case(c, dtype) for c in args.cases], providers, args.modes, args.out,
                 FLOP_CONVENTION)
     if PROVIDERS["moca"] in providers:  # what the autotuner chose, per (d, size class, ...) key
-        from moca_kernels.info_nce import triton_kernels
-        for name, kernel in (("forward", triton_kernels._fwd), ("coef", triton_kernels._coef)):
+        from moca_kernels import _tiled_lse
+        for name, kernel in (("forward", _tiled_lse._fwd), ("coef", _tiled_lse._coef)):
             for key, config in kernel.cache.items():
                 print(f"moca {name} kernel, key {key}: {config}")
 

@@ -104,18 +104,20 @@ def variants(quick: bool) -> list[dict]:
 
 
 def info_nce_variants(quick: bool) -> list[dict]:
-    """``info_nce``'s two kernels: every autotuning candidate in bf16 (full mode: also fp16,
-    symmetric off, and d not a multiple of 128)."""
-    from .info_nce import triton_kernels as tk
+    """The tiled log-sum-exp kernels under ``info_nce`` and ``linear_cross_entropy``: every
+    autotuning candidate in bf16, symmetric (info_nce) and with a bias (the cross-entropy); full
+    mode adds fp16 and d not a multiple of 128."""
+    from . import _tiled_lse as tk
     out = []
     for dtype in ("bf16",) if quick else ("bf16", "fp16"):
         dt = "*" + dtype
-        for (block_k, warps, stages), symmetric, even_k in itertools.product(
-                tk.CANDIDATES, (True,) if quick else (True, False), (True,) if quick else (True, False)):
-            common = dict(module="info_nce", dtype=dtype, dots=True, warps=warps, stages=stages)
-            constexprs = dict(SYMMETRIC=symmetric, BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, EVEN_K=even_k,
-                              PRECISION="tf32")
-            vectors = dict(RQ="*fp32", RK="*fp32", LABELS="*i64", INV_T="*fp32")
+        for (block_k, warps, stages), (symmetric, bias), even_k in itertools.product(
+                tk.CANDIDATES, ((True, False), (False, True)) if quick else ((True, False), (False, False), (False, True)),
+                (True,) if quick else (True, False)):
+            common = dict(module="moca_kernels._tiled_lse", dtype=dtype, dots=True, warps=warps, stages=stages)
+            constexprs = dict(SYMMETRIC=symmetric, HAS_BIAS=bias, BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k,
+                              EVEN_K=even_k, PRECISION="tf32")
+            vectors = dict(RQ="*fp32", RK="*fp32", BIAS=dt, LABELS="*i64", INV_T="*fp32")
             out.append(dict(kernel="_fwd_kernel", constexprs=constexprs, **common,
                             pointers=dict(Q=dt, K=dt, ROW_LSE="*fp32", POS="*fp32", COL_LSE="*fp32", **vectors)))
             out.append(dict(kernel="_coef_kernel", constexprs=constexprs, **common,
@@ -132,7 +134,7 @@ def compile_one(variant: dict) -> dict:
     from triton.compiler import ASTSource
 
     import importlib
-    tk = importlib.import_module(f"moca_kernels.{variant.get('module', 'varlen_attention')}.triton_kernels")
+    tk = importlib.import_module(variant.get("module", "moca_kernels.varlen_attention.triton_kernels"))
     kernel = getattr(tk, variant["kernel"])
     label = f"{variant['kernel']} {variant['dtype']} " + " ".join(f"{k}={v}" for k, v in variant["constexprs"].items()
                                                 if k != "PRECISION") \

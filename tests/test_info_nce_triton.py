@@ -6,6 +6,7 @@ import torch
 
 from moca_kernels.info_nce import info_nce, info_nce_reference
 from moca_kernels.info_nce import op as info_nce_op
+from moca_kernels import _tiled_lse
 from moca_kernels.info_nce import triton_kernels as tk
 from test_info_nce import dense
 
@@ -52,8 +53,8 @@ def test_float32_matches_dense(symmetric, normalize, k, chunks, device, monkeypa
     if chunks != "none":  # a budget so small that the forward and backward walk many chunks
         monkeypatch.setattr(tk, "SCRATCH_FRACTION", 1e-4)
     if chunks == "queries and docs":  # the backward's float32 accumulator over query chunks
-        monkeypatch.setattr(tk, "MAX_SINGLE_PASS_DOC_CHUNKS", 0)
-        monkeypatch.setattr(tk, "QUERY_CHUNK_ROWS", 32)
+        monkeypatch.setattr(_tiled_lse, "MAX_SINGLE_PASS_DOC_CHUNKS", 0)
+        monkeypatch.setattr(_tiled_lse, "QUERY_CHUNK_ROWS", 32)
     query, docs, hard, labels, weights = make(37, 70, k, 40, seed=k + 3 * symmetric + 7 * normalize,
                                               dtype=torch.float32, device=device)
     check(query, docs, hard, labels, weights, 0.05 if normalize else 1.5, symmetric, normalize,
