@@ -4,13 +4,15 @@ Ops (each with a ``backend=`` argument; ``python -m moca_kernels.info`` lists th
     varlen_attention  bidirectional (or causal) attention over packed variable-length documents
     info_nce          contrastive loss with in-batch and hard negatives, memory linear in the batch
     mae_loss          MAE reconstruction loss over masked rows, loss and gradient in one pass
+    linear_cross_entropy  the LM head and its cross-entropy without the (N, V) logits
 
 Helpers for packed batches live in ``moca_kernels.varlen``.
 """
 from . import varlen
 from .info_nce import all_gather_with_grad, info_nce
+from .linear_cross_entropy import linear_cross_entropy
 from .mae_loss import mae_loss
 from .varlen_attention import varlen_attention
 
 __version__ = "0.1.0"
-__all__ = ["all_gather_with_grad", "info_nce", "mae_loss", "varlen", "varlen_attention", "__version__"]
+__all__ = ["all_gather_with_grad", "info_nce", "linear_cross_entropy", "mae_loss", "varlen", "varlen_attention", "__version__"]

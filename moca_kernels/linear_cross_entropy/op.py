@@ -1,0 +1,148 @@
+"""``linear_cross_entropy``: validation, backend choice, the ``torch.library`` ops of the Triton
+backend, autograd."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._registry import Backend, register_op, select_backend, triton_reasons
+from .reference import linear_cross_entropy_reference
+
+OP = "linear_cross_entropy"
+REDUCTIONS = ("mean", "sum", "none")
+
+register_op(OP, [
+    Backend("triton", triton_reasons, auto=lambda device: device.type == "cuda"),
+    Backend("torch", lambda device, dtype: []),
+])
+
+
+def _triton_impl():
+    from . import triton_kernels  # imported on first use: importing triton costs time
+    return triton_kernels
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.custom_op("moca::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: (per-row losses (N,), row log-sum-exp (N,)), float32. Every label indexes
+    the vocabulary (ignored rows are dropped before)."""
+    hidden, weight = _rows_contiguous(hidden), _rows_contiguous(weight)
+    with torch.cuda.device_of(hidden):
+        return _triton_impl().forward(hidden, weight, bias.contiguous() if bias is not None else None, labels)
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, bias, labels):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32), hidden.new_empty(hidden.shape[0],
+                                                                                    dtype=torch.float32)
+
+
+@torch.library.custom_op("moca::linear_cross_entropy_bwd", mutates_args=())
+def linear_cross_entropy_bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                             bias: Optional[torch.Tensor], labels: torch.Tensor,
+                             lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: (d hidden, d weight, d bias; empty without a bias) of sum(grad * losses)."""
+    hidden, weight = _rows_contiguous(hidden), _rows_contiguous(weight)
+    with torch.cuda.device_of(hidden):
+        dh, dw, db = _triton_impl().backward(grad.contiguous(), hidden, weight,
+                                             bias.contiguous() if bias is not None else None, labels, lse)
+    return dh, dw, db if db is not None else weight.new_empty(0)
+
+
+@linear_cross_entropy_bwd.register_fake
+def _(grad, hidden, weight, bias, labels, lse):
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), \
+        bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad, _unused):
+    if grad is None:
+        return None, None, None, None
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    dh, dw, db = linear_cross_entropy_bwd(grad, hidden, weight, bias, labels, lse)
+    return dh, dw, db if bias is not None else None, None
+
+
+linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(hidden, weight, labels, bias, ignore_index, reduction) -> None:
+    for name, x in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    n, h = hidden.shape
+    if weight.shape[1] != h:
+        raise ValueError(f"weight has hidden size {weight.shape[1]}, hidden has {h}")
+    if weight.shape[0] == 0 or h == 0:
+        raise ValueError(f"weight must have at least one row and one column, got {tuple(weight.shape)}")
+    named = [("weight", weight)]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {got}")
+        named.append(("bias", bias))
+    for name, x in named:
+        if x.dtype != hidden.dtype:
+            raise ValueError(f"{name} is {x.dtype} but hidden is {hidden.dtype}")
+        if x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (n,):
+        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be int64 of shape ({n},), got {got}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
+    bad = ((labels < 0) | (labels >= weight.shape[0])) & (labels != ignore_index)
+    if bool(bad.any()):
+        raise ValueError(f"labels must index the vocabulary (0 <= label < {weight.shape[0]}) or equal "
+                         f"ignore_index={ignore_index}; found {int(labels[bad][0])}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         backend: str | None = None) -> torch.Tensor:
+    """Cross-entropy of the logits ``hidden @ weight.T (+ bias)`` against ``labels``, without ever
+    holding the ``(N, V)`` logits.
+
+    Args:
+        hidden: ``(N, H)``. weight: ``(V, H)``, the LM head (it may be tied to the input
+            embedding: autograd adds the two gradients). bias: ``(V,)`` or None.
+        labels: int64 ``(N,)``, a vocabulary index or ``ignore_index``.
+        reduction: "mean" over the rows not ignored (0.0, with zero gradients, when every row is
+            ignored), "sum", or "none" (``(N,)``, 0 for ignored rows).
+
+    Returns float32 (float64 for float64 inputs on the torch backend); differentiable in hidden,
+    weight and bias. Ignored rows are dropped before the kernels run (one host sync).
+    """
+    _check(hidden, weight, labels, bias, ignore_index, reduction)
+    if select_backend(OP, backend, hidden.device, hidden.dtype) == "torch":
+        return linear_cross_entropy_reference(hidden, weight, labels, bias, ignore_index, reduction)
+    valid = labels != ignore_index
+    if bool(valid.all()):
+        index, rows, kept = None, hidden, labels
+    else:
+        index = valid.nonzero().squeeze(1)
+        rows, kept = hidden.index_select(0, index), labels[index]
+    losses = linear_cross_entropy_fwd(rows, weight, bias, kept)[0]
+    if reduction == "none":
+        if index is None:
+            return losses
+        return torch.zeros(hidden.shape[0], dtype=losses.dtype, device=hidden.device).index_put((index,), losses)
+    total = losses.sum()
+    return total if reduction == "sum" else total / max(1, kept.numel())
