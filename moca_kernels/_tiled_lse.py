@@ -239,7 +239,7 @@ def scratch_plan(batch: int, m: int, dim: int, elt: int, budget: int, fp32_out: 
 
 
 def _row_chunks(n: int, size: int):
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
+    return [(s, min(s + size, n)) for s in range(0, n, max(1, size))]
 
 
 
