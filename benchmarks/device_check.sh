@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (about 9 minutes): build, the InfoNCE, MAE and attention
+# One prepared run on a lent GPU machine (about 10 minutes): build, the InfoNCE, LM-head, MAE and attention
 # benchmarks, and the GPU tests of each.
 # Writes under $OUT (default ./device_check_out): one NAME.txt per step, bench*/results.{json,md}
 # (rewritten after every measured row) and summary.json (rewritten after every step: exit status
-# and seconds). A failing step does not stop the later ones; the limits sum to 545 seconds.
+# and seconds). A failing step does not stop the later ones; the limits sum to 615 seconds; ONLY="STEP ..." runs some.
 # Usage: OUT=/some/dir bash benchmarks/device_check.sh
+#        OUT=/some/dir ONLY="bench_linear_ce tests_linear_ce" bash benchmarks/device_check.sh   # some steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_check_out}
@@ -31,6 +32,10 @@ summary() {
 
 step() {  # step NAME TIMEOUT_S COMMAND... ; output to $OUT/NAME.txt
     local name=$1 limit=$2; shift 2
+    if [ -n "${ONLY:-}" ] && [[ " wheels install env $ONLY " != *" $name "* ]]; then
+        echo "== $name: not in ONLY, skipped"
+        return
+    fi
     local start=$SECONDS
     echo "== $name (limit ${limit}s): $*"
     timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
@@ -42,7 +47,7 @@ step() {  # step NAME TIMEOUT_S COMMAND... ; output to $OUT/NAME.txt
 }
 
 # Peers that the GPU image lacks travel as wheels in .whl/ (git-ignored), fetched where pip works:
-#   pip download --no-deps --only-binary=:all: inf-cl==1.2.1 -d .whl
+#   pip download --no-deps --only-binary=:all: inf-cl==1.2.1 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 -d .whl
 if compgen -G ".whl/*.whl" > /dev/null; then
     step wheels 30 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/moca_site .whl/*.whl
@@ -54,19 +59,22 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step env 15 bash -c 'python -m moca_kernels.info; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv'
 # InfoNCE first (issue 4's measurement): moca against the card's matmul rate at every size, the
 # 256k case last as the longest; then the peers (Inf-CL is slow: 2.4 s a call at 64k) beside moca.
-step bench_infonce 100 python benchmarks/bench_infonce.py --out "$OUT/bench_infonce" \
+step bench_infonce 80 python benchmarks/bench_infonce.py --out "$OUT/bench_infonce" \
     --cases b1k-d2048 b4k-d2048 b16k-d2048 b64k-d2048 b64k-d2048-h2 b64k-d2048-sym b64k-d2048-h2-sym \
     b64k-d3584 b256k-d2048 --providers matmul moca
-step bench_infonce_peers 80 python benchmarks/bench_infonce.py --out "$OUT/bench_infonce_peers" \
+step bench_infonce_peers 70 python benchmarks/bench_infonce.py --out "$OUT/bench_infonce_peers" \
     --cases b4k-d2048 b16k-d2048 b64k-d2048 b64k-d2048-sym --providers moca inf-cl dense
 # torch.compile builds anew for every shape: two cases only.
-step bench_infonce_compiled 40 python benchmarks/bench_infonce.py --out "$OUT/bench_infonce_compiled" \
+step bench_infonce_compiled 30 python benchmarks/bench_infonce.py --out "$OUT/bench_infonce_compiled" \
     --cases b16k-d2048 b64k-d2048 --providers dense-compiled
 # bf16, peak memory, float16 range, reductions, opcheck (all of the file compiles too many shapes for 75 s)
 step tests_infonce 60 python -m pytest -q tests/test_info_nce_triton.py -k "gpu or float16 or reductions or opcheck"
+step bench_linear_ce 90 python benchmarks/bench_linear_ce.py --out "$OUT/bench_linear_ce" \
+    --cases n4k-3b n16k-3b n32k-3b n16k-7b --providers matmul moca compiled liger liger-fp32 cce cce-exact eager
+step tests_linear_ce 30 python -m pytest -q tests/test_linear_cross_entropy.py -k "gpu or float16 or opcheck"
 step bench_mae 40 python benchmarks/bench_mae.py --out "$OUT/bench_mae" --providers copy cuda triton eager compiled
 step tests_mae 30 python -m pytest -q tests/test_mae_loss.py -m gpu
-step bench_attention 60 python benchmarks/bench_attention.py --out "$OUT/bench_attention" \
+step bench_attention 50 python benchmarks/bench_attention.py --out "$OUT/bench_attention" \
     --cases moca-16k long-8k --providers moca sdpa-njt varlen-attn flash-attn fa3
 step tests_attention 45 python -m pytest -q tests/test_varlen_attention.py -m gpu
 

@@ -11,9 +11,10 @@ BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
 sys.path.insert(0, BENCH)
 import bench_attention  # noqa: E402
 import bench_infonce  # noqa: E402
+import bench_linear_ce  # noqa: E402
 import bench_mae  # noqa: E402
 
-from moca_kernels import info_nce, mae_loss, varlen_attention  # noqa: E402
+from moca_kernels import info_nce, linear_cross_entropy, mae_loss, varlen_attention  # noqa: E402
 
 
 def _bench(*args, script="bench_attention.py"):
@@ -109,6 +110,29 @@ def test_mae_provider_computes_the_same_loss(provider, spec, device):
     out.backward()
     assert torch.isfinite(leaves[0].grad).all()
     assert case.fwd_bytes == (2 * 2 + 4) * 37 * 40 and case.bwd_bytes == 2 * 2 * 37 * 40
+
+
+def test_linear_ce_list_shows_cases_and_providers():
+    result = _bench("--list", script="bench_linear_ce.py")
+    assert result.returncode == 0, result.stderr
+    for name in bench_linear_ce.CASES + list(bench_linear_ce.PROVIDERS):
+        assert name in result.stdout
+    # 16,384 rows through Qwen2.5-VL-3B's head: 6 * N * V * H useful FLOPs, bf16 hidden + weight
+    assert "case n16k-3b: {'rows': 16384, 'hidden': 2048, 'vocab': 151936}, fwd+bwd 30.6 TFLOP useful, " \
+        "inputs 658 MiB" in result.stdout
+
+
+@pytest.mark.parametrize("provider", ["moca", "eager"])
+def test_linear_ce_provider_computes_the_same_loss(provider, device):
+    case = bench_linear_ce.make_case("tiny", torch.float32, str(device), dict(rows=37, hidden=24, vocab=1001))
+    x = case.inputs()
+    expected = linear_cross_entropy(x["hidden"], x["weight"], x["labels"], backend="torch")
+    forward, leaves = bench_linear_ce.PROVIDERS[provider].setup(x)
+    out = forward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.backward()
+    assert all(torch.isfinite(leaf.grad).all() for leaf in leaves)
+    assert case.fwd_flops == 2 * 37 * 1001 * 24 and case.input_bytes == 4 * (37 + 1001) * 24
 
 
 class _FakeEvent:
