@@ -42,6 +42,7 @@ def mae_loss_fused(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torc
     pred, target = _contiguous_rows(pred), _contiguous_rows(target)
     n, p = pred.shape
     if mask is not None:
+        mask = mask.contiguous()  # the kernels read mask[row]
         count = mask.sum(dtype=torch.float32)
     else:
         count = torch.full((), float(n), dtype=torch.float32, device=pred.device)
