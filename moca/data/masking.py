@@ -1,0 +1,45 @@
+"""MoCa's stage-1 corruption (research/moca-method.md 2.3, 2.4).
+
+MLM: every token that is not special is masked independently with probability ``ratio`` (0.4)
+and always replaced by ``<|mask|>``; its label is the original id, -100 elsewhere. MAE: a
+``ratio`` (0.5) share of a document's merged image tokens is chosen; each owns 4 consecutive
+pixel rows, which are all replaced by one Gaussian row shared by the micro-batch; the original
+rows are the targets.
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+ROWS_PER_TOKEN = 4  # 2 x 2 patches merge into one language-model token
+
+
+def mask_tokens(ids: torch.Tensor, maskable: torch.Tensor, mask_id: int, ratio: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids with the chosen tokens replaced by ``mask_id``, labels: the original id where
+    masked, -100 elsewhere). ``maskable`` is False for special tokens, which are never masked."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"MLM ratio must be in [0, 1], got {ratio}")
+    chosen = (torch.rand(ids.shape, generator=generator) < ratio) & maskable
+    return torch.where(chosen, mask_id, ids), torch.where(chosen, ids, IGNORE)
+
+
+def choose_image_tokens(n_tokens: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """A bool mask over ``n_tokens`` merged image tokens with exactly round(ratio * n) chosen."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"MAE ratio must be in [0, 1], got {ratio}")
+    chosen = torch.zeros(n_tokens, dtype=torch.bool)
+    chosen[torch.randperm(n_tokens, generator=generator)[: round(ratio * n_tokens)]] = True
+    return chosen
+
+
+def corrupt_rows(rows: torch.Tensor, token_mask: torch.Tensor, noise_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows with every row of a chosen token replaced by ``noise_row``, the original rows of the
+    chosen tokens in order: the MAE targets). ``rows`` is (4 * n_tokens, P)."""
+    if rows.shape[0] != ROWS_PER_TOKEN * token_mask.shape[0]:
+        raise ValueError(f"{rows.shape[0]} pixel rows for {token_mask.shape[0]} merged tokens "
+                         f"({ROWS_PER_TOKEN} rows each)")
+    row_mask = token_mask.repeat_interleave(ROWS_PER_TOKEN)
+    corrupted = rows.clone()
+    corrupted[row_mask] = noise_row.to(rows.dtype)
+    return corrupted, rows[row_mask]
