@@ -1,6 +1,7 @@
 """Build script. The package is Python plus one optional shared library of CUDA kernels
-(``csrc/cuda/*.cu``, torch-free, called through ctypes by ``moca_kernels._cuda``), built so that
-``pip install -e .`` keeps working on machines without a GPU toolchain.
+(``csrc/cuda/*.cu``, torch-free, called through ctypes by ``moca_kernels._cuda``) and the C++
+data-pipeline helpers (``csrc/cpu``, pybind11), built so that ``pip install -e .`` keeps working
+on machines without a GPU toolchain.
 
 Switches (environment variables):
     MOCA_BUILD_CUDA   auto (default): build where nvcc exists and the torch that is importable
@@ -82,8 +83,21 @@ class BuildExt(build_ext):
         subprocess.run(command, check=True)
 
 
+def _cpu_extensions():
+    """The C++ data-pipeline helpers (csrc/cpu), where pybind11 is importable at build time (it is
+    a build requirement; moca falls back to Python where the extension is missing)."""
+    try:
+        import pybind11
+    except ImportError:
+        print("moca: pybind11 is not installed; not building the C++ packer (the Python one serves)")
+        return []
+    return [Extension("moca.data._packer", [os.path.join("csrc", "cpu", "packer.cpp")],
+                      include_dirs=[pybind11.get_include()], language="c++",
+                      extra_compile_args=["-O3", "-std=c++17"])]
+
+
 nvcc, why_not = _cuda_build()
 if nvcc is None:
     print(f"moca: not building the CUDA kernels ({why_not}); the cuda backend will be unavailable")
-setup(ext_modules=[NvccLibrary(LIBRARY, CUDA_SOURCES)] if nvcc and CUDA_SOURCES else [],
+setup(ext_modules=([NvccLibrary(LIBRARY, CUDA_SOURCES)] if nvcc and CUDA_SOURCES else []) + _cpu_extensions(),
       cmdclass={"build_ext": BuildExt})

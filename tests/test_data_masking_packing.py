@@ -54,3 +54,16 @@ def test_packing_keeps_documents_whole_within_the_budget(seed):
 def test_packing_refuses_documents_over_the_budget():
     with pytest.raises(ValueError, match="document 1 costs 5000 tokens"):
         pack([10, 5000], 4096)
+
+
+def test_cpp_and_python_packers_agree():
+    # setup.py builds the C++ packer wherever pybind11 is importable at build time, which the
+    # build requirements guarantee for the README's install.
+    from moca.data import packing
+    assert packing._pack_cpp is not None, "the C++ packer (moca.data._packer) was not built"
+    rng = random.Random(7)
+    for budget in (1280, 4096, 12800):
+        costs = [rng.randint(1, budget) for _ in range(5000)]
+        assert packing.pack(costs, budget) == packing.pack_python(costs, budget)
+    with pytest.raises(ValueError, match="document 0 costs 0 tokens"):
+        packing.pack([0], 10)

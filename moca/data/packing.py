@@ -3,8 +3,8 @@
 Best-fit decreasing: documents by cost, largest first (ties by index, so the result depends only
 on the costs), each into the open micro-batch with the least room that still holds it, a new one
 when none does. No document is split: the caller truncates documents longer than the budget
-first. A C++ version of the same algorithm (``csrc/cpu``) is to come for corpora of millions of
-documents; this one is the reference and the fallback.
+first. ``pack`` runs the C++ version (``csrc/cpu/packer.cpp``, built by setup.py) where it is
+built, for corpora of millions of documents; ``pack_python`` is the reference and the fallback.
 """
 from __future__ import annotations
 
@@ -12,9 +12,27 @@ import bisect
 from typing import Sequence
 
 
+try:
+    from ._packer import pack as _pack_cpp
+except ImportError:  # not built here: the Python version serves
+    _pack_cpp = None
+
+
 def pack(costs: Sequence[int], budget: int) -> list[list[int]]:
     """Micro-batches as lists of document indices (each list in increasing index order), their
     costs summing to at most ``budget``; micro-batches ordered by their first document."""
+    if _pack_cpp is None:
+        return pack_python(costs, budget)
+    try:
+        return _pack_cpp(list(costs), budget)
+    except ValueError:
+        raise
+    except TypeError as exc:  # costs that do not convert to 64-bit integers
+        raise ValueError(f"costs must be integers: {exc}") from None
+
+
+def pack_python(costs: Sequence[int], budget: int) -> list[list[int]]:
+    """``pack`` in Python."""
     if budget < 1:
         raise ValueError(f"budget must be at least 1, got {budget}")
     for i, cost in enumerate(costs):
