@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moca.model.qwen import build, text_positions
+from moca.model.qwen import TINY_SPECIALS, build, document_positions, text_positions
 from moca_kernels.varlen import lengths_to_cu_seqlens
 
 
@@ -47,3 +47,49 @@ def test_a_padded_batch_is_refused(model):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         build("huge")
+
+
+def _image_document(n_before, grid, n_after, seed):
+    gen = torch.Generator().manual_seed(seed)
+    t, h, w = grid
+    ids = torch.cat([torch.randint(0, 200, (n_before,), generator=gen),
+                     torch.tensor([TINY_SPECIALS["vision_start_token_id"]]),
+                     torch.full((t * h * w // 4,), TINY_SPECIALS["image_token_id"]),
+                     torch.tensor([TINY_SPECIALS["vision_end_token_id"]]),
+                     torch.randint(0, 200, (n_after,), generator=gen)])
+    return ids, torch.randn(t * h * w, 1176, generator=gen), torch.tensor([grid])
+
+
+def _forward(model, ids, pixels, grids, lengths, positions):
+    cu = lengths_to_cu_seqlens(torch.tensor(lengths))
+    with torch.no_grad():
+        return model.model(input_ids=ids[None], pixel_values=pixels, image_grid_thw=grids, position_ids=positions[:, None],
+                           cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
+                           max_length_k=max(lengths)).last_hidden_state[0]
+
+
+def test_positions_match_transformers_get_rope_index(model):
+    ids, _, grid = _image_document(3, (1, 4, 6), 5, seed=4)
+    ours = document_positions(ids, grid, TINY_SPECIALS["image_token_id"])
+    token_types = (ids == TINY_SPECIALS["image_token_id"]).long()[None]
+    try:
+        ref, _ = model.model.get_rope_index(ids[None], token_types, image_grid_thw=grid,
+                                            attention_mask=torch.ones(1, ids.numel(), dtype=torch.long))
+    except TypeError:  # transformers before mm_token_type_ids
+        ref, _ = model.model.get_rope_index(ids[None], image_grid_thw=grid,
+                                            attention_mask=torch.ones(1, ids.numel(), dtype=torch.long))
+    assert torch.equal(ours, ref[:, 0])
+
+
+def test_packed_image_documents_equal_each_document_alone(model):
+    # The vision tower runs each image alone (on moca's attention too); M-RoPE positions restart.
+    docs = [_image_document(3, (1, 4, 4), 5, seed=1), _image_document(2, (1, 4, 6), 1, seed=2)]
+    image = TINY_SPECIALS["image_token_id"]
+    alone = [_forward(model, ids, px, grid, [ids.numel()], document_positions(ids, grid, image))
+             for ids, px, grid in docs]
+    lengths = [ids.numel() for ids, _, _ in docs]
+    packed = _forward(model, torch.cat([d[0] for d in docs]), torch.cat([d[1] for d in docs]),
+                      torch.cat([d[2] for d in docs]), lengths,
+                      torch.cat([document_positions(ids, grid, image) for ids, _, grid in docs], 1))
+    torch.testing.assert_close(packed[:lengths[0]], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[lengths[0]:], alone[1], rtol=1e-5, atol=1e-5)

@@ -70,3 +70,29 @@ def text_positions(lengths: list[int], device=None) -> torch.Tensor:
     """M-RoPE position ids (3, 1, total) of packed text-only documents: each restarts at 0."""
     pos = torch.cat([torch.arange(n, device=device) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
     return pos.view(1, 1, -1).expand(3, 1, -1)
+
+
+def document_positions(ids: torch.Tensor, grids: torch.Tensor, image_token_id: int, merge: int = 2) -> torch.Tensor:
+    """M-RoPE position ids (3, len) of one document, starting at 0: text tokens count up on all
+    three axes; an image's tokens take (frame, row, column) of the merged grid, offset by the
+    position reached, and the text after it continues from the largest position plus one (as
+    Qwen2.5-VL's get_rope_index does for still images). ``grids`` (n_images, 3) in order."""
+    ids = ids.tolist()
+    out, current, i, image = [], 0, 0, 0
+    while i < len(ids):
+        if ids[i] != image_token_id:
+            out.append(torch.full((3, 1), current, dtype=torch.long))
+            current += 1
+            i += 1
+            continue
+        t, h, w = (int(x) for x in grids[image])
+        h, w = h // merge, w // merge
+        frame = torch.arange(t).view(-1, 1, 1).expand(t, h, w).reshape(-1)
+        row = torch.arange(h).view(1, -1, 1).expand(t, h, w).reshape(-1)
+        col = torch.arange(w).view(1, 1, -1).expand(t, h, w).reshape(-1)
+        block = torch.stack([frame, row, col]) + current
+        out.append(block)
+        current = int(block.max()) + 1
+        i += t * h * w
+        image += 1
+    return torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)
