@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from moca.model.qwen import TINY_SPECIALS, build, document_positions, text_positions
+from moca.data.cpt import document_positions
+from moca.model.qwen import TINY_SPECIALS, build, text_positions
 from moca_kernels.varlen import lengths_to_cu_seqlens
 
 

@@ -12,17 +12,20 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from moca.data.tokenizer import ByteTokenizer
 from moca_kernels import varlen_attention
 
 ATTENTION = "moca_varlen"
 
-# Token ids of the tiny preset's vocabulary (the project's own tokenizer places its specials here).
-TINY_SPECIALS = dict(image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253,
-                     bos_token_id=254, eos_token_id=255, pad_token_id=255)
+# The tiny preset speaks the project's byte-level tokenizer (moca.data.tokenizer.ByteTokenizer).
+_BYTES = ByteTokenizer()
+TINY_SPECIALS = dict(image_token_id=_BYTES.specials.image, video_token_id=_BYTES.ids["<|video_pad|>"],
+                     vision_start_token_id=_BYTES.specials.vision_start, vision_end_token_id=_BYTES.specials.vision_end,
+                     bos_token_id=_BYTES.specials.eos, eos_token_id=_BYTES.specials.eos, pad_token_id=_BYTES.specials.eos)
 
 PRESETS = {
     "tiny": dict(
-        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        text_config=dict(vocab_size=_BYTES.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          bos_token_id=TINY_SPECIALS["bos_token_id"], eos_token_id=TINY_SPECIALS["eos_token_id"],
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}),
@@ -70,29 +73,3 @@ def text_positions(lengths: list[int], device=None) -> torch.Tensor:
     """M-RoPE position ids (3, 1, total) of packed text-only documents: each restarts at 0."""
     pos = torch.cat([torch.arange(n, device=device) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
     return pos.view(1, 1, -1).expand(3, 1, -1)
-
-
-def document_positions(ids: torch.Tensor, grids: torch.Tensor, image_token_id: int, merge: int = 2) -> torch.Tensor:
-    """M-RoPE position ids (3, len) of one document, starting at 0: text tokens count up on all
-    three axes; an image's tokens take (frame, row, column) of the merged grid, offset by the
-    position reached, and the text after it continues from the largest position plus one (as
-    Qwen2.5-VL's get_rope_index does for still images). ``grids`` (n_images, 3) in order."""
-    ids = ids.tolist()
-    out, current, i, image = [], 0, 0, 0
-    while i < len(ids):
-        if ids[i] != image_token_id:
-            out.append(torch.full((3, 1), current, dtype=torch.long))
-            current += 1
-            i += 1
-            continue
-        t, h, w = (int(x) for x in grids[image])
-        h, w = h // merge, w // merge
-        frame = torch.arange(t).view(-1, 1, 1).expand(t, h, w).reshape(-1)
-        row = torch.arange(h).view(1, -1, 1).expand(t, h, w).reshape(-1)
-        col = torch.arange(w).view(1, 1, -1).expand(t, h, w).reshape(-1)
-        block = torch.stack([frame, row, col]) + current
-        out.append(block)
-        current = int(block.max()) + 1
-        i += t * h * w
-        image += 1
-    return torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)

@@ -1,0 +1,74 @@
+"""Tokenizers for MoCa: a real model's own (from its local path, with ``<|mask|>`` added when it
+lacks one), or, for the embedded default, a byte-level tokenizer the project defines itself, so
+that nothing is downloaded. Both expose the ids the pipeline needs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MASK_TOKEN = "<|mask|>"
+IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
+
+
+@dataclass(frozen=True)
+class Specials:
+    mask: int
+    image: int
+    vision_start: int
+    vision_end: int
+    eos: int
+    all: frozenset[int]  # every special id: never masked
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, then the special tokens. The embedded default's tokenizer (the
+    ``tiny`` preset's vocabulary of 264 ids)."""
+
+    NAMES = ("<|endoftext|>", VISION_START, VISION_END, IMAGE_PAD, MASK_TOKEN, "<|video_pad|>", "<|im_start|>",
+             "<|im_end|>")
+
+    def __init__(self):
+        ids = {name: 256 + i for i, name in enumerate(self.NAMES)}
+        self.vocab_size = 256 + len(self.NAMES)
+        self.specials = Specials(mask=ids[MASK_TOKEN], image=ids[IMAGE_PAD], vision_start=ids[VISION_START],
+                                 vision_end=ids[VISION_END], eos=ids["<|endoftext|>"], all=frozenset(ids.values()))
+        self.ids = ids
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A checkpoint's tokenizer (``AutoTokenizer`` from a local path, offline), with ``<|mask|>``
+    added as a special token when missing (Qwen2.5's then gets id 151665, inside the padded
+    embedding table)."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if MASK_TOKEN not in self.tok.get_vocab():
+            self.tok.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]})
+        vocab = self.tok.get_vocab()
+        missing = [t for t in (IMAGE_PAD, VISION_START, VISION_END) if t not in vocab]
+        if missing:
+            raise ValueError(f"the tokenizer at {path} lacks {missing}: not a Qwen2-VL tokenizer")
+        self.vocab_size = len(self.tok)
+        eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else vocab[IMAGE_PAD]
+        self.specials = Specials(mask=vocab[MASK_TOKEN], image=vocab[IMAGE_PAD], vision_start=vocab[VISION_START],
+                                 vision_end=vocab[VISION_END], eos=eos, all=frozenset(self.tok.all_special_ids)
+                                 | {vocab[MASK_TOKEN], vocab[IMAGE_PAD], vocab[VISION_START], vocab[VISION_END]})
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids))
+
+
+def maskable(ids: torch.Tensor, specials: Specials) -> torch.Tensor:
+    """True where a token may be masked for MLM (it is not special)."""
+    return ~torch.isin(ids, torch.tensor(sorted(specials.all), dtype=ids.dtype))
