@@ -1,0 +1,65 @@
+"""MoCa's stage-1 heads on a packed micro-batch (research/moca-method.md 2.3 to 2.5).
+
+MLM: the LM head on the masked positions only, through ``linear_cross_entropy`` (the head may
+be tied to the input embedding; autograd adds both gradients). MAE: one extra bidirectional
+decoder layer, a copy of language-model layer L/2, over the whole packed sequence, then
+``Linear(hidden, 4 * 1176)`` on the masked image tokens and ``mae_loss`` against their original
+pixel rows. ``loss = mlm + mae_weight * mae``; either term can be switched off.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from moca_kernels import linear_cross_entropy, mae_loss
+
+ROW = 1176
+ROWS_PER_TOKEN = 4
+
+
+class MocaCPT(nn.Module):
+    def __init__(self, model, mae_weight: float = 0.5, use_mlm: bool = True, use_mae: bool = True):
+        super().__init__()
+        if not (use_mlm or use_mae):
+            raise ValueError("at least one of MLM and MAE must be on")
+        self.model = model
+        self.mae_weight, self.use_mlm, self.use_mae = mae_weight, use_mlm, use_mae
+        layers = model.model.language_model.layers
+        hidden = model.config.text_config.hidden_size
+        self.mae_decoder = copy.deepcopy(layers[len(layers) // 2]) if use_mae else None
+        self.mae_proj = nn.Linear(hidden, ROWS_PER_TOKEN * ROW) if use_mae else None
+        if use_mae:
+            nn.init.normal_(self.mae_proj.weight, std=0.02)
+            nn.init.zeros_(self.mae_proj.bias)
+
+    def _attention_kwargs(self, batch):
+        cu = batch["cu_seqlens"]
+        return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])
+
+    def forward(self, batch: dict) -> dict:
+        """Losses of one packed micro-batch from ``moca.data.cpt.collate``: ``loss`` (the sum to
+        optimize), ``mlm_loss``, ``mae_loss`` (detached, for logging; 0 when off or empty)."""
+        attn = self._attention_kwargs(batch)
+        images = batch["pixel_values"].shape[0] > 0
+        out = self.model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               pixel_values=batch["pixel_values"] if images else None,
+                               image_grid_thw=batch["image_grid_thw"] if images else None, **attn)
+        hidden = out.last_hidden_state[0]  # (L, H), after the final norm
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        mlm = mae = zero
+        if self.use_mlm:
+            labels = batch["labels"]
+            rows = (labels != -100).nonzero().squeeze(1)
+            mlm = linear_cross_entropy(hidden[rows], self.model.lm_head.weight, labels[rows])
+        if self.use_mae and batch["mae_positions"].numel():
+            lm = self.model.model.language_model
+            cos_sin = lm.rotary_emb(hidden[None], batch["position_ids"])
+            decoded = self.mae_decoder(hidden[None], position_embeddings=cos_sin, position_ids=batch["position_ids"],
+                                       **attn)
+            decoded = decoded[0] if isinstance(decoded, tuple) else decoded
+            pred = self.mae_proj(decoded[0, batch["mae_positions"]]).reshape(-1, ROW)
+            mae = mae_loss(pred, batch["mae_targets"].to(pred.device))
+        loss = (mlm if self.use_mlm else zero) + (self.mae_weight * mae if self.use_mae else zero)
+        return dict(loss=loss, mlm_loss=mlm.detach(), mae_loss=mae.detach(), hidden=hidden)
