@@ -1,0 +1,297 @@
+"""The slim trainer: stage 1 (``cpt``: MLM + MAE continual pre-training) on packed documents.
+
+One run directory holds ``config.json``, ``metrics.jsonl`` (a JSON object per logged step),
+``checkpoints/step-N.pt`` (written atomically: a temporary file, then a rename), and at the end
+``loss.png``. ``resume`` continues a run from its latest checkpoint with the same results as an
+uninterrupted run: model, optimizer, scheduler and data position are restored, and every
+micro-batch's masks come from a generator seeded by (seed, step, micro-batch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import embedded
+from .data.cpt import collate, encode
+from .data.packing import pack
+from .data.records import BadRecords, read_cpt
+from .data.tokenizer import ByteTokenizer, HFTokenizer
+from .model.heads import MocaCPT
+from .model.qwen import build
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "cpt"
+    preset: str = "tiny"
+    model: str | None = None          # a local Qwen2.5-VL checkpoint (else the preset, random weights)
+    data: str | None = None           # a .jsonl file or a folder of them (else the embedded dataset)
+    out: str = "runs/moca-tiny"
+    max_steps: int = 1000
+    save_every: int = 250
+    log_every: int = 25
+    seed: int = 0
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    grad_clip: float = 5.0
+    grad_accum: int = 1
+    token_budget: int = 1024          # tokens per packed micro-batch
+    max_doc_tokens: int = 512         # longer documents are truncated (never inside an image)
+    mlm_ratio: float = 0.4
+    mae_ratio: float = 0.5
+    mae_weight: float = 0.5
+    use_mlm: bool = True
+    use_mae: bool = True
+    min_pixels: int = 56 * 56
+    max_pixels: int = 56 * 56
+    gradient_checkpointing: bool = False
+    strict: bool = False
+    profile_steps: str | None = None  # "A:B": cudaProfilerStart before step A, Stop after step B
+
+    def update(self, overrides: dict) -> "TrainConfig":
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        values = {}
+        for key, raw in overrides.items():
+            if key not in fields:
+                raise ValueError(f"unknown setting {key!r}; settings: {', '.join(sorted(fields))}")
+            current = getattr(self, key)
+            kind = type(current) if current is not None else str
+            if kind is bool:
+                if str(raw).lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"{key} takes true or false, got {raw!r}")
+                values[key] = str(raw).lower() in ("1", "true", "yes")
+            else:
+                try:
+                    values[key] = kind(raw) if raw is not None else None
+                except ValueError:
+                    raise ValueError(f"{key} takes a {kind.__name__}, got {raw!r}") from None
+        return dataclasses.replace(self, **values)
+
+
+class _Nvtx:
+    """NVTX ranges for Nsight Systems; no-ops without CUDA."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.nvtx.range_push(self.name)
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.nvtx.range_pop()
+
+
+def _data_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.jsonl")))
+        if not files:
+            raise ValueError(f"--data {path}: no .jsonl files in the folder")
+        return files
+    if not os.path.isfile(path):
+        raise ValueError(f"--data {path}: no such file or folder")
+    return [path]
+
+
+def load_documents(config: TrainConfig, tokenizer, log=print):
+    """Encoded documents of the run's data (the embedded dataset when none is given)."""
+    path = config.data or embedded.write(os.path.join(config.out, "data"), seed=config.seed)
+    bad = BadRecords()
+    docs = []
+    for file in _data_files(path):
+        for doc in read_cpt(file, bad, strict=config.strict):
+            docs.append(encode(doc, tokenizer, config.max_doc_tokens, config.min_pixels, config.max_pixels))
+    if bad.total:
+        log(f"skipped {bad.total} bad records ({dict(bad.counts)}); first: {bad.examples[0]}")
+    if not docs:
+        raise ValueError(f"no usable documents in {path}")
+    return docs
+
+
+def micro_batches(docs, config: TrainConfig, epoch: int) -> list[list[int]]:
+    """The epoch's micro-batches (document indices): documents shuffled by (seed, epoch), then
+    packed under the token budget."""
+    order = list(range(len(docs)))
+    random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
+    batches = pack([docs[i].ids.numel() for i in order], config.token_budget)
+    return [[order[i] for i in b] for b in batches]
+
+
+def _lr_factor(step: int, total: int, warmup_ratio: float) -> float:
+    warmup = max(1, int(warmup_ratio * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _mlm_accuracy(hidden, weight, labels) -> float | None:
+    rows = (labels != -100).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return None
+    with torch.no_grad():
+        hits = 0
+        for chunk in rows.split(1024):
+            hits += ((hidden[chunk].float() @ weight.float().T).argmax(1) == labels[chunk]).sum().item()
+    return hits / rows.numel()
+
+
+def _save(path_dir: str, step: int, state: dict, keep: int = 2) -> str:
+    os.makedirs(path_dir, exist_ok=True)
+    final = os.path.join(path_dir, f"step-{step:07d}.pt")
+    tmp = final + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, final)  # atomic: a reader sees the old checkpoint or the whole new one
+    for old in sorted(glob.glob(os.path.join(path_dir, "step-*.pt")))[:-keep]:
+        os.remove(old)
+    return final
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    found = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step-*.pt")))
+    return found[-1] if found else None
+
+
+def _plot(metrics: list[dict], path: str) -> None:
+    """loss.png: the logged losses against the step (drawn with Pillow, no plotting package)."""
+    from PIL import Image, ImageDraw
+    series = {k: [(m["step"], m[k]) for m in metrics if m.get(k) is not None] for k in ("loss", "mlm_loss", "mae_loss")}
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return
+    width, height, pad = 640, 400, 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points) or 1
+    y0, y1 = 0.0, max(p[1] for p in points) or 1.0
+    sx = lambda x: pad + (x - x0) / max(1e-9, x1 - x0) * (width - 2 * pad)  # noqa: E731
+    sy = lambda y: height - pad - (y - y0) / max(1e-9, y1 - y0) * (height - 2 * pad)  # noqa: E731
+    draw.rectangle((pad, pad, width - pad, height - pad), outline="gray")
+    for (name, s), color in zip(series.items(), ("black", "blue", "red")):
+        if len(s) > 1:
+            draw.line([(sx(x), sy(y)) for x, y in s], fill=color, width=2)
+        draw.text((pad + 10, pad + 10 + 14 * ("loss", "mlm_loss", "mae_loss").index(name)), name, fill=color)
+    draw.text((pad, height - pad + 8), f"step {x0} .. {x1}; loss 0 .. {y1:.2f}", fill="black")
+    image.save(path)
+
+
+def saved_config(run_dir: str, overrides: dict | None = None) -> TrainConfig:
+    """The configuration of the run in ``run_dir``, with ``overrides`` (e.g. a larger max_steps)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume {run_dir}: no config.json there (not a moca run directory)")
+    with open(path) as f:
+        return TrainConfig(**json.load(f)).update({**(overrides or {}), "out": run_dir})
+
+
+def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None, log=print) -> dict:
+    """Run stage 1 in ``config.out``; returns the last logged metrics. ``resume``: continue from
+    the run's latest checkpoint. ``stop_at``: stop after that step as if the process were killed
+    (the checkpoints written so far stay)."""
+    if config.stage != "cpt":
+        raise ValueError(f"stage {config.stage!r} is not implemented yet (only 'cpt')")
+    os.makedirs(config.out, exist_ok=True)
+    with open(os.path.join(config.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+    tokenizer = HFTokenizer(config.model) if config.model else ByteTokenizer()
+    model = build(None if config.model else config.preset, config.model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    heads = MocaCPT(model, config.mae_weight, config.use_mlm, config.use_mae).to(device)
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, config.max_steps, config.warmup_ratio))
+    step, epoch, position = 0, 0, 0
+    if resume:
+        checkpoint = latest_checkpoint(config.out)
+        if checkpoint is None:
+            raise ValueError(f"--resume {config.out}: no checkpoint in {config.out}/checkpoints")
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        heads.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        log(f"resumed {config.out} at step {step} from {checkpoint}")
+    docs = load_documents(config, tokenizer, log)
+    batches = micro_batches(docs, config, epoch)
+    log(f"{len(docs)} documents, {len(batches)} micro-batches of up to {config.token_budget} tokens per epoch")
+    metrics_path = os.path.join(config.out, "metrics.jsonl")
+    if os.path.exists(metrics_path):  # a new run starts empty; a resumed one forgets steps after its checkpoint
+        with open(metrics_path) as f:
+            kept = [line for line in f if resume and json.loads(line)["step"] <= step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    profile = [int(x) for x in config.profile_steps.split(":")] if config.profile_steps else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    from tqdm import tqdm
+    bar = tqdm(total=config.max_steps, initial=step, desc="cpt", unit="step", dynamic_ncols=True)
+    last = {}
+    while step < min(config.max_steps, stop_at if stop_at is not None else config.max_steps):
+        if profile and step == profile[0] and device.type == "cuda":
+            torch.cuda.cudart().cudaProfilerStart()
+        started, tokens = time.perf_counter(), 0
+        optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "mlm_loss": 0.0, "mae_loss": 0.0}
+        for micro in range(config.grad_accum):
+            if position >= len(batches):
+                epoch, position = epoch + 1, 0
+                batches = micro_batches(docs, config, epoch)
+            chosen = [docs[i] for i in batches[position]]
+            position += 1
+            generator = torch.Generator().manual_seed(hash((config.seed, step, micro)) % 2**63)
+            with _Nvtx("collate"):
+                batch = collate(chosen, tokenizer.specials, config.mlm_ratio, config.mae_ratio, generator)
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            tokens += batch["input_ids"].numel()
+            with _Nvtx("forward"), autocast:
+                out = heads(batch)
+            if not torch.isfinite(out["loss"]):
+                bar.close()
+                kept = latest_checkpoint(config.out)
+                raise FloatingPointError(f"the loss became {out['loss'].item()} at step {step}; stopped. The last good "
+                                         f"checkpoint is {kept or 'none (none was saved yet)'}")
+            with _Nvtx("backward"):
+                (out["loss"] / config.grad_accum).backward()
+            for k in sums:
+                sums[k] += out[k].item() / config.grad_accum
+        with _Nvtx("optimizer"):
+            torch.nn.utils.clip_grad_norm_(heads.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+        step += 1
+        if profile and step == profile[1] + 1 and device.type == "cuda":
+            torch.cuda.cudart().cudaProfilerStop()
+        bar.update(1)
+        if step % config.log_every == 0 or step == config.max_steps:
+            last = dict(step=step, stage="cpt", **{k: round(v, 6) for k, v in sums.items()},
+                        mlm_accuracy=_mlm_accuracy(out["hidden"], heads.model.lm_head.weight, batch["labels"]),
+                        lr=scheduler.get_last_lr()[0], tokens_per_s=round(tokens / (time.perf_counter() - started), 1),
+                        epoch=epoch)
+            if device.type == "cuda":
+                last["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", mlm_acc=last["mlm_accuracy"])
+        if step % config.save_every == 0 or step == config.max_steps:
+            _save(os.path.join(config.out, "checkpoints"), step,
+                  dict(model=heads.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                       step=step, epoch=epoch, position=position, config=dataclasses.asdict(config)))
+    bar.close()
+    if step < config.max_steps:  # stopped early (stop_at)
+        return last
+    with open(metrics_path) as f:
+        _plot([json.loads(line) for line in f], os.path.join(config.out, "loss.png"))
+    return {**last, "mlm_chance": 1 / tokenizer.vocab_size}

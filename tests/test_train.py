@@ -1,0 +1,82 @@
+"""The stage-1 trainer on the tiny model and the embedded dataset: the CLI end to end, exact
+resume, bad records, the NaN guard, settings."""
+import json
+import os
+
+import pytest
+import torch
+
+from moca import cli
+from moca.model.heads import MocaCPT
+from moca.train import TrainConfig, latest_checkpoint, saved_config, train
+
+
+def _config(out, **change):
+    return TrainConfig(out=str(out), max_steps=12, save_every=6, log_every=3, token_budget=512).update(change)
+
+
+def _metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), "--max-steps", "4", "save_every=2", "log_every=2"]) == 0
+    out = capsys.readouterr().out
+    assert "run directory:" in out and "MLM accuracy" in out and "(chance 0.0038)" in out
+    for name in ("config.json", "metrics.jsonl", "loss.png", "data/cpt.jsonl"):
+        assert (run / name).exists(), name
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [2, 4]
+    for key in ("step", "stage", "loss", "mlm_loss", "mae_loss", "mlm_accuracy", "lr", "tokens_per_s"):
+        assert key in rows[-1], key
+    assert os.path.basename(latest_checkpoint(str(run))) == "step-0000004.pt"
+
+
+def test_resume_continues_exactly(tmp_path):
+    whole = train(_config(tmp_path / "whole"), log=lambda *_: None)
+    train(_config(tmp_path / "cut"), stop_at=10, log=lambda *_: None)  # killed after step 10: checkpoint at 6
+    assert os.path.basename(latest_checkpoint(str(tmp_path / "cut"))) == "step-0000006.pt"
+    resumed = train(saved_config(str(tmp_path / "cut")), resume=True, log=lambda *_: None)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    assert strip([resumed]) == strip([whole]) and whole["mlm_chance"] == 1 / 264
+    # the same losses at every logged step: 3 and 6 before the cut, 9 (logged again) and 12 after
+    # the resume from step 6
+    assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "whole"))
+
+
+def test_bad_records_are_skipped_or_fatal_under_strict(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "a fine document about shapes"}) + "\n{broken\n" +
+                    json.dumps({"text": "another one"}) + "\n")
+    logs = []
+    with pytest.warns(UserWarning, match="data.jsonl:2: malformed JSON"):
+        train(_config(tmp_path / "run", data=str(data), max_steps=2), log=logs.append)
+    assert any("skipped 1 bad records" in line for line in logs)
+    code = cli.main(["train", "--out", str(tmp_path / "strict"), "--data", str(data), "--strict", "--max-steps", "2"])
+    assert code == 2 and "data.jsonl:2: malformed JSON" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    original = MocaCPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        out = original(self, batch)
+        calls["n"] += 1
+        if calls["n"] > 7:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MocaCPT, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match=r"became nan at step 7; stopped\. The last good checkpoint is .*step-0000006\.pt"):
+        train(_config(tmp_path / "run"), log=lambda *_: None)
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
+        TrainConfig().update({"learning_rate": "1"})
+    with pytest.raises(ValueError, match="lr takes a float"):
+        TrainConfig().update({"lr": "fast"})
+    assert TrainConfig().update({"use_mae": "false", "lr": "1e-4"}).use_mae is False
