@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import Case, Provider, Unavailable  # noqa: E402
+from harness import Case, Provider  # noqa: E402
 
 P = 4704
 CASES = [f"n{n}k" for n in (1, 4, 16, 64)] + ["n16k-masked", "n16k-norm"]

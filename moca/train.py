@@ -11,13 +11,11 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-import math
 import os
 import random
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .data import embedded

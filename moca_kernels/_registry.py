@@ -71,6 +71,28 @@ def triton_reasons(device: torch.device | None, dtype: torch.dtype | None) -> li
     return reasons
 
 
+# MOCA_KERNELS_AUTOTUNE=0 skips the Triton kernels' autotuning: the first candidate only (the GPU
+# tests use it: every new shape class would otherwise compile and time every candidate).
+AUTOTUNE_ENV = "MOCA_KERNELS_AUTOTUNE"
+
+
+def autotune_off() -> bool:
+    return os.environ.get(AUTOTUNE_ENV) == "0"
+
+
+def bench_unless_disabled(fn, quantiles):
+    """The autotuners' timer; with MOCA_KERNELS_AUTOTUNE=0 (one candidate left) it times nothing."""
+    if autotune_off():
+        return [0.0, 0.0, 0.0]
+    import triton.testing
+    return triton.testing.do_bench(fn, quantiles=quantiles)
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its last dimension is contiguous (the kernels take any row stride), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of an op.

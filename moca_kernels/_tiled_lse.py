@@ -19,14 +19,13 @@ info_nce, ones for the cross-entropy), inv_t a device scalar.
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from ._registry import triton_interpret
+from ._registry import autotune_off, bench_unless_disabled, triton_interpret
 
 # E is kept near 1 (not near g * p / B, which underflows float16 at large batches).
 E_RANGE = 1024.0
@@ -34,7 +33,6 @@ E_RANGE = 1024.0
 # this many column chunks, each one more rounding of dq (unless dq has a float32 accumulator).
 MAX_SINGLE_PASS_DOC_CHUNKS = 8
 QUERY_CHUNK_ROWS = 2048  # otherwise: enough for float32-output products that stay compute-bound
-AUTOTUNE_ENV = "MOCA_KERNELS_AUTOTUNE"
 
 # (BLOCK_K, num_warps, num_stages); the first is used when MOCA_KERNELS_AUTOTUNE=0. Tiles are
 # BLOCK_M x BLOCK_N = 128 x 128 (32 x 32 with BLOCK_K 32 in the interpreter, to cover odd shapes cheaply).
@@ -153,12 +151,6 @@ def _coef_kernel(Q, K, RQ, RK, BIAS, LABELS, INV_T, ROW_LSE, ROW_W, G, COL_LSE, 
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _bench_unless_disabled(fn, quantiles):
-    if os.environ.get(AUTOTUNE_ENV) == "0":
-        return [0.0, 0.0, 0.0]
-    return triton.testing.do_bench(fn, quantiles=quantiles)
-
-
 def _autotune(kernel):
     if triton_interpret():
         configs = [triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1)]
@@ -166,10 +158,10 @@ def _autotune(kernel):
         configs = [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s) for bk, w, s in CANDIDATES]
 
     def prune(configs, named_args, **kwargs):
-        return configs[:1] if os.environ.get(AUTOTUNE_ENV) == "0" else configs
+        return configs[:1] if autotune_off() else configs
 
     return triton.autotune(configs, key=["dim", "size_class", "SYMMETRIC", "HAS_BIAS", "EVEN_K", "PRECISION"],
-                           prune_configs_by={"early_config_prune": prune}, do_bench=_bench_unless_disabled)(kernel)
+                           prune_configs_by={"early_config_prune": prune}, do_bench=bench_unless_disabled)(kernel)
 
 
 _fwd = _autotune(_fwd_kernel)
@@ -241,6 +233,9 @@ def scratch_plan(batch: int, m: int, dim: int, elt: int, budget: int, fp32_out: 
 def _row_chunks(n: int, size: int):
     return [(s, min(s + size, n)) for s in range(0, n, max(1, size))]
 
+
+
+_FP32_OUT: dict[str, bool] = {}  # per device: whether torch.addmm(out_dtype=float32) works there
 
 
 def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:

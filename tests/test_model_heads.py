@@ -10,7 +10,7 @@ from moca.data.records import CptDocument
 from moca.data.tokenizer import ByteTokenizer
 from moca.model.heads import MocaCPT
 from moca.model.qwen import build
-from moca_kernels import linear_cross_entropy, mae_loss
+from moca_kernels import linear_cross_entropy
 
 SMALL = dict(min_pixels=56 * 56, max_pixels=56 * 56)
 

@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from moca import cli
 from moca.model.heads import MocaCPT

@@ -1,6 +1,5 @@
 """varlen_attention: the Triton path against the PyTorch reference, forward and every gradient
 (through the output and through lse), on fresh random inputs; bad inputs; opcheck; torch.compile."""
-import math
 
 import pytest
 import torch

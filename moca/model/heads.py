@@ -13,10 +13,9 @@ import copy
 import torch
 from torch import nn
 
+from moca.data.images import ROW
+from moca.data.masking import ROWS_PER_TOKEN
 from moca_kernels import linear_cross_entropy, mae_loss
-
-ROW = 1176
-ROWS_PER_TOKEN = 4
 
 
 class MocaCPT(nn.Module):

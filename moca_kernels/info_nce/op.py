@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .._registry import Backend, register_op, select_backend, triton_reasons
+from .._registry import Backend, last_dim_contiguous, register_op, select_backend, triton_reasons
 from .reference import info_nce_reference
 
 OP = "info_nce"
@@ -22,17 +22,13 @@ def _triton_impl():
     return triton_kernels
 
 
-def _contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 and (x.dim() < 3 or x.stride(1) == x.shape[2]) else x.contiguous()
-
-
 @torch.library.custom_op("moca::info_nce_fwd", mutates_args=())
 def info_nce_fwd(query: torch.Tensor, docs: torch.Tensor, hard: torch.Tensor, labels: torch.Tensor,
                  inv_t: torch.Tensor, symmetric: bool, normalize: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward: (losses (B,), row LSE (B,), column LSE (M,) or (0,), 1/|query| (B,),
     1/|docs| (M,), 1/|hard| (B, K)), all float32. ``hard`` is (B, K, d) with K >= 0."""
-    query, docs, hard = (_contiguous(x) for x in (query, docs, hard))
+    query, docs, hard = (last_dim_contiguous(x) for x in (query, docs, hard))
     with torch.cuda.device_of(query):
         return _triton_impl().forward(query, docs, hard, labels, inv_t, symmetric, normalize)
 
@@ -51,7 +47,7 @@ def info_nce_bwd(grad: torch.Tensor, query: torch.Tensor, docs: torch.Tensor, ha
                  rq: torch.Tensor, rk: torch.Tensor, rh: torch.Tensor, symmetric: bool, normalize: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: gradients of sum(grad * losses) for query, docs, hard and inv_t."""
-    query, docs, hard = (_contiguous(x) for x in (query, docs, hard))
+    query, docs, hard = (last_dim_contiguous(x) for x in (query, docs, hard))
     with torch.cuda.device_of(query):
         return _triton_impl().backward(grad.contiguous(), query, docs, hard, labels, inv_t, row_lse, col_lse,
                                        rq, rk, rh, symmetric, normalize)

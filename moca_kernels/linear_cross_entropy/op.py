@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .._registry import Backend, register_op, select_backend, triton_reasons
+from .._registry import Backend, last_dim_contiguous, register_op, select_backend, triton_reasons
 from .reference import linear_cross_entropy_reference
 
 OP = "linear_cross_entropy"
@@ -23,16 +23,12 @@ def _triton_impl():
     return triton_kernels
 
 
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 @torch.library.custom_op("moca::linear_cross_entropy_fwd", mutates_args=())
 def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: (per-row losses (N,), row log-sum-exp (N,)), float32. Every label indexes
     the vocabulary (ignored rows are dropped before)."""
-    hidden, weight = _rows_contiguous(hidden), _rows_contiguous(weight)
+    hidden, weight = last_dim_contiguous(hidden), last_dim_contiguous(weight)
     with torch.cuda.device_of(hidden):
         return _triton_impl().forward(hidden, weight, bias.contiguous() if bias is not None else None, labels)
 
@@ -48,7 +44,7 @@ def linear_cross_entropy_bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: t
                              bias: Optional[torch.Tensor], labels: torch.Tensor,
                              lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: (d hidden, d weight, d bias; empty without a bias) of sum(grad * losses)."""
-    hidden, weight = _rows_contiguous(hidden), _rows_contiguous(weight)
+    hidden, weight = last_dim_contiguous(hidden), last_dim_contiguous(weight)
     with torch.cuda.device_of(hidden):
         dh, dw, db = _triton_impl().backward(grad.contiguous(), hidden, weight,
                                              bias.contiguous() if bias is not None else None, labels, lse)

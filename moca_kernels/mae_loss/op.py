@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .. import _cuda
-from .._registry import Backend, register_op, select_backend, triton_reasons
+from .._registry import Backend, last_dim_contiguous, register_op, select_backend, triton_reasons
 from .reference import mae_loss_reference
 
 OP = "mae_loss"
@@ -30,16 +30,12 @@ def _impl(backend: str):
     return triton_kernels
 
 
-def _contiguous_rows(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 @torch.library.custom_op("moca::mae_loss_fused", mutates_args=())
 def mae_loss_fused(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor], norm_pix: bool, eps: float,
                    mode: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss (0-dim, or (N,) for mode 2) and d(loss)/d(pred) for an upstream gradient of 1,
     both from one pass of the ``backend`` kernel ("cuda" or "triton")."""
-    pred, target = _contiguous_rows(pred), _contiguous_rows(target)
+    pred, target = last_dim_contiguous(pred), last_dim_contiguous(target)
     n, p = pred.shape
     if mask is not None:
         mask = mask.contiguous()  # the kernels read mask[row]

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .._registry import Backend, register_op, select_backend, triton_reasons
+from .._registry import Backend, last_dim_contiguous, register_op, select_backend, triton_reasons
 from ..varlen import check_cu_seqlens, check_cu_seqlens_layout
 from .reference import varlen_attention_reference
 
@@ -73,17 +73,13 @@ def _triton_impl():
     return triton_kernels
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 @torch.library.custom_op("moca::varlen_attention_fwd", mutates_args=())
 def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
                          deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward. Returns (out like q, lse float32 (Hq, total_q)). ``deterministic`` is kept
     for the backward."""
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     longest_q, longest_k = _documents(q, k, cu_seqlens_q, cu_seqlens_k)
     _check_offsets(longest_q, ("q", q))
     _check_offsets(longest_k, ("k", k), ("v", v))
@@ -102,7 +98,7 @@ def varlen_attention_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: to
                          cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
                          deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward. Returns (dq, dk, dv) like (q, k, v). ``dlse`` may be None (lse unused)."""
-    q, k, v, out, dout = (_last_dim_contiguous(x) for x in (q, k, v, out, dout))
+    q, k, v, out, dout = (last_dim_contiguous(x) for x in (q, k, v, out, dout))
     if dlse is not None:  # the kernels index it like lse; autograd may hand in an expanded view
         dlse = dlse.contiguous()
     longest_q, longest_k = _documents(q, k, cu_seqlens_q, cu_seqlens_k)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from .._registry import triton_interpret
+from .._registry import autotune_off, bench_unless_disabled, triton_interpret
 
 LOG2E = 1.4426950408889634  # the kernels spell it, and ln 2, as literals
 
@@ -478,16 +478,6 @@ def grid_block(kernel: str, head_dim: int) -> int:
 
 
 _TUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL"]
-# MOCA_KERNELS_AUTOTUNE=0 skips the tuning (the GPU tests use it: every new shape class would
-# otherwise compile and time every candidate).
-AUTOTUNE_ENV = "MOCA_KERNELS_AUTOTUNE"
-
-
-def _bench_unless_disabled(fn, quantiles):
-    """The autotuner's timer; with MOCA_KERNELS_AUTOTUNE=0 (one candidate left) it times nothing."""
-    if os.environ.get(AUTOTUNE_ENV) == "0":
-        return [0.0, 0.0, 0.0]
-    return triton.testing.do_bench(fn, quantiles=quantiles)
 
 
 def _autotune(kernel, name: str, block: str, key=(), pre_hook=None, **kwargs):
@@ -502,12 +492,12 @@ def _autotune(kernel, name: str, block: str, key=(), pre_hook=None, **kwargs):
 
     def prune(configs, named_args, **call_kwargs):
         allowed = candidates[head_dim_class(call_kwargs["HEAD_DIM"])]
-        if os.environ.get(AUTOTUNE_ENV) == "0":  # first candidate only: compile once, no tuning
+        if autotune_off():  # first candidate only: compile once, no tuning
             allowed = allowed[:1]
         return [c for c in configs if (c.kwargs[block], c.num_warps, c.num_stages) in allowed]
 
     return triton.autotune(configs, key=_TUNE_KEY + list(key), prune_configs_by={"early_config_prune": prune},
-                           do_bench=_bench_unless_disabled, **kwargs)(kernel)
+                           do_bench=bench_unless_disabled, **kwargs)(kernel)
 
 
 def _tma_block_rows(nargs):
