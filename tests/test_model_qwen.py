@@ -94,3 +94,24 @@ def test_packed_image_documents_equal_each_document_alone(model):
                       torch.cat([document_positions(ids, grid, image) for ids, _, grid in docs], 1))
     torch.testing.assert_close(packed[:lengths[0]], alone[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[lengths[0]:], alone[1], rtol=1e-5, atol=1e-5)
+
+
+def test_vision_tower_in_one_launch_equals_transformers_per_window_attention():
+    # build() replaces the vision attention by one varlen launch over all windows; the stock
+    # module (eager attention, one call per window and image) must give the same features.
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from moca.model.qwen import PRESETS
+    torch.manual_seed(3)
+    ours = build("tiny").eval()
+    stock = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**PRESETS["tiny"], attn_implementation="eager")).eval()
+    stock.load_state_dict(ours.state_dict())
+    gen = torch.Generator().manual_seed(5)
+    grids = torch.tensor([[1, 8, 12], [1, 4, 4]])  # the first image spans several 56-pixel windows
+    pixels = torch.randn(int(grids.prod(1).sum()), 1176, generator=gen)
+    with torch.no_grad():
+        a = ours.model.get_image_features(pixels, grids)
+        b = stock.model.get_image_features(pixels, grids)
+    a = torch.cat(a.pooler_output if hasattr(a, "pooler_output") else a)
+    b = torch.cat(b.pooler_output if hasattr(b, "pooler_output") else b)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

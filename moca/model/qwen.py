@@ -5,7 +5,8 @@ The language model's attention goes through transformers' attention interface un
 ``moca_varlen``: ``moca_kernels.varlen_attention`` over the documents that ``cu_seq_lens_q``
 (the packed batch's ``cu_seqlens``, passed as a model keyword) delimits, never causal. A batch
 that is padded instead of packed (more than one row, or an attention mask) is refused: this
-attention cannot honour padding silently.
+attention cannot honour padding silently. The vision tower's attention runs every window and
+image of the batch in one ``varlen_attention`` launch over its own ``cu_seqlens``.
 """
 from __future__ import annotations
 
@@ -52,6 +53,18 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
 AttentionInterface.register(ATTENTION, varlen_attention_forward)
 
 
+def _packed_vision_attention(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
+    """Qwen2.5-VL's vision attention over every window (or image) of the batch in one
+    ``varlen_attention`` launch, instead of one attention call per window."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    length = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    out = varlen_attention(q.contiguous(), k.contiguous(), v, cu_seqlens.to(torch.int32), softmax_scale=self.scaling)
+    return self.proj(out.reshape(length, -1))
+
+
 def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dtype = torch.float32):
     """A Qwen2.5-VL on moca's bidirectional packed attention: from a local checkpoint ``path``,
     else from ``preset`` with random weights (seeded by the caller)."""
@@ -66,6 +79,8 @@ def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dty
     model.config.text_config.is_causal = False
     for layer in model.model.language_model.layers:
         layer.self_attn.is_causal = False
+    for block in model.model.visual.blocks:
+        block.attn.forward = _packed_vision_attention.__get__(block.attn)
     return model
 
 
