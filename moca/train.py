@@ -205,6 +205,11 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
     torch.manual_seed(config.seed)
     tokenizer = HFTokenizer(config.model) if config.model else ByteTokenizer()
     model = build(None if config.model else config.preset, config.model)
+    rows = model.get_input_embeddings().num_embeddings
+    if max(tokenizer.specials.all) >= rows:  # e.g. <|mask|> appended past the embedding table
+        model.resize_token_embeddings(max(tokenizer.specials.all) + 1)
+        log(f"the tokenizer's ids reach {max(tokenizer.specials.all)}: embedding table resized from {rows} rows "
+            f"to {max(tokenizer.specials.all) + 1} (new rows start untrained)")
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     heads = MocaCPT(model, config.mae_weight, config.use_mlm, config.use_mae).to(device)

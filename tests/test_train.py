@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from moca import cli
 from moca.model.heads import MocaCPT
@@ -79,3 +80,44 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match="lr takes a float"):
         TrainConfig().update({"lr": "fast"})
     assert TrainConfig().update({"use_mae": "false", "lr": "1e-4"}).use_mae is False
+
+
+def test_a_local_checkpoint_and_its_tokenizer(tmp_path):
+    # What a user with a real checkpoint does, on a tiny one saved with save_pretrained and a word
+    # tokenizer that places Qwen's special tokens at the checkpoint's ids.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from moca.data import embedded
+    from moca.data.tokenizer import ByteTokenizer, HFTokenizer
+    from moca.model.qwen import build
+    data = embedded.write(str(tmp_path / "data"), documents=40)
+    with open(data) as f:
+        words = sorted({w for line in f for w in json.loads(line)["text"].split() if w != "<image>"})
+    vocab = {w: i for i, w in enumerate(words)} | {"[UNK]": len(words)}
+    specials = ByteTokenizer().ids
+    vocab.update({name: i for name, i in specials.items() if name != "<|mask|>"})  # <|mask|> gets added
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", eos_token="<|endoftext|>",
+                                        additional_special_tokens=[n for n in specials if n not in
+                                                                   ("<|endoftext|>", "<|mask|>")])
+    checkpoint = tmp_path / "checkpoint"
+    torch.manual_seed(0)
+    build("tiny").save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    tok = HFTokenizer(str(checkpoint))
+    # <|mask|> is appended after the largest id, past the tiny model's 264 rows: the trainer grows
+    # the embedding table (Qwen2.5's padded table has room, so nothing changes there)
+    assert tok.specials.image == specials["<|image_pad|>"] and tok.specials.mask == 264
+    logs = []
+    config = TrainConfig(model=str(checkpoint), data=data, out=str(tmp_path / "run"), max_steps=3, log_every=1,
+                         save_every=3)
+    train(config, log=logs.append)
+    assert any("embedding table resized from 264 rows to 265" in line for line in logs)
+    assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2, 3]
+    with pytest.raises(ValueError, match="lacks .*<\\|image_pad\\|>.*: not a Qwen2-VL tokenizer"):
+        bare = tmp_path / "bare"
+        PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
+                                unk_token="[UNK]").save_pretrained(bare)
+        HFTokenizer(str(bare))
