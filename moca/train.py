@@ -211,7 +211,10 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         log(f"the tokenizer's ids reach {max(tokenizer.specials.all)}: embedding table resized from {rows} rows "
             f"to {max(tokenizer.specials.all) + 1} (new rows start untrained)")
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     heads = MocaCPT(model, config.mae_weight, config.use_mlm, config.use_mae).to(device)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")

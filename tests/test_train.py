@@ -121,3 +121,11 @@ def test_a_local_checkpoint_and_its_tokenizer(tmp_path):
         PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
                                 unk_token="[UNK]").save_pretrained(bare)
         HFTokenizer(str(bare))
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
+    plain = train(_config(tmp_path / "plain", max_steps=3, log_every=1), log=lambda *_: None)
+    checkpointed = train(_config(tmp_path / "ckpt", max_steps=3, log_every=1, gradient_checkpointing=True),
+                         log=lambda *_: None)
+    for key in ("loss", "mlm_loss", "mae_loss"):
+        assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5), key
