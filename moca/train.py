@@ -282,10 +282,10 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
             torch.cuda.cudart().cudaProfilerStop()
         bar.update(1)
         if step % config.log_every == 0 or step == config.max_steps:
+            seconds = time.perf_counter() - started  # the step alone, not the accuracy below
             last = dict(step=step, stage="cpt", **{k: round(v, 6) for k, v in sums.items()},
                         mlm_accuracy=_mlm_accuracy(out["hidden"], heads.model.lm_head.weight, batch["labels"]),
-                        lr=scheduler.get_last_lr()[0], tokens_per_s=round(tokens / (time.perf_counter() - started), 1),
-                        epoch=epoch)
+                        lr=scheduler.get_last_lr()[0], tokens_per_s=round(tokens / seconds, 1), epoch=epoch)
             if device.type == "cuda":
                 last["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             with open(metrics_path, "a") as f:
