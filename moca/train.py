@@ -1,6 +1,7 @@
 """The slim trainer: stage 1 (``cpt``: MLM + MAE continual pre-training) on packed documents.
 
-One run directory holds ``config.json``, ``metrics.jsonl`` (a JSON object per logged step),
+The corpus is indexed once by cost (reading only image headers); documents are read, decoded
+and encoded when their micro-batch comes. One run directory holds ``config.json``, ``metrics.jsonl`` (a JSON object per logged step),
 ``checkpoints/step-N.pt`` (written atomically: a temporary file, then a rename), and at the end
 ``loss.png``. ``resume`` continues a run from its latest checkpoint with the same results as an
 uninterrupted run: model, optimizer, scheduler and data position are restored, and every
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from .data import embedded
-from .data.cpt import collate, encode
+from .data.cpt import collate, encode, layout
 from .data.packing import pack
-from .data.records import BadRecords, read_cpt
+from .data.records import BadRecords, load_cpt, read_cpt
 from .data.tokenizer import ByteTokenizer, HFTokenizer
 from .model.heads import MocaCPT
 from .model.qwen import build
@@ -102,28 +103,56 @@ def _data_files(path: str) -> list[str]:
     return [path]
 
 
-def load_documents(config: TrainConfig, tokenizer, log=print):
-    """Encoded documents of the run's data (the embedded dataset when none is given)."""
+@dataclass(frozen=True)
+class Entry:
+    """A document of the corpus: where its line is, and its cost in tokens."""
+    file: str
+    offset: int
+    where: str
+    cost: int
+
+
+def index_documents(config: TrainConfig, tokenizer, log=print) -> list[Entry]:
+    """Every usable document of the run's data (the embedded dataset when none is given) with its
+    cost, from one pass that reads only the images' headers: nothing but this index stays in
+    memory, documents are read again when their micro-batch comes."""
     path = config.data or embedded.write(os.path.join(config.out, "data"), seed=config.seed)
     bad = BadRecords()
-    docs = []
+    entries = []
     for file in _data_files(path):
-        for doc in read_cpt(file, bad, strict=config.strict):
-            docs.append(encode(doc, tokenizer, config.max_doc_tokens, config.min_pixels, config.max_pixels))
+        for doc in read_cpt(file, bad, strict=config.strict, decode=False):
+            ids, _ = layout(doc, tokenizer, config.max_doc_tokens, config.min_pixels, config.max_pixels)
+            if ids:
+                entries.append(Entry(file, doc.offset, doc.where, len(ids)))
     if bad.total:
         log(f"skipped {bad.total} bad records ({dict(bad.counts)}); first: {bad.examples[0]}")
-    if not docs:
+    if not entries:
         raise ValueError(f"no usable documents in {path}")
-    return docs
+    return entries
 
 
-def micro_batches(docs, config: TrainConfig, epoch: int) -> list[list[int]]:
+def micro_batches(entries: list[Entry], config: TrainConfig, epoch: int) -> list[list[int]]:
     """The epoch's micro-batches (document indices): documents shuffled by (seed, epoch), then
     packed under the token budget."""
-    order = list(range(len(docs)))
+    order = list(range(len(entries)))
     random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
-    batches = pack([docs[i].ids.numel() for i in order], config.token_budget)
+    batches = pack([entries[i].cost for i in order], config.token_budget)
     return [[order[i] for i in b] for b in batches]
+
+
+def _encoded(entries: list[Entry], config: TrainConfig, tokenizer, log) -> list:
+    """The micro-batch's documents read and encoded; one that fails now (a corrupt image whose
+    header was fine) is skipped with a warning, or stops the run under strict."""
+    out = []
+    for entry in entries:
+        try:
+            doc = load_cpt(entry.file, entry.offset, entry.where)
+            out.append(encode(doc, tokenizer, config.max_doc_tokens, config.min_pixels, config.max_pixels))
+        except ValueError as exc:
+            if config.strict:
+                raise
+            log(f"{exc}; document skipped")
+    return out
 
 
 def _lr_factor(step: int, total: int, warmup_ratio: float) -> float:
@@ -231,9 +260,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
         log(f"resumed {config.out} at step {step} from {checkpoint}")
-    docs = load_documents(config, tokenizer, log)
-    batches = micro_batches(docs, config, epoch)
-    log(f"{len(docs)} documents, {len(batches)} micro-batches of up to {config.token_budget} tokens per epoch")
+    entries = index_documents(config, tokenizer, log)
+    batches = micro_batches(entries, config, epoch)
+    log(f"{len(entries)} documents, {len(batches)} micro-batches of up to {config.token_budget} tokens per epoch")
     metrics_path = os.path.join(config.out, "metrics.jsonl")
     if os.path.exists(metrics_path):  # a new run starts empty; a resumed one forgets steps after its checkpoint
         with open(metrics_path) as f:
@@ -254,9 +283,13 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         for micro in range(config.grad_accum):
             if position >= len(batches):
                 epoch, position = epoch + 1, 0
-                batches = micro_batches(docs, config, epoch)
-            chosen = [docs[i] for i in batches[position]]
+                batches = micro_batches(entries, config, epoch)
+            with _Nvtx("load"):
+                chosen = _encoded([entries[i] for i in batches[position]], config, tokenizer, log)
             position += 1
+            if not chosen:
+                raise ValueError(f"no document of micro-batch {position - 1} of epoch {epoch} could be read "
+                                 "(see the warnings above)")
             generator = torch.Generator().manual_seed(hash((config.seed, step, micro)) % 2**63)
             with _Nvtx("collate"):
                 batch = collate(chosen, tokenizer.specials, config.mlm_ratio, config.mae_ratio, generator)

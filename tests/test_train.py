@@ -129,3 +129,26 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
                          log=lambda *_: None)
     for key in ("loss", "mlm_loss", "mae_loss"):
         assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5), key
+
+
+def test_a_corrupt_image_found_at_training_time_is_skipped(tmp_path):
+    # The index reads image headers only; pixels that fail to decode later cost their document,
+    # with a message naming file and line, not the run.
+    import base64
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("RGB", (56, 56), (10, 200, 30)).save(buffer, format="PNG")
+    good = buffer.getvalue()
+    (tmp_path / "ok.png").write_bytes(good)
+    (tmp_path / "bad.png").write_bytes(good[:60])  # a valid header, truncated pixels
+    data = tmp_path / "data.jsonl"
+    lines = [json.dumps({"text": f"document {i} shows <image> a green square", "images": ["ok.png"]}) for i in range(6)]
+    lines.append(json.dumps({"text": "a broken <image> one", "images": ["bad.png"]}))
+    data.write_text("\n".join(lines) + "\n")
+    logs = []
+    train(_config(tmp_path / "run", data=str(data), max_steps=2, log_every=1), log=logs.append)
+    assert any("data.jsonl:7: image 'bad.png' could not be decoded" in line and "document skipped" in line
+               for line in logs)
+    assert any(line.startswith("7 documents") for line in logs)  # the header passed the index

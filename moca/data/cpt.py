@@ -15,7 +15,7 @@ import torch
 
 from moca_kernels.varlen import lengths_to_cu_seqlens
 
-from .images import MAX_PIXELS, MIN_PIXELS, ROW, image_rows, merged_tokens
+from .images import MAX_PIXELS, MIN_PIXELS, PATCH, ROW, fitted_size, image_rows, merged_tokens
 from .masking import ROWS_PER_TOKEN, choose_image_tokens, corrupt_rows, mask_tokens
 from .records import IMAGE_PLACEHOLDER, CptDocument
 from .tokenizer import Specials, maskable
@@ -29,24 +29,33 @@ class Encoded:
     where: str
 
 
-def encode(doc: CptDocument, tokenizer, max_tokens: int, min_pixels: int = MIN_PIXELS,
-           max_pixels: int = MAX_PIXELS) -> Encoded:
+def layout(doc: CptDocument, tokenizer, max_tokens: int, min_pixels: int = MIN_PIXELS,
+           max_pixels: int = MAX_PIXELS) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """(token ids, grids of the images kept) of a document, from the images' sizes alone: what
+    ``encode`` produces, and the document's cost for packing, without decoding any pixel."""
     sp = tokenizer.specials
     ids: list[int] = []
-    rows, grids = [], []
-    pieces = doc.text.split(IMAGE_PLACEHOLDER)
-    for k, piece in enumerate(pieces):
-        text = tokenizer.encode(piece)
-        ids += text[: max_tokens - len(ids)]
+    grids = []
+    for k, piece in enumerate(doc.text.split(IMAGE_PLACEHOLDER)):
+        ids += tokenizer.encode(piece)[: max_tokens - len(ids)]
         if len(ids) >= max_tokens or k == len(doc.images):
             break
-        pixels, grid = image_rows(doc.images[k], min_pixels, max_pixels)
+        width, height = doc.images[k].size
+        h, w = fitted_size(height, width, min_pixels, max_pixels)
+        grid = (1, h // PATCH, w // PATCH)
         block = [sp.vision_start] + [sp.image] * merged_tokens(grid) + [sp.vision_end]
         if len(ids) + len(block) > max_tokens:
             break  # never cut an image in half: drop it and what follows
         ids += block
-        rows.append(pixels)
         grids.append(grid)
+    return ids, grids
+
+
+def encode(doc: CptDocument, tokenizer, max_tokens: int, min_pixels: int = MIN_PIXELS,
+           max_pixels: int = MAX_PIXELS) -> Encoded:
+    """``layout`` plus the pixel rows of the images kept (decoded images needed)."""
+    ids, grids = layout(doc, tokenizer, max_tokens, min_pixels, max_pixels)
+    rows = [image_rows(image, min_pixels, max_pixels)[0] for image in doc.images[: len(grids)]]
     return Encoded(torch.tensor(ids, dtype=torch.long),
                    torch.from_numpy(np.concatenate(rows)) if rows else torch.zeros(0, ROW),
                    torch.tensor(grids, dtype=torch.long).reshape(-1, 3), doc.where)

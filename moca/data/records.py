@@ -45,23 +45,23 @@ class BadRecords:
 @dataclass
 class CptDocument:
     text: str
-    images: list[Image.Image]
-    where: str  # "file:line"
+    images: list[Image.Image]  # decoded, or (read_cpt(decode=False)) only their headers: size only
+    where: str                 # "file:line"
+    offset: int = 0            # byte offset of the line in its file (see load_cpt)
 
 
-def open_image(value, folder: str) -> Image.Image:
-    """A PIL image (decoded) from a path or base64 bytes; ValueError saying why not."""
+def open_image(value, folder: str, decode: bool = True) -> Image.Image:
+    """A PIL image from a path or base64 bytes, decoded, or with ``decode=False`` only its header
+    read (its ``size`` is all that is usable); ValueError saying why not."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"an image must be a path or base64 string, got {type(value).__name__}")
     path = value if os.path.isabs(value) else os.path.join(folder, value)
     try:
-        if os.path.isfile(path):
-            with Image.open(path) as image:
+        source = path if os.path.isfile(path) else \
+            io.BytesIO(base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True))
+        with Image.open(source) as image:
+            if decode:
                 image.load()
-                return image
-        data = value.split(",", 1)[1] if value.startswith("data:") else value
-        with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as image:
-            image.load()
             return image
     except (binascii.Error, ValueError) as exc:
         if os.path.isfile(path):
@@ -71,7 +71,7 @@ def open_image(value, folder: str) -> Image.Image:
         raise ValueError(f"image {value[:60]!r} could not be decoded: {exc}") from None
 
 
-def _cpt_document(record, folder: str, where: str) -> CptDocument:
+def _cpt_document(record, folder: str, where: str, offset: int = 0, decode: bool = True) -> CptDocument:
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
     text = record.get("text")
@@ -83,28 +83,48 @@ def _cpt_document(record, folder: str, where: str) -> CptDocument:
     placeholders = text.count(IMAGE_PLACEHOLDER)
     if placeholders != len(images):
         raise ValueError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")
-    return CptDocument(text, [open_image(image, folder) for image in images], where)
+    return CptDocument(text, [open_image(image, folder, decode) for image in images], where, offset)
 
 
-def read_cpt(path: str, bad: BadRecords | None = None, strict: bool = False) -> Iterator[CptDocument]:
+def _parse(line: bytes) -> dict:
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise ValueError(f"malformed JSON ({detail})") from None
+
+
+def read_cpt(path: str, bad: BadRecords | None = None, strict: bool = False,
+             decode: bool = True) -> Iterator[CptDocument]:
     """The valid CPT documents of a JSON Lines file, in order. Bad records (malformed JSON, a
     missing or corrupt image, an empty document, placeholders not matching images) are counted
-    in ``bad`` and skipped with a warning, or raise DataError when ``strict``."""
+    in ``bad`` and skipped with a warning, or raise DataError when ``strict``. ``decode=False``
+    reads only the images' headers (for indexing a corpus by cost)."""
     bad = bad if bad is not None else BadRecords()
     folder = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
+        offset = 0
         for number, line in enumerate(f, 1):
+            start, offset = offset, offset + len(line)
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"malformed JSON ({exc.msg} at column {exc.colno})") from None
-                yield _cpt_document(record, folder, where)
+                yield _cpt_document(_parse(line), folder, where, start, decode)
             except ValueError as exc:
                 if strict:
                     raise DataError(f"{where}: {exc}") from None
                 bad.add(where, str(exc), "malformed JSON" if str(exc).startswith("malformed JSON") else "invalid record")
                 warnings.warn(f"{where}: {exc}; record skipped", stacklevel=2)
+
+
+def load_cpt(path: str, offset: int, where: str) -> CptDocument:
+    """The document whose line starts at byte ``offset`` of ``path``, images decoded; ValueError
+    (its message starting with ``where``) when it cannot be read."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        line = f.readline()
+    try:
+        return _cpt_document(_parse(line), os.path.dirname(os.path.abspath(path)), where, offset)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
