@@ -53,6 +53,7 @@ class TrainConfig:
     use_mae: bool = True
     min_pixels: int = 56 * 56
     max_pixels: int = 56 * 56
+    cache_bytes: int = 1 << 30        # encoded documents kept in memory (the rest are read again)
     gradient_checkpointing: bool = False
     strict: bool = False
     profile_steps: str | None = None  # "A:B": cudaProfilerStart before step A, Stop after step B
@@ -140,19 +141,41 @@ def micro_batches(entries: list[Entry], config: TrainConfig, epoch: int) -> list
     return [[order[i] for i in b] for b in batches]
 
 
-def _encoded(entries: list[Entry], config: TrainConfig, tokenizer, log) -> list:
-    """The micro-batch's documents read and encoded; one that fails now (a corrupt image whose
-    header was fine) is skipped with a warning, or stops the run under strict."""
-    out = []
-    for entry in entries:
-        try:
-            doc = load_cpt(entry.file, entry.offset, entry.where)
-            out.append(encode(doc, tokenizer, config.max_doc_tokens, config.min_pixels, config.max_pixels))
-        except ValueError as exc:
-            if config.strict:
-                raise
-            log(f"{exc}; document skipped")
-    return out
+class _Documents:
+    """Encoded documents by index: read and encoded on first use, and kept while they fit in
+    ``cache_bytes`` (a small corpus is encoded once; a large one streams). A document that fails
+    to load (a corrupt image whose header was fine) is skipped with a warning, or stops the run
+    under strict."""
+
+    def __init__(self, entries: list[Entry], config: TrainConfig, tokenizer, log):
+        self.entries, self.config, self.tokenizer, self.log = entries, config, tokenizer, log
+        self.kept: dict[int, object] = {}
+        self.failed: set[int] = set()  # warned about once, then left out
+        self.room = config.cache_bytes
+
+    def get(self, indices: list[int]) -> list:
+        out = []
+        for i in indices:
+            if i in self.failed:
+                continue
+            if i in self.kept:
+                out.append(self.kept[i])
+                continue
+            entry, c = self.entries[i], self.config
+            try:
+                doc = encode(load_cpt(entry.file, entry.offset, entry.where), self.tokenizer, c.max_doc_tokens,
+                             c.min_pixels, c.max_pixels)
+            except ValueError as exc:
+                if c.strict:
+                    raise
+                self.log(f"{exc}; document skipped")
+                self.failed.add(i)
+                continue
+            size = doc.rows.numel() * 4 + doc.ids.numel() * 8
+            if size <= self.room:
+                self.kept[i], self.room = doc, self.room - size
+            out.append(doc)
+        return out
 
 
 def _lr_factor(step: int, total: int, warmup_ratio: float) -> float:
@@ -261,6 +284,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         step, epoch, position = state["step"], state["epoch"], state["position"]
         log(f"resumed {config.out} at step {step} from {checkpoint}")
     entries = index_documents(config, tokenizer, log)
+    documents = _Documents(entries, config, tokenizer, log)
     batches = micro_batches(entries, config, epoch)
     log(f"{len(entries)} documents, {len(batches)} micro-batches of up to {config.token_budget} tokens per epoch")
     metrics_path = os.path.join(config.out, "metrics.jsonl")
@@ -285,7 +309,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
                 epoch, position = epoch + 1, 0
                 batches = micro_batches(entries, config, epoch)
             with _Nvtx("load"):
-                chosen = _encoded([entries[i] for i in batches[position]], config, tokenizer, log)
+                chosen = documents.get(batches[position])
             position += 1
             if not chosen:
                 raise ValueError(f"no document of micro-batch {position - 1} of epoch {epoch} could be read "
