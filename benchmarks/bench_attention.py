@@ -258,17 +258,9 @@ def main(argv=None):
         for name in args.cases:
             case = make_case(name, dtype)
             print(f"case {name}: {case.params}, forward {case.fwd_flops / 1e12:.2f} TFLOP")
-        for name in args.providers:
-            why = PROVIDERS[name].unavailable()
-            print(f"provider {name:<12} {PROVIDERS[name].description}: {'available' if not why else why}")
+        harness.list_providers(PROVIDERS, args.providers)
         return
-    providers = []
-    for name in args.providers:
-        why = PROVIDERS[name].unavailable()
-        if why:
-            print(f"provider {name} skipped: {why}")
-        else:
-            providers.append(PROVIDERS[name])
+    providers = harness.usable(PROVIDERS, args.providers)
     harness.run("varlen attention", [make_case(c, dtype) for c in args.cases], providers, args.modes, args.out,
                 FLOP_CONVENTION)
 

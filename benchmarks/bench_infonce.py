@@ -148,17 +148,9 @@ def main(argv=None):
             case = make_case(name, dtype)
             print(f"case {name}: {case.params}, fwd+bwd {case.fwd_flops * 4 / 1e12:.3g} TFLOP, "
                   f"inputs {case.input_bytes / 2**20:.0f} MiB")
-        for name in args.providers:
-            why = PROVIDERS[name].unavailable()
-            print(f"provider {name:<15} {PROVIDERS[name].description}: {'available' if not why else why}")
+        harness.list_providers(PROVIDERS, args.providers)
         return
-    providers = []
-    for name in args.providers:
-        why = PROVIDERS[name].unavailable()
-        if why:
-            print(f"provider {name} skipped: {why}")
-        else:
-            providers.append(PROVIDERS[name])
+    providers = harness.usable(PROVIDERS, args.providers)
     harness.run("InfoNCE", [make_case(c, dtype) for c in args.cases], providers, args.modes, args.out,
                 FLOP_CONVENTION)
     if PROVIDERS["moca"] in providers:  # what the autotuner chose, per (d, size class, ...) key

@@ -128,17 +128,9 @@ def main(argv=None):
             case = make_case(name)
             print(f"case {name}: {case.params}, fwd+bwd {case.fwd_flops * 3 / 1e12:.3g} TFLOP useful, "
                   f"inputs {case.input_bytes / 2**20:.0f} MiB")
-        for name in args.providers:
-            why = PROVIDERS[name].unavailable()
-            print(f"provider {name:<11} {PROVIDERS[name].description}: {'available' if not why else why}")
+        harness.list_providers(PROVIDERS, args.providers)
         return
-    providers = []
-    for name in args.providers:
-        why = PROVIDERS[name].unavailable()
-        if why:
-            print(f"provider {name} skipped: {why}")
-        else:
-            providers.append(PROVIDERS[name])
+    providers = harness.usable(PROVIDERS, args.providers)
     harness.run("masked-LM linear cross-entropy", [make_case(c) for c in args.cases], providers, args.modes,
                 args.out, "useful work: forward 2*N*V*H, forward + backward 6*N*V*H")
 

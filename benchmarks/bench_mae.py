@@ -114,14 +114,9 @@ def main(argv=None):
         for name in args.cases:
             case = make_case(name)
             print(f"case {name}: {case.params}, forward moves {case.fwd_bytes / 2**20:.0f} MiB")
-        for name in args.providers:
-            why = PROVIDERS[name].unavailable()
-            print(f"provider {name:<9} {PROVIDERS[name].description}: {'available' if not why else why}")
+        harness.list_providers(PROVIDERS, args.providers)
         return
-    providers = [PROVIDERS[n] for n in args.providers if not PROVIDERS[n].unavailable()]
-    for name in args.providers:
-        if PROVIDERS[name].unavailable():
-            print(f"provider {name} skipped: {PROVIDERS[name].unavailable()}")
+    providers = harness.usable(PROVIDERS, args.providers)
     harness.run("MAE loss", [make_case(c) for c in args.cases], providers, args.modes, args.out,
                 "useful bytes: forward reads pred (bf16) and target (fp32) and writes d pred; backward reads d pred "
                 "and writes the scaled gradient")

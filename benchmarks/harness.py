@@ -178,6 +178,26 @@ def parser(description: str, providers: Sequence[str], cases: Sequence[str]) -> 
     return p
 
 
+def list_providers(providers: dict, names: Sequence[str], log: Callable[[str], None] = print) -> None:
+    """``--list``: each provider, what it is, and whether it can run here (or why not)."""
+    width = max(map(len, names), default=0)
+    for name in names:
+        why = providers[name].unavailable()
+        log(f"provider {name:<{width}} {providers[name].description}: {'available' if not why else why}")
+
+
+def usable(providers: dict, names: Sequence[str], log: Callable[[str], None] = print) -> list:
+    """The named providers that can run here; each one that cannot is reported with its reason."""
+    out = []
+    for name in names:
+        why = providers[name].unavailable()
+        if why:
+            log(f"provider {name} skipped: {why}")
+        else:
+            out.append(providers[name])
+    return out
+
+
 def check_case_names(requested: Sequence[str], known: Sequence[str]) -> None:
     unknown = [c for c in requested if c not in known]
     if unknown:
