@@ -108,6 +108,12 @@ class Backend:
     auto: Callable[[torch.device], bool] = lambda device: True
 
 
+# The two backends most ops have: Triton kernels (picked automatically on CUDA tensors) and the
+# PyTorch reference (always able to serve).
+TRITON = Backend("triton", triton_reasons, auto=lambda device: device.type == "cuda")
+TORCH = Backend("torch", lambda device, dtype: [])
+
+
 @dataclass
 class OpEntry:
     name: str

@@ -5,16 +5,13 @@ import math
 
 import torch
 
-from .._registry import Backend, last_dim_contiguous, register_op, select_backend, triton_reasons
+from .._registry import TORCH, TRITON, last_dim_contiguous, register_op, select_backend
 from .reference import info_nce_reference
 
 OP = "info_nce"
 REDUCTIONS = ("mean", "sum", "none")
 
-register_op(OP, [
-    Backend("triton", triton_reasons, auto=lambda device: device.type == "cuda"),
-    Backend("torch", lambda device, dtype: []),
-])
+register_op(OP, [TRITON, TORCH])
 
 
 def _triton_impl():

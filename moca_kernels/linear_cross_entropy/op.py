@@ -6,16 +6,13 @@ from typing import Optional
 
 import torch
 
-from .._registry import Backend, last_dim_contiguous, register_op, select_backend, triton_reasons
+from .._registry import TORCH, TRITON, last_dim_contiguous, register_op, select_backend
 from .reference import linear_cross_entropy_reference
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
 
-register_op(OP, [
-    Backend("triton", triton_reasons, auto=lambda device: device.type == "cuda"),
-    Backend("torch", lambda device, dtype: []),
-])
+register_op(OP, [TRITON, TORCH])
 
 
 def _triton_impl():

@@ -8,18 +8,14 @@ from typing import Optional
 import torch
 
 from .. import _cuda
-from .._registry import Backend, last_dim_contiguous, register_op, select_backend, triton_reasons
+from .._registry import Backend, TORCH, TRITON, last_dim_contiguous, register_op, select_backend
 from .reference import mae_loss_reference
 
 OP = "mae_loss"
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}  # the kernels' mode codes
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-register_op(OP, [
-    Backend("cuda", _cuda.device_reasons, auto=lambda device: device.type == "cuda"),
-    Backend("triton", triton_reasons, auto=lambda device: device.type == "cuda"),
-    Backend("torch", lambda device, dtype: []),
-])
+register_op(OP, [Backend("cuda", _cuda.device_reasons, auto=lambda device: device.type == "cuda"), TRITON, TORCH])
 
 
 def _impl(backend: str):

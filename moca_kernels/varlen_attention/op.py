@@ -8,16 +8,13 @@ from typing import Callable, Optional
 
 import torch
 
-from .._registry import Backend, last_dim_contiguous, register_op, select_backend, triton_reasons
+from .._registry import TORCH, TRITON, last_dim_contiguous, register_op, select_backend
 from ..varlen import check_cu_seqlens, check_cu_seqlens_layout
 from .reference import varlen_attention_reference
 
 OP = "varlen_attention"
 MAX_HEAD_DIM = 256
-register_op(OP, [
-    Backend("triton", triton_reasons, auto=lambda device: device.type == "cuda"),
-    Backend("torch", lambda device, dtype: []),
-])
+register_op(OP, [TRITON, TORCH])
 
 
 class _ValueCache:
