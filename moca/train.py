@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import random
@@ -22,7 +23,7 @@ import torch
 from .data import embedded
 from .data.cpt import collate, encode, layout
 from .data.packing import pack
-from .data.records import BadRecords, load_cpt, read_cpt
+from .data.records import BadRecords, DataError, load_cpt, read_cpt
 from .data.tokenizer import ByteTokenizer, HFTokenizer
 from .model.heads import MocaCPT
 from .model.qwen import build
@@ -54,6 +55,7 @@ class TrainConfig:
     min_pixels: int = 56 * 56
     max_pixels: int = 56 * 56
     cache_bytes: int = 1 << 30        # encoded documents kept in memory (the rest are read again)
+    index_cache: str | None = None    # where each data file's cost index is kept (default: out/index)
     gradient_checkpointing: bool = False
     strict: bool = False
     profile_steps: str | None = None  # "A:B": cudaProfilerStart before step A, Stop after step B
@@ -113,18 +115,45 @@ class Entry:
     cost: int
 
 
+def _index_file(file: str, config: TrainConfig, tokenizer, bad: BadRecords) -> list[Entry]:
+    """One file's entries, from the index cache when the file, the tokenizer and the layout
+    settings are those it was made with, else from a scan that reads only image headers."""
+    stat = os.stat(file)
+    key = hashlib.sha1(json.dumps([os.path.abspath(file), stat.st_size, stat.st_mtime_ns, tokenizer.fingerprint,
+                                   config.max_doc_tokens, config.min_pixels, config.max_pixels]).encode()).hexdigest()
+    cached = os.path.join(config.index_cache or os.path.join(config.out, "index"), f"{key}.json")
+    if os.path.isfile(cached):
+        with open(cached) as f:
+            saved = json.load(f)
+        if config.strict and saved["examples"]:
+            raise DataError(saved["examples"][0])
+        for kind, count in saved["bad"].items():
+            bad.counts[kind] += count
+        bad.examples.extend(saved["examples"][: 10 - len(bad.examples)])
+        return [Entry(file, offset, f"{file}:{line}", cost) for offset, line, cost in saved["entries"]]
+    before, examples = dict(bad.counts), len(bad.examples)
+    entries = []
+    for doc in read_cpt(file, bad, strict=config.strict, decode=False):
+        ids, _ = layout(doc, tokenizer, config.max_doc_tokens, config.min_pixels, config.max_pixels)
+        if ids:
+            entries.append(Entry(file, doc.offset, doc.where, len(ids)))
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with open(cached + ".tmp", "w") as f:
+        json.dump(dict(entries=[[e.offset, int(e.where.rsplit(":", 1)[1]), e.cost] for e in entries],
+                       bad={k: v - before.get(k, 0) for k, v in bad.counts.items() if v - before.get(k, 0)},
+                       examples=bad.examples[examples:]), f)
+    os.replace(cached + ".tmp", cached)
+    return entries
+
+
 def index_documents(config: TrainConfig, tokenizer, log=print) -> list[Entry]:
     """Every usable document of the run's data (the embedded dataset when none is given) with its
-    cost, from one pass that reads only the images' headers: nothing but this index stays in
-    memory, documents are read again when their micro-batch comes."""
+    cost: only this index stays in memory, documents are read again when their micro-batch comes.
+    Each file is scanned once (image headers only) and its index cached under ``index_cache``
+    (default: the run directory), so a resumed run, or one sharing the cache, does not scan it again."""
     path = config.data or embedded.write(os.path.join(config.out, "data"), seed=config.seed)
     bad = BadRecords()
-    entries = []
-    for file in _data_files(path):
-        for doc in read_cpt(file, bad, strict=config.strict, decode=False):
-            ids, _ = layout(doc, tokenizer, config.max_doc_tokens, config.min_pixels, config.max_pixels)
-            if ids:
-                entries.append(Entry(file, doc.offset, doc.where, len(ids)))
+    entries = [e for file in _data_files(path) for e in _index_file(file, config, tokenizer, bad)]
     if bad.total:
         log(f"skipped {bad.total} bad records ({dict(bad.counts)}); first: {bad.examples[0]}")
     if not entries:

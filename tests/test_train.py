@@ -153,3 +153,26 @@ def test_a_corrupt_image_found_at_training_time_is_skipped(tmp_path):
     skipped = [line for line in logs if "data.jsonl:7: image 'bad.png' could not be decoded" in line]
     assert len(skipped) == 1 and "document skipped" in skipped[0]  # said once, over several epochs
     assert any(line.startswith("7 documents") for line in logs)  # the header passed the index
+
+
+def test_the_index_is_cached_and_invalidated_by_a_changed_file(tmp_path, monkeypatch):
+    from moca import train as train_module
+    from moca.data.records import DataError
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document number {i} about shapes"}) + "\n" for i in range(8)) +
+                    "{broken\n")
+    config = _config(tmp_path / "a", data=str(data), index_cache=str(tmp_path / "index"))
+    tok = train_module.ByteTokenizer()
+    with pytest.warns(UserWarning, match="malformed JSON"):
+        first = train_module.index_documents(config, tok, log=lambda *_: None)
+    scans = []
+    original = train_module.read_cpt
+    monkeypatch.setattr(train_module, "read_cpt", lambda *a, **k: scans.append(a) or original(*a, **k))
+    logs = []
+    again = train_module.index_documents(config.update({"out": str(tmp_path / "b")}), tok, log=logs.append)
+    assert again == first and not scans  # from the cache, with the bad record still counted
+    assert any("skipped 1 bad records" in line for line in logs)
+    with pytest.raises(DataError, match="data.jsonl:9: malformed JSON"):  # strict sees cached bad records too
+        train_module.index_documents(config.update({"strict": "true"}), tok)
+    data.write_text(json.dumps({"text": "only one document now"}) + "\n")
+    assert len(train_module.index_documents(config, tok, log=lambda *_: None)) == 1 and scans

@@ -3,6 +3,8 @@ lacks one), or, for the embedded default, a byte-level tokenizer the project def
 that nothing is downloaded. Both expose the ids the pipeline needs."""
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,7 @@ class ByteTokenizer:
     def __init__(self):
         ids = {name: 256 + i for i, name in enumerate(self.NAMES)}
         self.vocab_size = 256 + len(self.NAMES)
+        self.fingerprint = f"bytes:{self.vocab_size}"  # what an index of token counts depends on
         self.specials = Specials(mask=ids[MASK_TOKEN], image=ids[IMAGE_PAD], vision_start=ids[VISION_START],
                                  vision_end=ids[VISION_END], eos=ids["<|endoftext|>"], all=frozenset(ids.values()))
         self.ids = ids
@@ -57,6 +60,12 @@ class HFTokenizer:
         if missing:
             raise ValueError(f"the tokenizer at {path} lacks {missing}: not a Qwen2-VL tokenizer")
         self.vocab_size = len(self.tok)
+        tokenizer_json = os.path.join(path, "tokenizer.json")
+        digest = "none"
+        if os.path.exists(tokenizer_json):
+            with open(tokenizer_json, "rb") as f:
+                digest = hashlib.sha1(f.read()).hexdigest()
+        self.fingerprint = f"hf:{digest}:{self.vocab_size}"  # what an index of token counts depends on
         eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else vocab[IMAGE_PAD]
         self.specials = Specials(mask=vocab[MASK_TOKEN], image=vocab[IMAGE_PAD], vision_start=vocab[VISION_START],
                                  vision_end=vocab[VISION_END], eos=eos, all=frozenset(self.tok.all_special_ids)
