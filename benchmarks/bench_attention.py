@@ -76,10 +76,6 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().clone().requires_grad_()
 
 
-def _missing(module: str) -> str | None:
-    return None if importlib.util.find_spec(module) is not None else f"{module} is not installed"
-
-
 # ------------------------------------------------------------------------------------------------
 # Providers
 # ------------------------------------------------------------------------------------------------
@@ -242,9 +238,9 @@ PROVIDERS = {
                             _varlen_attn_unavailable),
     "flex": Provider("flex", setup_flex, "compiled FlexAttention, document BlockMask"),
     "flash-attn": Provider("flash-attn", setup_flash_attn, "flash_attn_varlen_func (FlashAttention-2)",
-                           lambda: _missing("flash_attn")),
+                           harness.missing("flash_attn")),
     "fa3": Provider("fa3", setup_fa3, "flash_attn_interface.flash_attn_varlen_func (FlashAttention-3)",
-                    lambda: _missing("flash_attn_interface")),
+                    harness.missing("flash_attn_interface")),
 }
 
 

@@ -19,7 +19,6 @@ Peak memory is reported above the inputs, and against the floor of inputs plus g
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -123,15 +122,11 @@ def setup_matmul(x):
     return (lambda: q @ d.T), []
 
 
-def _missing(module: str):
-    return lambda: None if importlib.util.find_spec(module) is not None else f"{module} is not installed"
-
-
 PROVIDERS = {
-    "moca": Provider("moca", setup_moca, "moca_kernels.info_nce, Triton + cuBLAS", _missing("triton")),
+    "moca": Provider("moca", setup_moca, "moca_kernels.info_nce, Triton + cuBLAS", harness.missing("triton")),
     "dense": Provider("dense", lambda x: _setup_dense(x, dense_loss), "float32 logits + cross_entropy, eager"),
     "dense-compiled": Provider("dense-compiled", setup_dense_compiled, "the same under torch.compile"),
-    "inf-cl": Provider("inf-cl", setup_inf_cl, "Inf-CL cal_flash_loss (float32, TF32 products)", _missing("inf_cl")),
+    "inf-cl": Provider("inf-cl", setup_inf_cl, "Inf-CL cal_flash_loss (float32, TF32 products)", harness.missing("inf_cl")),
     "matmul": Provider("matmul", setup_matmul, "bf16 cuBLAS q @ docs.T: the matrix rate", modes=("fwd",)),
 }
 

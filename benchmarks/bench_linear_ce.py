@@ -19,7 +19,6 @@ TFLOP/s count useful work: 2*N*V*H forward, 6*N*V*H forward + backward (moca rec
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -99,21 +98,17 @@ def setup_matmul(x):
     return (lambda: h @ w.T), []
 
 
-def _missing(module: str):
-    return lambda: None if importlib.util.find_spec(module) is not None else f"{module} is not installed"
-
-
 PROVIDERS = {
-    "moca": Provider("moca", setup_moca, "moca_kernels.linear_cross_entropy, Triton + cuBLAS", _missing("triton")),
+    "moca": Provider("moca", setup_moca, "moca_kernels.linear_cross_entropy, Triton + cuBLAS", harness.missing("triton")),
     "eager": Provider("eager", setup_eager, "bf16 logits + float32 cross_entropy"),
     "compiled": Provider("compiled", lambda x: setup_eager(x, compiled=True), "the same under torch.compile"),
     "liger": Provider("liger", _setup_liger(None), "LigerFusedLinearCrossEntropyLoss (bf16 dW accumulation)",
-                      _missing("liger_kernel")),
+                      harness.missing("liger_kernel")),
     "liger-fp32": Provider("liger-fp32", _setup_liger(torch.float32), "the same, accum_dtype=float32",
-                           _missing("liger_kernel")),
-    "cce": Provider("cce", _setup_cce("high"), "Cut Cross-Entropy, gradient filtering", _missing("cut_cross_entropy")),
+                           harness.missing("liger_kernel")),
+    "cce": Provider("cce", _setup_cce("high"), "Cut Cross-Entropy, gradient filtering", harness.missing("cut_cross_entropy")),
     "cce-exact": Provider("cce-exact", _setup_cce(None), "Cut Cross-Entropy, filter_eps=None",
-                          _missing("cut_cross_entropy")),
+                          harness.missing("cut_cross_entropy")),
     "matmul": Provider("matmul", setup_matmul, "bf16 logits product alone: the matrix rate", modes=("fwd",)),
 }
 

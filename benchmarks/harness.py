@@ -178,6 +178,12 @@ def parser(description: str, providers: Sequence[str], cases: Sequence[str]) -> 
     return p
 
 
+def missing(module: str) -> Callable[[], str | None]:
+    """A Provider's ``unavailable``: why it cannot run when ``module`` is not installed."""
+    import importlib.util
+    return lambda: None if importlib.util.find_spec(module) is not None else f"{module} is not installed"
+
+
 def list_providers(providers: dict, names: Sequence[str], log: Callable[[str], None] = print) -> None:
     """``--list``: each provider, what it is, and whether it can run here (or why not)."""
     width = max(map(len, names), default=0)

@@ -88,6 +88,16 @@ def bench_unless_disabled(fn, quantiles):
     return triton.testing.do_bench(fn, quantiles=quantiles)
 
 
+def check_float_matrix(name: str, x, layout: str = "") -> None:
+    """ValueError naming ``name`` unless ``x`` is a 2-D floating-point tensor (``layout``, e.g.
+    " (N, P)", completes the message)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor{layout}, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself when its last dimension is contiguous (the kernels take any row stride), else a copy."""
     return x if x.stride(-1) == 1 else x.contiguous()

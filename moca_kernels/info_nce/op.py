@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .._registry import TORCH, TRITON, last_dim_contiguous, register_op, select_backend
+from .._registry import TORCH, TRITON, check_float_matrix, last_dim_contiguous, register_op, select_backend
 from .reference import info_nce_reference
 
 OP = "info_nce"
@@ -90,12 +90,8 @@ def _info_nce_triton(query, docs, labels, temperature, hard, symmetric, normaliz
 
 
 def _check(query, docs, labels, hard_negatives, temperature, reduction) -> None:
-    for name, x, rank in (("query", query, 2), ("docs", docs, 2)):
-        if not isinstance(x, torch.Tensor) or x.dim() != rank:
-            raise ValueError(f"{name} must be a {rank}-D tensor, got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if not x.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    check_float_matrix("query", query)
+    check_float_matrix("docs", docs)
     batch, dim = query.shape
     if batch == 0 or docs.shape[0] == 0:
         raise ValueError(f"query and docs need at least one row, got {batch} and {docs.shape[0]}")

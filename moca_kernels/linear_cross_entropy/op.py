@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .._registry import TORCH, TRITON, last_dim_contiguous, register_op, select_backend
+from .._registry import TORCH, TRITON, check_float_matrix, last_dim_contiguous, register_op, select_backend
 from .reference import linear_cross_entropy_reference
 
 OP = "linear_cross_entropy"
@@ -72,12 +72,8 @@ linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_conte
 
 
 def _check(hidden, weight, labels, bias, ignore_index, reduction) -> None:
-    for name, x in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor, got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if not x.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    check_float_matrix("hidden", hidden)
+    check_float_matrix("weight", weight)
     n, h = hidden.shape
     if weight.shape[1] != h:
         raise ValueError(f"weight has hidden size {weight.shape[1]}, hidden has {h}")

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .. import _cuda
-from .._registry import Backend, TORCH, TRITON, last_dim_contiguous, register_op, select_backend
+from .._registry import Backend, TORCH, TRITON, check_float_matrix, last_dim_contiguous, register_op, select_backend
 from .reference import mae_loss_reference
 
 OP = "mae_loss"
@@ -70,12 +70,8 @@ mae_loss_fused.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(pred, target, mask, norm_pix, eps, reduction) -> None:
-    for name, x in (("pred", pred), ("target", target)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor (N, P), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if not x.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    check_float_matrix("pred", pred, " (N, P)")
+    check_float_matrix("target", target, " (N, P)")
     if target.shape != pred.shape:
         raise ValueError(f"target has shape {tuple(target.shape)}, pred has {tuple(pred.shape)}")
     if pred.shape[1] == 0:
