@@ -83,10 +83,10 @@ def environment() -> dict:
 
 
 def source_hash(root: str) -> str:
-    """sha1 of the Python sources of moca_kernels and benchmarks: names the code measured even
+    """sha1 of the Python sources of moca_kernels, moca and benchmarks: names the code measured even
     where the checkout's git metadata is stale or the tree has uncommitted changes."""
     digest = hashlib.sha1()
-    for folder in ("moca_kernels", "benchmarks"):
+    for folder in ("moca_kernels", "moca", "benchmarks"):
         for dirpath, dirnames, filenames in sorted(os.walk(os.path.join(root, folder))):
             for name in sorted(f for f in filenames if f.endswith(".py")):
                 path = os.path.join(dirpath, name)

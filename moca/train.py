@@ -25,8 +25,9 @@ from .data.cpt import collate, encode, layout
 from .data.packing import pack
 from .data.records import BadRecords, DataError, load_cpt, read_cpt
 from .data.tokenizer import ByteTokenizer, HFTokenizer
+from .model.flops import cpt_step_flops, peak_bf16
 from .model.heads import MocaCPT
-from .model.qwen import build
+from .model.qwen import build, enable_checkpointing
 
 
 @dataclass
@@ -284,6 +285,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         json.dump(dataclasses.asdict(config), f, indent=1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
+    if config.model is None and config.preset != "tiny":
+        raise ValueError(f"preset {config.preset!r} uses Qwen's token ids, and only a checkpoint brings that "
+                         "tokenizer: give --model PATH (the tiny preset runs on the built-in byte tokenizer)")
     tokenizer = HFTokenizer(config.model) if config.model else ByteTokenizer()
     model = build(None if config.model else config.preset, config.model)
     rows = model.get_input_embeddings().num_embeddings
@@ -292,10 +296,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         log(f"the tokenizer's ids reach {max(tokenizer.specials.all)}: embedding table resized from {rows} rows "
             f"to {max(tokenizer.specials.all) + 1} (new rows start untrained)")
     if config.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     heads = MocaCPT(model, config.mae_weight, config.use_mlm, config.use_mae).to(device)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
@@ -322,6 +323,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
             kept = [line for line in f if resume and json.loads(line)["step"] <= step]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
+    peak = peak_bf16(torch.cuda.get_device_name()) if device.type == "cuda" else None
     profile = [int(x) for x in config.profile_steps.split(":")] if config.profile_steps else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     from tqdm import tqdm
@@ -330,7 +332,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
     while step < min(config.max_steps, stop_at if stop_at is not None else config.max_steps):
         if profile and step == profile[0] and device.type == "cuda":
             torch.cuda.cudart().cudaProfilerStart()
-        started, tokens = time.perf_counter(), 0
+        started, tokens, flops = time.perf_counter(), 0, 0.0
         optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "mlm_loss": 0.0, "mae_loss": 0.0}
         for micro in range(config.grad_accum):
@@ -346,6 +348,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
             generator = torch.Generator().manual_seed(hash((config.seed, step, micro)) % 2**63)
             with _Nvtx("collate"):
                 batch = collate(chosen, tokenizer.specials, config.mlm_ratio, config.mae_ratio, generator)
+            flops += cpt_step_flops(heads.model.config, batch["lengths"], batch["image_grid_thw"].tolist(),
+                                    int((batch["labels"] != -100).sum()) if config.use_mlm else 0,
+                                    batch["mae_positions"].numel() if config.use_mae else 0, config.use_mae)
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             tokens += batch["input_ids"].numel()
             with _Nvtx("forward"), autocast:
@@ -368,12 +373,17 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
             torch.cuda.cudart().cudaProfilerStop()
         bar.update(1)
         if step % config.log_every == 0 or step == config.max_steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             seconds = time.perf_counter() - started  # the step alone, not the accuracy below
             last = dict(step=step, stage="cpt", **{k: round(v, 6) for k, v in sums.items()},
                         mlm_accuracy=_mlm_accuracy(out["hidden"], heads.model.lm_head.weight, batch["labels"]),
                         lr=scheduler.get_last_lr()[0], tokens_per_s=round(tokens / seconds, 1), epoch=epoch)
+            last["model_tflops"] = round(flops / seconds / 1e12, 4)  # moca.model.flops: useful work only
             if device.type == "cuda":
                 last["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                if peak:
+                    last["mfu"] = round(flops / seconds / peak, 4)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{sums['loss']:.3f}", mlm_acc=last["mlm_accuracy"])

@@ -8,7 +8,7 @@ ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 
 
 def test_no_undefined_names():
-    result = subprocess.run([sys.executable, "-m", "pyflakes", "moca_kernels", "moca", "benchmarks"],
+    result = subprocess.run([sys.executable, "-m", "pyflakes", "moca_kernels", "moca", "benchmarks", "tests"],
                             capture_output=True, text=True, cwd=ROOT)
     problems = [line for line in result.stdout.splitlines()
                 if "undefined name" in line or "redefinition of unused" in line or "syntax" in line.lower()]

@@ -29,7 +29,7 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert (run / name).exists(), name
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [2, 4]
-    for key in ("step", "stage", "loss", "mlm_loss", "mae_loss", "mlm_accuracy", "lr", "tokens_per_s"):
+    for key in ("step", "stage", "loss", "mlm_loss", "mae_loss", "mlm_accuracy", "lr", "tokens_per_s", "model_tflops"):
         assert key in rows[-1], key
     assert os.path.basename(latest_checkpoint(str(run))) == "step-0000004.pt"
 
@@ -39,7 +39,8 @@ def test_resume_continues_exactly(tmp_path):
     train(_config(tmp_path / "cut"), stop_at=10, log=lambda *_: None)  # killed after step 10: checkpoint at 6
     assert os.path.basename(latest_checkpoint(str(tmp_path / "cut"))) == "step-0000006.pt"
     resumed = train(saved_config(str(tmp_path / "cut")), resume=True, log=lambda *_: None)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    timed = ("tokens_per_s", "model_tflops")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timed} for r in rows]  # noqa: E731
     assert strip([resumed]) == strip([whole]) and whole["mlm_chance"] == 1 / 264
     # the same losses at every logged step: 3 and 6 before the cut, 9 (logged again) and 12 after
     # the resume from step 6
@@ -134,7 +135,6 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
 def test_a_corrupt_image_found_at_training_time_is_skipped(tmp_path):
     # The index reads image headers only; pixels that fail to decode later cost their document,
     # with a message naming file and line, not the run.
-    import base64
     import io
 
     from PIL import Image

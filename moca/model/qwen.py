@@ -35,6 +35,28 @@ PRESETS = {
         **TINY_SPECIALS),
 }
 
+# Qwen2.5-VL's own shapes and token ids (research/moca-method.md section 1), with random weights:
+# for benchmarks, or as the skeleton a checkpoint fills. They speak Qwen's tokenizer, not the
+# byte-level one, so training them needs --model.
+QWEN_SPECIALS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                     vision_end_token_id=151653, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+QWEN_MASK_ID = 151665  # <|mask|> as the authors' tokenizer adds it, inside the padded embedding table
+
+
+def _qwen_shape(hidden, intermediate, layers, heads, kv_heads, vocab, tied):
+    return dict(
+        text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128000,
+                         rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=tied,
+                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=hidden,
+                           fullatt_block_indexes=[7, 15, 23, 31], window_size=112),
+        tie_word_embeddings=tied, **QWEN_SPECIALS)
+
+
+PRESETS["3b"] = _qwen_shape(2048, 11008, 36, 16, 2, 151936, tied=True)
+PRESETS["7b"] = _qwen_shape(3584, 18944, 28, 28, 4, 152064, tied=False)
+
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-interface signature: query (1, Hq, L, D), key/value (1, Hkv, L, D);
@@ -65,23 +87,36 @@ def _packed_vision_attention(self, hidden_states, cu_seqlens, position_embedding
     return self.proj(out.reshape(length, -1))
 
 
-def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dtype = torch.float32):
-    """A Qwen2.5-VL on moca's bidirectional packed attention: from a local checkpoint ``path``,
-    else from ``preset`` with random weights (seeded by the caller)."""
+def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dtype = torch.float32,
+          device: str | torch.device = "cpu", attention: str = ATTENTION):
+    """A bidirectional Qwen2.5-VL: from a local checkpoint ``path``, else from ``preset`` with
+    random weights (seeded by the caller; built directly on ``device``). ``attention`` is moca's
+    packed attention (the default, language model and vision tower) or a transformers
+    implementation such as ``"sdpa"`` for padded batches (the authors' approach; benchmarks)."""
     if path is not None:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                                   attn_implementation=ATTENTION)
+                                                                   attn_implementation=attention).to(device)
     else:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
-        config = Qwen2_5_VLConfig(**PRESETS[preset], attn_implementation=ATTENTION)
-        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+        config = Qwen2_5_VLConfig(**PRESETS[preset], attn_implementation=attention)
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
     model.config.text_config.is_causal = False
     for layer in model.model.language_model.layers:
         layer.self_attn.is_causal = False
-    for block in model.model.visual.blocks:
-        block.attn.forward = _packed_vision_attention.__get__(block.attn)
+    if attention == ATTENTION:
+        for block in model.model.visual.blocks:
+            block.attn.forward = _packed_vision_attention.__get__(block.attn)
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (the API moved in transformers 5.2x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def text_positions(lengths: list[int], device=None) -> torch.Tensor:
