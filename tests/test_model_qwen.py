@@ -115,3 +115,43 @@ def test_vision_tower_in_one_launch_equals_transformers_per_window_attention():
     a = torch.cat(a.pooler_output if hasattr(a, "pooler_output") else a)
     b = torch.cat(b.pooler_output if hasattr(b, "pooler_output") else b)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_batch_on_transformers_sdpa_equals_packed_moca():
+    # The benchmark's "authors" path (build(attention="sdpa"), right-padded rows with a padding
+    # mask) computes the same function as moca's packed row: the comparison is like for like.
+    torch.manual_seed(6)
+    ours = build("tiny").eval()
+    torch.manual_seed(6)
+    stock = build("tiny", attention="sdpa").eval()
+    docs = [_image_document(3, (1, 4, 4), 5, seed=7), _image_document(6, (1, 4, 6), 2, seed=8)]
+    image = TINY_SPECIALS["image_token_id"]
+    lengths = [ids.numel() for ids, _, _ in docs]
+    packed = _forward(ours, torch.cat([d[0] for d in docs]), torch.cat([d[1] for d in docs]),
+                      torch.cat([d[2] for d in docs]), lengths,
+                      torch.cat([document_positions(ids, grid, image) for ids, _, grid in docs], 1))
+    width = max(lengths) + 3
+    ids = torch.full((2, width), TINY_SPECIALS["pad_token_id"])
+    mask, positions = torch.zeros(2, width, dtype=torch.long), torch.zeros(3, 2, width, dtype=torch.long)
+    for b, (doc, grid) in enumerate((d[0], d[2]) for d in docs):
+        ids[b, :doc.numel()], mask[b, :doc.numel()] = doc, 1
+        positions[:, b, :doc.numel()] = document_positions(doc, grid, image)
+    with torch.no_grad():
+        padded = stock.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             pixel_values=torch.cat([d[1] for d in docs]),
+                             image_grid_thw=torch.cat([d[2] for d in docs])).last_hidden_state
+    torch.testing.assert_close(padded[0, :lengths[0]], packed[:lengths[0]], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(padded[1, :lengths[1]], packed[lengths[0]:], rtol=1e-4, atol=1e-4)
+
+
+def test_attention_takes_float32_q_k_beside_bfloat16_v():
+    # Under CUDA autocast the rotary embedding returns float32 q/k beside the projections'
+    # bfloat16 v (this stopped the trainer's first GPU run): the wrapper runs the kernel in v's dtype.
+    from moca.model.qwen import varlen_attention_forward
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 10, 16, generator=gen) for _ in range(3))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    mixed, _ = varlen_attention_forward(None, q, k, v.bfloat16(), None, cu_seq_lens_q=cu)
+    plain, _ = varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=cu)
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), plain, rtol=0.05, atol=0.05)

@@ -58,6 +58,12 @@ PRESETS["3b"] = _qwen_shape(2048, 11008, 36, 16, 2, 151936, tied=True)
 PRESETS["7b"] = _qwen_shape(3584, 18944, 28, 28, 4, 152064, tied=False)
 
 
+def _same_dtype(q, k, v):
+    """Under autocast the rotary embedding leaves q and k in float32 while v keeps the projections'
+    bfloat16: run the kernel in v's dtype, as flash-attn integrations do."""
+    return q.to(v.dtype), k.to(v.dtype), v
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-interface signature: query (1, Hq, L, D), key/value (1, Hkv, L, D);
     returns ((1, L, Hq, D), None)."""
@@ -65,7 +71,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     if query.shape[0] != 1 or attention_mask is not None or (cu is None and kwargs.get("cu_seq_lens_k") is not None):
         raise ValueError("moca_varlen attention takes one packed row with cu_seq_lens_q (the documents' "
                          "cu_seqlens), not a padded batch: pack the documents (moca.data) instead of padding them")
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (L, H, D)
+    q, k, v = (x[0].transpose(0, 1) for x in _same_dtype(query, key, value))  # (L, H, D)
     if cu is None:  # one document: the whole row
         cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
     out = varlen_attention(q, k, v, cu.to(torch.int32), softmax_scale=scaling, causal=False)
@@ -82,7 +88,7 @@ def _packed_vision_attention(self, hidden_states, cu_seqlens, position_embedding
     length = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k, v = _same_dtype(*apply_rotary_pos_emb_vision(q, k, cos, sin), v)
     out = varlen_attention(q.contiguous(), k.contiguous(), v, cu_seqlens.to(torch.int32), softmax_scale=self.scaling)
     return self.proj(out.reshape(length, -1))
 
