@@ -8,7 +8,7 @@ Switches (environment variables):
                       at build time has CUDA (so on a GPU machine use --no-build-isolation);
                       1: build, and fail if nvcc is missing; 0: never build.
     MOCA_CUDA_ARCHS   targets, ";"-separated (default "80;90a"): sm_XX machine code for each.
-    CUDA_HOME         where to look for bin/nvcc when it is not on PATH.
+    CUDA_HOME         where to look for bin/nvcc when it is not on PATH (then /usr/local/cuda).
 """
 import glob
 import os
@@ -25,8 +25,9 @@ LIBRARY = "moca_kernels._cuda.libmoca_cuda"
 def _nvcc():
     found = shutil.which("nvcc")
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if not found and home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        found = os.path.join(home, "bin", "nvcc")
+    for folder in (home, "/usr/local/cuda"):  # CUDA's default prefix is often off PATH (as on our GPU machines)
+        if not found and folder and os.path.exists(os.path.join(folder, "bin", "nvcc")):
+            found = os.path.join(folder, "bin", "nvcc")
     return found
 
 
