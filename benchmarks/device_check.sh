@@ -54,7 +54,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         --target /tmp/moca_site .whl/*.whl
     export PYTHONPATH=/tmp/moca_site${PYTHONPATH:+:$PYTHONPATH}
 fi
-step install 90 pip install -e . --no-build-isolation --no-deps -q
+# `python -m pip`: the GPU image's bare `pip` belongs to the system python, not the one with torch (then no CUDA build).
+step install 90 python -m pip install -e . --no-build-isolation --no-deps -q
 # The benchmarks run as scripts from benchmarks/: make the checkout importable whatever pip did.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step env 15 bash -c 'python -m moca_kernels.info; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv'
