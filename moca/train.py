@@ -56,6 +56,8 @@ class TrainConfig:
     min_pixels: int = 56 * 56
     max_pixels: int = 56 * 56
     cache_bytes: int = 1 << 30        # encoded documents kept in memory (the rest are read again)
+    prefetch: int = 2                 # micro-batches prepared ahead in a background thread (0: inline)
+    image_decoder: str = "pil"        # pil, or dali-cpu / dali-gpu (the dali extra: moca/data/dali.py)
     index_cache: str | None = None    # where each data file's cost index is kept (default: out/index)
     gradient_checkpointing: bool = False
     strict: bool = False
@@ -182,6 +184,10 @@ class _Documents:
         self.kept: dict[int, object] = {}
         self.failed: set[int] = set()  # warned about once, then left out
         self.room = config.cache_bytes
+        self.decoder = None
+        if config.image_decoder != "pil":
+            from .data.dali import DaliImages
+            self.decoder = DaliImages(config.image_decoder.split("-", 1)[1])
 
     def get(self, indices: list[int]) -> list:
         out = []
@@ -193,8 +199,8 @@ class _Documents:
                 continue
             entry, c = self.entries[i], self.config
             try:
-                doc = encode(load_cpt(entry.file, entry.offset, entry.where), self.tokenizer, c.max_doc_tokens,
-                             c.min_pixels, c.max_pixels)
+                doc = encode(load_cpt(entry.file, entry.offset, entry.where, decode=self.decoder is None),
+                             self.tokenizer, c.max_doc_tokens, c.min_pixels, c.max_pixels, self.decoder)
             except ValueError as exc:
                 if c.strict:
                     raise
@@ -206,6 +212,71 @@ class _Documents:
                 self.kept[i], self.room = doc, self.room - size
             out.append(doc)
         return out
+
+
+def _micro_batch_stream(entries, documents, tokenizer, model_config, config: TrainConfig, step: int, epoch: int,
+                        position: int, pin: bool = False):
+    """Micro-batches in training order from (step, epoch, position) on: (batch, its model FLOPs,
+    epoch, position after it). Each one's masks come from a generator seeded by (seed, step,
+    micro-batch), so the sequence does not depend on where a run was resumed."""
+    batches = micro_batches(entries, config, epoch)
+    while True:
+        for micro in range(config.grad_accum):
+            if position >= len(batches):
+                epoch, position = epoch + 1, 0
+                batches = micro_batches(entries, config, epoch)
+            with _Nvtx("load"):
+                chosen = documents.get(batches[position])
+            position += 1
+            if not chosen:
+                raise ValueError(f"no document of micro-batch {position - 1} of epoch {epoch} could be read "
+                                 "(see the warnings above)")
+            generator = torch.Generator().manual_seed(hash((config.seed, step, micro)) % 2**63)
+            with _Nvtx("collate"):
+                batch = collate(chosen, tokenizer.specials, config.mlm_ratio, config.mae_ratio, generator)
+            flops = cpt_step_flops(model_config, batch["lengths"], batch["image_grid_thw"].tolist(),
+                                   int((batch["labels"] != -100).sum()) if config.use_mlm else 0,
+                                   batch["mae_positions"].numel() if config.use_mae else 0, config.use_mae)
+            if pin:  # page-locked, so that the copy to the GPU does not wait on the host
+                batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            yield batch, flops, epoch, position
+        step += 1
+
+
+def _background(items, depth: int):
+    """``items`` produced ``depth`` ahead in a background thread (reading, decoding and collating
+    overlap the model's step); an exception there is raised here, in order. ``depth`` 0: inline."""
+    if depth <= 0:
+        yield from items
+        return
+    import queue
+    import threading
+    ready, stop = queue.Queue(maxsize=depth), threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put((None, exc))
+
+    thread = threading.Thread(target=produce, name="moca-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = ready.get()
+            if exc is not None:
+                raise exc
+            yield item
+    finally:
+        stop.set()
 
 
 def _lr_factor(step: int, total: int, warmup_ratio: float) -> float:
@@ -285,6 +356,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         json.dump(dataclasses.asdict(config), f, indent=1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
+    if config.image_decoder not in ("pil", "dali-cpu", "dali-gpu"):
+        raise ValueError(f"image_decoder must be pil, dali-cpu or dali-gpu, got {config.image_decoder!r}")
     if config.model is None and config.preset != "tiny":
         raise ValueError(f"preset {config.preset!r} uses Qwen's token ids, and only a checkpoint brings that "
                          "tokenizer: give --model PATH (the tiny preset runs on the built-in byte tokenizer)")
@@ -315,8 +388,10 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         log(f"resumed {config.out} at step {step} from {checkpoint}")
     entries = index_documents(config, tokenizer, log)
     documents = _Documents(entries, config, tokenizer, log)
-    batches = micro_batches(entries, config, epoch)
-    log(f"{len(entries)} documents, {len(batches)} micro-batches of up to {config.token_budget} tokens per epoch")
+    log(f"{len(entries)} documents, {len(micro_batches(entries, config, epoch))} micro-batches of up to "
+        f"{config.token_budget} tokens per epoch")
+    stream = _background(_micro_batch_stream(entries, documents, tokenizer, heads.model.config, config, step, epoch,
+                                             position, pin=device.type == "cuda"), config.prefetch)
     metrics_path = os.path.join(config.out, "metrics.jsonl")
     if os.path.exists(metrics_path):  # a new run starts empty; a resumed one forgets steps after its checkpoint
         with open(metrics_path) as f:
@@ -336,22 +411,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "mlm_loss": 0.0, "mae_loss": 0.0}
         for micro in range(config.grad_accum):
-            if position >= len(batches):
-                epoch, position = epoch + 1, 0
-                batches = micro_batches(entries, config, epoch)
-            with _Nvtx("load"):
-                chosen = documents.get(batches[position])
-            position += 1
-            if not chosen:
-                raise ValueError(f"no document of micro-batch {position - 1} of epoch {epoch} could be read "
-                                 "(see the warnings above)")
-            generator = torch.Generator().manual_seed(hash((config.seed, step, micro)) % 2**63)
-            with _Nvtx("collate"):
-                batch = collate(chosen, tokenizer.specials, config.mlm_ratio, config.mae_ratio, generator)
-            flops += cpt_step_flops(heads.model.config, batch["lengths"], batch["image_grid_thw"].tolist(),
-                                    int((batch["labels"] != -100).sum()) if config.use_mlm else 0,
-                                    batch["mae_positions"].numel() if config.use_mae else 0, config.use_mae)
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch, batch_flops, epoch, position = next(stream)
+            flops += batch_flops
+            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             tokens += batch["input_ids"].numel()
             with _Nvtx("forward"), autocast:
                 out = heads(batch)
@@ -392,6 +454,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
                   dict(model=heads.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                        step=step, epoch=epoch, position=position, config=dataclasses.asdict(config)))
     bar.close()
+    stream.close()  # stops the loader thread
     if step < config.max_steps:  # stopped early (stop_at)
         return last
     with open(metrics_path) as f:

@@ -176,3 +176,28 @@ def test_the_index_is_cached_and_invalidated_by_a_changed_file(tmp_path, monkeyp
         train_module.index_documents(config.update({"strict": "true"}), tok)
     data.write_text(json.dumps({"text": "only one document now"}) + "\n")
     assert len(train_module.index_documents(config, tok, log=lambda *_: None)) == 1 and scans
+
+
+def test_background_loading_gives_the_same_run(tmp_path):
+    # prefetch (the default, 2) prepares micro-batches in a thread; the run must equal the inline one.
+    inline = train(_config(tmp_path / "inline", max_steps=6, prefetch=0), log=lambda *_: None)
+    ahead = train(_config(tmp_path / "ahead", max_steps=6, prefetch=3), log=lambda *_: None)
+    timed = ("tokens_per_s", "model_tflops")
+    assert {k: v for k, v in inline.items() if k not in timed} == {k: v for k, v in ahead.items() if k not in timed}
+
+
+def test_a_loader_error_reaches_the_training_loop(tmp_path):
+    from moca.train import _background
+
+    def items():
+        yield 1
+        raise ValueError("bad record at data.jsonl:7")
+    stream = _background(items(), 2)
+    assert next(stream) == 1
+    with pytest.raises(ValueError, match="data.jsonl:7"):
+        next(stream)
+
+
+def test_an_unknown_image_decoder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="image_decoder must be pil, dali-cpu or dali-gpu"):
+        train(_config(tmp_path / "run", image_decoder="opencv"), log=lambda *_: None)

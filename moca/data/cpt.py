@@ -17,7 +17,7 @@ from moca_kernels.varlen import lengths_to_cu_seqlens
 
 from .images import MAX_PIXELS, MIN_PIXELS, PATCH, ROW, fitted_size, image_rows, merged_tokens
 from .masking import ROWS_PER_TOKEN, choose_image_tokens, corrupt_rows, mask_tokens
-from .records import IMAGE_PLACEHOLDER, CptDocument
+from .records import IMAGE_PLACEHOLDER, CptDocument, image_bytes
 from .tokenizer import Specials, maskable
 
 
@@ -52,10 +52,18 @@ def layout(doc: CptDocument, tokenizer, max_tokens: int, min_pixels: int = MIN_P
 
 
 def encode(doc: CptDocument, tokenizer, max_tokens: int, min_pixels: int = MIN_PIXELS,
-           max_pixels: int = MAX_PIXELS) -> Encoded:
-    """``layout`` plus the pixel rows of the images kept (decoded images needed)."""
+           max_pixels: int = MAX_PIXELS, decoder=None) -> Encoded:
+    """``layout`` plus the pixel rows of the images kept: decoded by Pillow (``doc``'s images
+    decoded), or by ``decoder`` (a ``moca.data.dali.DaliImages``) from their encoded bytes."""
     ids, grids = layout(doc, tokenizer, max_tokens, min_pixels, max_pixels)
-    rows = [image_rows(image, min_pixels, max_pixels)[0] for image in doc.images[: len(grids)]]
+    if decoder is None:
+        rows = [image_rows(image, min_pixels, max_pixels)[0] for image in doc.images[: len(grids)]]
+    else:
+        try:
+            rows = decoder.rows([image_bytes(value, doc.folder) for value in doc.sources[: len(grids)]],
+                                [(h * PATCH, w * PATCH) for _, h, w in grids])
+        except ValueError as exc:
+            raise ValueError(f"{doc.where}: {exc}") from None
     return Encoded(torch.tensor(ids, dtype=torch.long),
                    torch.from_numpy(np.concatenate(rows)) if rows else torch.zeros(0, ROW),
                    torch.tensor(grids, dtype=torch.long).reshape(-1, 3), doc.where)

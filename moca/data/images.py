@@ -52,7 +52,12 @@ def image_rows(image: Image.Image, min_pixels: int = MIN_PIXELS, max_pixels: int
     h, w = fitted_size(image.height, image.width, min_pixels, max_pixels)
     if (image.height, image.width) != (h, w):
         image = image.resize((w, h), Image.Resampling.BICUBIC)
-    x = (np.asarray(image, dtype=np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD  # (h, w, 3)
+    return patchify((np.asarray(image, dtype=np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD)
+
+
+def patchify(x: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """``image_rows`` from a resized, normalized (h, w, 3) float32 image (sides multiples of 28)."""
+    h, w = x.shape[:2]
     gh, gw = h // PATCH, w // PATCH
     x = x.reshape(gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH, 3)
     # -> (merge row, merge col, row in group, col in group, channel, patch row, patch col)

@@ -48,26 +48,43 @@ class CptDocument:
     images: list[Image.Image]  # decoded, or (read_cpt(decode=False)) only their headers: size only
     where: str                 # "file:line"
     offset: int = 0            # byte offset of the line in its file (see load_cpt)
+    sources: list = field(default_factory=list)  # each image's JSON value (path or base64)
+    folder: str = ""           # what relative image paths are relative to
+
+
+def _image_source(value, folder: str):
+    """(a path or a BytesIO of the decoded base64, the path tried) of an image's JSON value."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"an image must be a path or base64 string, got {type(value).__name__}")
+    path = value if os.path.isabs(value) else os.path.join(folder, value)
+    if os.path.isfile(path):
+        return path, path
+    try:
+        return io.BytesIO(base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value,
+                                           validate=True)), path
+    except (binascii.Error, ValueError):
+        raise ValueError(f"image {value[:60]!r} is neither a file nor base64 image data") from None
+
+
+def image_bytes(value, folder: str) -> bytes:
+    """The encoded bytes (PNG, JPEG, ...) of an image's JSON value, for decoders other than Pillow."""
+    source, _ = _image_source(value, folder)
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()
+    with open(source, "rb") as f:
+        return f.read()
 
 
 def open_image(value, folder: str, decode: bool = True) -> Image.Image:
     """A PIL image from a path or base64 bytes, decoded, or with ``decode=False`` only its header
     read (its ``size`` is all that is usable); ValueError saying why not."""
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"an image must be a path or base64 string, got {type(value).__name__}")
-    path = value if os.path.isabs(value) else os.path.join(folder, value)
+    source, path = _image_source(value, folder)
     try:
-        source = path if os.path.isfile(path) else \
-            io.BytesIO(base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True))
         with Image.open(source) as image:
             if decode:
                 image.load()
             return image
-    except (binascii.Error, ValueError) as exc:
-        if os.path.isfile(path):
-            raise ValueError(f"image {value!r} could not be decoded: {exc}") from None
-        raise ValueError(f"image {value[:60]!r} is neither a file nor base64 image data") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ValueError(f"image {value[:60]!r} could not be decoded: {exc}") from None
 
 
@@ -83,7 +100,7 @@ def _cpt_document(record, folder: str, where: str, offset: int = 0, decode: bool
     placeholders = text.count(IMAGE_PLACEHOLDER)
     if placeholders != len(images):
         raise ValueError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")
-    return CptDocument(text, [open_image(image, folder, decode) for image in images], where, offset)
+    return CptDocument(text, [open_image(image, folder, decode) for image in images], where, offset, images, folder)
 
 
 def _parse(line: bytes) -> dict:
@@ -118,13 +135,14 @@ def read_cpt(path: str, bad: BadRecords | None = None, strict: bool = False,
                 warnings.warn(f"{where}: {exc}; record skipped", stacklevel=2)
 
 
-def load_cpt(path: str, offset: int, where: str) -> CptDocument:
-    """The document whose line starts at byte ``offset`` of ``path``, images decoded; ValueError
-    (its message starting with ``where``) when it cannot be read."""
+def load_cpt(path: str, offset: int, where: str, decode: bool = True) -> CptDocument:
+    """The document whose line starts at byte ``offset`` of ``path``, images decoded (or, with
+    ``decode=False``, their headers only); ValueError (its message starting with ``where``) when
+    it cannot be read."""
     with open(path, "rb") as f:
         f.seek(offset)
         line = f.readline()
     try:
-        return _cpt_document(_parse(line), os.path.dirname(os.path.abspath(path)), where, offset)
+        return _cpt_document(_parse(line), os.path.dirname(os.path.abspath(path)), where, offset, decode)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
