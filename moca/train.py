@@ -1,33 +1,28 @@
-"""The slim trainer: stage 1 (``cpt``: MLM + MAE continual pre-training) on packed documents.
+"""The slim trainer: one loop for stage 1 (``cpt``: MLM + MAE continual pre-training) and stage 2
+(``cl``: contrastive fine-tuning), whose data and steps live in ``moca.stages``.
 
-The corpus is indexed once by cost (reading only image headers); documents are read, decoded
-and encoded when their micro-batch comes. One run directory holds ``config.json``, ``metrics.jsonl`` (a JSON object per logged step),
+One run directory holds ``config.json``, ``metrics.jsonl`` (a JSON object per logged step),
 ``checkpoints/step-N.pt`` (written atomically: a temporary file, then a rename), and at the end
 ``loss.png``. ``resume`` continues a run from its latest checkpoint with the same results as an
-uninterrupted run: model, optimizer, scheduler and data position are restored, and every
-micro-batch's masks come from a generator seeded by (seed, step, micro-batch).
+uninterrupted run: model, optimizer, scheduler and data position are restored, and every random
+choice of the data (masks) is seeded by the step.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
-import random
 import time
 from dataclasses import dataclass
 
 import torch
 
-from .data import embedded
-from .data.cpt import collate, encode, layout
-from .data.packing import pack
-from .data.records import BadRecords, DataError, load_cpt, read_cpt
 from .data.tokenizer import ByteTokenizer, HFTokenizer
-from .model.flops import cpt_step_flops, peak_bf16
-from .model.heads import MocaCPT
+from .model.embed import NonFiniteLoss
+from .model.flops import peak_bf16
 from .model.qwen import build, enable_checkpointing
+from .stages import STAGES, _Nvtx
 
 
 @dataclass
@@ -62,6 +57,14 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     strict: bool = False
     profile_steps: str | None = None  # "A:B": cudaProfilerStart before step A, Stop after step B
+    # stage 2 (cl)
+    init: str | None = None           # start from this stage-1 run's latest checkpoint (its MAE head dropped)
+    pairs_per_batch: int = 16         # pairs per contrastive batch (queries, positives, hard negatives)
+    hard_negatives: int = 2           # per query (fewer in a record are repeated in turn)
+    temperature: float = 0.03
+    learn_temperature: bool = False
+    task_batching: str = "mixed"      # mixed (MoCa) or homogeneous (one task per batch)
+    grad_cache: bool = False          # encode the batch in chunks: activations of one packed row at a time
 
     def update(self, overrides: dict) -> "TrainConfig":
         fields = {f.name: f for f in dataclasses.fields(self)}
@@ -83,218 +86,11 @@ class TrainConfig:
         return dataclasses.replace(self, **values)
 
 
-class _Nvtx:
-    """NVTX ranges for Nsight Systems; no-ops without CUDA."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        if torch.cuda.is_available():
-            torch.cuda.nvtx.range_push(self.name)
-
-    def __exit__(self, *exc):
-        if torch.cuda.is_available():
-            torch.cuda.nvtx.range_pop()
-
-
-def _data_files(path: str) -> list[str]:
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.jsonl")))
-        if not files:
-            raise ValueError(f"--data {path}: no .jsonl files in the folder")
-        return files
-    if not os.path.isfile(path):
-        raise ValueError(f"--data {path}: no such file or folder")
-    return [path]
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A document of the corpus: where its line is, and its cost in tokens."""
-    file: str
-    offset: int
-    where: str
-    cost: int
-
-
-def _index_file(file: str, config: TrainConfig, tokenizer, bad: BadRecords) -> list[Entry]:
-    """One file's entries, from the index cache when the file, the tokenizer and the layout
-    settings are those it was made with, else from a scan that reads only image headers."""
-    stat = os.stat(file)
-    key = hashlib.sha1(json.dumps([os.path.abspath(file), stat.st_size, stat.st_mtime_ns, tokenizer.fingerprint,
-                                   config.max_doc_tokens, config.min_pixels, config.max_pixels]).encode()).hexdigest()
-    cached = os.path.join(config.index_cache or os.path.join(config.out, "index"), f"{key}.json")
-    if os.path.isfile(cached):
-        with open(cached) as f:
-            saved = json.load(f)
-        if config.strict and saved["examples"]:
-            raise DataError(saved["examples"][0])
-        for kind, count in saved["bad"].items():
-            bad.counts[kind] += count
-        bad.examples.extend(saved["examples"][: 10 - len(bad.examples)])
-        return [Entry(file, offset, f"{file}:{line}", cost) for offset, line, cost in saved["entries"]]
-    before, examples = dict(bad.counts), len(bad.examples)
-    entries = []
-    for doc in read_cpt(file, bad, strict=config.strict, decode=False):
-        ids, _ = layout(doc, tokenizer, config.max_doc_tokens, config.min_pixels, config.max_pixels)
-        if ids:
-            entries.append(Entry(file, doc.offset, doc.where, len(ids)))
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    with open(cached + ".tmp", "w") as f:
-        json.dump(dict(entries=[[e.offset, int(e.where.rsplit(":", 1)[1]), e.cost] for e in entries],
-                       bad={k: v - before.get(k, 0) for k, v in bad.counts.items() if v - before.get(k, 0)},
-                       examples=bad.examples[examples:]), f)
-    os.replace(cached + ".tmp", cached)
-    return entries
-
-
-def index_documents(config: TrainConfig, tokenizer, log=print) -> list[Entry]:
-    """Every usable document of the run's data (the embedded dataset when none is given) with its
-    cost: only this index stays in memory, documents are read again when their micro-batch comes.
-    Each file is scanned once (image headers only) and its index cached under ``index_cache``
-    (default: the run directory), so a resumed run, or one sharing the cache, does not scan it again."""
-    path = config.data or embedded.write(os.path.join(config.out, "data"), seed=config.seed)
-    bad = BadRecords()
-    entries = [e for file in _data_files(path) for e in _index_file(file, config, tokenizer, bad)]
-    if bad.total:
-        log(f"skipped {bad.total} bad records ({dict(bad.counts)}); first: {bad.examples[0]}")
-    if not entries:
-        raise ValueError(f"no usable documents in {path}")
-    return entries
-
-
-def micro_batches(entries: list[Entry], config: TrainConfig, epoch: int) -> list[list[int]]:
-    """The epoch's micro-batches (document indices): documents shuffled by (seed, epoch), then
-    packed under the token budget."""
-    order = list(range(len(entries)))
-    random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
-    batches = pack([entries[i].cost for i in order], config.token_budget)
-    return [[order[i] for i in b] for b in batches]
-
-
-class _Documents:
-    """Encoded documents by index: read and encoded on first use, and kept while they fit in
-    ``cache_bytes`` (a small corpus is encoded once; a large one streams). A document that fails
-    to load (a corrupt image whose header was fine) is skipped with a warning, or stops the run
-    under strict."""
-
-    def __init__(self, entries: list[Entry], config: TrainConfig, tokenizer, log):
-        self.entries, self.config, self.tokenizer, self.log = entries, config, tokenizer, log
-        self.kept: dict[int, object] = {}
-        self.failed: set[int] = set()  # warned about once, then left out
-        self.room = config.cache_bytes
-        self.decoder = None
-        if config.image_decoder != "pil":
-            from .data.dali import DaliImages
-            self.decoder = DaliImages(config.image_decoder.split("-", 1)[1])
-
-    def get(self, indices: list[int]) -> list:
-        out = []
-        for i in indices:
-            if i in self.failed:
-                continue
-            if i in self.kept:
-                out.append(self.kept[i])
-                continue
-            entry, c = self.entries[i], self.config
-            try:
-                doc = encode(load_cpt(entry.file, entry.offset, entry.where, decode=self.decoder is None),
-                             self.tokenizer, c.max_doc_tokens, c.min_pixels, c.max_pixels, self.decoder)
-            except ValueError as exc:
-                if c.strict:
-                    raise
-                self.log(f"{exc}; document skipped")
-                self.failed.add(i)
-                continue
-            size = doc.rows.numel() * 4 + doc.ids.numel() * 8
-            if size <= self.room:
-                self.kept[i], self.room = doc, self.room - size
-            out.append(doc)
-        return out
-
-
-def _micro_batch_stream(entries, documents, tokenizer, model_config, config: TrainConfig, step: int, epoch: int,
-                        position: int, pin: bool = False):
-    """Micro-batches in training order from (step, epoch, position) on: (batch, its model FLOPs,
-    epoch, position after it). Each one's masks come from a generator seeded by (seed, step,
-    micro-batch), so the sequence does not depend on where a run was resumed."""
-    batches = micro_batches(entries, config, epoch)
-    while True:
-        for micro in range(config.grad_accum):
-            if position >= len(batches):
-                epoch, position = epoch + 1, 0
-                batches = micro_batches(entries, config, epoch)
-            with _Nvtx("load"):
-                chosen = documents.get(batches[position])
-            position += 1
-            if not chosen:
-                raise ValueError(f"no document of micro-batch {position - 1} of epoch {epoch} could be read "
-                                 "(see the warnings above)")
-            generator = torch.Generator().manual_seed(hash((config.seed, step, micro)) % 2**63)
-            with _Nvtx("collate"):
-                batch = collate(chosen, tokenizer.specials, config.mlm_ratio, config.mae_ratio, generator)
-            flops = cpt_step_flops(model_config, batch["lengths"], batch["image_grid_thw"].tolist(),
-                                   int((batch["labels"] != -100).sum()) if config.use_mlm else 0,
-                                   batch["mae_positions"].numel() if config.use_mae else 0, config.use_mae)
-            if pin:  # page-locked, so that the copy to the GPU does not wait on the host
-                batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            yield batch, flops, epoch, position
-        step += 1
-
-
-def _background(items, depth: int):
-    """``items`` produced ``depth`` ahead in a background thread (reading, decoding and collating
-    overlap the model's step); an exception there is raised here, in order. ``depth`` 0: inline."""
-    if depth <= 0:
-        yield from items
-        return
-    import queue
-    import threading
-    ready, stop = queue.Queue(maxsize=depth), threading.Event()
-
-    def produce():
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        ready.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as exc:  # handed to the consumer, raised there
-            ready.put((None, exc))
-
-    thread = threading.Thread(target=produce, name="moca-loader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, exc = ready.get()
-            if exc is not None:
-                raise exc
-            yield item
-    finally:
-        stop.set()
-
-
 def _lr_factor(step: int, total: int, warmup_ratio: float) -> float:
     warmup = max(1, int(warmup_ratio * total))
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def _mlm_accuracy(hidden, weight, labels) -> float | None:
-    rows = (labels != -100).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return None
-    with torch.no_grad():
-        hits = 0
-        for chunk in rows.split(1024):
-            hits += ((hidden[chunk].float() @ weight.float().T).argmax(1) == labels[chunk]).sum().item()
-    return hits / rows.numel()
 
 
 def _save(path_dir: str, step: int, state: dict, keep: int = 2) -> str:
@@ -345,22 +141,35 @@ def saved_config(run_dir: str, overrides: dict | None = None) -> TrainConfig:
         return TrainConfig(**json.load(f)).update({**(overrides or {}), "out": run_dir})
 
 
+def _initial_weights(model, run_dir: str, log) -> None:
+    """Load the language and vision weights of a stage-1 run's latest checkpoint into ``model``."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ValueError(f"init={run_dir}: no checkpoint in {run_dir}/checkpoints")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"init={checkpoint} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    log(f"started from {checkpoint} ({len(weights)} tensors; MAE head dropped)")
+
+
 def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None, log=print) -> dict:
-    """Run stage 1 in ``config.out``; returns the last logged metrics. ``resume``: continue from
-    the run's latest checkpoint. ``stop_at``: stop after that step as if the process were killed
-    (the checkpoints written so far stay)."""
-    if config.stage != "cpt":
-        raise ValueError(f"stage {config.stage!r} is not implemented yet (only 'cpt')")
-    os.makedirs(config.out, exist_ok=True)
-    with open(os.path.join(config.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(config.seed)
+    """Run ``config.stage`` (cpt or cl) in ``config.out``; returns the last logged metrics.
+    ``resume``: continue from the run's latest checkpoint. ``stop_at``: stop after that step as if
+    the process were killed (the checkpoints written so far stay)."""
+    if config.stage not in STAGES:
+        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {config.stage!r}")
     if config.image_decoder not in ("pil", "dali-cpu", "dali-gpu"):
         raise ValueError(f"image_decoder must be pil, dali-cpu or dali-gpu, got {config.image_decoder!r}")
     if config.model is None and config.preset != "tiny":
         raise ValueError(f"preset {config.preset!r} uses Qwen's token ids, and only a checkpoint brings that "
                          "tokenizer: give --model PATH (the tiny preset runs on the built-in byte tokenizer)")
+    os.makedirs(config.out, exist_ok=True)
+    with open(os.path.join(config.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
     tokenizer = HFTokenizer(config.model) if config.model else ByteTokenizer()
     model = build(None if config.model else config.preset, config.model)
     rows = model.get_input_embeddings().num_embeddings
@@ -368,9 +177,12 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         model.resize_token_embeddings(max(tokenizer.specials.all) + 1)
         log(f"the tokenizer's ids reach {max(tokenizer.specials.all)}: embedding table resized from {rows} rows "
             f"to {max(tokenizer.specials.all) + 1} (new rows start untrained)")
+    if config.init and not resume:
+        _initial_weights(model, config.init, log)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
-    heads = MocaCPT(model, config.mae_weight, config.use_mlm, config.use_mae).to(device)
+    stage = STAGES[config.stage](config, model, tokenizer, device, log)
+    heads = stage.module
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -386,12 +198,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
         log(f"resumed {config.out} at step {step} from {checkpoint}")
-    entries = index_documents(config, tokenizer, log)
-    documents = _Documents(entries, config, tokenizer, log)
-    log(f"{len(entries)} documents, {len(micro_batches(entries, config, epoch))} micro-batches of up to "
-        f"{config.token_budget} tokens per epoch")
-    stream = _background(_micro_batch_stream(entries, documents, tokenizer, heads.model.config, config, step, epoch,
-                                             position, pin=device.type == "cuda"), config.prefetch)
+    stage.start(step, epoch, position)
     metrics_path = os.path.join(config.out, "metrics.jsonl")
     if os.path.exists(metrics_path):  # a new run starts empty; a resumed one forgets steps after its checkpoint
         with open(metrics_path) as f:
@@ -402,30 +209,21 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
     profile = [int(x) for x in config.profile_steps.split(":")] if config.profile_steps else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     from tqdm import tqdm
-    bar = tqdm(total=config.max_steps, initial=step, desc="cpt", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=config.max_steps, initial=step, desc=config.stage, unit="step", dynamic_ncols=True)
     last = {}
     while step < min(config.max_steps, stop_at if stop_at is not None else config.max_steps):
         if profile and step == profile[0] and device.type == "cuda":
             torch.cuda.cudart().cudaProfilerStart()
-        started, tokens, flops = time.perf_counter(), 0, 0.0
+        started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "mlm_loss": 0.0, "mae_loss": 0.0}
-        for micro in range(config.grad_accum):
-            batch, batch_flops, epoch, position = next(stream)
-            flops += batch_flops
-            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            tokens += batch["input_ids"].numel()
-            with _Nvtx("forward"), autocast:
-                out = heads(batch)
-            if not torch.isfinite(out["loss"]):
-                bar.close()
-                kept = latest_checkpoint(config.out)
-                raise FloatingPointError(f"the loss became {out['loss'].item()} at step {step}; stopped. The last good "
-                                         f"checkpoint is {kept or 'none (none was saved yet)'}")
-            with _Nvtx("backward"):
-                (out["loss"] / config.grad_accum).backward()
-            for k in sums:
-                sums[k] += out[k].item() / config.grad_accum
+        try:
+            done = stage.step(autocast)
+        except NonFiniteLoss as exc:
+            bar.close()
+            stage.close()
+            kept = latest_checkpoint(config.out)
+            raise FloatingPointError(f"{exc} at step {step}; stopped. The last good checkpoint is "
+                                     f"{kept or 'none (none was saved yet)'}") from None
         with _Nvtx("optimizer"):
             torch.nn.utils.clip_grad_norm_(heads.parameters(), config.grad_clip)
             optimizer.step()
@@ -437,26 +235,27 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         if step % config.log_every == 0 or step == config.max_steps:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            seconds = time.perf_counter() - started  # the step alone, not the accuracy below
-            last = dict(step=step, stage="cpt", **{k: round(v, 6) for k, v in sums.items()},
-                        mlm_accuracy=_mlm_accuracy(out["hidden"], heads.model.lm_head.weight, batch["labels"]),
-                        lr=scheduler.get_last_lr()[0], tokens_per_s=round(tokens / seconds, 1), epoch=epoch)
-            last["model_tflops"] = round(flops / seconds / 1e12, 4)  # moca.model.flops: useful work only
+            seconds = time.perf_counter() - started  # the step alone, not the metrics below
+            last = dict(step=step, stage=config.stage, **{k: round(v, 6) for k, v in done["metrics"].items()},
+                        **stage.extras(), lr=scheduler.get_last_lr()[0],
+                        tokens_per_s=round(done["tokens"] / seconds, 1), epoch=stage.epoch)
+            if done["flops"] is not None:
+                last["model_tflops"] = round(done["flops"] / seconds / 1e12, 4)  # moca.model.flops: useful work
             if device.type == "cuda":
                 last["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-                if peak:
-                    last["mfu"] = round(flops / seconds / peak, 4)
+                if peak and done["flops"] is not None:
+                    last["mfu"] = round(done["flops"] / seconds / peak, 4)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
-            bar.set_postfix(loss=f"{sums['loss']:.3f}", mlm_acc=last["mlm_accuracy"])
+            bar.set_postfix(loss=f"{done['metrics']['loss']:.3f}", **stage.extras())
         if step % config.save_every == 0 or step == config.max_steps:
             _save(os.path.join(config.out, "checkpoints"), step,
                   dict(model=heads.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                       step=step, epoch=epoch, position=position, config=dataclasses.asdict(config)))
+                       step=step, epoch=stage.epoch, position=stage.position, config=dataclasses.asdict(config)))
     bar.close()
-    stream.close()  # stops the loader thread
+    stage.close()
     if step < config.max_steps:  # stopped early (stop_at)
         return last
     with open(metrics_path) as f:
         _plot([json.loads(line) for line in f], os.path.join(config.out, "loss.png"))
-    return {**last, "mlm_chance": 1 / tokenizer.vocab_size}
+    return {**last, **stage.summary()}

@@ -1,6 +1,7 @@
 """The stage-1 trainer on the tiny model and the embedded dataset: the CLI end to end, exact
 resume, bad records, the NaN guard, settings."""
 import json
+import math
 import os
 
 import pytest
@@ -156,13 +157,14 @@ def test_a_corrupt_image_found_at_training_time_is_skipped(tmp_path):
 
 
 def test_the_index_is_cached_and_invalidated_by_a_changed_file(tmp_path, monkeypatch):
-    from moca import train as train_module
+    from moca import stages as train_module
     from moca.data.records import DataError
+    from moca.data.tokenizer import ByteTokenizer
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": f"document number {i} about shapes"}) + "\n" for i in range(8)) +
                     "{broken\n")
     config = _config(tmp_path / "a", data=str(data), index_cache=str(tmp_path / "index"))
-    tok = train_module.ByteTokenizer()
+    tok = ByteTokenizer()
     with pytest.warns(UserWarning, match="malformed JSON"):
         first = train_module.index_documents(config, tok, log=lambda *_: None)
     scans = []
@@ -187,7 +189,7 @@ def test_background_loading_gives_the_same_run(tmp_path):
 
 
 def test_a_loader_error_reaches_the_training_loop(tmp_path):
-    from moca.train import _background
+    from moca.stages import _background
 
     def items():
         yield 1
@@ -201,3 +203,47 @@ def test_a_loader_error_reaches_the_training_loop(tmp_path):
 def test_an_unknown_image_decoder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="image_decoder must be pil, dali-cpu or dali-gpu"):
         train(_config(tmp_path / "run", image_decoder="opencv"), log=lambda *_: None)
+
+
+def _cl_config(out, **change):
+    return TrainConfig(stage="cl", out=str(out), max_steps=6, save_every=3, log_every=2, token_budget=512,
+                       pairs_per_batch=8, lr=1e-3).update(change)
+
+
+def test_stage_two_trains_on_the_embedded_pairs(tmp_path):
+    result = train(_cl_config(tmp_path / "cl", max_steps=12, log_every=3), log=lambda *_: None)
+    rows = _metrics(tmp_path / "cl")
+    assert [r["step"] for r in rows] == [3, 6, 9, 12] and all(r["stage"] == "cl" for r in rows)
+    for key in ("loss", "accuracy", "temperature", "tokens_per_s", "lr"):
+        assert key in rows[-1], key
+    assert rows[-1]["temperature"] == pytest.approx(0.03)
+    assert result["accuracy_chance"] == pytest.approx(1 / 10)
+    assert all(math.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in rows)
+
+
+def test_stage_two_resumes_exactly_and_grad_cache_changes_nothing(tmp_path):
+    whole = train(_cl_config(tmp_path / "whole"), log=lambda *_: None)
+    train(_cl_config(tmp_path / "cut"), stop_at=5, log=lambda *_: None)
+    resumed = train(saved_config(str(tmp_path / "cut")), resume=True, log=lambda *_: None)
+    timed = ("tokens_per_s",)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timed} for r in rows]  # noqa: E731
+    assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "whole")) and resumed["step"] == 6
+    cached = train(_cl_config(tmp_path / "cache", grad_cache="true"), log=lambda *_: None)
+    assert cached["loss"] == pytest.approx(whole["loss"], rel=1e-4)
+
+
+def test_stage_two_starts_from_a_stage_one_run(tmp_path):
+    train(_config(tmp_path / "cpt", max_steps=3, save_every=3), log=lambda *_: None)
+    logs = []
+    train(_cl_config(tmp_path / "cl", init=str(tmp_path / "cpt"), max_steps=2), log=logs.append)
+    assert any("step-0000003.pt" in line and "MAE head dropped" in line for line in logs)
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        train(_cl_config(tmp_path / "cl2", init=str(tmp_path / "nothing")), log=lambda *_: None)
+
+
+def test_cli_runs_stage_two(tmp_path, capsys):
+    run = tmp_path / "cl"
+    assert cli.main(["train", "--stage", "cl", "--out", str(run), "--max-steps", "2", "pairs_per_batch=4",
+                     "log_every=1"]) == 0
+    out = capsys.readouterr().out
+    assert "in-batch accuracy" in out and "(chance 0.167)" in out and (run / "data" / "pairs.jsonl").exists()

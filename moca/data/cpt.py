@@ -95,24 +95,30 @@ def document_positions(ids: torch.Tensor, grids: torch.Tensor, image_token_id: i
     return torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)
 
 
+def pack_documents(docs: list[Encoded], image_token_id: int) -> dict:
+    """Documents as one packed row, uncorrupted: ``input_ids`` (1, L), ``cu_seqlens`` int32,
+    ``max_seqlen``, ``lengths``, per-document M-RoPE ``position_ids`` (3, 1, L), ``pixel_values``
+    (rows, 1176) and ``image_grid_thw``. What the embedding stage feeds the model."""
+    lengths = [d.ids.numel() for d in docs]
+    return dict(input_ids=torch.cat([d.ids for d in docs])[None],
+                cu_seqlens=lengths_to_cu_seqlens(torch.tensor(lengths)), max_seqlen=max(lengths), lengths=lengths,
+                position_ids=torch.cat([document_positions(d.ids, d.grids, image_token_id) for d in docs], 1)[:, None],
+                pixel_values=torch.cat([d.rows for d in docs]), image_grid_thw=torch.cat([d.grids for d in docs]))
+
+
 def collate(docs: list[Encoded], specials: Specials, mlm_ratio: float, mae_ratio: float,
             generator: torch.Generator) -> dict:
-    """One packed micro-batch: ``input_ids`` (1, L) with MLM masks applied, ``labels`` (L,),
-    ``cu_seqlens`` int32, ``max_seqlen``, ``position_ids`` (3, 1, L), ``pixel_values`` (rows, 1176)
-    with the MAE-masked tokens' rows replaced by one shared Gaussian row, ``image_grid_thw``,
-    ``mae_positions`` (the masked image tokens' places in the row, in order) and ``mae_targets``
-    (their 4 original rows each, in the same order)."""
-    ids = torch.cat([d.ids for d in docs])
+    """One packed micro-batch (``pack_documents``) corrupted for stage 1: ``input_ids`` with MLM
+    masks applied, ``labels`` (L,), ``pixel_values`` with the MAE-masked tokens' rows replaced by
+    one shared Gaussian row, ``mae_positions`` (the masked image tokens' places in the row, in
+    order) and ``mae_targets`` (their 4 original rows each, in the same order)."""
+    batch = pack_documents(docs, specials.image)
+    ids = batch["input_ids"][0]
     inputs, labels = mask_tokens(ids, maskable(ids, specials), specials.mask, mlm_ratio, generator)
-    lengths = [d.ids.numel() for d in docs]
-    rows = torch.cat([d.rows for d in docs])
     token_mask = torch.cat([choose_image_tokens(d.rows.shape[0] // ROWS_PER_TOKEN, mae_ratio, generator)
                             for d in docs])
     noise = torch.randn(ROW, generator=generator)
-    pixels, targets = corrupt_rows(rows, token_mask, noise)
+    pixels, targets = corrupt_rows(batch["pixel_values"], token_mask, noise)
     image_places = (ids == specials.image).nonzero().squeeze(1)
-    return dict(input_ids=inputs[None], labels=labels, cu_seqlens=lengths_to_cu_seqlens(torch.tensor(lengths)),
-                max_seqlen=max(lengths), lengths=lengths,
-                position_ids=torch.cat([document_positions(d.ids, d.grids, specials.image) for d in docs], 1)[:, None],
-                pixel_values=pixels, image_grid_thw=torch.cat([d.grids for d in docs]),
+    return dict(batch, input_ids=inputs[None], labels=labels, pixel_values=pixels,
                 mae_positions=image_places[token_mask], mae_targets=targets)

@@ -61,3 +61,38 @@ def write(folder: str, documents: int = 240, seed: int = 0, image_size: int = 56
                           "images": [name]}
             f.write(json.dumps(record) + "\n")
     return path
+
+
+def _pictures(folder: str, count: int, seed: int, image_size: int) -> list[tuple[str, str]]:
+    """``count`` rendered pictures under ``folder/images`` with their descriptions: (path, text)."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    out = []
+    colors = [c for c in COLORS if c not in ("white", "black")]
+    for i in range(count):
+        shapes = [(rng.choice(colors), rng.choice(SHAPES)) for _ in range(rng.randint(1, 2))]
+        background = rng.choice(("white", "black"))
+        name = f"images/pair-{seed}-{i:04d}.png"
+        _draw(shapes, background, image_size, rng).save(os.path.join(folder, name))
+        out.append((name, " and ".join(f"a {c} {s}" for c, s in shapes) + f" on a {background} background"))
+    return out
+
+
+def write_pairs(folder: str, pairs: int = 192, seed: int = 0, image_size: int = 56) -> str:
+    """Write ``pairs`` stage-2 records of two tasks (and their PNGs) under ``folder``: find the
+    picture a description names (text to image), and describe a picture (image to text), each
+    with two other pictures as hard negatives. Returns the .jsonl path; deterministic."""
+    pictures = _pictures(folder, pairs, seed + 1, image_size)
+    path = os.path.join(folder, "pairs.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (image, text) in enumerate(pictures):
+            others = [pictures[(i + k) % len(pictures)] for k in (1, 2)]
+            if i % 2 == 0:
+                record = {"query": {"text": f"Find the picture of {text}."}, "positive": {"image": image},
+                          "negatives": [{"image": o[0]} for o in others], "task": "text-to-image"}
+            else:
+                record = {"query": {"image": image, "text": "<image> What does this picture show?"},
+                          "positive": {"text": text}, "negatives": [{"text": o[1]} for o in others],
+                          "task": "image-to-text"}
+            f.write(json.dumps(record) + "\n")
+    return path

@@ -17,6 +17,8 @@ from moca.data.images import ROW
 from moca.data.masking import ROWS_PER_TOKEN
 from moca_kernels import linear_cross_entropy, mae_loss
 
+from .qwen import packed_hidden, packed_kwargs
+
 
 class MocaCPT(nn.Module):
     def __init__(self, model, mae_weight: float = 0.5, use_mlm: bool = True, use_mae: bool = True):
@@ -33,19 +35,10 @@ class MocaCPT(nn.Module):
             nn.init.normal_(self.mae_proj.weight, std=0.02)
             nn.init.zeros_(self.mae_proj.bias)
 
-    def _attention_kwargs(self, batch):
-        cu = batch["cu_seqlens"]
-        return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])
-
     def forward(self, batch: dict) -> dict:
         """Losses of one packed micro-batch from ``moca.data.cpt.collate``: ``loss`` (the sum to
         optimize), ``mlm_loss``, ``mae_loss`` (detached, for logging; 0 when off or empty)."""
-        attn = self._attention_kwargs(batch)
-        images = batch["pixel_values"].shape[0] > 0
-        out = self.model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                               pixel_values=batch["pixel_values"] if images else None,
-                               image_grid_thw=batch["image_grid_thw"] if images else None, **attn)
-        hidden = out.last_hidden_state[0]  # (L, H), after the final norm
+        hidden = packed_hidden(self.model, batch)  # (L, H), after the final norm
         zero = hidden.new_zeros((), dtype=torch.float32)
         mlm = mae = zero
         if self.use_mlm:
@@ -56,7 +49,7 @@ class MocaCPT(nn.Module):
             lm = self.model.model.language_model
             cos_sin = lm.rotary_emb(hidden[None], batch["position_ids"])
             decoded = self.mae_decoder(hidden[None], position_embeddings=cos_sin, position_ids=batch["position_ids"],
-                                       **attn)
+                                       **packed_kwargs(batch))
             decoded = decoded[0] if isinstance(decoded, tuple) else decoded
             pred = self.mae_proj(decoded[0, batch["mae_positions"]]).reshape(-1, ROW)
             mae = mae_loss(pred, batch["mae_targets"].to(pred.device))

@@ -129,3 +129,21 @@ def text_positions(lengths: list[int], device=None) -> torch.Tensor:
     """M-RoPE position ids (3, 1, total) of packed text-only documents: each restarts at 0."""
     pos = torch.cat([torch.arange(n, device=device) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
     return pos.view(1, 1, -1).expand(3, 1, -1)
+
+
+def packed_hidden(model, batch: dict) -> torch.Tensor:
+    """Final hidden states (L, H) of a packed row (``moca.data.cpt.pack_documents`` or
+    ``collate``): the documents kept apart by ``cu_seqlens``, images through the vision tower."""
+    images = batch["pixel_values"].shape[0] > 0
+    out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                      pixel_values=batch["pixel_values"] if images else None,
+                      image_grid_thw=batch["image_grid_thw"] if images else None,
+                      **packed_kwargs(batch))
+    return out.last_hidden_state[0]
+
+
+def packed_kwargs(batch: dict) -> dict:
+    """The attention keywords that carry a packed row's document boundaries to ``moca_varlen``."""
+    cu = batch["cu_seqlens"]
+    return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])
+

@@ -1,0 +1,131 @@
+"""MoCa's stage-2 embedding and contrastive step (research/moca-method.md 3.3, 3.4).
+
+An embedding is the mean of a document's final hidden states over all its tokens (text and
+image; ``segment_mean`` over ``cu_seqlens``), L2-normalized. The loss is ``info_nce`` in MoCa's
+layout: each query against every positive of the global batch (gathered across ranks with
+exact gradients) plus its own K hard negatives, temperature 0.03 (optionally learned).
+
+A step encodes the batch's documents (queries, positives, negatives) packed into rows under the
+token budget. Plainly, every row keeps its graph until the loss; with GradCache the rows are
+first encoded without a graph, the loss gives the gradient of each embedding, and each row is
+then encoded again and back-propagated on its own: activations of one row at a time, the same
+gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from moca.data.cpt import Encoded, pack_documents
+from moca.data.packing import pack
+from moca_kernels import info_nce
+from moca_kernels.info_nce.distributed import all_gather_with_grad
+from moca_kernels.varlen import segment_mean
+
+from .qwen import packed_hidden
+
+
+class MocaEmbedder(nn.Module):
+    def __init__(self, model, temperature: float = 0.03, learn_temperature: bool = False):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.model = model
+        log_t = torch.tensor(math.log(temperature))
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t)
+
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        """Normalized float32 embeddings (documents, H) of a packed row (``pack_documents``)."""
+        hidden = packed_hidden(self.model, batch)
+        return F.normalize(segment_mean(hidden, batch["cu_seqlens"]).float(), dim=-1)
+
+    def loss(self, query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
+        """InfoNCE of this rank's queries (B, H) against the positives of every rank and their own
+        hard negatives (B, K, H). Scaled so that gradients summed over ranks (or averaged by DDP,
+        whose average this undoes) equal one process's mean over the global batch."""
+        docs = all_gather_with_grad(positive)
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+        labels = torch.arange(query.shape[0], device=query.device) + rank * query.shape[0]
+        total = info_nce(query, docs, temperature=self.temperature(), labels=labels, hard_negatives=negatives,
+                         normalize=False, reduction="sum")
+        return total * world / docs.shape[0]
+
+    @torch.no_grad()
+    def accuracy(self, query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None) -> float:
+        """Share of this rank's queries whose best score (over this rank's positives and their own
+        negatives) is their positive."""
+        scores = query @ positive.T
+        best_in_batch = scores.max(1).values
+        if negatives is not None and negatives.shape[1]:
+            best_in_batch = torch.maximum(best_in_batch, torch.einsum("bd,bkd->bk", query, negatives).max(1).values)
+        return (scores.diagonal() >= best_in_batch).float().mean().item()
+
+
+def _rows(docs: list[Encoded], token_budget: int) -> list[list[int]]:
+    return pack([d.ids.numel() for d in docs], token_budget)
+
+
+def contrastive_step(embedder: MocaEmbedder, queries: list[Encoded], positives: list[Encoded],
+                     negatives: list[list[Encoded]], image_token_id: int, token_budget: int, device,
+                     grad_cache: bool = False, autocast=None) -> dict:
+    """Forward and backward of one contrastive batch on this rank (``negatives``: K per query, K
+    may be 0); returns ``loss`` (a detached tensor), ``accuracy`` and ``temperature``. The caller
+    zeroes gradients before and steps the optimizer after."""
+    import contextlib
+    autocast = autocast or contextlib.nullcontext()
+    b, k = len(queries), len(negatives[0]) if negatives else 0
+    docs = queries + positives + [n for per_query in negatives for n in per_query]
+    rows = _rows(docs, token_budget)
+    order = torch.tensor([i for row in rows for i in row])
+    where = torch.empty_like(order)
+    where[order] = torch.arange(order.numel())  # document i's place among the rows' outputs
+
+    def encode(row: list[int]) -> torch.Tensor:
+        batch = pack_documents([docs[i] for i in row], image_token_id)
+        batch = {key: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+        with autocast:
+            return embedder.embed(batch)
+
+    def split(emb: torch.Tensor):
+        emb = emb[where.to(emb.device)]
+        return emb[:b], emb[b:2 * b], emb[2 * b:].reshape(b, k, -1) if k else None
+
+    if not grad_cache:
+        q, p, n = split(torch.cat([encode(row) for row in rows]))
+        loss = embedder.loss(q, p, n)
+        _check_finite(loss)
+        loss.backward()
+    else:
+        with torch.no_grad():
+            cached = torch.cat([encode(row) for row in rows])
+        cached.requires_grad_(True)
+        q, p, n = split(cached)
+        loss = embedder.loss(q, p, n)
+        _check_finite(loss)
+        loss.backward()  # the gradient of every embedding (and of the temperature)
+        start = 0
+        for row in rows:
+            grad = cached.grad[start:start + len(row)]
+            start += len(row)
+            encode(row).backward(grad)
+    return dict(loss=loss.detach(), accuracy=embedder.accuracy(q.detach(), p.detach(), None if n is None else n.detach()),
+                temperature=embedder.temperature().item())
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite (raised before any gradient is applied)."""
+
+
+def _check_finite(loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"the loss became {loss.item()}")

@@ -1,0 +1,405 @@
+"""The two stages' data and steps, under the one loop of ``moca.train``.
+
+``CptStage`` (stage 1): the corpus indexed once by cost (image headers only), documents read,
+decoded and encoded when their micro-batch comes, packed micro-batches corrupted for MLM and MAE,
+``grad_accum`` of them per step. ``ClStage`` (stage 2): pairs indexed the same way, global batches
+of pairs (mixed tasks, or one task each), each step one contrastive batch
+(``moca.model.embed.contrastive_step``). Both produce their inputs in order from (step, epoch,
+position) on, with masks and choices seeded by those numbers, so that a resumed run is the run
+that never stopped.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .data import embedded
+from .data.cpt import collate, encode, layout
+from .data.packing import pack
+from .data.pairs import chosen_negatives, contrastive_batches, load_pair, read_pairs
+from .data.records import BadRecords, DataError, load_cpt, read_cpt
+from .model.embed import MocaEmbedder, NonFiniteLoss, contrastive_step
+from .model.flops import cpt_step_flops
+from .model.heads import MocaCPT
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+
+class _Nvtx:
+    """NVTX ranges for Nsight Systems; no-ops without CUDA."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.nvtx.range_push(self.name)
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.nvtx.range_pop()
+
+
+def _data_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.jsonl")))
+        if not files:
+            raise ValueError(f"--data {path}: no .jsonl files in the folder")
+        return files
+    if not os.path.isfile(path):
+        raise ValueError(f"--data {path}: no such file or folder")
+    return [path]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A document of the corpus: where its line is, and its cost in tokens."""
+    file: str
+    offset: int
+    where: str
+    cost: int
+
+
+def _index_file(file: str, config: TrainConfig, tokenizer, bad: BadRecords) -> list[Entry]:
+    """One file's entries, from the index cache when the file, the tokenizer and the layout
+    settings are those it was made with, else from a scan that reads only image headers."""
+    stat = os.stat(file)
+    key = hashlib.sha1(json.dumps([os.path.abspath(file), stat.st_size, stat.st_mtime_ns, tokenizer.fingerprint,
+                                   config.max_doc_tokens, config.min_pixels, config.max_pixels]).encode()).hexdigest()
+    cached = os.path.join(config.index_cache or os.path.join(config.out, "index"), f"{key}.json")
+    if os.path.isfile(cached):
+        with open(cached) as f:
+            saved = json.load(f)
+        if config.strict and saved["examples"]:
+            raise DataError(saved["examples"][0])
+        for kind, count in saved["bad"].items():
+            bad.counts[kind] += count
+        bad.examples.extend(saved["examples"][: 10 - len(bad.examples)])
+        return [Entry(file, offset, f"{file}:{line}", cost) for offset, line, cost in saved["entries"]]
+    before, examples = dict(bad.counts), len(bad.examples)
+    entries = []
+    for doc in read_cpt(file, bad, strict=config.strict, decode=False):
+        ids, _ = layout(doc, tokenizer, config.max_doc_tokens, config.min_pixels, config.max_pixels)
+        if ids:
+            entries.append(Entry(file, doc.offset, doc.where, len(ids)))
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with open(cached + ".tmp", "w") as f:
+        json.dump(dict(entries=[[e.offset, int(e.where.rsplit(":", 1)[1]), e.cost] for e in entries],
+                       bad={k: v - before.get(k, 0) for k, v in bad.counts.items() if v - before.get(k, 0)},
+                       examples=bad.examples[examples:]), f)
+    os.replace(cached + ".tmp", cached)
+    return entries
+
+
+def index_documents(config: TrainConfig, tokenizer, log=print) -> list[Entry]:
+    """Every usable document of the run's data (the embedded dataset when none is given) with its
+    cost: only this index stays in memory, documents are read again when their micro-batch comes.
+    Each file is scanned once (image headers only) and its index cached under ``index_cache``
+    (default: the run directory), so a resumed run, or one sharing the cache, does not scan it again."""
+    path = config.data or embedded.write(os.path.join(config.out, "data"), seed=config.seed)
+    bad = BadRecords()
+    entries = [e for file in _data_files(path) for e in _index_file(file, config, tokenizer, bad)]
+    if bad.total:
+        log(f"skipped {bad.total} bad records ({dict(bad.counts)}); first: {bad.examples[0]}")
+    if not entries:
+        raise ValueError(f"no usable documents in {path}")
+    return entries
+
+
+def micro_batches(entries: list[Entry], config: TrainConfig, epoch: int) -> list[list[int]]:
+    """The epoch's micro-batches (document indices): documents shuffled by (seed, epoch), then
+    packed under the token budget."""
+    order = list(range(len(entries)))
+    random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
+    batches = pack([entries[i].cost for i in order], config.token_budget)
+    return [[order[i] for i in b] for b in batches]
+
+
+class _Cache:
+    """Encoded items by index: made by ``load(i)`` on first use and kept while they fit in
+    ``cache_bytes`` (a small corpus is encoded once; a large one streams). An item that fails to
+    load (a corrupt image whose header was fine) is skipped with a warning, once, or stops the run
+    under strict."""
+
+    def __init__(self, load, size, what: str, config: TrainConfig, log):
+        self.load, self.size, self.what, self.config, self.log = load, size, what, config, log
+        self.kept: dict[int, object] = {}
+        self.failed: set[int] = set()  # warned about once, then left out
+        self.room = config.cache_bytes
+
+    def get(self, indices: list[int]) -> list:
+        out = []
+        for i in indices:
+            if i in self.failed:
+                continue
+            if i in self.kept:
+                out.append(self.kept[i])
+                continue
+            try:
+                item = self.load(i)
+            except ValueError as exc:
+                if self.config.strict:
+                    raise
+                self.log(f"{exc}; {self.what} skipped")
+                self.failed.add(i)
+                continue
+            if self.size(item) <= self.room:
+                self.kept[i], self.room = item, self.room - self.size(item)
+            out.append(item)
+        return out
+
+
+def _image_decoder(config: TrainConfig):
+    if config.image_decoder == "pil":
+        return None
+    from .data.dali import DaliImages
+    return DaliImages(config.image_decoder.split("-", 1)[1])
+
+
+def _encoded_bytes(doc) -> int:
+    return doc.rows.numel() * 4 + doc.ids.numel() * 8
+
+
+def _documents(entries: list[Entry], config: TrainConfig, tokenizer, log) -> _Cache:
+    decoder = _image_decoder(config)
+
+    def load(i):
+        e = entries[i]
+        return encode(load_cpt(e.file, e.offset, e.where, decode=decoder is None), tokenizer, config.max_doc_tokens,
+                      config.min_pixels, config.max_pixels, decoder)
+    return _Cache(load, _encoded_bytes, "document", config, log)
+
+
+def _micro_batch_stream(entries, documents: _Cache, tokenizer, model_config, config: TrainConfig, step: int, epoch: int,
+                        position: int, pin: bool = False):
+    """Micro-batches in training order from (step, epoch, position) on: (batch, its model FLOPs,
+    epoch, position after it). Each one's masks come from a generator seeded by (seed, step,
+    micro-batch), so the sequence does not depend on where a run was resumed."""
+    batches = micro_batches(entries, config, epoch)
+    while True:
+        for micro in range(config.grad_accum):
+            if position >= len(batches):
+                epoch, position = epoch + 1, 0
+                batches = micro_batches(entries, config, epoch)
+            with _Nvtx("load"):
+                chosen = documents.get(batches[position])
+            position += 1
+            if not chosen:
+                raise ValueError(f"no document of micro-batch {position - 1} of epoch {epoch} could be read "
+                                 "(see the warnings above)")
+            generator = torch.Generator().manual_seed(hash((config.seed, step, micro)) % 2**63)
+            with _Nvtx("collate"):
+                batch = collate(chosen, tokenizer.specials, config.mlm_ratio, config.mae_ratio, generator)
+            flops = cpt_step_flops(model_config, batch["lengths"], batch["image_grid_thw"].tolist(),
+                                   int((batch["labels"] != -100).sum()) if config.use_mlm else 0,
+                                   batch["mae_positions"].numel() if config.use_mae else 0, config.use_mae)
+            if pin:  # page-locked, so that the copy to the GPU does not wait on the host
+                batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            yield batch, flops, epoch, position
+        step += 1
+
+
+def _mlm_accuracy(hidden, weight, labels) -> float | None:
+    rows = (labels != -100).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return None
+    with torch.no_grad():
+        hits = 0
+        for chunk in rows.split(1024):
+            hits += ((hidden[chunk].float() @ weight.float().T).argmax(1) == labels[chunk]).sum().item()
+    return hits / rows.numel()
+
+
+def _background(items, depth: int):
+    """``items`` produced ``depth`` ahead in a background thread (reading, decoding and collating
+    overlap the model's step); an exception there is raised here, in order. ``depth`` 0: inline."""
+    if depth <= 0:
+        yield from items
+        return
+    import queue
+    import threading
+    ready, stop = queue.Queue(maxsize=depth), threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put((None, exc))
+
+    thread = threading.Thread(target=produce, name="moca-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = ready.get()
+            if exc is not None:
+                raise exc
+            yield item
+    finally:
+        stop.set()
+
+
+class CptStage:
+    """Stage 1: ``grad_accum`` packed, corrupted micro-batches per step through ``MocaCPT``."""
+    name = "cpt"
+
+    def __init__(self, config: TrainConfig, model, tokenizer, device, log):
+        self.config, self.tokenizer, self.device, self.log = config, tokenizer, device, log
+        self.module = MocaCPT(model, config.mae_weight, config.use_mlm, config.use_mae).to(device)
+
+    def start(self, step: int, epoch: int, position: int) -> None:
+        c = self.config
+        entries = index_documents(c, self.tokenizer, self.log)
+        self.log(f"{len(entries)} documents, {len(micro_batches(entries, c, epoch))} micro-batches of up to "
+                 f"{c.token_budget} tokens per epoch")
+        documents = _documents(entries, c, self.tokenizer, self.log)
+        self.stream = _background(_micro_batch_stream(entries, documents, self.tokenizer, self.module.model.config, c,
+                                                      step, epoch, position, pin=self.device.type == "cuda"), c.prefetch)
+        self.epoch, self.position = epoch, position
+
+    def step(self, autocast) -> dict:
+        """Forward and backward of one step: its losses, tokens and model FLOPs."""
+        c, sums, tokens, flops = self.config, {"loss": 0.0, "mlm_loss": 0.0, "mae_loss": 0.0}, 0, 0.0
+        for _ in range(c.grad_accum):
+            batch, batch_flops, self.epoch, self.position = next(self.stream)
+            flops += batch_flops
+            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in batch.items()}
+            tokens += batch["input_ids"].numel()
+            with _Nvtx("forward"), autocast:
+                out = self.module(batch)
+            if not torch.isfinite(out["loss"]):
+                raise NonFiniteLoss(f"the loss became {out['loss'].item()}")
+            with _Nvtx("backward"):
+                (out["loss"] / c.grad_accum).backward()
+            for k in sums:
+                sums[k] += out[k].item() / c.grad_accum
+        self.last = out["hidden"], batch["labels"]
+        return dict(metrics=sums, tokens=tokens, flops=flops)
+
+    def extras(self) -> dict:
+        """Metrics computed after the step's timing: MLM accuracy on the last micro-batch."""
+        hidden, labels = self.last
+        return dict(mlm_accuracy=_mlm_accuracy(hidden, self.module.model.lm_head.weight, labels))
+
+    def close(self) -> None:
+        self.stream.close()  # stops the loader thread
+
+    def summary(self) -> dict:
+        return dict(mlm_chance=1 / self.tokenizer.vocab_size)
+
+
+@dataclass(frozen=True)
+class PairEntry:
+    file: str
+    offset: int
+    where: str
+    task: str
+
+
+def index_pairs(config: TrainConfig, log=print) -> list[PairEntry]:
+    """Every usable pair of the run's data (the embedded pairs when none is given): a scan that
+    reads the records and only the images' headers."""
+    path = config.data or embedded.write_pairs(os.path.join(config.out, "data"), seed=config.seed)
+    bad = BadRecords()
+    entries = [PairEntry(file, p.offset, p.where, p.task) for file in _data_files(path)
+               for p in read_pairs(file, config.hard_negatives, bad, strict=config.strict, decode=False)]
+    if bad.total:
+        log(f"skipped {bad.total} bad records ({dict(bad.counts)}); first: {bad.examples[0]}")
+    if len(entries) < config.pairs_per_batch:
+        raise ValueError(f"{len(entries)} usable pairs in {path}: fewer than one batch (pairs_per_batch="
+                         f"{config.pairs_per_batch})")
+    return entries
+
+
+def _pairs(entries: list[PairEntry], config: TrainConfig, tokenizer, log) -> _Cache:
+    decoder, c = _image_decoder(config), config
+
+    def side(doc):
+        return encode(doc, tokenizer, c.max_doc_tokens, c.min_pixels, c.max_pixels, decoder)
+
+    def load(i):
+        e = entries[i]
+        pair = load_pair(e.file, e.offset, e.where, c.hard_negatives, decode=decoder is None)
+        try:
+            negatives = [side(pair.negatives[k]) for k in chosen_negatives(len(pair.negatives), c.hard_negatives)]
+            return side(pair.query), side(pair.positive), negatives
+        except ValueError as exc:
+            raise ValueError(f"{e.where}: {exc}") from None
+    return _Cache(load, lambda item: sum(_encoded_bytes(d) for d in item[:2] + tuple(item[2])), "pair", config, log)
+
+
+def _pair_batch_stream(entries: list[PairEntry], pairs: _Cache, config: TrainConfig, epoch: int, position: int):
+    """Contrastive batches in training order from (epoch, position) on: (encoded pairs, epoch,
+    position after the batch)."""
+    mixed = config.task_batching == "mixed"
+    batches = contrastive_batches([e.task for e in entries], config.pairs_per_batch, config.seed, epoch, mixed)
+    while True:
+        if position >= len(batches):
+            epoch, position = epoch + 1, 0
+            batches = contrastive_batches([e.task for e in entries], config.pairs_per_batch, config.seed, epoch, mixed)
+        with _Nvtx("load"):
+            chosen = pairs.get(batches[position])
+        position += 1
+        if not chosen:
+            raise ValueError(f"no pair of batch {position - 1} of epoch {epoch} could be read (see the warnings above)")
+        yield chosen, epoch, position
+
+
+class ClStage:
+    """Stage 2: one contrastive batch per step through ``MocaEmbedder`` (``grad_cache`` optional)."""
+    name = "cl"
+
+    def __init__(self, config: TrainConfig, model, tokenizer, device, log):
+        if config.task_batching not in ("mixed", "homogeneous"):
+            raise ValueError(f"task_batching must be mixed or homogeneous, got {config.task_batching!r}")
+        if config.hard_negatives < 0 or config.pairs_per_batch < 1:
+            raise ValueError("hard_negatives must be >= 0 and pairs_per_batch >= 1")
+        self.config, self.tokenizer, self.device, self.log = config, tokenizer, device, log
+        self.module = MocaEmbedder(model, config.temperature, config.learn_temperature).to(device)
+
+    def start(self, step: int, epoch: int, position: int) -> None:
+        c = self.config
+        entries = index_pairs(c, self.log)
+        tasks = sorted({e.task for e in entries})
+        self.log(f"{len(entries)} pairs of {len(tasks)} task(s) ({', '.join(tasks[:8])}), batches of "
+                 f"{c.pairs_per_batch} pairs ({c.task_batching}), {c.hard_negatives} hard negatives each")
+        self.stream = _background(_pair_batch_stream(entries, _pairs(entries, c, self.tokenizer, self.log), c, epoch,
+                                                     position), c.prefetch)
+        self.epoch, self.position = epoch, position
+
+    def step(self, autocast) -> dict:
+        chosen, self.epoch, self.position = next(self.stream)
+        queries, positives, negatives = (list(x) for x in zip(*chosen))
+        out = contrastive_step(self.module, queries, positives, negatives, self.tokenizer.specials.image,
+                               self.config.token_budget, self.device, self.config.grad_cache, autocast)
+        tokens = sum(d.ids.numel() for d in queries + positives + [n for per in negatives for n in per])
+        self.last = dict(accuracy=round(out["accuracy"], 4), temperature=round(out["temperature"], 6))
+        return dict(metrics=dict(loss=out["loss"].item()), tokens=tokens, flops=None)
+
+    def extras(self) -> dict:
+        return self.last
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def summary(self) -> dict:
+        return dict(accuracy_chance=1 / (self.config.pairs_per_batch + self.config.hard_negatives))
+
+
+STAGES = {"cpt": CptStage, "cl": ClStage}
