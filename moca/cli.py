@@ -1,14 +1,17 @@
 """``moca`` command line.
 
-    moca train                                  # the embedded default: tiny model, generated data, CPU
+    moca train                                  # the embedded default: both stages and the evaluation, CPU
     moca train --stage cpt --model PATH --data PATH --out DIR [--max-steps N] [key=value ...]
     moca train --stage cl --init CPT_RUN --data PAIRS --out DIR  # stage 2 from a stage-1 run
     moca train --resume DIR                     # continue DIR from its latest checkpoint
+    moca eval --model DIR --data PATH [--out DIR]   # MMEB-style / retrieval scores -> eval.json
+    moca encode --model DIR --input IN.jsonl --output OUT.npy [--export DIR]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .train import TrainConfig, saved_config, train
@@ -27,9 +30,10 @@ def _overrides(pairs: list[str]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moca", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    t = commands.add_parser("train", help="train stage 1 (cpt) or stage 2 (cl)")
-    t.add_argument("--stage", default="cpt", choices=["cpt", "cl"],
-                   help="cpt: MLM + MAE continual pre-training; cl: contrastive fine-tuning on pairs")
+    t = commands.add_parser("train", help="train stage 1 (cpt), stage 2 (cl), or both")
+    t.add_argument("--stage", choices=["cpt", "cl", "both"],
+                   help="cpt: MLM + MAE continual pre-training; cl: contrastive fine-tuning on pairs; both "
+                   "(default): cpt, then cl from it (cl_data=PAIRS), then the evaluation (eval_data=PATH)")
     t.add_argument("--init", metavar="DIR", help="stage 2: start from this stage-1 run's latest checkpoint")
     t.add_argument("--preset", help="model preset with random weights (default tiny)")
     t.add_argument("--model", help="a local Qwen2.5-VL checkpoint folder")
@@ -43,7 +47,21 @@ def main(argv=None) -> int:
     t.add_argument("--profile-steps", metavar="A:B", help="capture steps A..B for Nsight Systems "
                    "(nsys profile --capture-range=cudaProfilerApi)")
     t.add_argument("settings", nargs="*", metavar="key=value", help="any TrainConfig field, e.g. lr=1e-4")
+    e = commands.add_parser("eval", help="score a trained model on MMEB-style or retrieval files")
+    e.add_argument("--model", required=True, help="a run directory or an exported model folder")
+    e.add_argument("--data", required=True, nargs="+", help="evaluation .jsonl files or folders of them")
+    e.add_argument("--out", help="where eval.json goes (default: the model's folder)")
+    e.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    n = commands.add_parser("encode", help="embed inputs (texts, images, both) into a .npy file")
+    n.add_argument("--model", required=True, help="a run directory or an exported model folder")
+    n.add_argument("--input", help="a .jsonl file, one side a line: {\"text\": ...} and/or {\"image\": path}")
+    n.add_argument("--output", help="the .npy file to write (float32, one normalized row per input line)")
+    n.add_argument("--export", metavar="DIR", help="also write the model in Hugging Face form to DIR")
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "encode":
+        return _encode(args, parser)
     try:
         given = {k: v for k, v in dict(stage=args.stage, preset=args.preset, model=args.model, data=args.data,
                                        out=args.out, max_steps=args.max_steps, save_every=args.save_every,
@@ -55,18 +73,86 @@ def main(argv=None) -> int:
             given.pop("stage", None)
             config = saved_config(args.resume, given)
         else:
-            config = TrainConfig().update(given)
+            config = TrainConfig(stage="both").update(given)
+            if config.stage == "both" and config.data and not config.cl_data:
+                raise ValueError("--stage both with --data (stage-1 documents) needs cl_data=PAIRS for stage 2; "
+                                 "or run one stage with --stage cpt / --stage cl")
         final = train(config, resume=bool(args.resume))
     except (ValueError, FloatingPointError) as exc:
         print(f"moca train: {exc}", file=sys.stderr)
         return 2
+    _summary(final if config.stage != "both" else final["cpt"], "stage 1: " if config.stage == "both" else "")
+    if config.stage == "both":
+        _summary(final["cl"], "stage 2: ")
+        for task, scores in final.get("eval", {}).get("tasks", {}).items():
+            main = "precision_at_1" if "precision_at_1" in scores else "ndcg_at_5"
+            print(f"evaluation, {task}: {main} {scores[main]:.3f} (chance {scores['chance']:.3f}, {scores['n']} queries)")
+        print(f"run directory: {config.out} (cpt/ and cl/: config.json, metrics.jsonl, checkpoints/, loss.png; "
+              "cl/eval.json)")
+    else:
+        print(f"done: {json.dumps(final)}\nrun directory: {config.out} (config.json, metrics.jsonl, checkpoints/, "
+              "loss.png)")
+    return 0
+
+
+def _summary(final: dict, prefix: str) -> None:
+    def chance(key, digits):
+        return f" (chance {final[key]:.{digits}f})" if key in final else ""
     if final.get("mlm_accuracy") is not None:
-        print(f"MLM accuracy {final['mlm_accuracy']:.3f} on the last logged micro-batch "
-              f"(chance {final['mlm_chance']:.4f}); MLM loss {final['mlm_loss']:.3f}, MAE loss {final['mae_loss']:.3f}")
+        print(f"{prefix}MLM accuracy {final['mlm_accuracy']:.3f} on the last logged micro-batch"
+              f"{chance('mlm_chance', 4)}; MLM loss {final['mlm_loss']:.3f}, MAE loss {final['mae_loss']:.3f}")
     if final.get("accuracy") is not None:
-        print(f"in-batch accuracy {final['accuracy']:.3f} on the last logged batch (chance "
-              f"{final['accuracy_chance']:.3f}); loss {final['loss']:.3f}, temperature {final['temperature']:.4f}")
-    print(f"done: {json.dumps(final)}\nrun directory: {config.out} (config.json, metrics.jsonl, checkpoints/, loss.png)")
+        print(f"{prefix}in-batch accuracy {final['accuracy']:.3f} on the last logged batch"
+              f"{chance('accuracy_chance', 3)}; loss {final['loss']:.3f}, temperature {final['temperature']:.4f}")
+
+
+def _eval(args) -> int:
+    from .data.records import DataError
+    from .encoder import Encoder
+    from .eval import evaluate
+    from .stages import _data_files
+    try:
+        files = [f for path in args.data for f in _data_files(path)]
+        result = evaluate(Encoder.from_pretrained(args.model), files, strict=args.strict)
+    except (ValueError, DataError) as exc:
+        print(f"moca eval: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or args.model
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    for task, scores in result["tasks"].items():
+        main = "precision_at_1" if "precision_at_1" in scores else "ndcg_at_5"
+        print(f"{task}: {main} {scores[main]:.3f} (chance {scores['chance']:.3f}, n {scores['n']})")
+    print(f"eval.json: {os.path.join(out, 'eval.json')}")
+    return 0
+
+
+def _encode(args, parser) -> int:
+    import numpy as np
+
+    from .encoder import Encoder
+    if not args.export and not (args.input and args.output):
+        parser.error("encode needs --input and --output (or --export DIR)")
+    try:
+        encoder = Encoder.from_pretrained(args.model)
+        if args.export:
+            encoder.save_pretrained(args.export)
+            print(f"exported to {args.export}")
+        if args.input:
+            with open(args.input, encoding="utf-8") as f:
+                sides = [json.loads(line) for line in f if line.strip()]
+            folder = os.path.dirname(os.path.abspath(args.input))
+            for side in sides:  # image paths are relative to the input file
+                if isinstance(side, dict) and isinstance(side.get("image"), str) and \
+                        os.path.isfile(os.path.join(folder, side["image"])):
+                    side["image"] = os.path.join(folder, side["image"])
+            vectors = encoder.encode(sides).numpy()
+            np.save(args.output, vectors)
+            print(f"{vectors.shape[0]} embeddings of {vectors.shape[1]} values -> {args.output}")
+    except (ValueError, json.JSONDecodeError, OSError) as exc:
+        print(f"moca encode: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

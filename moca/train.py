@@ -27,7 +27,7 @@ from .stages import STAGES, _Nvtx
 
 @dataclass
 class TrainConfig:
-    stage: str = "cpt"
+    stage: str = "cpt"                # cpt, cl, or both (cpt, then cl from it, then the evaluation)
     preset: str = "tiny"
     model: str | None = None          # a local Qwen2.5-VL checkpoint (else the preset, random weights)
     data: str | None = None           # a .jsonl file or a folder of them (else the embedded dataset)
@@ -65,6 +65,11 @@ class TrainConfig:
     learn_temperature: bool = False
     task_batching: str = "mixed"      # mixed (MoCa) or homogeneous (one task per batch)
     grad_cache: bool = False          # encode the batch in chunks: activations of one packed row at a time
+    # stage both: the second stage's data and schedule, and what is evaluated at the end
+    cl_data: str | None = None        # pairs for stage 2 (else the embedded pairs)
+    cl_lr: float = 1e-3
+    cl_max_steps: int = 100
+    eval_data: str | None = None      # evaluation files (else, on embedded data, its held-out split)
 
     def update(self, overrides: dict) -> "TrainConfig":
         fields = {f.name: f for f in dataclasses.fields(self)}
@@ -141,25 +146,97 @@ def saved_config(run_dir: str, overrides: dict | None = None) -> TrainConfig:
         return TrainConfig(**json.load(f)).update({**(overrides or {}), "out": run_dir})
 
 
-def _initial_weights(model, run_dir: str, log) -> None:
-    """Load the language and vision weights of a stage-1 run's latest checkpoint into ``model``."""
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise ValueError(f"init={run_dir}: no checkpoint in {run_dir}/checkpoints")
+def model_and_tokenizer(config: TrainConfig, log=print):
+    """The run's model (a local checkpoint, else the preset with random weights) and tokenizer,
+    the embedding table grown when the tokenizer's ids reach past it."""
+    tokenizer = HFTokenizer(config.model) if config.model else ByteTokenizer()
+    model = build(None if config.model else config.preset, config.model)
+    rows = model.get_input_embeddings().num_embeddings
+    if max(tokenizer.specials.all) >= rows:  # e.g. <|mask|> appended past the embedding table
+        model.resize_token_embeddings(max(tokenizer.specials.all) + 1)
+        log(f"the tokenizer's ids reach {max(tokenizer.specials.all)}: embedding table resized from {rows} rows "
+            f"to {max(tokenizer.specials.all) + 1} (new rows start untrained)")
+    return model, tokenizer
+
+
+def load_backbone(model, checkpoint: str) -> int:
+    """Load the model weights (``model.*``: language model and vision tower) of a stage-1 or
+    stage-2 checkpoint into ``model``, leaving heads aside; returns how many tensors."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise ValueError(f"init={checkpoint} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    log(f"started from {checkpoint} ({len(weights)} tensors; MAE head dropped)")
+        raise ValueError(f"{checkpoint} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return len(weights)
+
+
+def _initial_weights(model, run_dir: str, log) -> None:
+    """Start from a stage-1 run's latest checkpoint."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ValueError(f"init={run_dir}: no checkpoint in {run_dir}/checkpoints")
+    log(f"started from {checkpoint} ({load_backbone(model, checkpoint)} tensors; MAE head dropped)")
+
+
+def _finished(run_dir: str, max_steps: int) -> dict | None:
+    """The last logged metrics of a run in ``run_dir`` that reached ``max_steps``, else None."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None or not checkpoint.endswith(f"step-{max_steps:07d}.pt"):
+        return None
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return json.loads(f.readlines()[-1])
+
+
+def train_both(config: TrainConfig, resume: bool = False, log=print) -> dict:
+    """Stage 1 in ``out/cpt``, stage 2 from its last checkpoint in ``out/cl`` (``cl_data``,
+    ``cl_lr``, ``cl_max_steps``), then the evaluation of the result into ``out/cl/eval.json``:
+    ``eval_data``, or on the embedded dataset its held-out split. ``resume`` skips a finished stage
+    and continues an unfinished one. Returns {"cpt": ..., "cl": ..., "eval": ...}."""
+    from .data import embedded
+    from .encoder import Encoder
+    from .eval import evaluate
+    from .stages import _data_files
+    os.makedirs(config.out, exist_ok=True)
+    with open(os.path.join(config.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1)
+    first = dataclasses.replace(config, stage="cpt", out=os.path.join(config.out, "cpt"))
+    second = dataclasses.replace(config, stage="cl", out=os.path.join(config.out, "cl"), init=first.out,
+                                 data=config.cl_data, lr=config.cl_lr, max_steps=config.cl_max_steps,
+                                 save_every=min(config.save_every, config.cl_max_steps),
+                                 log_every=min(config.log_every, config.cl_max_steps))
+    results = {}
+    for name, stage_config in (("cpt", first), ("cl", second)):
+        done = _finished(stage_config.out, stage_config.max_steps) if resume else None
+        if done is not None:
+            log(f"stage {name} already finished in {stage_config.out}")
+            results[name] = done
+        else:
+            log(f"stage {name} in {stage_config.out}")
+            results[name] = train(stage_config, resume=resume and latest_checkpoint(stage_config.out) is not None,
+                                  log=log)
+    if config.eval_data is None and config.data is None and config.cl_data is None:
+        files = [embedded.write_eval(os.path.join(config.out, "eval-data"), seed=config.seed + 1000)]
+    elif config.eval_data is not None:
+        files = _data_files(config.eval_data)
+    else:
+        log("no eval_data given: the evaluation is skipped")
+        return results
+    results["eval"] = evaluate(Encoder.from_pretrained(second.out), files, strict=config.strict, log=log)
+    with open(os.path.join(second.out, "eval.json"), "w") as f:
+        json.dump(results["eval"], f, indent=1)
+    return results
 
 
 def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None, log=print) -> dict:
     """Run ``config.stage`` (cpt or cl) in ``config.out``; returns the last logged metrics.
     ``resume``: continue from the run's latest checkpoint. ``stop_at``: stop after that step as if
     the process were killed (the checkpoints written so far stay)."""
+    if config.stage == "both":
+        if stop_at is not None:
+            raise ValueError("stop_at applies to one stage at a time")
+        return train_both(config, resume, log)
     if config.stage not in STAGES:
-        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {config.stage!r}")
+        raise ValueError(f"stage must be one of {sorted(STAGES) + ['both']}, got {config.stage!r}")
     if config.image_decoder not in ("pil", "dali-cpu", "dali-gpu"):
         raise ValueError(f"image_decoder must be pil, dali-cpu or dali-gpu, got {config.image_decoder!r}")
     if config.model is None and config.preset != "tiny":
@@ -170,13 +247,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         json.dump(dataclasses.asdict(config), f, indent=1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
-    tokenizer = HFTokenizer(config.model) if config.model else ByteTokenizer()
-    model = build(None if config.model else config.preset, config.model)
-    rows = model.get_input_embeddings().num_embeddings
-    if max(tokenizer.specials.all) >= rows:  # e.g. <|mask|> appended past the embedding table
-        model.resize_token_embeddings(max(tokenizer.specials.all) + 1)
-        log(f"the tokenizer's ids reach {max(tokenizer.specials.all)}: embedding table resized from {rows} rows "
-            f"to {max(tokenizer.specials.all) + 1} (new rows start untrained)")
+    model, tokenizer = model_and_tokenizer(config, log)
     if config.init and not resume:
         _initial_weights(model, config.init, log)
     if config.gradient_checkpointing:

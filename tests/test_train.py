@@ -23,7 +23,7 @@ def _metrics(run):
 
 def test_cli_end_to_end(tmp_path, capsys):
     run = tmp_path / "run"
-    assert cli.main(["train", "--out", str(run), "--max-steps", "4", "save_every=2", "log_every=2"]) == 0
+    assert cli.main(["train", "--stage", "cpt", "--out", str(run), "--max-steps", "4", "save_every=2", "log_every=2"]) == 0
     out = capsys.readouterr().out
     assert "run directory:" in out and "MLM accuracy" in out and "(chance 0.0038)" in out
     for name in ("config.json", "metrics.jsonl", "loss.png", "data/cpt.jsonl"):
@@ -247,3 +247,23 @@ def test_cli_runs_stage_two(tmp_path, capsys):
                      "log_every=1"]) == 0
     out = capsys.readouterr().out
     assert "in-batch accuracy" in out and "(chance 0.167)" in out and (run / "data" / "pairs.jsonl").exists()
+
+
+def test_the_embedded_default_runs_both_stages_and_the_evaluation(tmp_path, capsys):
+    # moca train with no stage: stage 1, stage 2 from its checkpoint, the held-out evaluation (reduced size)
+    run = tmp_path / "both"
+    assert cli.main(["train", "--out", str(run), "--max-steps", "4", "cl_max_steps=3", "pairs_per_batch=4",
+                     "save_every=2", "log_every=2"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1: MLM accuracy" in out and "stage 2: in-batch accuracy" in out
+    assert "evaluation, text-to-image: precision_at_1" in out and "evaluation, retrieval: ndcg_at_5" in out
+    assert latest_checkpoint(str(run / "cpt")).endswith("step-0000004.pt")
+    assert latest_checkpoint(str(run / "cl")).endswith("step-0000003.pt")
+    scores = json.loads((run / "cl" / "eval.json").read_text())
+    assert set(scores["tasks"]) == {"text-to-image", "image-to-text", "retrieval"} and scores["overall"]["n"] == 48
+    # resuming a finished run does nothing again; a user's CPT data without pairs is refused
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "stage cpt already finished" in out and "stage cl already finished" in out and "stage 1: MLM" in out
+    assert cli.main(["train", "--data", str(run / "cpt" / "data" / "cpt.jsonl"), "--out", str(tmp_path / "x")]) == 2
+    assert "needs cl_data=PAIRS" in capsys.readouterr().err

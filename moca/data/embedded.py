@@ -96,3 +96,29 @@ def write_pairs(folder: str, pairs: int = 192, seed: int = 0, image_size: int = 
                           "task": "image-to-text"}
             f.write(json.dumps(record) + "\n")
     return path
+
+
+def write_eval(folder: str, queries: int = 48, seed: int = 1000, image_size: int = 56) -> str:
+    """Write held-out evaluation records (new pictures, their own seed) under ``folder``: two
+    MMEB-style tasks with 4 candidates, the positive first (text to image, image to text), and
+    one retrieval task (a description against 8 pictures). Returns the .jsonl path."""
+    pictures = _pictures(folder, queries, seed, image_size)
+    n = len(pictures)
+    path = os.path.join(folder, "eval.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (image, text) in enumerate(pictures):
+            others = [pictures[(i + k) % n] for k in range(1, 8)]
+            kind = i % 3
+            if kind == 0:
+                record = {"query": {"text": f"Find the picture of {text}."},
+                          "candidates": [{"image": image}] + [{"image": o[0]} for o in others[:3]],
+                          "task": "text-to-image"}
+            elif kind == 1:
+                record = {"query": {"image": image, "text": "<image> What does this picture show?"},
+                          "candidates": [{"text": text}] + [{"text": o[1]} for o in others[:3]],
+                          "task": "image-to-text"}
+            else:
+                record = {"query": {"text": f"Find the picture of {text}."}, "positives": [{"image": image}],
+                          "candidates": [{"image": o[0]} for o in others], "task": "retrieval"}
+            f.write(json.dumps(record) + "\n")
+    return path

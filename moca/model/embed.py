@@ -13,6 +13,7 @@ gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -71,8 +72,30 @@ class MocaEmbedder(nn.Module):
         return (scores.diagonal() >= best_in_batch).float().mean().item()
 
 
-def _rows(docs: list[Encoded], token_budget: int) -> list[list[int]]:
-    return pack([d.ids.numel() for d in docs], token_budget)
+def _plan(docs: list[Encoded], token_budget: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Packed rows of document indices under the budget, and each document's place among the
+    rows' outputs in row order."""
+    rows = pack([d.ids.numel() for d in docs], token_budget)
+    order = torch.tensor([i for row in rows for i in row])
+    where = torch.empty_like(order)
+    where[order] = torch.arange(order.numel())
+    return rows, where
+
+
+def _embed_row(embedder: MocaEmbedder, docs: list[Encoded], image_token_id: int, device, autocast) -> torch.Tensor:
+    batch = pack_documents(docs, image_token_id)
+    batch = {key: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+    with autocast or contextlib.nullcontext():
+        return embedder.embed(batch)
+
+
+def embed_documents(embedder: MocaEmbedder, docs: list[Encoded], image_token_id: int, token_budget: int, device,
+                    autocast=None) -> torch.Tensor:
+    """Embeddings (len(docs), H) of documents packed into rows under the token budget, in the
+    documents' order (differentiable when grad is enabled)."""
+    rows, where = _plan(docs, token_budget)
+    out = torch.cat([_embed_row(embedder, [docs[i] for i in row], image_token_id, device, autocast) for row in rows])
+    return out[where.to(out.device)]
 
 
 def contrastive_step(embedder: MocaEmbedder, queries: list[Encoded], positives: list[Encoded],
@@ -81,43 +104,28 @@ def contrastive_step(embedder: MocaEmbedder, queries: list[Encoded], positives: 
     """Forward and backward of one contrastive batch on this rank (``negatives``: K per query, K
     may be 0); returns ``loss`` (a detached tensor), ``accuracy`` and ``temperature``. The caller
     zeroes gradients before and steps the optimizer after."""
-    import contextlib
-    autocast = autocast or contextlib.nullcontext()
     b, k = len(queries), len(negatives[0]) if negatives else 0
     docs = queries + positives + [n for per_query in negatives for n in per_query]
-    rows = _rows(docs, token_budget)
-    order = torch.tensor([i for row in rows for i in row])
-    where = torch.empty_like(order)
-    where[order] = torch.arange(order.numel())  # document i's place among the rows' outputs
-
-    def encode(row: list[int]) -> torch.Tensor:
-        batch = pack_documents([docs[i] for i in row], image_token_id)
-        batch = {key: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
-        with autocast:
-            return embedder.embed(batch)
 
     def split(emb: torch.Tensor):
-        emb = emb[where.to(emb.device)]
         return emb[:b], emb[b:2 * b], emb[2 * b:].reshape(b, k, -1) if k else None
 
     if not grad_cache:
-        q, p, n = split(torch.cat([encode(row) for row in rows]))
+        q, p, n = split(embed_documents(embedder, docs, image_token_id, token_budget, device, autocast))
         loss = embedder.loss(q, p, n)
         _check_finite(loss)
         loss.backward()
     else:
         with torch.no_grad():
-            cached = torch.cat([encode(row) for row in rows])
+            cached = embed_documents(embedder, docs, image_token_id, token_budget, device, autocast)
         cached.requires_grad_(True)
         q, p, n = split(cached)
         loss = embedder.loss(q, p, n)
         _check_finite(loss)
         loss.backward()  # the gradient of every embedding (and of the temperature)
-        start = 0
-        for row in rows:
-            grad = cached.grad[start:start + len(row)]
-            start += len(row)
-            encode(row).backward(grad)
+        rows, _ = _plan(docs, token_budget)
+        for row in rows:  # again with a graph, one packed row at a time
+            _embed_row(embedder, [docs[i] for i in row], image_token_id, device, autocast).backward(cached.grad[row])
     return dict(loss=loss.detach(), accuracy=embedder.accuracy(q.detach(), p.detach(), None if n is None else n.detach()),
                 temperature=embedder.temperature().item())
 

@@ -1,0 +1,100 @@
+"""Embeddings from a trained model: ``moca.Encoder``.
+
+    from moca import Encoder
+    encoder = Encoder.from_pretrained("runs/moca-tiny")          # a run directory, or an export
+    vectors = encoder.encode(["a red circle", {"image": "pic.png"}, {"text": "<image> a cat", "image": img}])
+
+An input is a text, a PIL image, or a side as in the data files (``{"text": ..., "image": ...}``,
+an image being a path, base64 or a PIL image). Embeddings are float32, L2-normalized, one row per
+input, the same whether an input is encoded alone or in a batch (documents are packed, never
+padded). ``save_pretrained`` exports the model in Hugging Face form (plus ``moca.json``), which
+``from_pretrained`` (and transformers) load back.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+
+import torch
+
+from .data.cpt import encode
+from .data.pairs import side_document
+from .data.tokenizer import ByteTokenizer, HFTokenizer
+from .model.embed import MocaEmbedder, embed_documents
+from .model.qwen import build
+
+EXPORT_MARKER = "moca.json"
+
+
+class Encoder:
+    def __init__(self, model, tokenizer, max_doc_tokens: int = 1280, min_pixels: int | None = None,
+                 max_pixels: int | None = None, token_budget: int = 8192, device=None):
+        from .data.images import MAX_PIXELS, MIN_PIXELS
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.embedder = MocaEmbedder(model).to(self.device).eval()
+        self.tokenizer, self.max_doc_tokens, self.token_budget = tokenizer, max_doc_tokens, token_budget
+        self.min_pixels, self.max_pixels = min_pixels or MIN_PIXELS, max_pixels or MAX_PIXELS
+
+    @classmethod
+    def from_pretrained(cls, path: str, device=None) -> "Encoder":
+        """A moca run directory (its latest checkpoint, stage 1 or 2) or a folder ``save_pretrained`` wrote."""
+        from .train import latest_checkpoint, load_backbone, model_and_tokenizer, saved_config
+        if os.path.isfile(os.path.join(path, EXPORT_MARKER)):
+            with open(os.path.join(path, EXPORT_MARKER)) as f:
+                meta = json.load(f)
+            tokenizer = ByteTokenizer() if meta["tokenizer"] == "bytes" else HFTokenizer(path)
+            model = build(path=path)
+            return cls(model, tokenizer, meta["max_doc_tokens"], meta["min_pixels"], meta["max_pixels"], device=device)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{path}: neither a moca run directory (config.json) nor an export ({EXPORT_MARKER})")
+        config = saved_config(path)
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is None:
+            raise ValueError(f"{path}: the run has no checkpoint yet")
+        model, tokenizer = model_and_tokenizer(config, log=lambda *_: None)
+        load_backbone(model, checkpoint)
+        return cls(model, tokenizer, config.max_doc_tokens, config.min_pixels, config.max_pixels,
+                   config.token_budget, device)
+
+    def _document(self, item, index: int):
+        if isinstance(item, str):
+            item = {"text": item}
+        elif not isinstance(item, dict):
+            item = {"image": item}
+        if "image" in item and not isinstance(item["image"], str):  # a PIL image
+            buffer = io.BytesIO()
+            item["image"].save(buffer, format="PNG")
+            item = {**item, "image": base64.b64encode(buffer.getvalue()).decode()}
+        try:
+            doc = side_document(item, os.getcwd(), f"input {index}")
+        except ValueError as exc:
+            raise ValueError(f"input {index}: {exc}") from None
+        encoded = encode(doc, self.tokenizer, self.max_doc_tokens, self.min_pixels, self.max_pixels)
+        if encoded.ids.numel() == 0:
+            raise ValueError(f"input {index}: nothing to embed")
+        return encoded
+
+    @torch.no_grad()
+    def encode(self, inputs) -> torch.Tensor:
+        """Normalized float32 embeddings (n, hidden) on the CPU, one per input."""
+        if isinstance(inputs, (str, dict)) or not isinstance(inputs, (list, tuple)):
+            inputs = [inputs]
+        if not inputs:
+            return torch.zeros(0, self.embedder.model.config.text_config.hidden_size)
+        docs = [self._document(item, i) for i, item in enumerate(inputs)]
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+        return embed_documents(self.embedder, docs, self.tokenizer.specials.image, max(self.token_budget,
+                               max(d.ids.numel() for d in docs)), self.device, autocast).cpu()
+
+    def save_pretrained(self, folder: str) -> None:
+        """The model in Hugging Face form, its tokenizer, and ``moca.json`` (how inputs are laid out)."""
+        os.makedirs(folder, exist_ok=True)
+        self.embedder.model.save_pretrained(folder)
+        if isinstance(self.tokenizer, HFTokenizer):
+            self.tokenizer.tok.save_pretrained(folder)
+        with open(os.path.join(folder, EXPORT_MARKER), "w") as f:
+            json.dump(dict(tokenizer="bytes" if isinstance(self.tokenizer, ByteTokenizer) else "hf",
+                           max_doc_tokens=self.max_doc_tokens, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                           pooling="mean", normalize=True), f, indent=1)

@@ -1,0 +1,140 @@
+"""Evaluation the way MMEB and ViDoRe score embedding models (research/moca-method.md section 4).
+
+Two record kinds, one a line, in JSON Lines files (a side as in the pairs files):
+- MMEB style: ``{"query": side, "candidates": [side, ...], "task": "name"}`` with the positive
+  first; a query counts when its positive scores strictly above every other candidate
+  (``precision_at_1``).
+- Retrieval: ``{"query": side, "positives": [side, ...], "candidates": [side, ...], "task": ...}``;
+  the pool ranked is positives plus candidates, ties ranked against the positives;
+  ``recall_at_1``, ``recall_at_5`` and ``ndcg_at_5`` (binary relevance).
+
+``eval.json``: ``{"tasks": {name: {metric: value, ..., "chance": value, "n": count}}, "overall":
+{...}}``, each metric beside its value under a random ranking (``chance`` for the task's main
+metric, ``chance_<metric>`` for each), ``overall`` the unweighted mean over tasks. Identical
+sides are embedded once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import torch
+
+from .data.records import BadRecords, DataError, _parse
+
+MAIN = {"mmeb": "precision_at_1", "retrieval": "ndcg_at_5"}
+
+
+def _check_side(side, what: str) -> None:
+    if not isinstance(side, dict) or not ({"text", "image"} & set(side)):
+        raise ValueError(f'{what} must be an object with "text" and/or "image"')
+
+
+def _record(record) -> dict:
+    if not isinstance(record, dict) or "query" not in record or "candidates" not in record:
+        raise ValueError('a record needs "query" and "candidates"')
+    _check_side(record["query"], "the query")
+    positives = record.get("positives")
+    candidates = record["candidates"]
+    if not isinstance(candidates, list) or (positives is None and len(candidates) < 2):
+        raise ValueError('"candidates" must be a list (of at least 2 when the positive is its first)')
+    if positives is not None and (not isinstance(positives, list) or not positives):
+        raise ValueError('"positives" must be a non-empty list')
+    for side in candidates + (positives or []):
+        _check_side(side, "a candidate")
+    kind = "mmeb" if positives is None else "retrieval"
+    pool = candidates if positives is None else positives + candidates
+    return dict(task=str(record.get("task", "default")), kind=kind, query=record["query"], pool=pool,
+                relevant=1 if positives is None else len(positives))
+
+
+def read_eval(path: str, bad: BadRecords | None = None, strict: bool = False) -> list[dict]:
+    """The valid evaluation records of a file (bad ones counted and skipped with a warning naming
+    file and line, or DataError under ``strict``); image paths resolved against the file's folder."""
+    bad = bad if bad is not None else BadRecords()
+    folder = os.path.dirname(os.path.abspath(path))
+    out = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = _record(_parse(line))
+            except ValueError as exc:
+                if strict:
+                    raise DataError(f"{where}: {exc}") from None
+                bad.add(where, str(exc), "invalid record")
+                warnings.warn(f"{where}: {exc}; record skipped", stacklevel=2)
+                continue
+            for side in [record["query"]] + record["pool"]:
+                image = side.get("image")
+                if isinstance(image, str) and not os.path.isabs(image) and os.path.isfile(os.path.join(folder, image)):
+                    side["image"] = os.path.join(folder, image)
+            out.append(dict(record, where=where))
+    return out
+
+
+def ranks_of_relevant(scores: torch.Tensor, relevant: int) -> list[int]:
+    """1-based ranks of the first ``relevant`` entries of ``scores`` when sorted by score, ties
+    placing the other entries first (a tie never counts as a success)."""
+    is_relevant = torch.arange(scores.numel()) < relevant
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), bool(is_relevant[i])))
+    return sorted(order.index(i) + 1 for i in range(relevant))
+
+
+def metrics(kind: str, scores: torch.Tensor, relevant: int) -> dict:
+    """The record's metrics and their values under a random ranking (``chance_*``)."""
+    n, ranks = scores.numel(), ranks_of_relevant(scores, relevant)
+    if kind == "mmeb":
+        return dict(precision_at_1=float(ranks[0] == 1), chance_precision_at_1=1 / n)
+    out = {}
+    for k in (1, 5):
+        out[f"recall_at_{k}"] = sum(r <= k for r in ranks) / relevant
+        out[f"chance_recall_at_{k}"] = min(k, n) / n
+    ideal = sum(1 / math.log2(r + 1) for r in range(1, min(5, relevant) + 1))
+    out["ndcg_at_5"] = sum(1 / math.log2(r + 1) for r in ranks if r <= 5) / ideal
+    out["chance_ndcg_at_5"] = sum(relevant / n / math.log2(r + 1) for r in range(1, min(5, n) + 1)) / ideal
+    return out
+
+
+def evaluate(encoder, paths: list[str], strict: bool = False, log=print) -> dict:
+    """Scores (the ``eval.json`` object) of ``encoder`` on the evaluation files."""
+    bad, records = BadRecords(), []
+    for path in paths:
+        records += read_eval(path, bad, strict)
+    if bad.total:
+        log(f"skipped {bad.total} bad records; first: {bad.examples[0]}")
+    if not records:
+        raise ValueError(f"no usable evaluation records in {', '.join(paths)}")
+    keys, unique = {}, []
+    for record in records:  # identical sides are embedded once
+        for side in [record["query"]] + record["pool"]:
+            key = json.dumps(side, sort_keys=True)
+            if key not in keys:
+                keys[key] = len(unique)
+                unique.append(side)
+    log(f"{len(records)} queries, {len(unique)} distinct inputs to embed")
+    embeddings = encoder.encode(unique)
+    per_task: dict[str, list[dict]] = {}
+    for record in records:
+        q = embeddings[keys[json.dumps(record["query"], sort_keys=True)]]
+        pool = embeddings[[keys[json.dumps(s, sort_keys=True)] for s in record["pool"]]]
+        per_task.setdefault(record["task"], []).append(
+            dict(metrics(record["kind"], pool @ q, record["relevant"]), kind=record["kind"]))
+    tasks = {}
+    for task, rows in sorted(per_task.items()):
+        if len({r["kind"] for r in rows}) > 1:
+            raise ValueError(f"task {task!r} mixes MMEB-style and retrieval records; give them different task names")
+        names = [k for k in rows[0] if k != "kind"]
+        means = {k: sum(r[k] for r in rows) / len(rows) for k in names}
+        main = MAIN[rows[0]["kind"]]
+        tasks[task] = {**{k: round(v, 4) for k, v in means.items() if not k.startswith("chance")},
+                       "chance": round(means[f"chance_{main}"], 4),
+                       **{k: round(v, 4) for k, v in means.items() if k.startswith("chance_")}, "n": len(rows)}
+    overall_keys = sorted({k for t in tasks.values() for k in t if k != "n"})
+    overall = {k: round(sum(t[k] for t in tasks.values() if k in t) / sum(k in t for t in tasks.values()), 4)
+               for k in overall_keys}
+    return dict(tasks=tasks, overall={**overall, "n": sum(t["n"] for t in tasks.values())})
