@@ -59,6 +59,17 @@ def _data_files(path: str) -> list[str]:
     return [path]
 
 
+def _embedded(write, folder: str, name: str, seed: int) -> str:
+    """The embedded dataset's file: rank 0 writes it while the other ranks wait."""
+    rank, size = world()
+    if rank == 0:
+        write(folder, seed=seed)
+    if size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    return os.path.join(folder, name)
+
+
 @dataclass(frozen=True)
 class Entry:
     """A document of the corpus: where its line is, and its cost in tokens."""
@@ -91,11 +102,11 @@ def _index_file(file: str, config: TrainConfig, tokenizer, bad: BadRecords) -> l
         if ids:
             entries.append(Entry(file, doc.offset, doc.where, len(ids)))
     os.makedirs(os.path.dirname(cached), exist_ok=True)
-    with open(cached + ".tmp", "w") as f:
+    with open(f"{cached}.{os.getpid()}.tmp", "w") as f:  # ranks may write the same index at once
         json.dump(dict(entries=[[e.offset, int(e.where.rsplit(":", 1)[1]), e.cost] for e in entries],
                        bad={k: v - before.get(k, 0) for k, v in bad.counts.items() if v - before.get(k, 0)},
                        examples=bad.examples[examples:]), f)
-    os.replace(cached + ".tmp", cached)
+    os.replace(f"{cached}.{os.getpid()}.tmp", cached)
     return entries
 
 
@@ -104,7 +115,7 @@ def index_documents(config: TrainConfig, tokenizer, log=print) -> list[Entry]:
     cost: only this index stays in memory, documents are read again when their micro-batch comes.
     Each file is scanned once (image headers only) and its index cached under ``index_cache``
     (default: the run directory), so a resumed run, or one sharing the cache, does not scan it again."""
-    path = config.data or embedded.write(os.path.join(config.out, "data"), seed=config.seed)
+    path = config.data or _embedded(embedded.write, os.path.join(config.out, "data"), "cpt.jsonl", config.seed)
     bad = BadRecords()
     entries = [e for file in _data_files(path) for e in _index_file(file, config, tokenizer, bad)]
     if bad.total:
@@ -178,24 +189,37 @@ def _documents(entries: list[Entry], config: TrainConfig, tokenizer, log) -> _Ca
     return _Cache(load, _encoded_bytes, "document", config, log)
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process (0, 1 without torch.distributed)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _micro_batch_stream(entries, documents: _Cache, tokenizer, model_config, config: TrainConfig, step: int, epoch: int,
                         position: int, pin: bool = False):
-    """Micro-batches in training order from (step, epoch, position) on: (batch, its model FLOPs,
-    epoch, position after it). Each one's masks come from a generator seeded by (seed, step,
-    micro-batch), so the sequence does not depend on where a run was resumed."""
+    """This rank's micro-batches in training order from (step, epoch, position) on: (batch, its
+    model FLOPs, epoch, position after it). Each round of micro-batches takes the next ``world
+    size`` of the epoch, this rank's being ``position + rank`` (an epoch's remainder that cannot
+    serve every rank is left out). Masks come from a generator seeded by (seed, step, micro-batch
+    of the step across ranks), so the sequence does not depend on where a run was resumed."""
+    rank, size = world()
     batches = micro_batches(entries, config, epoch)
     while True:
         for micro in range(config.grad_accum):
-            if position >= len(batches):
+            if position + size > len(batches):
                 epoch, position = epoch + 1, 0
                 batches = micro_batches(entries, config, epoch)
+                if size > len(batches):
+                    raise ValueError(f"{len(batches)} micro-batches per epoch cannot serve {size} ranks")
             with _Nvtx("load"):
-                chosen = documents.get(batches[position])
-            position += 1
+                chosen = documents.get(batches[position + rank])
+            position += size
             if not chosen:
-                raise ValueError(f"no document of micro-batch {position - 1} of epoch {epoch} could be read "
+                raise ValueError(f"no document of micro-batch {position - size + rank} of epoch {epoch} could be read "
                                  "(see the warnings above)")
-            generator = torch.Generator().manual_seed(hash((config.seed, step, micro)) % 2**63)
+            generator = torch.Generator().manual_seed(hash((config.seed, step, micro * size + rank)) % 2**63)
             with _Nvtx("collate"):
                 batch = collate(chosen, tokenizer.specials, config.mlm_ratio, config.mae_ratio, generator)
             flops = cpt_step_flops(model_config, batch["lengths"], batch["image_grid_thw"].tolist(),
@@ -315,15 +339,16 @@ class PairEntry:
 def index_pairs(config: TrainConfig, log=print) -> list[PairEntry]:
     """Every usable pair of the run's data (the embedded pairs when none is given): a scan that
     reads the records and only the images' headers."""
-    path = config.data or embedded.write_pairs(os.path.join(config.out, "data"), seed=config.seed)
+    path = config.data or _embedded(embedded.write_pairs, os.path.join(config.out, "data"), "pairs.jsonl", config.seed)
     bad = BadRecords()
     entries = [PairEntry(file, p.offset, p.where, p.task) for file in _data_files(path)
                for p in read_pairs(file, config.hard_negatives, bad, strict=config.strict, decode=False)]
     if bad.total:
         log(f"skipped {bad.total} bad records ({dict(bad.counts)}); first: {bad.examples[0]}")
-    if len(entries) < config.pairs_per_batch:
-        raise ValueError(f"{len(entries)} usable pairs in {path}: fewer than one batch (pairs_per_batch="
-                         f"{config.pairs_per_batch})")
+    need = config.pairs_per_batch * world()[1]
+    if len(entries) < need:
+        raise ValueError(f"{len(entries)} usable pairs in {path}: fewer than one global batch ({need} = "
+                         "pairs_per_batch x ranks)")
     return entries
 
 
@@ -345,16 +370,23 @@ def _pairs(entries: list[PairEntry], config: TrainConfig, tokenizer, log) -> _Ca
 
 
 def _pair_batch_stream(entries: list[PairEntry], pairs: _Cache, config: TrainConfig, epoch: int, position: int):
-    """Contrastive batches in training order from (epoch, position) on: (encoded pairs, epoch,
-    position after the batch)."""
-    mixed = config.task_batching == "mixed"
-    batches = contrastive_batches([e.task for e in entries], config.pairs_per_batch, config.seed, epoch, mixed)
+    """This rank's share of the contrastive batches in training order from (epoch, position) on:
+    (encoded pairs, epoch, position after the batch). A global batch holds ``pairs_per_batch``
+    pairs per rank; rank r takes the r-th slice."""
+    mixed, (rank, size) = config.task_batching == "mixed", world()
+    per_rank = config.pairs_per_batch
+
+    def epoch_batches(e):
+        return contrastive_batches([x.task for x in entries], per_rank * size, config.seed, e, mixed)
+    batches = epoch_batches(epoch)
     while True:
         if position >= len(batches):
             epoch, position = epoch + 1, 0
-            batches = contrastive_batches([e.task for e in entries], config.pairs_per_batch, config.seed, epoch, mixed)
+            batches = epoch_batches(epoch)
+            if not batches:
+                raise ValueError(f"{len(entries)} pairs cannot fill one global batch of {per_rank * size}")
         with _Nvtx("load"):
-            chosen = pairs.get(batches[position])
+            chosen = pairs.get(batches[position][rank * per_rank:(rank + 1) * per_rank])
         position += 1
         if not chosen:
             raise ValueError(f"no pair of batch {position - 1} of epoch {epoch} could be read (see the warnings above)")

@@ -178,6 +178,55 @@ def _initial_weights(model, run_dir: str, log) -> None:
     log(f"started from {checkpoint} ({load_backbone(model, checkpoint)} tensors; MAE head dropped)")
 
 
+def _distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE > 1) the process
+    group is set up once: NCCL and this rank's GPU on CUDA machines, gloo on CPU."""
+    import torch.distributed as dist
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return (dist.get_rank(), dist.get_world_size(), device) if dist.is_initialized() else (0, 1, device)
+
+
+def _average(module, done: dict, size: int, bucket: int = 1 << 25) -> dict:
+    """Data parallelism: every gradient averaged over the ranks (in buckets of ``bucket`` values;
+    a parameter without a gradient on some rank counts as zero there), and the step's logged
+    losses averaged, its tokens and FLOPs summed."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    params = [p for p in module.parameters() if p.requires_grad]
+    device = params[0].device
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(has)  # a parameter no rank used keeps no gradient, as in one process
+    params = [p for p, used in zip(params, has.tolist()) if used]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    start = 0
+    while start < len(params):
+        end, count = start, 0
+        while end < len(params) and (count == 0 or count + params[end].numel() <= bucket):
+            count, end = count + params[end].numel(), end + 1
+        grads = [p.grad for p in params[start:end]]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= size
+        for g, averaged in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(averaged)
+        start = end
+    names = sorted(done["metrics"])
+    numbers = torch.tensor([done["metrics"][k] / size for k in names] + [done["tokens"], done["flops"] or 0.0],
+                           dtype=torch.float64, device=device)
+    dist.all_reduce(numbers)
+    values = numbers.tolist()
+    return dict(metrics=dict(zip(names, values[:len(names)])), tokens=int(values[-2]),
+                flops=None if done["flops"] is None else values[-1])
+
+
 def _finished(run_dir: str, max_steps: int) -> dict | None:
     """The last logged metrics of a run in ``run_dir`` that reached ``max_steps``, else None."""
     checkpoint = latest_checkpoint(run_dir)
@@ -196,9 +245,11 @@ def train_both(config: TrainConfig, resume: bool = False, log=print) -> dict:
     from .encoder import Encoder
     from .eval import evaluate
     from .stages import _data_files
-    os.makedirs(config.out, exist_ok=True)
-    with open(os.path.join(config.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=1)
+    rank = _distributed()[0]
+    if rank == 0:
+        os.makedirs(config.out, exist_ok=True)
+        with open(os.path.join(config.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=1)
     first = dataclasses.replace(config, stage="cpt", out=os.path.join(config.out, "cpt"))
     second = dataclasses.replace(config, stage="cl", out=os.path.join(config.out, "cl"), init=first.out,
                                  data=config.cl_data, lr=config.cl_lr, max_steps=config.cl_max_steps,
@@ -214,6 +265,8 @@ def train_both(config: TrainConfig, resume: bool = False, log=print) -> dict:
             log(f"stage {name} in {stage_config.out}")
             results[name] = train(stage_config, resume=resume and latest_checkpoint(stage_config.out) is not None,
                                   log=log)
+    if rank != 0:  # the evaluation runs on rank 0
+        return results
     if config.eval_data is None and config.data is None and config.cl_data is None:
         files = [embedded.write_eval(os.path.join(config.out, "eval-data"), seed=config.seed + 1000)]
     elif config.eval_data is not None:
@@ -242,10 +295,13 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
     if config.model is None and config.preset != "tiny":
         raise ValueError(f"preset {config.preset!r} uses Qwen's token ids, and only a checkpoint brings that "
                          "tokenizer: give --model PATH (the tiny preset runs on the built-in byte tokenizer)")
-    os.makedirs(config.out, exist_ok=True)
-    with open(os.path.join(config.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, size, device = _distributed()
+    main = rank == 0  # rank 0 logs and writes the run directory
+    log = log if main else (lambda *args, **kwargs: None)
+    if main:
+        os.makedirs(config.out, exist_ok=True)
+        with open(os.path.join(config.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=1)
     torch.manual_seed(config.seed)
     model, tokenizer = model_and_tokenizer(config, log)
     if config.init and not resume:
@@ -271,7 +327,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         log(f"resumed {config.out} at step {step} from {checkpoint}")
     stage.start(step, epoch, position)
     metrics_path = os.path.join(config.out, "metrics.jsonl")
-    if os.path.exists(metrics_path):  # a new run starts empty; a resumed one forgets steps after its checkpoint
+    if main and os.path.exists(metrics_path):  # a new run starts empty; a resumed one forgets steps after its checkpoint
         with open(metrics_path) as f:
             kept = [line for line in f if resume and json.loads(line)["step"] <= step]
         with open(metrics_path, "w") as f:
@@ -280,7 +336,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
     profile = [int(x) for x in config.profile_steps.split(":")] if config.profile_steps else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     from tqdm import tqdm
-    bar = tqdm(total=config.max_steps, initial=step, desc=config.stage, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=config.max_steps, initial=step, desc=config.stage, unit="step", dynamic_ncols=True,
+               disable=not main)
     last = {}
     while step < min(config.max_steps, stop_at if stop_at is not None else config.max_steps):
         if profile and step == profile[0] and device.type == "cuda":
@@ -295,6 +352,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
             kept = latest_checkpoint(config.out)
             raise FloatingPointError(f"{exc} at step {step}; stopped. The last good checkpoint is "
                                      f"{kept or 'none (none was saved yet)'}") from None
+        if size > 1:
+            with _Nvtx("all-reduce"):
+                done = _average(heads, done, size)
         with _Nvtx("optimizer"):
             torch.nn.utils.clip_grad_norm_(heads.parameters(), config.grad_clip)
             optimizer.step()
@@ -303,7 +363,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         if profile and step == profile[1] + 1 and device.type == "cuda":
             torch.cuda.cudart().cudaProfilerStop()
         bar.update(1)
-        if step % config.log_every == 0 or step == config.max_steps:
+        if main and (step % config.log_every == 0 or step == config.max_steps):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started  # the step alone, not the metrics below
@@ -319,13 +379,16 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{done['metrics']['loss']:.3f}", **stage.extras())
-        if step % config.save_every == 0 or step == config.max_steps:
+        if main and (step % config.save_every == 0 or step == config.max_steps):
             _save(os.path.join(config.out, "checkpoints"), step,
                   dict(model=heads.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                        step=step, epoch=stage.epoch, position=stage.position, config=dataclasses.asdict(config)))
     bar.close()
     stage.close()
-    if step < config.max_steps:  # stopped early (stop_at)
+    if size > 1:
+        import torch.distributed as dist
+        dist.barrier()  # the last checkpoint is written before any rank moves on
+    if step < config.max_steps or not main:  # stopped early (stop_at), or not the rank that logs
         return last
     with open(metrics_path) as f:
         _plot([json.loads(line) for line in f], os.path.join(config.out, "loss.png"))

@@ -55,8 +55,13 @@ class MocaEmbedder(nn.Module):
         hard negatives (B, K, H). Scaled so that gradients summed over ranks (or averaged by DDP,
         whose average this undoes) equal one process's mean over the global batch."""
         docs = all_gather_with_grad(positive)
-        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
-        labels = torch.arange(query.shape[0], device=query.device) + rank * query.shape[0]
+        world, offset = 1, 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            counts = [torch.zeros(1, dtype=torch.long, device=query.device) for _ in range(world)]
+            dist.all_gather(counts, torch.tensor([query.shape[0]], device=query.device))
+            offset = int(sum(c.item() for c in counts[:dist.get_rank()]))  # ranks may hold different counts
+        labels = torch.arange(query.shape[0], device=query.device) + offset
         total = info_nce(query, docs, temperature=self.temperature(), labels=labels, hard_negatives=negatives,
                          normalize=False, reduction="sum")
         return total * world / docs.shape[0]
