@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-from moca.data.cpt import Encoded, collate  # noqa: E402
+from moca.data.cpt import Encoded, collate, document_positions  # noqa: E402
 from moca.data.images import ROW  # noqa: E402
 from moca.data.masking import IGNORE, ROWS_PER_TOKEN  # noqa: E402
 from moca.data.packing import pack  # noqa: E402
@@ -181,6 +181,23 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _timed(warm_up, step, repeats: int, device):
+    """(fastest seconds, every time, the last step's result) of ``repeats`` steps after a warm-up
+    (compilation, autotuning, allocator); peak memory counted from after the warm-up."""
+    warm_up()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, result = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return min(times), times, result
+
+
 def measure(provider: str, args, docs, specials, device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if provider == "moca":
@@ -207,18 +224,7 @@ def measure(provider: str, args, docs, specials, device) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return {k: float(v) / len(chosen) for k, v in sums.items()}
 
-    step(batches[:2])  # warm-up: compilation, autotuning, allocator
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], None
-    for _ in range(args.repeats):
-        started = time.perf_counter()
-        losses = step(batches)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    seconds = min(times)
+    seconds, times, losses = _timed(lambda: step(batches[:2]), lambda: step(batches), args.repeats, device)
     tokens = sum(d.ids.numel() for d in docs)
     slots = sum(b["input_ids"].numel() for b in batches)
     row = dict(provider=provider, micro_batches=len(batches), real_tokens=tokens, padded_tokens=slots - tokens,
@@ -240,6 +246,98 @@ def measure(provider: str, args, docs, specials, device) -> dict:
     return row  # the model, optimizer and batches go with this frame; main() frees the memory
 
 
+def synthetic_pairs(n: int, specials: Specials, args, seed: int = 1) -> tuple[list, list, list]:
+    """(queries, positives, negatives) for ``n`` pairs: a text query (an instruction and a
+    request of ``--query-tokens`` tokens), an image-and-caption positive, ``--hard-negatives``
+    image-and-caption negatives, drawn like the stage-1 documents with every one an image."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    ordinary = min(specials.all)
+    queries = [Encoded(torch.randint(0, ordinary, (rng.randint(*args.query_tokens),), generator=gen),
+                       torch.zeros(0, ROW), torch.zeros(0, 3, dtype=torch.long), f"query:{i}") for i in range(n)]
+    image_args = argparse.Namespace(**{**vars(args), "image_share": 1.0})
+    sides = synthetic_documents(n * (1 + args.hard_negatives), specials, image_args, seed=seed + 1)
+    positives, rest = sides[:n], sides[n:]
+    negatives = [rest[i * args.hard_negatives:(i + 1) * args.hard_negatives] for i in range(n)]
+    return queries, positives, negatives
+
+
+def _padded(docs: list[Encoded], specials: Specials) -> dict:
+    """Documents right-padded into one (B, L) batch with a padding mask (L a multiple of 32)."""
+    lengths = [d.ids.numel() for d in docs]
+    width = -(-max(lengths) // PAD_TO) * PAD_TO
+    ids = torch.full((len(docs), width), specials.eos, dtype=torch.long)
+    mask = torch.zeros(len(docs), width, dtype=torch.long)
+    positions = torch.zeros(3, len(docs), width, dtype=torch.long)
+    for b, d in enumerate(docs):
+        ids[b, :lengths[b]], mask[b, :lengths[b]] = d.ids, 1
+        positions[:, b, :lengths[b]] = document_positions(d.ids, d.grids, specials.image)
+    return dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=torch.cat([d.rows for d in docs]),
+                image_grid_thw=torch.cat([d.grids for d in docs]))
+
+
+def _authors_embed(model, batch: dict) -> torch.Tensor:
+    """The authors' embedding: the padded batch through the model, mean over the mask, L2."""
+    images = batch["pixel_values"].shape[0] > 0
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=batch["position_ids"], pixel_values=batch["pixel_values"] if images else None,
+                         image_grid_thw=batch["image_grid_thw"] if images else None).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize(((hidden * mask).sum(1) / mask.sum(1)).float(), dim=-1)
+
+
+def measure_cl(provider: str, args, pairs, specials, device) -> dict:
+    """A stage-2 step on ``--pairs`` pairs: moca's packed contrastive step (``contrastive_step``,
+    every side packed under the token budget, ``info_nce``) or the authors' (queries, positives
+    and negatives as three padded forwards, mean pooling over the mask, dense logits and
+    cross-entropy); then AdamW."""
+    from moca.model.embed import MocaEmbedder, contrastive_step
+    queries, positives, negatives = pairs
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = build(args.shape, dtype=dtype, device=device,
+                  attention="moca_varlen" if provider == "moca" else args.authors_attention)
+    if args.checkpointing:
+        enable_checkpointing(model)
+    embedder = MocaEmbedder(model).to(device)
+    optimizer = torch.optim.AdamW(embedder.parameters(), lr=1e-6, fused=device.type == "cuda")
+    k = args.hard_negatives
+    if provider == "authors":
+        groups = [_to(_padded(g, specials), device) for g in (queries, positives, [n for per in negatives for n in per])]
+
+    def step(count):
+        if provider == "moca":
+            out = contrastive_step(embedder, queries[:count], positives[:count], negatives[:count], specials.image,
+                                   args.token_budget, device)
+            loss = out["loss"]
+        else:
+            if count < len(queries):  # the warm-up: the first pairs only
+                sub = (queries[:count], positives[:count], [n for per in negatives[:count] for n in per])
+                batches = [_to(_padded(g, specials), device) for g in sub]
+            else:
+                batches = groups
+            q, p, n = (_authors_embed(model, b) for b in batches)
+            n = n.reshape(q.shape[0], k, -1)
+            logits = torch.cat([q @ p.T, torch.einsum("bd,bkd->bk", q, n)], 1) / 0.03
+            loss = torch.nn.functional.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    seconds, times, loss = _timed(lambda: step(2), lambda: step(len(queries)), args.repeats, device)
+    docs = queries + positives + [n for per in negatives for n in per]
+    tokens = sum(d.ids.numel() for d in docs)
+    row = dict(provider=provider, pairs=len(queries), hard_negatives=k, real_tokens=tokens, step_s=round(seconds, 4),
+               step_s_all=[round(t, 4) for t in times], pairs_per_s=round(len(queries) / seconds, 2),
+               tokens_per_s=round(tokens / seconds, 1), loss=round(loss, 4))
+    if provider == "authors":
+        slots = sum(g["input_ids"].numel() for g in groups)
+        row.update(padded_tokens=slots - tokens, attention=args.authors_attention)
+    if device.type == "cuda":
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="3b", choices=sorted(PRESETS), help="model shape, random weights (default 3b)")
@@ -253,6 +351,12 @@ def main(argv=None):
     p.add_argument("--text-tokens", type=int, nargs=2, default=(32, 512), metavar=("LO", "HI"),
                    help="caption length; text-only documents take LO .. --max-doc-tokens")
     p.add_argument("--image-share", type=float, default=0.7)
+    p.add_argument("--stage", default="cpt", choices=("cpt", "cl"),
+                   help="cpt: a stage-1 step on --docs documents; cl: a stage-2 step on --pairs pairs")
+    p.add_argument("--pairs", type=int, default=32, help="stage 2: pairs in the global batch (default 32)")
+    p.add_argument("--hard-negatives", type=int, default=2, help="stage 2: hard negatives per query (default 2)")
+    p.add_argument("--query-tokens", type=int, nargs=2, default=(16, 96), metavar=("LO", "HI"),
+                   help="stage 2: query length (default 16 96)")
     p.add_argument("--repeats", type=int, default=2, help="timed steps per provider (the fastest counts)")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="turn activation checkpointing off (on by default, as in the authors' runs)")
@@ -268,14 +372,17 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = harness.environment()
     specials = specials_for(args.shape)
-    docs = synthetic_documents(args.docs, specials, args)
-    tokens = sum(d.ids.numel() for d in docs)
-    print(f"CPT step, shape {args.shape}, {args.docs} documents, {tokens} tokens, on {env['gpu'] or 'CPU'}; "
-          f"torch {env['torch']}, commit {env['commit']}", flush=True)
+    if args.stage == "cpt":
+        data = synthetic_documents(args.docs, specials, args)
+        what = f"CPT step, shape {args.shape}, {args.docs} documents, {sum(d.ids.numel() for d in data)} tokens"
+    else:
+        data = synthetic_pairs(args.pairs, specials, args)
+        what = f"CL step, shape {args.shape}, {args.pairs} pairs with {args.hard_negatives} hard negatives each"
+    print(f"{what}, on {env['gpu'] or 'CPU'}; torch {env['torch']}, commit {env['commit']}", flush=True)
     rows = []
     for provider in args.providers:
         try:
-            row = measure(provider, args, docs, specials, device)
+            row = (measure if args.stage == "cpt" else measure_cl)(provider, args, data, specials, device)
         except torch.cuda.OutOfMemoryError:
             row = dict(provider=provider, skipped="out of memory")
         gc.collect()
@@ -287,26 +394,31 @@ def main(argv=None):
             write(args, env, rows)
     done = {r["provider"]: r for r in rows if "skipped" not in r}
     if "moca" in done and "authors" in done:
-        print(f"moca / authors tokens per second: {done['moca']['tokens_per_s'] / done['authors']['tokens_per_s']:.2f}x")
+        rate = "tokens_per_s" if args.stage == "cpt" else "pairs_per_s"
+        print(f"moca / authors {rate}: {done['moca'][rate] / done['authors'][rate]:.2f}x")
 
 
 def write(args, env: dict, rows: list[dict]) -> None:
     os.makedirs(args.out, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "providers")}
+    title = "CPT step" if args.stage == "cpt" else "CL step"
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"title": "CPT step", "environment": env, "settings": settings, "rows": rows}, f, indent=1)
-    lines = [f"# CPT step: shape {args.shape}, {args.docs} documents", "",
-             f"{env['gpu']}; torch {env['torch']}; triton {env['triton']}; commit {env['commit']} "
+        json.dump({"title": title, "environment": env, "settings": settings, "rows": rows}, f, indent=1)
+    if args.stage == "cpt":
+        head = f"# CPT step: shape {args.shape}, {args.docs} documents"
+        columns = ("provider", "micro_batches", "padded_tokens", "step_s", "tokens_per_s", "docs_per_s", "model_tflops",
+                   "mfu", "peak_mem_gib", "mlm_loss", "mae_loss")
+    else:
+        head = f"# CL step: shape {args.shape}, {args.pairs} pairs, {args.hard_negatives} hard negatives each"
+        columns = ("provider", "padded_tokens", "step_s", "pairs_per_s", "tokens_per_s", "peak_mem_gib", "loss")
+    lines = [head, "", f"{env['gpu']}; torch {env['torch']}; triton {env['triton']}; commit {env['commit']} "
              f"(sources {env.get('source_sha1')}); {env['date']}", "", f"settings: {json.dumps(settings)}", "",
-             "| provider | micro-batches | padding tokens | step s | tokens/s | docs/s | model TFLOP/s | MFU | peak GiB "
-             "| MLM loss | MAE loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['provider']} | skipped: {r['skipped']} |||||||||")
+            lines.append(f"| {r['provider']} | skipped: {r['skipped']} |" + "|" * (len(columns) - 2))
             continue
-        lines.append(f"| {r['provider']} | {r['micro_batches']} | {r['padded_tokens']} | {r['step_s']} | {r['tokens_per_s']:.0f} "
-                     f"| {r['docs_per_s']} | {r['model_tflops']} | {r.get('mfu', '')} | {r.get('peak_mem_gib', '')} "
-                     f"| {r['mlm_loss']} | {r['mae_loss']} |")
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 
 import torch
 
-from .data.records import BadRecords, DataError, _parse
+from .data.records import BadRecords, read_records
 
 MAIN = {"mmeb": "precision_at_1", "retrieval": "ndcg_at_5"}
 
@@ -53,28 +52,14 @@ def _record(record) -> dict:
 def read_eval(path: str, bad: BadRecords | None = None, strict: bool = False) -> list[dict]:
     """The valid evaluation records of a file (bad ones counted and skipped with a warning naming
     file and line, or DataError under ``strict``); image paths resolved against the file's folder."""
-    bad = bad if bad is not None else BadRecords()
-    folder = os.path.dirname(os.path.abspath(path))
-    out = []
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = _record(_parse(line))
-            except ValueError as exc:
-                if strict:
-                    raise DataError(f"{where}: {exc}") from None
-                bad.add(where, str(exc), "invalid record")
-                warnings.warn(f"{where}: {exc}; record skipped", stacklevel=2)
-                continue
-            for side in [record["query"]] + record["pool"]:
-                image = side.get("image")
-                if isinstance(image, str) and not os.path.isabs(image) and os.path.isfile(os.path.join(folder, image)):
-                    side["image"] = os.path.join(folder, image)
-            out.append(dict(record, where=where))
-    return out
+    def make(record, folder, where, offset):
+        record = _record(record)
+        for side in [record["query"]] + record["pool"]:
+            image = side.get("image")
+            if isinstance(image, str) and not os.path.isabs(image) and os.path.isfile(os.path.join(folder, image)):
+                side["image"] = os.path.join(folder, image)
+        return dict(record, where=where)
+    return list(read_records(path, make, bad, strict))
 
 
 def ranks_of_relevant(scores: torch.Tensor, relevant: int) -> list[int]:

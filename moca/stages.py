@@ -231,17 +231,6 @@ def _micro_batch_stream(entries, documents: _Cache, tokenizer, model_config, con
         step += 1
 
 
-def _mlm_accuracy(hidden, weight, labels) -> float | None:
-    rows = (labels != -100).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return None
-    with torch.no_grad():
-        hits = 0
-        for chunk in rows.split(1024):
-            hits += ((hidden[chunk].float() @ weight.float().T).argmax(1) == labels[chunk]).sum().item()
-    return hits / rows.numel()
-
-
 def _background(items, depth: int):
     """``items`` produced ``depth`` ahead in a background thread (reading, decoding and collating
     overlap the model's step); an exception there is raised here, in order. ``depth`` 0: inline."""
@@ -296,30 +285,30 @@ class CptStage:
                                                       step, epoch, position, pin=self.device.type == "cuda"), c.prefetch)
         self.epoch, self.position = epoch, position
 
-    def step(self, autocast) -> dict:
-        """Forward and backward of one step: its losses, tokens and model FLOPs."""
+    def step(self, autocast, measure: bool = False) -> dict:
+        """Forward and backward of one step: its losses, tokens and model FLOPs; with ``measure``
+        also the MLM accuracy of its last micro-batch (for ``extras``)."""
         c, sums, tokens, flops = self.config, {"loss": 0.0, "mlm_loss": 0.0, "mae_loss": 0.0}, 0, 0.0
-        for _ in range(c.grad_accum):
+        for micro in range(c.grad_accum):
             batch, batch_flops, self.epoch, self.position = next(self.stream)
             flops += batch_flops
             batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                      for k, v in batch.items()}
             tokens += batch["input_ids"].numel()
             with _Nvtx("forward"), autocast:
-                out = self.module(batch)
+                out = self.module(batch, accuracy=measure and micro == c.grad_accum - 1)
             if not torch.isfinite(out["loss"]):
                 raise NonFiniteLoss(f"the loss became {out['loss'].item()}")
             with _Nvtx("backward"):
                 (out["loss"] / c.grad_accum).backward()
             for k in sums:
                 sums[k] += out[k].item() / c.grad_accum
-        self.last = out["hidden"], batch["labels"]
+        self.last = dict(mlm_accuracy=out.get("mlm_accuracy"))
         return dict(metrics=sums, tokens=tokens, flops=flops)
 
     def extras(self) -> dict:
-        """Metrics computed after the step's timing: MLM accuracy on the last micro-batch."""
-        hidden, labels = self.last
-        return dict(mlm_accuracy=_mlm_accuracy(hidden, self.module.model.lm_head.weight, labels))
+        """The MLM accuracy of the last measured step's last micro-batch."""
+        return self.last
 
     def close(self) -> None:
         self.stream.close()  # stops the loader thread
@@ -415,11 +404,12 @@ class ClStage:
                                                      position), c.prefetch)
         self.epoch, self.position = epoch, position
 
-    def step(self, autocast) -> dict:
+    def step(self, autocast, measure: bool = False) -> dict:
         chosen, self.epoch, self.position = next(self.stream)
         queries, positives, negatives = (list(x) for x in zip(*chosen))
-        out = contrastive_step(self.module, queries, positives, negatives, self.tokenizer.specials.image,
-                               self.config.token_budget, self.device, self.config.grad_cache, autocast)
+        with _Nvtx("contrastive step"):
+            out = contrastive_step(self.module, queries, positives, negatives, self.tokenizer.specials.image,
+                                   self.config.token_budget, self.device, self.config.grad_cache, autocast)
         tokens = sum(d.ids.numel() for d in queries + positives + [n for per in negatives for n in per])
         self.last = dict(accuracy=round(out["accuracy"], 4), temperature=round(out["temperature"], 6))
         return dict(metrics=dict(loss=out["loss"].item()), tokens=tokens, flops=None)

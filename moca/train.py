@@ -65,6 +65,7 @@ class TrainConfig:
     learn_temperature: bool = False
     task_batching: str = "mixed"      # mixed (MoCa) or homogeneous (one task per batch)
     grad_cache: bool = False          # encode the batch in chunks: activations of one packed row at a time
+    fsdp: bool = False                # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
     # stage both: the second stage's data and schedule, and what is evaluated at the end
     cl_data: str | None = None        # pairs for stage 2 (else the embedded pairs)
     cl_lr: float = 1e-3
@@ -192,17 +193,53 @@ def _distributed() -> tuple[int, int, torch.device]:
     return (dist.get_rank(), dist.get_world_size(), device) if dist.is_initialized() else (0, 1, device)
 
 
+def _shard(module) -> None:
+    """FSDP2: each decoder layer, vision block and the MAE decoder its own unit, the rest with the
+    root; a learned temperature stays whole (its gradient is averaged with the others')."""
+    from torch.distributed.fsdp import fully_shard
+    backbone = module.model.model
+    for unit in list(backbone.language_model.layers) + list(backbone.visual.blocks):
+        fully_shard(unit)
+    if getattr(module, "mae_decoder", None) is not None:
+        fully_shard(module.mae_decoder)
+    ignored = {p for name, p in module.named_parameters() if name == "log_temperature"}
+    fully_shard(module, ignored_params=ignored or None)
+    module.model.uniform_collectives = True  # every rank runs every unit each step (moca.model.qwen.packed_hidden)
+
+
+def _states(module, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Model and optimizer state dicts, whole (gathered on every rank, on the CPU, under FSDP)."""
+    if not fsdp:
+        return module.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options), get_optimizer_state_dict(module, optimizer, options=options)
+
+
+def _load_states(module, optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(module, state["model"], options=options)
+    set_optimizer_state_dict(module, optimizer, state["optimizer"], options=options)
+
+
 def _average(module, done: dict, size: int, bucket: int = 1 << 25) -> dict:
     """Data parallelism: every gradient averaged over the ranks (in buckets of ``bucket`` values;
-    a parameter without a gradient on some rank counts as zero there), and the step's logged
-    losses averaged, its tokens and FLOPs summed."""
+    a parameter without a gradient on some rank counts as zero there; parameters FSDP shards are
+    averaged by FSDP itself), and the step's logged losses averaged, its tokens and FLOPs summed."""
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-    params = [p for p in module.parameters() if p.requires_grad]
-    device = params[0].device
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
-    dist.all_reduce(has)  # a parameter no rank used keeps no gradient, as in one process
-    params = [p for p, used in zip(params, has.tolist()) if used]
+    from torch.distributed.tensor import DTensor
+    params = [p for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    device = next(module.parameters()).device
+    if params:
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+        dist.all_reduce(has)  # a parameter no rank used keeps no gradient, as in one process
+        params = [p for p, used in zip(params, has.tolist()) if used]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -310,6 +347,11 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         enable_checkpointing(model)
     stage = STAGES[config.stage](config, model, tokenizer, device, log)
     heads = stage.module
+    fsdp = config.fsdp and size > 1
+    if config.fsdp and size == 1:
+        log("fsdp=true on one process: nothing to shard")
+    if fsdp:
+        _shard(heads)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -320,8 +362,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         if checkpoint is None:
             raise ValueError(f"--resume {config.out}: no checkpoint in {config.out}/checkpoints")
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        heads.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_states(heads, optimizer, state, fsdp)
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
         log(f"resumed {config.out} at step {step} from {checkpoint}")
@@ -345,7 +386,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         try:
-            done = stage.step(autocast)
+            done = stage.step(autocast, measure=(step + 1) % config.log_every == 0 or step + 1 == config.max_steps)
         except NonFiniteLoss as exc:
             bar.close()
             stage.close()
@@ -379,10 +420,12 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{done['metrics']['loss']:.3f}", **stage.extras())
-        if main and (step % config.save_every == 0 or step == config.max_steps):
-            _save(os.path.join(config.out, "checkpoints"), step,
-                  dict(model=heads.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                       step=step, epoch=stage.epoch, position=stage.position, config=dataclasses.asdict(config)))
+        if step % config.save_every == 0 or step == config.max_steps:
+            model_state, optimizer_state = _states(heads, optimizer, fsdp)  # every rank: gathering is collective
+            if main:
+                _save(os.path.join(config.out, "checkpoints"), step,
+                      dict(model=model_state, optimizer=optimizer_state, scheduler=scheduler.state_dict(), step=step,
+                           epoch=stage.epoch, position=stage.position, config=dataclasses.asdict(config)))
     bar.close()
     stage.close()
     if size > 1:

@@ -184,3 +184,25 @@ def test_measure_and_write_without_a_gpu(first_call_ms, tmp_path, monkeypatch):
                   [row, {"case": "c", "provider": "q", "skipped": "why"}])
     table = (tmp_path / "results.md").read_text()
     assert "| c | p | 2.000 | 2 | 2.000 | 5 | 2.000 | 7 | 0 | 1.25 |" in table and "skipped: why" in table
+
+
+def test_train_step_benchmark_compares_like_with_like(tmp_path):
+    # the tiny shape on CPU: both ways of a stage-2 step compute the same loss on the same pairs
+    # (the authors' three padded forwards and dense logits against moca's packed step), and the
+    # stage-1 comparison runs and writes its table
+    import json
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_train_step.py")
+    small = ["--shape", "tiny", "--image-tokens", "4", "16", "--text-tokens", "8", "32", "--max-doc-tokens", "128",
+             "--token-budget", "512", "--repeats", "1"]
+    for stage, extra in (("cl", ["--pairs", "5", "--query-tokens", "8", "24"]), ("cpt", ["--docs", "12"])):
+        out = tmp_path / stage
+        result = subprocess.run([sys.executable, script, "--stage", stage, *small, *extra, "--out", str(out)],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        assert [r["provider"] for r in rows] == ["moca", "authors"] and (out / "results.md").exists()
+        if stage == "cl":
+            assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-4)
+            assert rows[0]["real_tokens"] == rows[1]["real_tokens"]
+        else:
+            assert rows[0]["real_tokens"] == rows[1]["real_tokens"] and rows[1]["padded_tokens"] > 0

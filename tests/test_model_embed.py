@@ -33,8 +33,8 @@ def embedder():
 def test_embeddings_are_the_normalized_mean_and_packing_does_not_change_them(embedder):
     docs = [_doc(7, 1), _doc(12, 2, (1, 4, 4)), _doc(3, 3)]
     with torch.no_grad():
-        packed = embedder.embed(pack_documents(docs, IMAGE))
-        alone = torch.cat([embedder.embed(pack_documents([d], IMAGE)) for d in docs])
+        packed = embedder(pack_documents(docs, IMAGE))
+        alone = torch.cat([embedder(pack_documents([d], IMAGE)) for d in docs])
         hidden = embedder.model.model(input_ids=docs[0].ids[None]).last_hidden_state[0]
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed.norm(dim=1), torch.ones(3))

@@ -9,7 +9,7 @@ from moca.data.cpt import collate, encode
 from moca.data.records import CptDocument
 from moca.data.tokenizer import ByteTokenizer
 from moca.model.heads import MocaCPT
-from moca.model.qwen import build
+from moca.model.qwen import build, packed_hidden
 from moca_kernels import linear_cross_entropy
 
 SMALL = dict(min_pixels=56 * 56, max_pixels=56 * 56)
@@ -26,9 +26,12 @@ def test_losses_are_mlm_plus_weighted_mae():
     torch.manual_seed(0)
     heads = MocaCPT(build("tiny"), mae_weight=0.5)
     batch = collate(_docs(tok), tok.specials, 0.4, 0.5, torch.Generator().manual_seed(3))
-    out = heads(batch)
+    out = heads(batch, accuracy=True)
     rows = (batch["labels"] != -100).nonzero().squeeze(1)
-    mlm = linear_cross_entropy(out["hidden"][rows], heads.model.lm_head.weight, batch["labels"][rows])
+    hidden = packed_hidden(heads.model, batch)
+    mlm = linear_cross_entropy(hidden[rows], heads.model.lm_head.weight, batch["labels"][rows])
+    predicted = (hidden[rows] @ heads.model.lm_head.weight.T).argmax(1)
+    assert out["mlm_accuracy"] == pytest.approx((predicted == batch["labels"][rows]).float().mean().item())
     torch.testing.assert_close(out["mlm_loss"], mlm.detach())
     torch.testing.assert_close(out["loss"], out["mlm_loss"] + 0.5 * out["mae_loss"])
     assert out["mae_loss"] > 0 and batch["mae_targets"].shape == (4 * 2, 1176)  # 2 of the image's 4 tokens

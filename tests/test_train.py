@@ -56,7 +56,8 @@ def test_bad_records_are_skipped_or_fatal_under_strict(tmp_path, capsys):
     with pytest.warns(UserWarning, match="data.jsonl:2: malformed JSON"):
         train(_config(tmp_path / "run", data=str(data), max_steps=2), log=logs.append)
     assert any("skipped 1 bad records" in line for line in logs)
-    code = cli.main(["train", "--out", str(tmp_path / "strict"), "--data", str(data), "--strict", "--max-steps", "2"])
+    code = cli.main(["train", "--stage", "cpt", "--out", str(tmp_path / "strict"), "--data", str(data), "--strict",
+                     "--max-steps", "2"])
     assert code == 2 and "data.jsonl:2: malformed JSON" in capsys.readouterr().err
 
 
@@ -64,8 +65,8 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     original = MocaCPT.forward
     calls = {"n": 0}
 
-    def poisoned(self, batch):
-        out = original(self, batch)
+    def poisoned(self, batch, **kwargs):
+        out = original(self, batch, **kwargs)
         calls["n"] += 1
         if calls["n"] > 7:
             out["loss"] = out["loss"] * float("nan")
@@ -267,3 +268,11 @@ def test_the_embedded_default_runs_both_stages_and_the_evaluation(tmp_path, caps
     assert "stage cpt already finished" in out and "stage cl already finished" in out and "stage 1: MLM" in out
     assert cli.main(["train", "--data", str(run / "cpt" / "data" / "cpt.jsonl"), "--out", str(tmp_path / "x")]) == 2
     assert "needs cl_data=PAIRS" in capsys.readouterr().err
+
+
+def test_stage_two_stops_on_a_nan_loss(tmp_path, monkeypatch):
+    from moca.model.embed import MocaEmbedder
+    original = MocaEmbedder.loss
+    monkeypatch.setattr(MocaEmbedder, "loss", lambda self, *a: original(self, *a) * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"became nan at step 0; stopped\. The last good checkpoint is none"):
+        train(_cl_config(tmp_path / "cl"), log=lambda *_: None)

@@ -12,46 +12,48 @@ SCRIPT = textwrap.dedent("""
     import torch.multiprocessing as mp
     from moca.train import TrainConfig, train
 
-    def config(out, stage, per_rank):
-        common = dict(out=out, max_steps=1, save_every=1, log_every=1, seed=3, prefetch=0)
+    def config(out, stage, per_rank, fsdp="false"):
+        common = dict(out=out, max_steps=1, save_every=1, log_every=1, seed=3, prefetch=0, fsdp=fsdp == "true")
         if stage == "cl":
             return TrainConfig(stage="cl", pairs_per_batch=per_rank, token_budget=256, lr=1e-3, **common)
         return TrainConfig(stage="cpt", token_budget=256, lr=1e-3, grad_accum=per_rank // 3, **common)
 
-    def worker(rank, port, out, stage):
+    def worker(rank, port, out, stage, fsdp):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                           LOCAL_RANK=str(rank))
         torch.set_num_threads(1)
-        train(config(out, stage, 3), log=lambda *a: None)
+        train(config(out, stage, 3, fsdp), log=lambda *a: None)
 
     if __name__ == "__main__":
-        port, root, stage = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-        mp.spawn(worker, args=(port, f"{root}/two", stage), nprocs=2)
+        port, root, stage, fsdp = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+        mp.spawn(worker, args=(port, f"{root}/two", stage, fsdp), nprocs=2)
         train(config(f"{root}/one", stage, 6), log=lambda *a: None)
     """)
 
 
-def _run(tmp_path, stage, port):
+def _run(tmp_path, stage, port, fsdp=False):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    result = subprocess.run([sys.executable, str(script), str(port), str(tmp_path), stage], capture_output=True,
+    result = subprocess.run([sys.executable, str(script), str(port), str(tmp_path), stage, str(fsdp).lower()],
+                            capture_output=True,
                             text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def _compare(tmp_path):
+def _compare(tmp_path, fsdp=False):
     import json
 
     import torch
     rows = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1]) for run in ("one", "two")]
     assert abs(rows[0]["loss"] - rows[1]["loss"]) <= 1e-5 * abs(rows[0]["loss"]), rows
     states = [torch.load(tmp_path / run / "checkpoints" / "step-0000001.pt", weights_only=False) for run in ("one", "two")]
-    # the gradients: AdamW's first moment after one step is 0.1 * gradient
-    moments = [s["optimizer"]["state"] for s in states]
-    assert moments[0].keys() == moments[1].keys() and len(moments[0]) > 10
-    for i in moments[0]:
-        one, two = moments[0][i]["exp_avg"], moments[1][i]["exp_avg"]
+    # the gradients: AdamW's first moment after one step is 0.1 * gradient (FSDP's optimizer
+    # state is keyed by parameter name, one process's by number: matched by order)
+    moments = [list(s["optimizer"]["state"].values()) for s in states]
+    assert len(moments[0]) == len(moments[1]) > 10
+    for i, (first, second) in enumerate(zip(*moments)):
+        one, two = first["exp_avg"], second["exp_avg"]
         assert (one - two).abs().max() <= 1e-5 * one.abs().max() + 1e-12, i
     # the parameter update: Adam's first step is lr * g / (|g| + eps), so a gradient within 1e-6 of
     # zero may move by up to lr either way; everything else agrees closely
@@ -71,4 +73,14 @@ def test_two_ranks_equal_one_process_accumulating_in_stage_one(tmp_path):
     # one process accumulating 2 micro-batches against 2 ranks with 1 each: the same two packed
     # micro-batches with the same masks, so the same averaged gradient
     _run(tmp_path, "cpt", 29523)
+    _compare(tmp_path)
+
+
+def test_fsdp_two_ranks_equal_one_process_in_stage_two(tmp_path):
+    _run(tmp_path, "cl", 29531, fsdp=True)
+    _compare(tmp_path)
+
+
+def test_fsdp_two_ranks_equal_one_process_in_stage_one(tmp_path):
+    _run(tmp_path, "cpt", 29537, fsdp=True)
     _compare(tmp_path)

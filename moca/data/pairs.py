@@ -9,13 +9,11 @@ query with in-batch negatives only when K is 0, and is a bad record otherwise.
 """
 from __future__ import annotations
 
-import os
 import random
-import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
-from .records import IMAGE_PLACEHOLDER, BadRecords, CptDocument, DataError, _cpt_document, _parse
+from .records import IMAGE_PLACEHOLDER, BadRecords, CptDocument, _cpt_document, load_record, read_records
 
 
 @dataclass
@@ -68,33 +66,13 @@ def read_pairs(path: str, hard_negatives: int, bad: BadRecords | None = None, st
                decode: bool = True) -> Iterator[Pair]:
     """The valid pairs of a JSON Lines file, in order; bad records are counted in ``bad`` and
     skipped with a warning naming file and line, or raise DataError when ``strict``."""
-    bad = bad if bad is not None else BadRecords()
-    folder = os.path.dirname(os.path.abspath(path))
-    with open(path, "rb") as f:
-        offset = 0
-        for number, line in enumerate(f, 1):
-            start, offset = offset, offset + len(line)
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                yield _pair(_parse(line), folder, where, start, hard_negatives, decode)
-            except ValueError as exc:
-                if strict:
-                    raise DataError(f"{where}: {exc}") from None
-                bad.add(where, str(exc), "malformed JSON" if str(exc).startswith("malformed JSON") else "invalid record")
-                warnings.warn(f"{where}: {exc}; record skipped", stacklevel=2)
+    return read_records(path, lambda r, folder, where, offset: _pair(r, folder, where, offset, hard_negatives, decode),
+                        bad, strict)
 
 
 def load_pair(path: str, offset: int, where: str, hard_negatives: int, decode: bool = True) -> Pair:
     """The pair whose line starts at byte ``offset`` of ``path``; ValueError starting with ``where``."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        line = f.readline()
-    try:
-        return _pair(_parse(line), os.path.dirname(os.path.abspath(path)), where, offset, hard_negatives, decode)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+    return load_record(path, offset, where, lambda r, folder, w, o: _pair(r, folder, w, o, hard_negatives, decode))
 
 
 def chosen_negatives(count: int, k: int) -> list[int]:

@@ -111,12 +111,11 @@ def _parse(line: bytes) -> dict:
         raise ValueError(f"malformed JSON ({detail})") from None
 
 
-def read_cpt(path: str, bad: BadRecords | None = None, strict: bool = False,
-             decode: bool = True) -> Iterator[CptDocument]:
-    """The valid CPT documents of a JSON Lines file, in order. Bad records (malformed JSON, a
-    missing or corrupt image, an empty document, placeholders not matching images) are counted
-    in ``bad`` and skipped with a warning, or raise DataError when ``strict``. ``decode=False``
-    reads only the images' headers (for indexing a corpus by cost)."""
+def read_records(path: str, make, bad: BadRecords | None = None, strict: bool = False) -> Iterator:
+    """``make(record, folder, where, offset)`` for each line of a JSON Lines file, in order
+    (``folder``: the file's, for relative image paths; ``where``: "file:line"). A line that is
+    malformed JSON or that ``make`` refuses (ValueError) is counted in ``bad`` and skipped with a
+    warning naming file and line, or raises DataError when ``strict``."""
     bad = bad if bad is not None else BadRecords()
     folder = os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as f:
@@ -127,22 +126,38 @@ def read_cpt(path: str, bad: BadRecords | None = None, strict: bool = False,
                 continue
             where = f"{path}:{number}"
             try:
-                yield _cpt_document(_parse(line), folder, where, start, decode)
+                yield make(_parse(line), folder, where, start)
             except ValueError as exc:
                 if strict:
                     raise DataError(f"{where}: {exc}") from None
                 bad.add(where, str(exc), "malformed JSON" if str(exc).startswith("malformed JSON") else "invalid record")
-                warnings.warn(f"{where}: {exc}; record skipped", stacklevel=2)
+                warnings.warn(f"{where}: {exc}; record skipped", stacklevel=3)
+
+
+def load_record(path: str, offset: int, where: str, make):
+    """``make`` of the line starting at byte ``offset`` of ``path``; ValueError (its message
+    starting with ``where``) when it cannot be read."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        line = f.readline()
+    try:
+        return make(_parse(line), os.path.dirname(os.path.abspath(path)), where, offset)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def read_cpt(path: str, bad: BadRecords | None = None, strict: bool = False,
+             decode: bool = True) -> Iterator[CptDocument]:
+    """The valid CPT documents of a JSON Lines file, in order. Bad records (malformed JSON, a
+    missing or corrupt image, an empty document, placeholders not matching images) are counted
+    in ``bad`` and skipped with a warning, or raise DataError when ``strict``. ``decode=False``
+    reads only the images' headers (for indexing a corpus by cost)."""
+    return read_records(path, lambda r, folder, where, offset: _cpt_document(r, folder, where, offset, decode),
+                        bad, strict)
 
 
 def load_cpt(path: str, offset: int, where: str, decode: bool = True) -> CptDocument:
     """The document whose line starts at byte ``offset`` of ``path``, images decoded (or, with
     ``decode=False``, their headers only); ValueError (its message starting with ``where``) when
     it cannot be read."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        line = f.readline()
-    try:
-        return _cpt_document(_parse(line), os.path.dirname(os.path.abspath(path)), where, offset, decode)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+    return load_record(path, offset, where, lambda r, folder, w, o: _cpt_document(r, folder, w, o, decode))

@@ -45,7 +45,7 @@ class MocaEmbedder(nn.Module):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp()
 
-    def embed(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict) -> torch.Tensor:
         """Normalized float32 embeddings (documents, H) of a packed row (``pack_documents``)."""
         hidden = packed_hidden(self.model, batch)
         return F.normalize(segment_mean(hidden, batch["cu_seqlens"]).float(), dim=-1)
@@ -91,7 +91,24 @@ def _embed_row(embedder: MocaEmbedder, docs: list[Encoded], image_token_id: int,
     batch = pack_documents(docs, image_token_id)
     batch = {key: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
     with autocast or contextlib.nullcontext():
-        return embedder.embed(batch)
+        return embedder(batch)
+
+
+def _even_rows(embedder: MocaEmbedder, rows: list[list[int]], device) -> int:
+    """How many rows this rank adds so that every rank runs as many forwards (on a sharded
+    model, ``uniform_collectives``; else 0)."""
+    if not (getattr(embedder.model, "uniform_collectives", False) and dist.is_available() and dist.is_initialized()):
+        return 0
+    most = torch.tensor([len(rows)], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item()) - len(rows)
+
+
+def _padding_row(embedder: MocaEmbedder, device, autocast) -> torch.Tensor:
+    """A forward on a one-token document whose result weighs zero (keeps ranks' collectives in step)."""
+    doc = Encoded(torch.tensor([embedder.model.config.eos_token_id or 0]), torch.zeros(0, 1176),
+                  torch.zeros(0, 3, dtype=torch.long), "padding")
+    return 0.0 * _embed_row(embedder, [doc], embedder.model.config.image_token_id, device, autocast).sum()
 
 
 def embed_documents(embedder: MocaEmbedder, docs: list[Encoded], image_token_id: int, token_budget: int, device,
@@ -100,6 +117,8 @@ def embed_documents(embedder: MocaEmbedder, docs: list[Encoded], image_token_id:
     documents' order (differentiable when grad is enabled)."""
     rows, where = _plan(docs, token_budget)
     out = torch.cat([_embed_row(embedder, [docs[i] for i in row], image_token_id, device, autocast) for row in rows])
+    for _ in range(_even_rows(embedder, rows, device)):
+        out = out + _padding_row(embedder, device, autocast)
     return out[where.to(out.device)]
 
 
@@ -131,6 +150,8 @@ def contrastive_step(embedder: MocaEmbedder, queries: list[Encoded], positives: 
         rows, _ = _plan(docs, token_budget)
         for row in rows:  # again with a graph, one packed row at a time
             _embed_row(embedder, [docs[i] for i in row], image_token_id, device, autocast).backward(cached.grad[row])
+        for _ in range(_even_rows(embedder, rows, device)):
+            _padding_row(embedder, device, autocast).backward()
     return dict(loss=loss.detach(), accuracy=embedder.accuracy(q.detach(), p.detach(), None if n is None else n.detach()),
                 temperature=embedder.temperature().item())
 

@@ -35,9 +35,12 @@ class MocaCPT(nn.Module):
             nn.init.normal_(self.mae_proj.weight, std=0.02)
             nn.init.zeros_(self.mae_proj.bias)
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict, accuracy: bool = False) -> dict:
         """Losses of one packed micro-batch from ``moca.data.cpt.collate``: ``loss`` (the sum to
-        optimize), ``mlm_loss``, ``mae_loss`` (detached, for logging; 0 when off or empty)."""
+        optimize), ``mlm_loss``, ``mae_loss`` (detached, for logging; 0 when off or empty), and
+        with ``accuracy`` ``mlm_accuracy`` (the share of masked tokens whose top prediction is
+        right; None without any), computed here where the LM head's weight is whole even when
+        sharded."""
         hidden = packed_hidden(self.model, batch)  # (L, H), after the final norm
         zero = hidden.new_zeros((), dtype=torch.float32)
         mlm = mae = zero
@@ -45,13 +48,31 @@ class MocaCPT(nn.Module):
             labels = batch["labels"]
             rows = (labels != -100).nonzero().squeeze(1)
             mlm = linear_cross_entropy(hidden[rows], self.model.lm_head.weight, labels[rows])
-        if self.use_mae and batch["mae_positions"].numel():
+        uniform = getattr(self.model, "uniform_collectives", False)  # sharded: the decoder runs every step
+        if self.use_mae and (batch["mae_positions"].numel() or uniform):
             lm = self.model.model.language_model
             cos_sin = lm.rotary_emb(hidden[None], batch["position_ids"])
             decoded = self.mae_decoder(hidden[None], position_embeddings=cos_sin, position_ids=batch["position_ids"],
                                        **packed_kwargs(batch))
             decoded = decoded[0] if isinstance(decoded, tuple) else decoded
-            pred = self.mae_proj(decoded[0, batch["mae_positions"]]).reshape(-1, ROW)
-            mae = mae_loss(pred, batch["mae_targets"].to(pred.device))
+            if batch["mae_positions"].numel():
+                pred = self.mae_proj(decoded[0, batch["mae_positions"]]).reshape(-1, ROW)
+                mae = mae_loss(pred, batch["mae_targets"].to(pred.device))
+            else:  # no masked image token: a zero that still reaches the decoder's backward
+                mae = 0.0 * decoded.float().sum()
         loss = (mlm if self.use_mlm else zero) + (self.mae_weight * mae if self.use_mae else zero)
-        return dict(loss=loss, mlm_loss=mlm.detach(), mae_loss=mae.detach(), hidden=hidden)
+        out = dict(loss=loss, mlm_loss=mlm.detach(), mae_loss=mae.detach())
+        if accuracy:
+            out["mlm_accuracy"] = _mlm_accuracy(hidden, self.model.lm_head.weight, batch["labels"])
+        return out
+
+
+@torch.no_grad()
+def _mlm_accuracy(hidden, weight, labels) -> float | None:
+    rows = (labels != -100).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return None
+    hits = 0
+    for chunk in rows.split(1024):
+        hits += ((hidden[chunk].float() @ weight.float().T).argmax(1) == labels[chunk]).sum().item()
+    return hits / rows.numel()

@@ -133,13 +133,35 @@ def text_positions(lengths: list[int], device=None) -> torch.Tensor:
 
 def packed_hidden(model, batch: dict) -> torch.Tensor:
     """Final hidden states (L, H) of a packed row (``moca.data.cpt.pack_documents`` or
-    ``collate``): the documents kept apart by ``cu_seqlens``, images through the vision tower."""
+    ``collate``): the documents kept apart by ``cu_seqlens``, images through the vision tower.
+
+    On a sharded model (``uniform_collectives``, set for FSDP) every rank must run every unit in
+    every step: a row without images gets a one-token black image as an extra document, whose
+    hidden states join the result with weight zero, so the vision tower runs forward and backward."""
+    length = batch["input_ids"].shape[1]
+    if getattr(model, "uniform_collectives", False) and batch["pixel_values"].shape[0] == 0:
+        batch = _with_dummy_image(model.config, batch)
     images = batch["pixel_values"].shape[0] > 0
     out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                       pixel_values=batch["pixel_values"] if images else None,
                       image_grid_thw=batch["image_grid_thw"] if images else None,
                       **packed_kwargs(batch))
-    return out.last_hidden_state[0]
+    hidden = out.last_hidden_state[0]
+    return hidden if hidden.shape[0] == length else hidden[:length] + 0.0 * hidden[length:].sum()
+
+
+def _with_dummy_image(config, batch: dict) -> dict:
+    """``batch`` plus a document of one merged image token (2 x 2 black patches)."""
+    ids, device = batch["input_ids"], batch["input_ids"].device
+    extra = torch.tensor([[config.vision_start_token_id, config.image_token_id, config.vision_end_token_id]], device=device)
+    positions = torch.tensor([0, 1, 2], device=device).view(1, 1, 3).expand(3, 1, 3)
+    cu = batch["cu_seqlens"]
+    return dict(batch, input_ids=torch.cat([ids, extra], 1),
+                position_ids=torch.cat([batch["position_ids"], positions.to(batch["position_ids"].dtype)], 2),
+                cu_seqlens=torch.cat([cu, cu[-1:] + 3]), max_seqlen=max(batch["max_seqlen"], 3),
+                pixel_values=batch["pixel_values"].new_zeros(4, batch["pixel_values"].shape[1]),
+                image_grid_thw=torch.tensor([[1, 2, 2]], device=batch["image_grid_thw"].device,
+                                            dtype=batch["image_grid_thw"].dtype))
 
 
 def packed_kwargs(batch: dict) -> dict:
