@@ -329,6 +329,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         raise ValueError(f"stage must be one of {sorted(STAGES) + ['both']}, got {config.stage!r}")
     if config.image_decoder not in ("pil", "dali-cpu", "dali-gpu"):
         raise ValueError(f"image_decoder must be pil, dali-cpu or dali-gpu, got {config.image_decoder!r}")
+    if not 1 <= config.max_doc_tokens <= config.token_budget:
+        raise ValueError(f"max_doc_tokens ({config.max_doc_tokens}) must be between 1 and token_budget "
+                         f"({config.token_budget}): a document is never split across packed rows")
     if config.model is None and config.preset != "tiny":
         raise ValueError(f"preset {config.preset!r} uses Qwen's token ids, and only a checkpoint brings that "
                          "tokenizer: give --model PATH (the tiny preset runs on the built-in byte tokenizer)")

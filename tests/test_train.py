@@ -201,6 +201,11 @@ def test_a_loader_error_reaches_the_training_loop(tmp_path):
         next(stream)
 
 
+def test_documents_longer_than_a_packed_row_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"max_doc_tokens \(2048\) must be between 1 and token_budget \(1024\)"):
+        train(_config(tmp_path / "run", max_doc_tokens=2048, token_budget=1024), log=lambda *_: None)
+
+
 def test_an_unknown_image_decoder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="image_decoder must be pil, dali-cpu or dali-gpu"):
         train(_config(tmp_path / "run", image_decoder="opencv"), log=lambda *_: None)

@@ -13,7 +13,8 @@ SCRIPT = textwrap.dedent("""
     from moca.train import TrainConfig, train
 
     def config(out, stage, per_rank, fsdp="false"):
-        common = dict(out=out, max_steps=1, save_every=1, log_every=1, seed=3, prefetch=0, fsdp=fsdp == "true")
+        common = dict(out=out, max_steps=1, save_every=1, log_every=1, seed=3, prefetch=0, fsdp=fsdp == "true",
+                      max_doc_tokens=256)
         if stage == "cl":
             return TrainConfig(stage="cl", pairs_per_batch=per_rank, token_budget=256, lr=1e-3, **common)
         return TrainConfig(stage="cpt", token_budget=256, lr=1e-3, grad_accum=per_rank // 3, **common)
