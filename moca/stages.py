@@ -60,9 +60,10 @@ def _data_files(path: str) -> list[str]:
 
 
 def _embedded(write, folder: str, name: str, seed: int) -> str:
-    """The embedded dataset's file: rank 0 writes it while the other ranks wait."""
+    """The embedded dataset's file: rank 0 writes it (unless a run already did: the same seed
+    gives the same files) while the other ranks wait."""
     rank, size = world()
-    if rank == 0:
+    if rank == 0 and not os.path.isfile(os.path.join(folder, name)):
         write(folder, seed=seed)
     if size > 1:
         import torch.distributed as dist
@@ -79,12 +80,12 @@ class Entry:
     cost: int
 
 
-def _index_file(file: str, config: TrainConfig, tokenizer, bad: BadRecords) -> list[Entry]:
-    """One file's entries, from the index cache when the file, the tokenizer and the layout
-    settings are those it was made with, else from a scan that reads only image headers."""
+def _cached_index(file: str, settings: list, scan, config: TrainConfig, bad: BadRecords) -> list[list]:
+    """One file's index rows (``[offset, line, value]``): from the index cache when the file and
+    ``settings`` are those it was made with, else from ``scan(file, bad)`` (which counts bad
+    records in ``bad``), then cached under ``index_cache`` (default: the run directory)."""
     stat = os.stat(file)
-    key = hashlib.sha1(json.dumps([os.path.abspath(file), stat.st_size, stat.st_mtime_ns, tokenizer.fingerprint,
-                                   config.max_doc_tokens, config.min_pixels, config.max_pixels]).encode()).hexdigest()
+    key = hashlib.sha1(json.dumps([os.path.abspath(file), stat.st_size, stat.st_mtime_ns, *settings]).encode()).hexdigest()
     cached = os.path.join(config.index_cache or os.path.join(config.out, "index"), f"{key}.json")
     if os.path.isfile(cached):
         with open(cached) as f:
@@ -94,20 +95,33 @@ def _index_file(file: str, config: TrainConfig, tokenizer, bad: BadRecords) -> l
         for kind, count in saved["bad"].items():
             bad.counts[kind] += count
         bad.examples.extend(saved["examples"][: 10 - len(bad.examples)])
-        return [Entry(file, offset, f"{file}:{line}", cost) for offset, line, cost in saved["entries"]]
+        return saved["entries"]
     before, examples = dict(bad.counts), len(bad.examples)
-    entries = []
-    for doc in read_cpt(file, bad, strict=config.strict, decode=False):
-        ids, _ = layout(doc, tokenizer, config.max_doc_tokens, config.min_pixels, config.max_pixels)
-        if ids:
-            entries.append(Entry(file, doc.offset, doc.where, len(ids)))
+    rows = scan(file, bad)
     os.makedirs(os.path.dirname(cached), exist_ok=True)
     with open(f"{cached}.{os.getpid()}.tmp", "w") as f:  # ranks may write the same index at once
-        json.dump(dict(entries=[[e.offset, int(e.where.rsplit(":", 1)[1]), e.cost] for e in entries],
-                       bad={k: v - before.get(k, 0) for k, v in bad.counts.items() if v - before.get(k, 0)},
+        json.dump(dict(entries=rows, bad={k: v - before.get(k, 0) for k, v in bad.counts.items() if v - before.get(k, 0)},
                        examples=bad.examples[examples:]), f)
     os.replace(f"{cached}.{os.getpid()}.tmp", cached)
-    return entries
+    return rows
+
+
+def _line(where: str) -> int:
+    return int(where.rsplit(":", 1)[1])
+
+
+def _index_file(file: str, config: TrainConfig, tokenizer, bad: BadRecords) -> list[Entry]:
+    """One file's documents and their costs (cached; a scan reads only image headers)."""
+    def scan(path, bad):
+        rows = []
+        for doc in read_cpt(path, bad, strict=config.strict, decode=False):
+            ids, _ = layout(doc, tokenizer, config.max_doc_tokens, config.min_pixels, config.max_pixels)
+            if ids:
+                rows.append([doc.offset, _line(doc.where), len(ids)])
+        return rows
+    settings = [tokenizer.fingerprint, config.max_doc_tokens, config.min_pixels, config.max_pixels]
+    return [Entry(file, offset, f"{file}:{line}", cost)
+            for offset, line, cost in _cached_index(file, settings, scan, config, bad)]
 
 
 def index_documents(config: TrainConfig, tokenizer, log=print) -> list[Entry]:
@@ -326,12 +340,16 @@ class PairEntry:
 
 
 def index_pairs(config: TrainConfig, log=print) -> list[PairEntry]:
-    """Every usable pair of the run's data (the embedded pairs when none is given): a scan that
-    reads the records and only the images' headers."""
+    """Every usable pair of the run's data (the embedded pairs when none is given) with its task;
+    each file scanned once (the records and only the images' headers) and its index cached like
+    the documents'."""
     path = config.data or _embedded(embedded.write_pairs, os.path.join(config.out, "data"), "pairs.jsonl", config.seed)
     bad = BadRecords()
-    entries = [PairEntry(file, p.offset, p.where, p.task) for file in _data_files(path)
-               for p in read_pairs(file, config.hard_negatives, bad, strict=config.strict, decode=False)]
+    def scan(file, bad):
+        return [[p.offset, _line(p.where), p.task]
+                for p in read_pairs(file, config.hard_negatives, bad, strict=config.strict, decode=False)]
+    entries = [PairEntry(file, offset, f"{file}:{line}", task) for file in _data_files(path)
+               for offset, line, task in _cached_index(file, ["pairs", config.hard_negatives], scan, config, bad)]
     if bad.total:
         log(f"skipped {bad.total} bad records ({dict(bad.counts)}); first: {bad.examples[0]}")
     need = config.pairs_per_batch * world()[1]

@@ -101,6 +101,14 @@ def test_encode_is_the_same_alone_or_in_a_batch_and_survives_export(cl_run, tmp_
     assert (tmp_path / "export" / "config.json").exists() and (tmp_path / "export" / "moca.json").exists()
     torch.testing.assert_close(Encoder.from_pretrained(str(tmp_path / "export")).encode(inputs), batch,
                                rtol=1e-5, atol=1e-5)
+    # plain transformers loads the export (bidirectional: text_config.is_causal is false) and, mean
+    # pooled, gives the same embedding
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "export"), attn_implementation="sdpa")
+    ids = torch.tensor([list(b"a red circle")])
+    with torch.no_grad():
+        hidden = plain.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+    torch.testing.assert_close(torch.nn.functional.normalize(hidden.mean(0), dim=0), batch[0], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="input 1: a side must be"):
         encoder.encode(["fine", {"nothing": 1}])
     with pytest.raises(ValueError, match="neither a moca run directory"):

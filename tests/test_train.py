@@ -281,3 +281,16 @@ def test_stage_two_stops_on_a_nan_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(MocaEmbedder, "loss", lambda self, *a: original(self, *a) * float("nan"))
     with pytest.raises(FloatingPointError, match=r"became nan at step 0; stopped\. The last good checkpoint is none"):
         train(_cl_config(tmp_path / "cl"), log=lambda *_: None)
+
+
+def test_the_pairs_index_is_cached(tmp_path, monkeypatch):
+    from moca import stages
+    config = _cl_config(tmp_path / "a", index_cache=str(tmp_path / "index"))
+    first = stages.index_pairs(config, log=lambda *_: None)
+    scans = []
+    original = stages.read_pairs
+    monkeypatch.setattr(stages, "read_pairs", lambda *a, **k: scans.append(a) or original(*a, **k))
+    again = stages.index_pairs(config, log=lambda *_: None)
+    assert again == first and not scans and {e.task for e in first} == {"text-to-image", "image-to-text"}
+    stages.index_pairs(config.update({"hard_negatives": 0}), log=lambda *_: None)  # other settings: scanned again
+    assert scans

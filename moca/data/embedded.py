@@ -46,7 +46,7 @@ def write(folder: str, documents: int = 240, seed: int = 0, image_size: int = 56
     rng = random.Random(seed)
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     path = os.path.join(folder, "cpt.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:  # renamed when whole: a file there is complete
         for i in range(documents):
             if i % 4 == 3:
                 record = {"text": " ".join(rng.sample(TEXT_ONLY, 2))}
@@ -60,6 +60,7 @@ def write(folder: str, documents: int = 240, seed: int = 0, image_size: int = 56
                 record = {"text": f"{rng.choice(OPENERS)} <image> It shows {things} on a {background} background.",
                           "images": [name]}
             f.write(json.dumps(record) + "\n")
+    os.replace(path + ".tmp", path)
     return path
 
 
@@ -84,7 +85,7 @@ def write_pairs(folder: str, pairs: int = 192, seed: int = 0, image_size: int = 
     with two other pictures as hard negatives. Returns the .jsonl path; deterministic."""
     pictures = _pictures(folder, pairs, seed + 1, image_size)
     path = os.path.join(folder, "pairs.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:  # renamed when whole: a file there is complete
         for i, (image, text) in enumerate(pictures):
             others = [pictures[(i + k) % len(pictures)] for k in (1, 2)]
             if i % 2 == 0:
@@ -95,6 +96,7 @@ def write_pairs(folder: str, pairs: int = 192, seed: int = 0, image_size: int = 
                           "positive": {"text": text}, "negatives": [{"text": o[1]} for o in others],
                           "task": "image-to-text"}
             f.write(json.dumps(record) + "\n")
+    os.replace(path + ".tmp", path)
     return path
 
 
@@ -105,7 +107,7 @@ def write_eval(folder: str, queries: int = 48, seed: int = 1000, image_size: int
     pictures = _pictures(folder, queries, seed, image_size)
     n = len(pictures)
     path = os.path.join(folder, "eval.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:  # renamed when whole: a file there is complete
         for i, (image, text) in enumerate(pictures):
             others = [pictures[(i + k) % n] for k in range(1, 8)]
             kind = i % 3
@@ -121,4 +123,5 @@ def write_eval(folder: str, queries: int = 48, seed: int = 1000, image_size: int
                 record = {"query": {"text": f"Find the picture of {text}."}, "positives": [{"image": image}],
                           "candidates": [{"image": o[0]} for o in others], "task": "retrieval"}
             f.write(json.dumps(record) + "\n")
+    os.replace(path + ".tmp", path)
     return path
