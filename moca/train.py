@@ -51,7 +51,8 @@ class TrainConfig:
     min_pixels: int = 56 * 56
     max_pixels: int = 56 * 56
     cache_bytes: int = 1 << 30        # encoded documents kept in memory (the rest are read again)
-    prefetch: int = 2                 # micro-batches prepared ahead in a background thread (0: inline)
+    prefetch: int = -1                # micro-batches prepared ahead in a background thread; 0: inline;
+                                      # -1: 2 on a GPU, 0 on CPU (where the thread slows the model down)
     image_decoder: str = "pil"        # pil, or dali-cpu / dali-gpu (the dali extra: moca/data/dali.py)
     index_cache: str | None = None    # where each data file's cost index is kept (default: out/index)
     gradient_checkpointing: bool = False

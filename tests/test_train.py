@@ -182,7 +182,7 @@ def test_the_index_is_cached_and_invalidated_by_a_changed_file(tmp_path, monkeyp
 
 
 def test_background_loading_gives_the_same_run(tmp_path):
-    # prefetch (the default, 2) prepares micro-batches in a thread; the run must equal the inline one.
+    # prefetch (by default 2 on a GPU) prepares micro-batches in a thread; the run must equal the inline one.
     inline = train(_config(tmp_path / "inline", max_steps=6, prefetch=0), log=lambda *_: None)
     ahead = train(_config(tmp_path / "ahead", max_steps=6, prefetch=3), log=lambda *_: None)
     timed = ("tokens_per_s", "model_tflops")
