@@ -70,7 +70,7 @@ class TrainConfig:
     # stage both: the second stage's data and schedule, and what is evaluated at the end
     cl_data: str | None = None        # pairs for stage 2 (else the embedded pairs)
     cl_lr: float = 1e-3
-    cl_max_steps: int = 100
+    cl_max_steps: int = 300
     eval_data: str | None = None      # evaluation files (else, on embedded data, its held-out split)
 
     def update(self, overrides: dict) -> "TrainConfig":
