@@ -119,6 +119,14 @@ def test_a_local_checkpoint_and_its_tokenizer(tmp_path):
     train(config, log=logs.append)
     assert any("embedding table resized from 264 rows to 265" in line for line in logs)
     assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2, 3]
+    # the run embeds through its own tokenizer, and an export carries that tokenizer along
+    from moca import Encoder
+    encoder = Encoder.from_pretrained(str(tmp_path / "run"))
+    vectors = encoder.encode([words[0], " ".join(words[:3])])
+    encoder.save_pretrained(str(tmp_path / "export"))
+    assert (tmp_path / "export" / "tokenizer.json").exists()
+    torch.testing.assert_close(Encoder.from_pretrained(str(tmp_path / "export")).encode([words[0], " ".join(words[:3])]),
+                               vectors, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="lacks .*<\\|image_pad\\|>.*: not a Qwen2-VL tokenizer"):
         bare = tmp_path / "bare"
         PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
