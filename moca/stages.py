@@ -10,6 +10,7 @@ that never stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -296,6 +297,16 @@ class CptStage:
     def __init__(self, config: TrainConfig, model, tokenizer, device, log):
         self.config, self.tokenizer, self.device, self.log = config, tokenizer, device, log
         self.module = MocaCPT(model, config.mae_weight, config.use_mlm, config.use_mae).to(device)
+        self.replicated = None  # DistributedDataParallel around module, once data_parallel() is called
+
+    def data_parallel(self) -> None:
+        """Under several processes without FSDP: gradients averaged by DDP during the backward of
+        each step's last micro-batch (overlapping communication with computation); parameters a
+        micro-batch does not use (the vision tower without images, the MAE decoder without masked
+        image tokens) count as zero gradients."""
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.replicated = DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=True)
 
     def start(self, step: int, epoch: int, position: int) -> None:
         c = self.config
@@ -318,12 +329,16 @@ class CptStage:
             batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                      for k, v in batch.items()}
             tokens += batch["input_ids"].numel()
-            with _Nvtx("forward"), autocast:
-                out = self.module(batch, accuracy=measure and micro == c.grad_accum - 1)
-            if not torch.isfinite(out["loss"]):
-                raise NonFiniteLoss(f"the loss became {out['loss'].item()}")
-            with _Nvtx("backward"):
-                (out["loss"] / c.grad_accum).backward()
+            last = micro == c.grad_accum - 1
+            run = self.replicated or self.module
+            quiet = run.no_sync() if self.replicated is not None and not last else contextlib.nullcontext()
+            with quiet:  # DDP communicates in the last micro-batch's backward only
+                with _Nvtx("forward"), autocast:
+                    out = run(batch, accuracy=measure and last)
+                if not torch.isfinite(out["loss"]):
+                    raise NonFiniteLoss(f"the loss became {out['loss'].item()}")
+                with _Nvtx("backward"):
+                    (out["loss"] / c.grad_accum).backward()
             for k in sums:
                 sums[k] += out[k].item() / c.grad_accum
         self.last = dict(mlm_accuracy=out.get("mlm_accuracy"))

@@ -228,14 +228,15 @@ def _load_states(module, optimizer, state: dict, fsdp: bool) -> None:
     set_optimizer_state_dict(module, optimizer, state["optimizer"], options=options)
 
 
-def _average(module, done: dict, size: int, bucket: int = 1 << 25) -> dict:
-    """Data parallelism: every gradient averaged over the ranks (in buckets of ``bucket`` values;
-    a parameter without a gradient on some rank counts as zero there; parameters FSDP shards are
-    averaged by FSDP itself), and the step's logged losses averaged, its tokens and FLOPs summed."""
+def _average(module, done: dict, size: int, bucket: int = 1 << 25, gradients: bool = True) -> dict:
+    """Data parallelism: the step's logged losses averaged over the ranks, its tokens and FLOPs
+    summed, and (``gradients``: unless DDP did it during the backward) every gradient averaged,
+    in buckets of ``bucket`` values (a parameter without a gradient on some rank counts as zero
+    there; parameters FSDP shards are averaged by FSDP itself)."""
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
     from torch.distributed.tensor import DTensor
-    params = [p for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    params = [p for p in module.parameters() if gradients and p.requires_grad and not isinstance(p, DTensor)]
     device = next(module.parameters()).device
     if params:
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
@@ -356,6 +357,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         log("fsdp=true on one process: nothing to shard")
     if fsdp:
         _shard(heads)
+    elif size > 1 and hasattr(stage, "data_parallel"):
+        stage.data_parallel()  # DDP: gradients averaged during the backward
+    averaged_by_ddp = size > 1 and getattr(stage, "replicated", None) is not None
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -399,7 +403,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
                                      f"{kept or 'none (none was saved yet)'}") from None
         if size > 1:
             with _Nvtx("all-reduce"):
-                done = _average(heads, done, size)
+                done = _average(heads, done, size, gradients=not averaged_by_ddp)
         with _Nvtx("optimizer"):
             torch.nn.utils.clip_grad_norm_(heads.parameters(), config.grad_clip)
             optimizer.step()
