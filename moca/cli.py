@@ -57,7 +57,13 @@ def main(argv=None) -> int:
     n.add_argument("--input", help="a .jsonl file, one side a line: {\"text\": ...} and/or {\"image\": path}")
     n.add_argument("--output", help="the .npy file to write (float32, one normalized row per input line)")
     n.add_argument("--export", metavar="DIR", help="also write the model in Hugging Face form to DIR")
-    args = parser.parse_args(argv)
+    # key=value settings may stand anywhere among the options, not only in one run at the end
+    args, rest = parser.parse_known_args(argv)
+    stray = [r for r in rest if args.command != "train" or r.startswith("-") or "=" not in r]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if args.command == "train":
+        args.settings += rest
     if args.command == "eval":
         return _eval(args)
     if args.command == "encode":

@@ -302,3 +302,19 @@ def test_the_pairs_index_is_cached(tmp_path, monkeypatch):
     assert again == first and not scans and {e.task for e in first} == {"text-to-image", "image-to-text"}
     stages.index_pairs(config.update({"hard_negatives": 0}), log=lambda *_: None)  # other settings: scanned again
     assert scans
+
+
+def test_both_stages_on_user_files(tmp_path, capsys):
+    # a user's stage-1 documents, stage-2 pairs and evaluation file (here written by the embedded
+    # generators into a folder of their own)
+    from moca.data import embedded
+    folder = tmp_path / "user"
+    documents = embedded.write(str(folder / "cpt"), documents=24)
+    pairs = embedded.write_pairs(str(folder / "pairs"), pairs=16)
+    evaluation = embedded.write_eval(str(folder / "eval"), queries=6)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--stage", "both", "--data", documents, f"cl_data={pairs}", f"eval_data={evaluation}",
+                     "--out", str(run), "--max-steps", "2", "cl_max_steps=2", "pairs_per_batch=4", "log_every=1"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluation, text-to-image" in out and not (run / "cpt" / "data").exists() and not (run / "cl" / "data").exists()
+    assert json.loads((run / "cl" / "eval.json").read_text())["overall"]["n"] == 6
