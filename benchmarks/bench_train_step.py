@@ -181,6 +181,16 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _model(provider: str, args, device):
+    """The shape with seeded random weights (bf16 on a GPU), on moca's attention or the authors'."""
+    torch.manual_seed(0)
+    model = build(args.shape, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device,
+                  attention="moca_varlen" if provider == "moca" else args.authors_attention)
+    if args.checkpointing:
+        enable_checkpointing(model)
+    return model
+
+
 def _timed(warm_up, step, repeats: int, device):
     """(fastest seconds, every time, the last step's result) of ``repeats`` steps after a warm-up
     (compilation, autotuning, allocator); peak memory counted from after the warm-up."""
@@ -199,17 +209,12 @@ def _timed(warm_up, step, repeats: int, device):
 
 
 def measure(provider: str, args, docs, specials, device) -> dict:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if provider == "moca":
         batches = moca_batches(docs, specials, args.token_budget)
     else:
         batches = authors_batches(docs, specials, args.token_budget, args.max_doc_tokens)
-    torch.manual_seed(0)
-    model = build(args.shape, dtype=dtype, device=device,
-                  attention="moca_varlen" if provider == "moca" else args.authors_attention)
-    if args.checkpointing:
-        enable_checkpointing(model)
-    module = (MocaCPT(model, MAE_WEIGHT) if provider == "moca" else AuthorsCPT(model)).to(device, dtype)
+    model = _model(provider, args, device)
+    module = (MocaCPT(model, MAE_WEIGHT) if provider == "moca" else AuthorsCPT(model)).to(device, model.dtype)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6, fused=device.type == "cuda")
     batches = [_to(b, device) for b in batches]
 
@@ -292,13 +297,7 @@ def measure_cl(provider: str, args, pairs, specials, device) -> dict:
     cross-entropy); then AdamW."""
     from moca.model.embed import MocaEmbedder, contrastive_step
     queries, positives, negatives = pairs
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    model = build(args.shape, dtype=dtype, device=device,
-                  attention="moca_varlen" if provider == "moca" else args.authors_attention)
-    if args.checkpointing:
-        enable_checkpointing(model)
-    embedder = MocaEmbedder(model).to(device)
+    embedder = MocaEmbedder(_model(provider, args, device)).to(device)
     optimizer = torch.optim.AdamW(embedder.parameters(), lr=1e-6, fused=device.type == "cuda")
     k = args.hard_negatives
     if provider == "authors":
@@ -315,7 +314,7 @@ def measure_cl(provider: str, args, pairs, specials, device) -> dict:
                 batches = [_to(_padded(g, specials), device) for g in sub]
             else:
                 batches = groups
-            q, p, n = (_authors_embed(model, b) for b in batches)
+            q, p, n = (_authors_embed(embedder.model, b) for b in batches)
             n = n.reshape(q.shape[0], k, -1)
             logits = torch.cat([q @ p.T, torch.einsum("bd,bkd->bk", q, n)], 1) / 0.03
             loss = torch.nn.functional.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))

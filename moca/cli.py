@@ -137,6 +137,7 @@ def _eval(args) -> int:
 def _encode(args, parser) -> int:
     import numpy as np
 
+    from .data.pairs import absolute_image
     from .encoder import Encoder
     if not args.export and not (args.input and args.output):
         parser.error("encode needs --input and --output (or --export DIR)")
@@ -148,12 +149,8 @@ def _encode(args, parser) -> int:
         if args.input:
             with open(args.input, encoding="utf-8") as f:
                 sides = [json.loads(line) for line in f if line.strip()]
-            folder = os.path.dirname(os.path.abspath(args.input))
-            for side in sides:  # image paths are relative to the input file
-                if isinstance(side, dict) and isinstance(side.get("image"), str) and \
-                        os.path.isfile(os.path.join(folder, side["image"])):
-                    side["image"] = os.path.join(folder, side["image"])
-            vectors = encoder.encode(sides).numpy()
+            folder = os.path.dirname(os.path.abspath(args.input))  # image paths are relative to the input file
+            vectors = encoder.encode([absolute_image(side, folder) for side in sides]).numpy()
             np.save(args.output, vectors)
             print(f"{vectors.shape[0]} embeddings of {vectors.shape[1]} values -> {args.output}")
     except (ValueError, json.JSONDecodeError, OSError) as exc:

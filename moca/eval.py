@@ -17,24 +17,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import torch
 
+from .data.pairs import absolute_image, check_side
 from .data.records import BadRecords, read_records
 
 MAIN = {"mmeb": "precision_at_1", "retrieval": "ndcg_at_5"}
 
 
-def _check_side(side, what: str) -> None:
-    if not isinstance(side, dict) or not ({"text", "image"} & set(side)):
-        raise ValueError(f'{what} must be an object with "text" and/or "image"')
-
-
 def _record(record) -> dict:
     if not isinstance(record, dict) or "query" not in record or "candidates" not in record:
         raise ValueError('a record needs "query" and "candidates"')
-    _check_side(record["query"], "the query")
+    check_side(record["query"], "the query")
     positives = record.get("positives")
     candidates = record["candidates"]
     if not isinstance(candidates, list) or (positives is None and len(candidates) < 2):
@@ -42,7 +37,7 @@ def _record(record) -> dict:
     if positives is not None and (not isinstance(positives, list) or not positives):
         raise ValueError('"positives" must be a non-empty list')
     for side in candidates + (positives or []):
-        _check_side(side, "a candidate")
+        check_side(side, "a candidate")
     kind = "mmeb" if positives is None else "retrieval"
     pool = candidates if positives is None else positives + candidates
     return dict(task=str(record.get("task", "default")), kind=kind, query=record["query"], pool=pool,
@@ -54,11 +49,8 @@ def read_eval(path: str, bad: BadRecords | None = None, strict: bool = False) ->
     file and line, or DataError under ``strict``); image paths resolved against the file's folder."""
     def make(record, folder, where, offset):
         record = _record(record)
-        for side in [record["query"]] + record["pool"]:
-            image = side.get("image")
-            if isinstance(image, str) and not os.path.isabs(image) and os.path.isfile(os.path.join(folder, image)):
-                side["image"] = os.path.join(folder, image)
-        return dict(record, where=where)
+        return dict(record, query=absolute_image(record["query"], folder),
+                    pool=[absolute_image(side, folder) for side in record["pool"]], where=where)
     return list(read_records(path, make, bad, strict))
 
 

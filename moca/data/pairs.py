@@ -9,6 +9,7 @@ query with in-batch negatives only when K is 0, and is a bad record otherwise.
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -26,10 +27,24 @@ class Pair:
     offset: int = 0
 
 
+def check_side(side, what: str = "a side") -> None:
+    """ValueError unless ``side`` is an object with a text and/or an image."""
+    if not isinstance(side, dict) or not ({"text", "image"} & set(side)):
+        raise ValueError(f'{what} must be an object with "text" and/or "image"')
+
+
+def absolute_image(side: dict, folder: str) -> dict:
+    """``side`` with its image path made absolute when it names a file relative to ``folder``
+    (for sides embedded away from the file that holds them)."""
+    image = side.get("image") if isinstance(side, dict) else None
+    if isinstance(image, str) and not os.path.isabs(image) and os.path.isfile(os.path.join(folder, image)):
+        return {**side, "image": os.path.join(folder, image)}
+    return side
+
+
 def side_document(side, folder: str, where: str, decode: bool = True) -> CptDocument:
     """One side of a pair as a document: its text, with the image placed at ``<image>`` or first."""
-    if not isinstance(side, dict) or not ({"text", "image"} & set(side)):
-        raise ValueError('a side must be an object with "text" and/or "image"')
+    check_side(side)
     text, image = side.get("text", ""), side.get("image")
     if not isinstance(text, str):
         raise ValueError(f'"text" must be a string, got {type(text).__name__}')

@@ -77,14 +77,20 @@ class MocaEmbedder(nn.Module):
         return (scores.diagonal() >= best_in_batch).float().mean().item()
 
 
-def _plan(docs: list[Encoded], token_budget: int) -> tuple[list[list[int]], torch.Tensor]:
-    """Packed rows of document indices under the budget, and each document's place among the
-    rows' outputs in row order."""
+def _plan(embedder: MocaEmbedder, docs: list[Encoded], token_budget: int, device) -> tuple[list[list[int]], torch.Tensor, int]:
+    """Packed rows of document indices under the budget, each document's place among the rows'
+    outputs in row order, and how many weightless padding rows this rank adds so that every rank
+    runs as many forwards (on a sharded model, ``uniform_collectives``; else 0)."""
     rows = pack([d.ids.numel() for d in docs], token_budget)
     order = torch.tensor([i for row in rows for i in row])
     where = torch.empty_like(order)
     where[order] = torch.arange(order.numel())
-    return rows, where
+    padding = 0
+    if getattr(embedder.model, "uniform_collectives", False) and dist.is_available() and dist.is_initialized():
+        most = torch.tensor([len(rows)], device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        padding = int(most.item()) - len(rows)
+    return rows, where, padding
 
 
 def _embed_row(embedder: MocaEmbedder, docs: list[Encoded], image_token_id: int, device, autocast) -> torch.Tensor:
@@ -92,16 +98,6 @@ def _embed_row(embedder: MocaEmbedder, docs: list[Encoded], image_token_id: int,
     batch = {key: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
     with autocast or contextlib.nullcontext():
         return embedder(batch)
-
-
-def _even_rows(embedder: MocaEmbedder, rows: list[list[int]], device) -> int:
-    """How many rows this rank adds so that every rank runs as many forwards (on a sharded
-    model, ``uniform_collectives``; else 0)."""
-    if not (getattr(embedder.model, "uniform_collectives", False) and dist.is_available() and dist.is_initialized()):
-        return 0
-    most = torch.tensor([len(rows)], device=device)
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    return int(most.item()) - len(rows)
 
 
 def _padding_row(embedder: MocaEmbedder, device, autocast) -> torch.Tensor:
@@ -112,12 +108,12 @@ def _padding_row(embedder: MocaEmbedder, device, autocast) -> torch.Tensor:
 
 
 def embed_documents(embedder: MocaEmbedder, docs: list[Encoded], image_token_id: int, token_budget: int, device,
-                    autocast=None) -> torch.Tensor:
+                    autocast=None, plan=None) -> torch.Tensor:
     """Embeddings (len(docs), H) of documents packed into rows under the token budget, in the
-    documents' order (differentiable when grad is enabled)."""
-    rows, where = _plan(docs, token_budget)
+    documents' order (differentiable when grad is enabled); ``plan``: ``_plan``'s result, if made."""
+    rows, where, padding = plan or _plan(embedder, docs, token_budget, device)
     out = torch.cat([_embed_row(embedder, [docs[i] for i in row], image_token_id, device, autocast) for row in rows])
-    for _ in range(_even_rows(embedder, rows, device)):
+    for _ in range(padding):
         out = out + _padding_row(embedder, device, autocast)
     return out[where.to(out.device)]
 
@@ -140,17 +136,18 @@ def contrastive_step(embedder: MocaEmbedder, queries: list[Encoded], positives: 
         _check_finite(loss)
         loss.backward()
     else:
+        plan = _plan(embedder, docs, token_budget, device)  # the same rows for both passes
         with torch.no_grad():
-            cached = embed_documents(embedder, docs, image_token_id, token_budget, device, autocast)
+            cached = embed_documents(embedder, docs, image_token_id, token_budget, device, autocast, plan)
         cached.requires_grad_(True)
         q, p, n = split(cached)
         loss = embedder.loss(q, p, n)
         _check_finite(loss)
         loss.backward()  # the gradient of every embedding (and of the temperature)
-        rows, _ = _plan(docs, token_budget)
+        rows, _, padding = plan
         for row in rows:  # again with a graph, one packed row at a time
             _embed_row(embedder, [docs[i] for i in row], image_token_id, device, autocast).backward(cached.grad[row])
-        for _ in range(_even_rows(embedder, rows, device)):
+        for _ in range(padding):
             _padding_row(embedder, device, autocast).backward()
     return dict(loss=loss.detach(), accuracy=embedder.accuracy(q.detach(), p.detach(), None if n is None else n.detach()),
                 temperature=embedder.temperature().item())
