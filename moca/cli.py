@@ -80,6 +80,10 @@ def main(argv=None) -> int:
             config = saved_config(args.resume, given)
         else:
             config = TrainConfig(stage="both").update(given)
+            only_both = sorted(k for k in given if k.startswith("cl_"))
+            if config.stage != "both" and only_both:
+                raise ValueError(f"{', '.join(only_both)} set the second stage of --stage both; with --stage "
+                                 f"{config.stage} use --data, --max-steps, lr=... instead")
             if config.stage == "both" and config.data and not config.cl_data:
                 raise ValueError("--stage both with --data (stage-1 documents) needs cl_data=PAIRS for stage 2; "
                                  "or run one stage with --stage cpt / --stage cl")
@@ -87,6 +91,8 @@ def main(argv=None) -> int:
     except (ValueError, FloatingPointError) as exc:
         print(f"moca train: {exc}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 prints the summary
+        return 0
     _summary(final if config.stage != "both" else final["cpt"], "stage 1: " if config.stage == "both" else "")
     if config.stage == "both":
         _summary(final["cl"], "stage 2: ")

@@ -181,15 +181,16 @@ def _initial_weights(model, run_dir: str, log) -> None:
 
 
 def _distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE > 1) the process
-    group is set up once: NCCL and this rank's GPU on CUDA machines, gloo on CPU."""
+    """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE and MASTER_ADDR set,
+    even with one process) the process group is set up once: NCCL and this rank's GPU on CUDA
+    machines, gloo on CPU."""
     import torch.distributed as dist
     size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if size > 1 and not dist.is_initialized():
+    if (size > 1 or "MASTER_ADDR" in os.environ) and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return (dist.get_rank(), dist.get_world_size(), device) if dist.is_initialized() else (0, 1, device)
 
@@ -352,15 +353,15 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
         enable_checkpointing(model)
     stage = STAGES[config.stage](config, model, tokenizer, device, log)
     heads = stage.module
-    fsdp = config.fsdp and size > 1
-    if config.fsdp and size == 1:
-        log("fsdp=true on one process: nothing to shard")
+    fsdp = config.fsdp and torch.distributed.is_initialized()  # one rank under torchrun too: the same code path
+    if config.fsdp and not fsdp:
+        log("fsdp=true outside torchrun: one process, nothing to shard")
     if fsdp:
         _shard(heads)
     elif size > 1 and hasattr(stage, "data_parallel"):
         stage.data_parallel()  # DDP: gradients averaged during the backward
     averaged_by_ddp = size > 1 and getattr(stage, "replicated", None) is not None
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+    optimizer = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, config.max_steps, config.warmup_ratio))

@@ -261,6 +261,9 @@ def test_cli_runs_stage_two(tmp_path, capsys):
                      "log_every=1"]) == 0
     out = capsys.readouterr().out
     assert "in-batch accuracy" in out and "(chance 0.167)" in out and (run / "data" / "pairs.jsonl").exists()
+    # the settings of --stage both's second stage are refused with one stage, not silently ignored
+    assert cli.main(["train", "--stage", "cl", "--out", str(tmp_path / "x"), "cl_max_steps=2"]) == 2
+    assert "cl_max_steps set the second stage of --stage both" in capsys.readouterr().err
 
 
 def test_the_embedded_default_runs_both_stages_and_the_evaluation(tmp_path, capsys):

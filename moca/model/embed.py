@@ -27,7 +27,7 @@ from moca_kernels import info_nce
 from moca_kernels.info_nce.distributed import all_gather_with_grad
 from moca_kernels.varlen import segment_mean
 
-from .qwen import packed_hidden
+from .qwen import freeze_lm_head, packed_hidden
 
 
 class MocaEmbedder(nn.Module):
@@ -36,6 +36,7 @@ class MocaEmbedder(nn.Module):
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.model = model
+        freeze_lm_head(model)  # embeddings never reach the LM head
         log_t = torch.tensor(math.log(temperature))
         if learn_temperature:
             self.log_temperature = nn.Parameter(log_t)

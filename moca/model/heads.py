@@ -17,7 +17,7 @@ from moca.data.images import ROW
 from moca.data.masking import ROWS_PER_TOKEN
 from moca_kernels import linear_cross_entropy, mae_loss
 
-from .qwen import packed_hidden, packed_kwargs
+from .qwen import freeze_lm_head, packed_hidden, packed_kwargs
 
 
 class MocaCPT(nn.Module):
@@ -27,6 +27,8 @@ class MocaCPT(nn.Module):
             raise ValueError("at least one of MLM and MAE must be on")
         self.model = model
         self.mae_weight, self.use_mlm, self.use_mae = mae_weight, use_mlm, use_mae
+        if not use_mlm:
+            freeze_lm_head(model)
         layers = model.model.language_model.layers
         hidden = model.config.text_config.hidden_size
         self.mae_decoder = copy.deepcopy(layers[len(layers) // 2]) if use_mae else None

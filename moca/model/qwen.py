@@ -117,6 +117,15 @@ def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dty
     return model
 
 
+def freeze_lm_head(model) -> None:
+    """Take an LM head that its stage never uses out of training (no gradient, no optimizer state,
+    which FSDP's resume requires of every trainable parameter), unless it is tied to the input
+    embedding, which does train."""
+    head = getattr(model, "lm_head", None)
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        head.requires_grad_(False)
+
+
 def enable_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing of every decoder layer (the API moved in transformers 5.2x)."""
     if hasattr(model, "activation_checkpointing_enable"):
