@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     except (ValueError, FloatingPointError) as exc:
         print(f"moca train: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 prints the summary
         return 0
     _summary(final if config.stage != "both" else final["cpt"], "stage 1: " if config.stage == "both" else "")
@@ -105,6 +107,13 @@ def main(argv=None) -> int:
         print(f"done: {json.dumps(final)}\nrun directory: {config.out} (config.json, metrics.jsonl, checkpoints/, "
               "loss.png)")
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: tear the process group down before exit (NCCL aborts the process otherwise)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _summary(final: dict, prefix: str) -> None:
