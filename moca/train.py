@@ -190,7 +190,8 @@ def _distributed() -> tuple[int, int, torch.device]:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if (size > 1 or "MASTER_ADDR" in os.environ) and not dist.is_initialized():
+    launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ  # torchrun's environment
+    if (size > 1 or launched) and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return (dist.get_rank(), dist.get_world_size(), device) if dist.is_initialized() else (0, 1, device)
 
@@ -361,8 +362,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
     elif size > 1 and hasattr(stage, "data_parallel"):
         stage.data_parallel()  # DDP: gradients averaged during the backward
     averaged_by_ddp = size > 1 and getattr(stage, "replicated", None) is not None
-    optimizer = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=device.type == "cuda")
+    trained = [p for p in heads.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, config.max_steps, config.warmup_ratio))
     step, epoch, position = 0, 0, 0
