@@ -1,5 +1,5 @@
-"""Stage-1 (CPT) training step: moca's packed path against the authors' padded one, same
-documents, same card.
+"""A training step of stage 1 (CPT) or stage 2 (CL): moca's packed path against the authors'
+padded one, same inputs, same card.
 
 One step = forward and backward over every micro-batch of a global batch of ``--docs``
 documents, then one AdamW step. Both ways see the same synthetic documents (random token ids and
@@ -19,8 +19,14 @@ caption, 30% text only, at most 1,280 tokens each) and the same MLM/MAE masks.
 
 Reported: real (non-padding) tokens per second, documents per second, model TFLOP/s and MFU on
 the same FLOP count for both (moca.model.flops), peak memory, and the losses (both must agree).
+
+``--stage cl``: one contrastive step on ``--pairs`` pairs (a text query, an image-and-caption
+positive, ``--hard-negatives`` such negatives), in pairs per second: moca's ``contrastive_step``
+(every side packed) against the authors' three padded forwards (queries, positives, negatives),
+mean pooling over the mask, dense logits and cross-entropy (``measure_cl``).
 Usage:
     python benchmarks/bench_train_step.py --shape 3b --out DIR
+    python benchmarks/bench_train_step.py --stage cl --shape 3b --pairs 24 --out DIR
     python benchmarks/bench_train_step.py --shape tiny --docs 16 --image-tokens 4 16 \
         --text-tokens 8 64 --max-doc-tokens 128 --token-budget 512     # a CPU smoke run
 """
@@ -141,6 +147,14 @@ def authors_batches(docs: list[Encoded], specials: Specials, budget: int, max_le
     return out
 
 
+def padded_hidden(model, batch: dict) -> torch.Tensor:
+    """Final hidden states (B, L, H) of a right-padded batch through transformers' own path."""
+    images = batch["pixel_values"].shape[0] > 0
+    return model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], pixel_values=batch["pixel_values"] if images else None,
+                       image_grid_thw=batch["image_grid_thw"] if images else None).last_hidden_state
+
+
 class AuthorsCPT(torch.nn.Module):
     """The authors' stage-1 forward on a padded batch (research/moca-method.md 2.3 to 2.5)."""
 
@@ -155,11 +169,7 @@ class AuthorsCPT(torch.nn.Module):
             self.lce, self.head = None, "full logits + cross_entropy, all positions"
 
     def forward(self, batch: dict) -> dict:
-        images = batch["pixel_values"].shape[0] > 0
-        hidden = self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  position_ids=batch["position_ids"],
-                                  pixel_values=batch["pixel_values"] if images else None,
-                                  image_grid_thw=batch["image_grid_thw"] if images else None).last_hidden_state
+        hidden = padded_hidden(self.model, batch)
         flat, weight = hidden.reshape(-1, hidden.shape[-1]), self.model.lm_head.weight
         if self.lce is not None:
             mlm = self.lce(weight, flat, batch["labels"].reshape(-1))
@@ -282,10 +292,7 @@ def _padded(docs: list[Encoded], specials: Specials) -> dict:
 
 def _authors_embed(model, batch: dict) -> torch.Tensor:
     """The authors' embedding: the padded batch through the model, mean over the mask, L2."""
-    images = batch["pixel_values"].shape[0] > 0
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         position_ids=batch["position_ids"], pixel_values=batch["pixel_values"] if images else None,
-                         image_grid_thw=batch["image_grid_thw"] if images else None).last_hidden_state
+    hidden = padded_hidden(model, batch)
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     return torch.nn.functional.normalize(((hidden * mask).sum(1) / mask.sum(1)).float(), dim=-1)
 

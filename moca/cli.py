@@ -98,9 +98,7 @@ def main(argv=None) -> int:
     _summary(final if config.stage != "both" else final["cpt"], "stage 1: " if config.stage == "both" else "")
     if config.stage == "both":
         _summary(final["cl"], "stage 2: ")
-        for task, scores in final.get("eval", {}).get("tasks", {}).items():
-            main = "precision_at_1" if "precision_at_1" in scores else "ndcg_at_5"
-            print(f"evaluation, {task}: {main} {scores[main]:.3f} (chance {scores['chance']:.3f}, {scores['n']} queries)")
+        _scores(final.get("eval", {}), "evaluation, ")
         print(f"run directory: {config.out} (cpt/ and cl/: config.json, metrics.jsonl, checkpoints/, loss.png; "
               "cl/eval.json)")
     else:
@@ -127,6 +125,13 @@ def _summary(final: dict, prefix: str) -> None:
               f"{chance('accuracy_chance', 3)}; loss {final['loss']:.3f}, temperature {final['temperature']:.4f}")
 
 
+def _scores(result: dict, prefix: str = "") -> None:
+    """Each task's main metric of an evaluation (``moca.eval.evaluate``) beside its chance level."""
+    for task, scores in result.get("tasks", {}).items():
+        main = "precision_at_1" if "precision_at_1" in scores else "ndcg_at_5"
+        print(f"{prefix}{task}: {main} {scores[main]:.3f} (chance {scores['chance']:.3f}, {scores['n']} queries)")
+
+
 def _eval(args) -> int:
     from .data.records import DataError
     from .encoder import Encoder
@@ -142,9 +147,7 @@ def _eval(args) -> int:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
-    for task, scores in result["tasks"].items():
-        main = "precision_at_1" if "precision_at_1" in scores else "ndcg_at_5"
-        print(f"{task}: {main} {scores[main]:.3f} (chance {scores['chance']:.3f}, n {scores['n']})")
+    _scores(result)
     print(f"eval.json: {os.path.join(out, 'eval.json')}")
     return 0
 

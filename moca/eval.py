@@ -82,23 +82,24 @@ def evaluate(encoder, paths: list[str], strict: bool = False, log=print) -> dict
     bad, records = BadRecords(), []
     for path in paths:
         records += read_eval(path, bad, strict)
-    if bad.total:
-        log(f"skipped {bad.total} bad records; first: {bad.examples[0]}")
+    bad.report(log)
     if not records:
         raise ValueError(f"no usable evaluation records in {', '.join(paths)}")
-    keys, unique = {}, []
-    for record in records:  # identical sides are embedded once
+    keys, unique, places = {}, [], []  # identical sides are embedded once
+    for record in records:
+        place = []
         for side in [record["query"]] + record["pool"]:
             key = json.dumps(side, sort_keys=True)
             if key not in keys:
                 keys[key] = len(unique)
                 unique.append(side)
+            place.append(keys[key])
+        places.append(place)  # the query's row in the embeddings, then its pool's
     log(f"{len(records)} queries, {len(unique)} distinct inputs to embed")
     embeddings = encoder.encode(unique)
     per_task: dict[str, list[dict]] = {}
-    for record in records:
-        q = embeddings[keys[json.dumps(record["query"], sort_keys=True)]]
-        pool = embeddings[[keys[json.dumps(s, sort_keys=True)] for s in record["pool"]]]
+    for record, (query, *pool) in zip(records, places):
+        q, pool = embeddings[query], embeddings[pool]
         per_task.setdefault(record["task"], []).append(
             dict(metrics(record["kind"], pool @ q, record["relevant"]), kind=record["kind"]))
     tasks = {}

@@ -26,7 +26,7 @@ from .data.cpt import collate, encode, layout
 from .data.packing import pack
 from .data.pairs import chosen_negatives, contrastive_batches, load_pair, read_pairs
 from .data.records import BadRecords, DataError, load_cpt, read_cpt
-from .model.embed import MocaEmbedder, NonFiniteLoss, contrastive_step
+from .model.embed import MocaEmbedder, check_finite, contrastive_step
 from .model.flops import cpt_step_flops
 from .model.heads import MocaCPT
 
@@ -133,8 +133,7 @@ def index_documents(config: TrainConfig, tokenizer, log=print) -> list[Entry]:
     path = config.data or _embedded(embedded.write, os.path.join(config.out, "data"), "cpt.jsonl", config.seed)
     bad = BadRecords()
     entries = [e for file in _data_files(path) for e in _index_file(file, config, tokenizer, bad)]
-    if bad.total:
-        log(f"skipped {bad.total} bad records ({dict(bad.counts)}); first: {bad.examples[0]}")
+    bad.report(log)
     if not entries:
         raise ValueError(f"no usable documents in {path}")
     return entries
@@ -335,8 +334,7 @@ class CptStage:
             with quiet:  # DDP communicates in the last micro-batch's backward only
                 with _Nvtx("forward"), autocast:
                     out = run(batch, accuracy=measure and last)
-                if not torch.isfinite(out["loss"]):
-                    raise NonFiniteLoss(f"the loss became {out['loss'].item()}")
+                check_finite(out["loss"])
                 with _Nvtx("backward"):
                     (out["loss"] / c.grad_accum).backward()
             for k in sums:
@@ -374,8 +372,7 @@ def index_pairs(config: TrainConfig, log=print) -> list[PairEntry]:
                 for p in read_pairs(file, config.hard_negatives, bad, strict=config.strict, decode=False)]
     entries = [PairEntry(file, offset, f"{file}:{line}", task) for file in _data_files(path)
                for offset, line, task in _cached_index(file, ["pairs", config.hard_negatives], scan, config, bad)]
-    if bad.total:
-        log(f"skipped {bad.total} bad records ({dict(bad.counts)}); first: {bad.examples[0]}")
+    bad.report(log)
     need = config.pairs_per_batch * world()[1]
     if len(entries) < need:
         raise ValueError(f"{len(entries)} usable pairs in {path}: fewer than one global batch ({need} = "

@@ -139,6 +139,13 @@ def _plot(metrics: list[dict], path: str) -> None:
     image.save(path)
 
 
+def _write_config(config: TrainConfig) -> None:
+    """The run directory ``config.out`` with its ``config.json``."""
+    os.makedirs(config.out, exist_ok=True)
+    with open(os.path.join(config.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1)
+
+
 def saved_config(run_dir: str, overrides: dict | None = None) -> TrainConfig:
     """The configuration of the run in ``run_dir``, with ``overrides`` (e.g. a larger max_steps)."""
     path = os.path.join(run_dir, "config.json")
@@ -288,9 +295,7 @@ def train_both(config: TrainConfig, resume: bool = False, log=print) -> dict:
     from .stages import _data_files
     rank = _distributed()[0]
     if rank == 0:
-        os.makedirs(config.out, exist_ok=True)
-        with open(os.path.join(config.out, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=1)
+        _write_config(config)
     first = dataclasses.replace(config, stage="cpt", out=os.path.join(config.out, "cpt"))
     second = dataclasses.replace(config, stage="cl", out=os.path.join(config.out, "cl"), init=first.out,
                                  data=config.cl_data, lr=config.cl_lr, max_steps=config.cl_max_steps,
@@ -343,9 +348,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
     main = rank == 0  # rank 0 logs and writes the run directory
     log = log if main else (lambda *args, **kwargs: None)
     if main:
-        os.makedirs(config.out, exist_ok=True)
-        with open(os.path.join(config.out, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=1)
+        _write_config(config)
     torch.manual_seed(config.seed)
     model, tokenizer = model_and_tokenizer(config, log)
     if config.init and not resume:
@@ -409,7 +412,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None,
                 with _Nvtx("all-reduce"):
                     done = _average(heads, done, size, gradients=not averaged_by_ddp)
             with _Nvtx("optimizer"):
-                torch.nn.utils.clip_grad_norm_(heads.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
                 optimizer.step()
                 scheduler.step()
         step += 1

@@ -40,28 +40,35 @@ def _draw(shapes: list[tuple[str, str]], background: str, size: int, rng: random
     return image
 
 
+def _write_jsonl(path: str, records) -> str:
+    """``records`` one a line into ``path``, renamed into place when whole (a file there is complete)."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def write(folder: str, documents: int = 240, seed: int = 0, image_size: int = 56) -> str:
     """Write ``documents`` CPT records (and their PNGs) under ``folder``; returns the .jsonl path.
     The same arguments give the same files."""
     rng = random.Random(seed)
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    path = os.path.join(folder, "cpt.jsonl")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:  # renamed when whole: a file there is complete
+
+    def records():
         for i in range(documents):
             if i % 4 == 3:
-                record = {"text": " ".join(rng.sample(TEXT_ONLY, 2))}
-            else:
-                colors = [c for c in COLORS if c not in ("white", "black")]
-                shapes = [(rng.choice(colors), rng.choice(SHAPES)) for _ in range(rng.randint(1, 2))]
-                background = rng.choice(("white", "black"))
-                name = f"images/{i:04d}.png"
-                _draw(shapes, background, image_size, rng).save(os.path.join(folder, name))
-                things = " and ".join(f"a {c} {s}" for c, s in shapes)
-                record = {"text": f"{rng.choice(OPENERS)} <image> It shows {things} on a {background} background.",
-                          "images": [name]}
-            f.write(json.dumps(record) + "\n")
-    os.replace(path + ".tmp", path)
-    return path
+                yield {"text": " ".join(rng.sample(TEXT_ONLY, 2))}
+                continue
+            colors = [c for c in COLORS if c not in ("white", "black")]
+            shapes = [(rng.choice(colors), rng.choice(SHAPES)) for _ in range(rng.randint(1, 2))]
+            background = rng.choice(("white", "black"))
+            name = f"images/{i:04d}.png"
+            _draw(shapes, background, image_size, rng).save(os.path.join(folder, name))
+            things = " and ".join(f"a {c} {s}" for c, s in shapes)
+            yield {"text": f"{rng.choice(OPENERS)} <image> It shows {things} on a {background} background.",
+                   "images": [name]}
+    return _write_jsonl(os.path.join(folder, "cpt.jsonl"), records())
 
 
 def _pictures(folder: str, count: int, seed: int, image_size: int) -> list[tuple[str, str]]:
@@ -84,20 +91,18 @@ def write_pairs(folder: str, pairs: int = 192, seed: int = 0, image_size: int = 
     picture a description names (text to image), and describe a picture (image to text), each
     with two other pictures as hard negatives. Returns the .jsonl path; deterministic."""
     pictures = _pictures(folder, pairs, seed + 1, image_size)
-    path = os.path.join(folder, "pairs.jsonl")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:  # renamed when whole: a file there is complete
+
+    def records():
         for i, (image, text) in enumerate(pictures):
             others = [pictures[(i + k) % len(pictures)] for k in (1, 2)]
             if i % 2 == 0:
-                record = {"query": {"text": f"Find the picture of {text}."}, "positive": {"image": image},
-                          "negatives": [{"image": o[0]} for o in others], "task": "text-to-image"}
+                yield {"query": {"text": f"Find the picture of {text}."}, "positive": {"image": image},
+                       "negatives": [{"image": o[0]} for o in others], "task": "text-to-image"}
             else:
-                record = {"query": {"image": image, "text": "<image> What does this picture show?"},
-                          "positive": {"text": text}, "negatives": [{"text": o[1]} for o in others],
-                          "task": "image-to-text"}
-            f.write(json.dumps(record) + "\n")
-    os.replace(path + ".tmp", path)
-    return path
+                yield {"query": {"image": image, "text": "<image> What does this picture show?"},
+                       "positive": {"text": text}, "negatives": [{"text": o[1]} for o in others],
+                       "task": "image-to-text"}
+    return _write_jsonl(os.path.join(folder, "pairs.jsonl"), records())
 
 
 def write_eval(folder: str, queries: int = 48, seed: int = 1000, image_size: int = 56) -> str:
@@ -106,22 +111,20 @@ def write_eval(folder: str, queries: int = 48, seed: int = 1000, image_size: int
     one retrieval task (a description against 8 pictures). Returns the .jsonl path."""
     pictures = _pictures(folder, queries, seed, image_size)
     n = len(pictures)
-    path = os.path.join(folder, "eval.jsonl")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:  # renamed when whole: a file there is complete
+
+    def records():
         for i, (image, text) in enumerate(pictures):
             others = [pictures[(i + k) % n] for k in range(1, 8)]
             kind = i % 3
             if kind == 0:
-                record = {"query": {"text": f"Find the picture of {text}."},
-                          "candidates": [{"image": image}] + [{"image": o[0]} for o in others[:3]],
-                          "task": "text-to-image"}
+                yield {"query": {"text": f"Find the picture of {text}."},
+                       "candidates": [{"image": image}] + [{"image": o[0]} for o in others[:3]],
+                       "task": "text-to-image"}
             elif kind == 1:
-                record = {"query": {"image": image, "text": "<image> What does this picture show?"},
-                          "candidates": [{"text": text}] + [{"text": o[1]} for o in others[:3]],
-                          "task": "image-to-text"}
+                yield {"query": {"image": image, "text": "<image> What does this picture show?"},
+                       "candidates": [{"text": text}] + [{"text": o[1]} for o in others[:3]],
+                       "task": "image-to-text"}
             else:
-                record = {"query": {"text": f"Find the picture of {text}."}, "positives": [{"image": image}],
-                          "candidates": [{"image": o[0]} for o in others], "task": "retrieval"}
-            f.write(json.dumps(record) + "\n")
-    os.replace(path + ".tmp", path)
-    return path
+                yield {"query": {"text": f"Find the picture of {text}."}, "positives": [{"image": image}],
+                       "candidates": [{"image": o[0]} for o in others], "task": "retrieval"}
+    return _write_jsonl(os.path.join(folder, "eval.jsonl"), records())

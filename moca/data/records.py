@@ -41,6 +41,11 @@ class BadRecords:
         if len(self.examples) < 10:
             self.examples.append(f"{where}: {reason}")
 
+    def report(self, log) -> None:
+        """One line through ``log`` saying how many records were skipped, why, and the first."""
+        if self.total:
+            log(f"skipped {self.total} bad records ({dict(self.counts)}); first: {self.examples[0]}")
+
 
 @dataclass
 class CptDocument:

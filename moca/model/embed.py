@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moca.data.cpt import Encoded, pack_documents
+from moca.data.images import ROW
 from moca.data.packing import pack
 from moca_kernels import info_nce
 from moca_kernels.info_nce.distributed import all_gather_with_grad
@@ -103,7 +104,7 @@ def _embed_row(embedder: MocaEmbedder, docs: list[Encoded], image_token_id: int,
 
 def _padding_row(embedder: MocaEmbedder, device, autocast) -> torch.Tensor:
     """A forward on a one-token document whose result weighs zero (keeps ranks' collectives in step)."""
-    doc = Encoded(torch.tensor([embedder.model.config.eos_token_id or 0]), torch.zeros(0, 1176),
+    doc = Encoded(torch.tensor([embedder.model.config.eos_token_id or 0]), torch.zeros(0, ROW),
                   torch.zeros(0, 3, dtype=torch.long), "padding")
     return 0.0 * _embed_row(embedder, [doc], embedder.model.config.image_token_id, device, autocast).sum()
 
@@ -134,7 +135,7 @@ def contrastive_step(embedder: MocaEmbedder, queries: list[Encoded], positives: 
     if not grad_cache:
         q, p, n = split(embed_documents(embedder, docs, image_token_id, token_budget, device, autocast))
         loss = embedder.loss(q, p, n)
-        _check_finite(loss)
+        check_finite(loss)
         loss.backward()
     else:
         plan = _plan(embedder, docs, token_budget, device)  # the same rows for both passes
@@ -143,7 +144,7 @@ def contrastive_step(embedder: MocaEmbedder, queries: list[Encoded], positives: 
         cached.requires_grad_(True)
         q, p, n = split(cached)
         loss = embedder.loss(q, p, n)
-        _check_finite(loss)
+        check_finite(loss)
         loss.backward()  # the gradient of every embedding (and of the temperature)
         rows, _, padding = plan
         for row in rows:  # again with a graph, one packed row at a time
@@ -158,6 +159,7 @@ class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite (raised before any gradient is applied)."""
 
 
-def _check_finite(loss: torch.Tensor) -> None:
+def check_finite(loss: torch.Tensor) -> None:
+    """NonFiniteLoss unless ``loss`` is finite (the NaN guard of both stages)."""
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"the loss became {loss.item()}")

@@ -47,7 +47,8 @@ def _qwen_shape(hidden, intermediate, layers, heads, kv_heads, vocab, tied):
     return dict(
         text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128000,
-                         rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=tied,
+                         rms_norm_eps=1e-6, bos_token_id=QWEN_SPECIALS["bos_token_id"],
+                         eos_token_id=QWEN_SPECIALS["eos_token_id"], tie_word_embeddings=tied,
                          rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}),
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=hidden,
                            fullatt_block_indexes=[7, 15, 23, 31], window_size=112),
