@@ -1,9 +1,10 @@
 """``moca`` command line.
 
     moca train                                  # the embedded default: both stages and the evaluation, CPU
-    moca train --stage cpt --model PATH --data PATH --out DIR [--max-steps N] [key=value ...]
-    moca train --stage cl --init CPT_RUN --data PAIRS --out DIR  # stage 2 from a stage-1 run
-    moca train --resume DIR                     # continue DIR from its latest checkpoint
+    moca train --stage cpt --model PATH --data DOCS --out DIR [--max-steps N] [key=value ...]
+    moca train --stage cl --init CPT_RUN --data PAIRS --out DIR   # stage 2 from a stage-1 run
+    moca train --config run.toml [key=value ...]                  # settings from a TOML file
+    moca train --resume DIR                     # continue DIR from its newest sound checkpoint
     moca eval --model DIR --data PATH [--out DIR]   # MMEB-style / retrieval scores -> eval.json
     moca encode --model DIR --input IN.jsonl --output OUT.npy [--export DIR]
 """
@@ -14,7 +15,9 @@ import json
 import os
 import sys
 
-from .train import TrainConfig, saved_config, train
+from .config import Config, targets, describe
+from .parallel import leave
+from .train import Preempted, train
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -23,30 +26,69 @@ def _overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise ValueError(f"settings are key=value, got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key.strip().replace("-", "_")] = value
+        out[key.strip()] = value
     return out
+
+
+def _train_parser(commands) -> argparse.ArgumentParser:
+    t = commands.add_parser("train", help="train stage 1 (cpt), stage 2 (cl), or both",
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="settings (key=value, or section.key=value; a bare name shared by cpt and cl "
+                                   "sets both):\n" + describe())
+    t.add_argument("--config", metavar="FILE", help="settings from a TOML file ([run], [data], [model], [cpt], [cl], "
+                   "[parallel] tables); key=value settings override it")
+    t.add_argument("--stage", choices=["cpt", "cl", "both"],
+                   help="cpt: MLM + MAE continual pre-training; cl: contrastive fine-tuning on pairs; both "
+                   "(default): cpt, then cl from it (pairs=PAIRS), then the evaluation (evaluation=PATH)")
+    t.add_argument("--init", metavar="DIR", help="stage 2: start from this stage-1 run's newest checkpoint")
+    t.add_argument("--preset", help="model shape with random weights (default tiny)")
+    t.add_argument("--model", help="a local Qwen2.5-VL checkpoint folder")
+    t.add_argument("--data", help="a .jsonl file or a folder of them: stage-1 documents, or pairs with --stage cl "
+                   "(default: the embedded dataset)")
+    t.add_argument("--out", help="run directory (default runs/moca-tiny)")
+    t.add_argument("--max-steps", type=int, help="optimizer steps of every stage that runs")
+    t.add_argument("--save-every", type=int)
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest sound checkpoint")
+    t.add_argument("--force", action="store_true", help="resume even with settings that change the run's results")
+    t.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    t.add_argument("--profile-steps", metavar="A:B", help="capture steps A..B for Nsight Systems "
+                   "(nsys profile --capture-range=cudaProfilerApi)")
+    t.add_argument("settings", nargs="*", metavar="key=value", help="any setting listed below, e.g. cpt.lr=1e-4")
+    return t
+
+
+def train_config(args) -> Config:
+    """The run's settings: the resumed run's, or the defaults and the TOML file; then the options
+    and ``key=value`` settings. Settings of a stage that does not run are refused."""
+    if args.resume and args.config:
+        raise ValueError("--config with --resume: a resumed run keeps its settings; change some with key=value")
+    base = Config.read(args.resume) if args.resume else Config.from_toml(args.config) if args.config else Config()
+    given = _overrides(args.settings)
+    stage = args.stage or given.get("stage") or given.get("run.stage") or base.run.stage
+    named = {"run.stage": args.stage, "run.out": args.resume or args.out, "model.path": args.model,
+             "model.preset": args.preset, "cl.init": args.init, "run.save_every": args.save_every,
+             "run.profile_steps": args.profile_steps, "run.strict": True if args.strict else None,
+             ("data.pairs" if stage == "cl" else "data.documents"): args.data}
+    if args.max_steps is not None:
+        named.update({f"{s}.max_steps": args.max_steps for s in (("cpt", "cl") if stage == "both" else (stage,))})
+    given = {**{k: v for k, v in named.items() if v is not None}, **given}
+    if stage != "both":
+        other = "cl" if stage == "cpt" else "cpt"
+        unused = [k for k in given if {section for section, _ in targets(k)} == {other}]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} stage {other}, which "
+                             f"--stage {stage} does not run")
+    config = base.update(given).validate()
+    if stage == "both" and config.data.documents and not config.data.pairs:
+        raise ValueError("--stage both with --data (stage-1 documents) needs pairs=PAIRS for stage 2; or run one "
+                         "stage with --stage cpt / --stage cl")
+    return config
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moca", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    t = commands.add_parser("train", help="train stage 1 (cpt), stage 2 (cl), or both")
-    t.add_argument("--stage", choices=["cpt", "cl", "both"],
-                   help="cpt: MLM + MAE continual pre-training; cl: contrastive fine-tuning on pairs; both "
-                   "(default): cpt, then cl from it (cl_data=PAIRS), then the evaluation (eval_data=PATH)")
-    t.add_argument("--init", metavar="DIR", help="stage 2: start from this stage-1 run's latest checkpoint")
-    t.add_argument("--preset", help="model preset with random weights (default tiny)")
-    t.add_argument("--model", help="a local Qwen2.5-VL checkpoint folder")
-    t.add_argument("--data", help="a .jsonl file or a folder of them: CPT documents, or pairs for --stage cl "
-                   "(default: the embedded dataset)")
-    t.add_argument("--out", help="run directory (default runs/moca-tiny)")
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--save-every", type=int)
-    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
-    t.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    t.add_argument("--profile-steps", metavar="A:B", help="capture steps A..B for Nsight Systems "
-                   "(nsys profile --capture-range=cudaProfilerApi)")
-    t.add_argument("settings", nargs="*", metavar="key=value", help="any TrainConfig field, e.g. lr=1e-4")
+    _train_parser(commands)
     e = commands.add_parser("eval", help="score a trained model on MMEB-style or retrieval files")
     e.add_argument("--model", required=True, help="a run directory or an exported model folder")
     e.add_argument("--data", required=True, nargs="+", help="evaluation .jsonl files or folders of them")
@@ -69,49 +111,29 @@ def main(argv=None) -> int:
     if args.command == "encode":
         return _encode(args, parser)
     try:
-        given = {k: v for k, v in dict(stage=args.stage, preset=args.preset, model=args.model, data=args.data,
-                                       out=args.out, max_steps=args.max_steps, save_every=args.save_every,
-                                       profile_steps=args.profile_steps, init=args.init).items() if v is not None}
-        if args.strict:
-            given["strict"] = True
-        given.update(_overrides(args.settings))
-        if args.resume:
-            given.pop("stage", None)
-            config = saved_config(args.resume, given)
-        else:
-            config = TrainConfig(stage="both").update(given)
-            only_both = sorted(k for k in given if k.startswith("cl_"))
-            if config.stage != "both" and only_both:
-                raise ValueError(f"{', '.join(only_both)} set the second stage of --stage both; with --stage "
-                                 f"{config.stage} use --data, --max-steps, lr=... instead")
-            if config.stage == "both" and config.data and not config.cl_data:
-                raise ValueError("--stage both with --data (stage-1 documents) needs cl_data=PAIRS for stage 2; "
-                                 "or run one stage with --stage cpt / --stage cl")
-        final = train(config, resume=bool(args.resume))
-    except (ValueError, FloatingPointError) as exc:
+        config = train_config(args)
+        final = train(config, resume=bool(args.resume), force=args.force)
+    except Preempted as exc:
+        print(f"moca train: {exc}", file=sys.stderr)
+        return Preempted.EXIT_CODE
+    except (ValueError, FloatingPointError, RuntimeError, OSError) as exc:
         print(f"moca train: {exc}", file=sys.stderr)
         return 2
     finally:
-        _leave_process_group()
+        leave()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 prints the summary
         return 0
-    _summary(final if config.stage != "both" else final["cpt"], "stage 1: " if config.stage == "both" else "")
-    if config.stage == "both":
+    both = config.run.stage == "both"
+    _summary(final["cpt"] if both else final, "stage 1: " if both else "")
+    if both:
         _summary(final["cl"], "stage 2: ")
         _scores(final.get("eval", {}), "evaluation, ")
-        print(f"run directory: {config.out} (cpt/ and cl/: config.json, metrics.jsonl, checkpoints/, loss.png; "
+        print(f"run directory: {config.run.out} (cpt/ and cl/: config.json, metrics.jsonl, checkpoints/, loss.png; "
               "cl/eval.json)")
     else:
-        print(f"done: {json.dumps(final)}\nrun directory: {config.out} (config.json, metrics.jsonl, checkpoints/, "
-              "loss.png)")
+        print(f"done: {json.dumps(final)}\nrun directory: {config.run.out} (config.json, metrics.jsonl, "
+              "checkpoints/, loss.png)")
     return 0
-
-
-def _leave_process_group() -> None:
-    """Under torchrun: tear the process group down before exit (NCCL aborts the process otherwise)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _summary(final: dict, prefix: str) -> None:
@@ -134,11 +156,11 @@ def _scores(result: dict, prefix: str = "") -> None:
 
 def _eval(args) -> int:
     from .data.records import DataError
+    from .data.index import data_files
     from .encoder import Encoder
     from .eval import evaluate
-    from .stages import _data_files
     try:
-        files = [f for path in args.data for f in _data_files(path)]
+        files = [f for path in args.data for f in data_files(path)]
         result = evaluate(Encoder.from_pretrained(args.model), files, strict=args.strict)
     except (ValueError, DataError) as exc:
         print(f"moca eval: {exc}", file=sys.stderr)

@@ -40,7 +40,7 @@ class Encoder:
     @classmethod
     def from_pretrained(cls, path: str, device=None) -> "Encoder":
         """A moca run directory (its latest checkpoint, stage 1 or 2) or a folder ``save_pretrained`` wrote."""
-        from .train import latest_checkpoint, load_backbone, model_and_tokenizer, saved_config
+        from .checkpoint import load_run
         if os.path.isfile(os.path.join(path, EXPORT_MARKER)):
             with open(os.path.join(path, EXPORT_MARKER)) as f:
                 meta = json.load(f)
@@ -49,14 +49,9 @@ class Encoder:
             return cls(model, tokenizer, meta["max_doc_tokens"], meta["min_pixels"], meta["max_pixels"], device=device)
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"{path}: neither a moca run directory (config.json) nor an export ({EXPORT_MARKER})")
-        config = saved_config(path)
-        checkpoint = latest_checkpoint(path)
-        if checkpoint is None:
-            raise ValueError(f"{path}: the run has no checkpoint yet")
-        model, tokenizer = model_and_tokenizer(config, log=lambda *_: None)
-        load_backbone(model, checkpoint)
-        return cls(model, tokenizer, config.max_doc_tokens, config.min_pixels, config.max_pixels,
-                   config.token_budget, device)
+        config, model, tokenizer = load_run(path, log=lambda *_: None)
+        d = config.data
+        return cls(model, tokenizer, d.max_doc_tokens, d.min_pixels, d.max_pixels, d.token_budget, device)
 
     def _document(self, item, index: int):
         if isinstance(item, str):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import torch
 
@@ -116,3 +117,13 @@ def evaluate(encoder, paths: list[str], strict: bool = False, log=print) -> dict
     overall = {k: round(sum(t[k] for t in tasks.values() if k in t) / sum(k in t for t in tasks.values()), 4)
                for k in overall_keys}
     return dict(tasks=tasks, overall={**overall, "n": sum(t["n"] for t in tasks.values())})
+
+
+def evaluate_run(run_dir: str, paths: list[str], strict: bool = False, log=print) -> dict:
+    """Scores of the model of the run in ``run_dir`` (its newest checkpoint) on the evaluation
+    files, also written to ``run_dir/eval.json``."""
+    from .encoder import Encoder
+    from .files import atomic_write
+    result = evaluate(Encoder.from_pretrained(run_dir), paths, strict=strict, log=log)
+    atomic_write(os.path.join(run_dir, "eval.json"), json.dumps(result, indent=1).encode())
+    return result

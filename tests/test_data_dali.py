@@ -79,8 +79,10 @@ def test_encode_with_dali_equals_the_layout_of_pillow(dali, tmp_path):
 
 
 def test_training_with_dali_follows_the_pillow_run(tmp_path):
-    from moca.train import TrainConfig, train
-    config = TrainConfig(max_steps=4, save_every=4, log_every=2, token_budget=512)
+    from moca.config import Config
+    from moca.train import train
+    config = Config().update({"run.stage": "cpt", "max_steps": 4, "save_every": 4, "log_every": 2,
+                              "token_budget": 512})
     pil = train(config.update({"out": str(tmp_path / "pil")}), log=lambda *_: None)
     ours = train(config.update({"out": str(tmp_path / "dali"), "image_decoder": "dali-cpu"}), log=lambda *_: None)
     assert ours["step"] == pil["step"] == 4

@@ -78,10 +78,11 @@ def test_bad_records_are_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def cl_run(tmp_path_factory):
-    from moca.train import TrainConfig, train
+    from moca.config import Config
+    from moca.train import train
     out = tmp_path_factory.mktemp("runs") / "cl"
-    train(TrainConfig(stage="cl", out=str(out), max_steps=2, save_every=2, log_every=1, pairs_per_batch=4,
-                      token_budget=512), log=lambda *_: None)
+    train(Config().update({"run.stage": "cl", "out": str(out), "cl.max_steps": 2, "save_every": 2, "log_every": 1,
+                           "pairs_per_batch": 4, "token_budget": 512}), log=lambda *_: None)
     return out
 
 

@@ -9,11 +9,18 @@ import torch
 
 from moca import cli
 from moca.model.heads import MocaCPT
-from moca.train import TrainConfig, latest_checkpoint, saved_config, train
+from moca import checkpoint
+from moca.config import Config
+from moca.train import train
 
 
 def _config(out, **change):
-    return TrainConfig(out=str(out), max_steps=12, save_every=6, log_every=3, token_budget=512).update(change)
+    return Config().update({"run.stage": "cpt", "out": str(out), "cpt.max_steps": 12, "save_every": 6, "log_every": 3,
+                            "token_budget": 512, **change})
+
+
+def _newest(run) -> str:
+    return os.path.basename(checkpoint.find(str(run)))
 
 
 def _metrics(run):
@@ -32,14 +39,14 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert [r["step"] for r in rows] == [2, 4]
     for key in ("step", "stage", "loss", "mlm_loss", "mae_loss", "mlm_accuracy", "lr", "tokens_per_s", "model_tflops"):
         assert key in rows[-1], key
-    assert os.path.basename(latest_checkpoint(str(run))) == "step-0000004.pt"
+    assert _newest(run) == "step-0000004"
 
 
 def test_resume_continues_exactly(tmp_path):
     whole = train(_config(tmp_path / "whole"), log=lambda *_: None)
     train(_config(tmp_path / "cut"), stop_at=10, log=lambda *_: None)  # killed after step 10: checkpoint at 6
-    assert os.path.basename(latest_checkpoint(str(tmp_path / "cut"))) == "step-0000006.pt"
-    resumed = train(saved_config(str(tmp_path / "cut")), resume=True, log=lambda *_: None)
+    assert _newest(tmp_path / "cut") == "step-0000006"
+    resumed = train(Config.read(str(tmp_path / "cut")), resume=True, log=lambda *_: None)
     timed = ("tokens_per_s", "model_tflops")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timed} for r in rows]  # noqa: E731
     assert strip([resumed]) == strip([whole]) and whole["mlm_chance"] == 1 / 264
@@ -54,7 +61,7 @@ def test_bad_records_are_skipped_or_fatal_under_strict(tmp_path, capsys):
                     json.dumps({"text": "another one"}) + "\n")
     logs = []
     with pytest.warns(UserWarning, match="data.jsonl:2: malformed JSON"):
-        train(_config(tmp_path / "run", data=str(data), max_steps=2), log=logs.append)
+        train(_config(tmp_path / "run", documents=str(data), max_steps=2), log=logs.append)
     assert any("skipped 1 bad records" in line for line in logs)
     code = cli.main(["train", "--stage", "cpt", "--out", str(tmp_path / "strict"), "--data", str(data), "--strict",
                      "--max-steps", "2"])
@@ -73,16 +80,17 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(MocaCPT, "forward", poisoned)
-    with pytest.raises(FloatingPointError, match=r"became nan at step 7; stopped\. The last good checkpoint is .*step-0000006\.pt"):
+    with pytest.raises(FloatingPointError, match=r"became nan at step 7; stopped\. The last good checkpoint is .*step-0000006"):
         train(_config(tmp_path / "run"), log=lambda *_: None)
 
 
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
-        TrainConfig().update({"learning_rate": "1"})
-    with pytest.raises(ValueError, match="lr takes a float"):
-        TrainConfig().update({"lr": "fast"})
-    assert TrainConfig().update({"use_mae": "false", "lr": "1e-4"}).use_mae is False
+        Config().update({"learning_rate": "1"})
+    with pytest.raises(ValueError, match="cpt.lr takes a float"):
+        Config().update({"lr": "fast"})
+    config = Config().update({"use_mae": "false", "lr": "1e-4", "cl.lr": "2e-5"})
+    assert config.cpt.use_mae is False and config.cpt.lr == 1e-4 and config.cl.lr == 2e-5
 
 
 def test_a_local_checkpoint_and_its_tokenizer(tmp_path):
@@ -114,8 +122,8 @@ def test_a_local_checkpoint_and_its_tokenizer(tmp_path):
     # the embedding table (Qwen2.5's padded table has room, so nothing changes there)
     assert tok.specials.image == specials["<|image_pad|>"] and tok.specials.mask == 264
     logs = []
-    config = TrainConfig(model=str(checkpoint), data=data, out=str(tmp_path / "run"), max_steps=3, log_every=1,
-                         save_every=3)
+    config = Config().update({"run.stage": "cpt", "model.path": str(checkpoint), "documents": data,
+                              "out": str(tmp_path / "run"), "cpt.max_steps": 3, "log_every": 1, "save_every": 3})
     train(config, log=logs.append)
     assert any("embedding table resized from 264 rows to 265" in line for line in logs)
     assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2, 3]
@@ -159,34 +167,34 @@ def test_a_corrupt_image_found_at_training_time_is_skipped(tmp_path):
     data.write_text("\n".join(lines) + "\n")
     logs = []
     # cache_bytes=0: nothing kept, every micro-batch's documents are read again (pure streaming)
-    train(_config(tmp_path / "run", data=str(data), max_steps=4, log_every=1, cache_bytes=0), log=logs.append)
+    train(_config(tmp_path / "run", documents=str(data), max_steps=4, log_every=1, cache_bytes=0), log=logs.append)
     skipped = [line for line in logs if "data.jsonl:7: image 'bad.png' could not be decoded" in line]
     assert len(skipped) == 1 and "document skipped" in skipped[0]  # said once, over several epochs
     assert any(line.startswith("7 documents") for line in logs)  # the header passed the index
 
 
 def test_the_index_is_cached_and_invalidated_by_a_changed_file(tmp_path, monkeypatch):
-    from moca import stages as train_module
+    from moca.data import index as train_module
     from moca.data.records import DataError
     from moca.data.tokenizer import ByteTokenizer
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": f"document number {i} about shapes"}) + "\n" for i in range(8)) +
                     "{broken\n")
-    config = _config(tmp_path / "a", data=str(data), index_cache=str(tmp_path / "index"))
+    config = _config(tmp_path / "a", documents=str(data), index_cache=str(tmp_path / "index"))
     tok = ByteTokenizer()
     with pytest.warns(UserWarning, match="malformed JSON"):
-        first = train_module.index_documents(config, tok, log=lambda *_: None)
+        first = train_module.index_documents(config, tok, str(data), log=lambda *_: None)
     scans = []
     original = train_module.read_cpt
     monkeypatch.setattr(train_module, "read_cpt", lambda *a, **k: scans.append(a) or original(*a, **k))
     logs = []
-    again = train_module.index_documents(config.update({"out": str(tmp_path / "b")}), tok, log=logs.append)
+    again = train_module.index_documents(config.update({"out": str(tmp_path / "b")}), tok, str(data), log=logs.append)
     assert again == first and not scans  # from the cache, with the bad record still counted
     assert any("skipped 1 bad records" in line for line in logs)
     with pytest.raises(DataError, match="data.jsonl:9: malformed JSON"):  # strict sees cached bad records too
-        train_module.index_documents(config.update({"strict": "true"}), tok)
+        train_module.index_documents(config.update({"strict": "true"}), tok, str(data))
     data.write_text(json.dumps({"text": "only one document now"}) + "\n")
-    assert len(train_module.index_documents(config, tok, log=lambda *_: None)) == 1 and scans
+    assert len(train_module.index_documents(config, tok, str(data), log=lambda *_: None)) == 1 and scans
 
 
 def test_background_loading_gives_the_same_run(tmp_path):
@@ -198,12 +206,12 @@ def test_background_loading_gives_the_same_run(tmp_path):
 
 
 def test_a_loader_error_reaches_the_training_loop(tmp_path):
-    from moca.stages import _background
+    from moca.data.loader import background
 
     def items():
         yield 1
         raise ValueError("bad record at data.jsonl:7")
-    stream = _background(items(), 2)
+    stream = background(items(), 2)
     assert next(stream) == 1
     with pytest.raises(ValueError, match="data.jsonl:7"):
         next(stream)
@@ -215,13 +223,13 @@ def test_documents_longer_than_a_packed_row_are_refused(tmp_path):
 
 
 def test_an_unknown_image_decoder_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="image_decoder must be pil, dali-cpu or dali-gpu"):
+    with pytest.raises(ValueError, match="data.image_decoder must be one of pil, dali-cpu, dali-gpu"):
         train(_config(tmp_path / "run", image_decoder="opencv"), log=lambda *_: None)
 
 
 def _cl_config(out, **change):
-    return TrainConfig(stage="cl", out=str(out), max_steps=6, save_every=3, log_every=2, token_budget=512,
-                       pairs_per_batch=8, lr=1e-3).update(change)
+    return Config().update({"run.stage": "cl", "out": str(out), "cl.max_steps": 6, "save_every": 3, "log_every": 2,
+                            "token_budget": 512, "pairs_per_batch": 8, "cl.lr": 1e-3, **change})
 
 
 def test_stage_two_trains_on_the_embedded_pairs(tmp_path):
@@ -238,7 +246,7 @@ def test_stage_two_trains_on_the_embedded_pairs(tmp_path):
 def test_stage_two_resumes_exactly_and_grad_cache_changes_nothing(tmp_path):
     whole = train(_cl_config(tmp_path / "whole"), log=lambda *_: None)
     train(_cl_config(tmp_path / "cut"), stop_at=5, log=lambda *_: None)
-    resumed = train(saved_config(str(tmp_path / "cut")), resume=True, log=lambda *_: None)
+    resumed = train(Config.read(str(tmp_path / "cut")), resume=True, log=lambda *_: None)
     timed = ("tokens_per_s",)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timed} for r in rows]  # noqa: E731
     assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "whole")) and resumed["step"] == 6
@@ -250,7 +258,7 @@ def test_stage_two_starts_from_a_stage_one_run(tmp_path):
     train(_config(tmp_path / "cpt", max_steps=3, save_every=3), log=lambda *_: None)
     logs = []
     train(_cl_config(tmp_path / "cl", init=str(tmp_path / "cpt"), max_steps=2), log=logs.append)
-    assert any("step-0000003.pt" in line and "MAE head dropped" in line for line in logs)
+    assert any("loaded the backbone from" in line and line.split("(")[0].rstrip().endswith("step-0000003") for line in logs)
     with pytest.raises(ValueError, match="no checkpoint in"):
         train(_cl_config(tmp_path / "cl2", init=str(tmp_path / "nothing")), log=lambda *_: None)
 
@@ -261,21 +269,21 @@ def test_cli_runs_stage_two(tmp_path, capsys):
                      "log_every=1"]) == 0
     out = capsys.readouterr().out
     assert "in-batch accuracy" in out and "(chance 0.167)" in out and (run / "data" / "pairs.jsonl").exists()
-    # the settings of --stage both's second stage are refused with one stage, not silently ignored
-    assert cli.main(["train", "--stage", "cl", "--out", str(tmp_path / "x"), "cl_max_steps=2"]) == 2
-    assert "cl_max_steps set the second stage of --stage both" in capsys.readouterr().err
+    # the settings of a stage that does not run are refused, not silently ignored
+    assert cli.main(["train", "--stage", "cl", "--out", str(tmp_path / "x"), "cpt.max_steps=2"]) == 2
+    assert "cpt.max_steps sets stage cpt, which --stage cl does not run" in capsys.readouterr().err
 
 
 def test_the_embedded_default_runs_both_stages_and_the_evaluation(tmp_path, capsys):
     # moca train with no stage: stage 1, stage 2 from its checkpoint, the held-out evaluation (reduced size)
     run = tmp_path / "both"
-    assert cli.main(["train", "--out", str(run), "--max-steps", "4", "cl_max_steps=3", "pairs_per_batch=4",
+    assert cli.main(["train", "--out", str(run), "--max-steps", "4", "cl.max_steps=3", "pairs_per_batch=4",
                      "save_every=2", "log_every=2"]) == 0
     out = capsys.readouterr().out
     assert "stage 1: MLM accuracy" in out and "stage 2: in-batch accuracy" in out
     assert "evaluation, text-to-image: precision_at_1" in out and "evaluation, retrieval: ndcg_at_5" in out
-    assert latest_checkpoint(str(run / "cpt")).endswith("step-0000004.pt")
-    assert latest_checkpoint(str(run / "cl")).endswith("step-0000003.pt")
+    assert _newest(run / "cpt") == "step-0000004"
+    assert _newest(run / "cl") == "step-0000003"
     scores = json.loads((run / "cl" / "eval.json").read_text())
     assert set(scores["tasks"]) == {"text-to-image", "image-to-text", "retrieval"} and scores["overall"]["n"] == 48
     # resuming a finished run does nothing again; a user's CPT data without pairs is refused
@@ -283,7 +291,7 @@ def test_the_embedded_default_runs_both_stages_and_the_evaluation(tmp_path, caps
     out = capsys.readouterr().out
     assert "stage cpt already finished" in out and "stage cl already finished" in out and "stage 1: MLM" in out
     assert cli.main(["train", "--data", str(run / "cpt" / "data" / "cpt.jsonl"), "--out", str(tmp_path / "x")]) == 2
-    assert "needs cl_data=PAIRS" in capsys.readouterr().err
+    assert "needs pairs=PAIRS" in capsys.readouterr().err
 
 
 def test_stage_two_stops_on_a_nan_loss(tmp_path, monkeypatch):
@@ -295,15 +303,17 @@ def test_stage_two_stops_on_a_nan_loss(tmp_path, monkeypatch):
 
 
 def test_the_pairs_index_is_cached(tmp_path, monkeypatch):
-    from moca import stages
+    from moca.data import embedded
+    from moca.data import index as stages
     config = _cl_config(tmp_path / "a", index_cache=str(tmp_path / "index"))
-    first = stages.index_pairs(config, log=lambda *_: None)
+    pairs = embedded.write_pairs(str(tmp_path / "data"))
+    first = stages.index_pairs(config, pairs, log=lambda *_: None)
     scans = []
     original = stages.read_pairs
     monkeypatch.setattr(stages, "read_pairs", lambda *a, **k: scans.append(a) or original(*a, **k))
-    again = stages.index_pairs(config, log=lambda *_: None)
+    again = stages.index_pairs(config, pairs, log=lambda *_: None)
     assert again == first and not scans and {e.task for e in first} == {"text-to-image", "image-to-text"}
-    stages.index_pairs(config.update({"hard_negatives": 0}), log=lambda *_: None)  # other settings: scanned again
+    stages.index_pairs(config.update({"hard_negatives": 0}), pairs, log=lambda *_: None)  # other settings: scanned again
     assert scans
 
 
@@ -316,8 +326,8 @@ def test_both_stages_on_user_files(tmp_path, capsys):
     pairs = embedded.write_pairs(str(folder / "pairs"), pairs=16)
     evaluation = embedded.write_eval(str(folder / "eval"), queries=6)
     run = tmp_path / "run"
-    assert cli.main(["train", "--stage", "both", "--data", documents, f"cl_data={pairs}", f"eval_data={evaluation}",
-                     "--out", str(run), "--max-steps", "2", "cl_max_steps=2", "pairs_per_batch=4", "log_every=1"]) == 0
+    assert cli.main(["train", "--stage", "both", "--data", documents, f"pairs={pairs}", f"evaluation={evaluation}",
+                     "--out", str(run), "--max-steps", "2", "pairs_per_batch=4", "log_every=1"]) == 0
     out = capsys.readouterr().out
     assert "evaluation, text-to-image" in out and not (run / "cpt" / "data").exists() and not (run / "cl" / "data").exists()
     assert json.loads((run / "cl" / "eval.json").read_text())["overall"]["n"] == 6

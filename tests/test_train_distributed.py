@@ -10,14 +10,14 @@ SCRIPT = textwrap.dedent("""
     import os, sys
     import torch
     import torch.multiprocessing as mp
-    from moca.train import TrainConfig, train
+    from moca.config import Config
+    from moca.train import train
 
     def config(out, stage, per_rank, fsdp="false", steps=1):
-        common = dict(out=out, max_steps=steps, save_every=1, log_every=1, seed=3, prefetch=0, fsdp=fsdp == "true",
-                      max_doc_tokens=256)
-        if stage == "cl":
-            return TrainConfig(stage="cl", pairs_per_batch=per_rank, token_budget=256, lr=1e-3, **common)
-        return TrainConfig(stage="cpt", token_budget=256, lr=1e-3, grad_accum=per_rank // 3, **common)
+        per = {"cl.pairs_per_batch": per_rank} if stage == "cl" else {"cpt.grad_accum": per_rank // 3}
+        return Config().update({"run.stage": stage, "out": out, "max_steps": steps, "save_every": 1, "log_every": 1,
+                                "seed": 3, "prefetch": 0, "fsdp": fsdp, "max_doc_tokens": 256, "token_budget": 256,
+                                "lr": 1e-3, **per})
 
     def worker(rank, port, out, stage, fsdp, ranks, steps):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ranks),
@@ -26,21 +26,26 @@ SCRIPT = textwrap.dedent("""
         train(config(out, stage, 6 // ranks, fsdp, steps), resume=steps > 1, log=lambda *a: None)
 
     if __name__ == "__main__":
-        port, root, stage, fsdp, ranks = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-        for steps in range(1, int(sys.argv[6]) + 1):  # step 1, then each further step resumed from the last checkpoint
-            mp.spawn(worker, args=(port + steps, f"{root}/two", stage, fsdp, ranks, steps), nprocs=ranks)
+        port, root, stage, fsdp = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+        layouts = sys.argv[5].split(",")  # each step's run: a number of ranks, or "plain" (one process, no torchrun)
+        for steps, ranks in enumerate(layouts, start=1):  # each step after the first resumed from the last checkpoint
+            if ranks == "plain":
+                train(config(f"{root}/two", stage, 6, steps=steps), resume=steps > 1, log=lambda *a: None)
+            else:
+                mp.spawn(worker, args=(port + steps, f"{root}/two", stage, fsdp, int(ranks), steps), nprocs=int(ranks))
             train(config(f"{root}/one", stage, 6, steps=steps), resume=steps > 1, log=lambda *a: None)
     """)
 
 
-def _run(tmp_path, stage, port, fsdp=False, ranks=2, steps=1):
-    """Trains ``steps`` steps, each resumed from the last one's checkpoint, on ``ranks`` ranks (into
-    tmp_path/two) and in one plain process (tmp_path/one)."""
+def _run(tmp_path, stage, port, fsdp=False, ranks=(2,)):
+    """Trains one step per entry of ``ranks``, each resumed from the last one's checkpoint, on that
+    many ranks under torchrun's environment, or "plain" (one process without a process group), into
+    tmp_path/two; and in one plain process (tmp_path/one)."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     result = subprocess.run([sys.executable, str(script), str(port), str(tmp_path), stage, str(fsdp).lower(),
-                             str(ranks), str(steps)], capture_output=True,
+                             ",".join(map(str, ranks))], capture_output=True,
                             text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -51,17 +56,19 @@ def _compare(tmp_path, step=1, rtol=1e-5):
     import json
 
     import torch
+
+    from moca import checkpoint
     rows = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1]) for run in ("one", "two")]
+    assert rows[0]["step"] == rows[1]["step"] == step
     assert abs(rows[0]["loss"] - rows[1]["loss"]) <= rtol * abs(rows[0]["loss"]), rows
-    states = [torch.load(tmp_path / run / "checkpoints" / f"step-{step:07d}.pt", weights_only=False)
-              for run in ("one", "two")]
-    # the gradients: AdamW's first moment after one step is 0.1 * gradient (FSDP's optimizer
-    # state is keyed by parameter name, one process's by number: matched by order)
-    moments = [list(s["optimizer"]["state"].values()) for s in states]
-    assert len(moments[0]) == len(moments[1]) > 10
-    for i, (first, second) in enumerate(zip(*moments)):
-        one, two = first["exp_avg"], second["exp_avg"]
-        assert (one - two).abs().max() <= rtol * one.abs().max() + 1e-12, i
+    states = [checkpoint.read(str(tmp_path / run / "checkpoints" / f"step-{step:07d}")) for run in ("one", "two")]
+    # the gradients: AdamW's first moment after one step is 0.1 * gradient (optimizer state is
+    # keyed by parameter name in every layout)
+    moments = [s["optimizer"]["state"] for s in states]
+    assert moments[0].keys() == moments[1].keys() and len(moments[0]) > 10
+    for name, first in moments[0].items():
+        one, two = first["exp_avg"], moments[1][name]["exp_avg"]
+        assert (one - two).abs().max() <= rtol * one.abs().max() + 1e-12, name
     # the parameter update: Adam's first step is lr * g / (|g| + eps), so a gradient within 1e-6 of
     # zero may move by up to lr either way; everything else agrees closely
     for name, one in states[0]["model"].items():
@@ -97,8 +104,17 @@ def test_fsdp_on_one_rank_under_torchrun_equals_the_plain_process(tmp_path):
     # torchrun with one process shards too (the GPU check runs FSDP2 this way on its one card), and
     # a sharded run resumes: its second step, resumed from the first's checkpoint, equals the plain
     # process's (every trainable parameter has optimizer state to restore: the unused LM head is frozen)
-    import torch
-    _run(tmp_path, "cl", 29541, fsdp=True, ranks=1, steps=2)
+    _run(tmp_path, "cl", 29541, fsdp=True, ranks=(1, 1))
     _compare(tmp_path, step=2, rtol=1e-4)
-    sharded = torch.load(tmp_path / "two" / "checkpoints" / "step-0000002.pt", weights_only=False)
-    assert all(isinstance(key, str) for key in sharded["optimizer"]["state"])  # FSDP's state dict: keyed by name
+
+
+def test_a_run_saved_on_two_ranks_resumes_on_one(tmp_path):
+    # step 1 sharded over 2 ranks, step 2 resumed in one plain process: the checkpoint is resharded
+    _run(tmp_path, "cpt", 29551, fsdp=True, ranks=(2, "plain"))
+    _compare(tmp_path, step=2, rtol=1e-4)
+
+
+def test_a_run_saved_on_one_rank_resumes_on_two(tmp_path):
+    # step 1 in one plain process, step 2 resumed sharded over 2 ranks
+    _run(tmp_path, "cl", 29561, fsdp=True, ranks=("plain", 2))
+    _compare(tmp_path, step=2, rtol=1e-4)

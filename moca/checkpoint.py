@@ -1,0 +1,290 @@
+"""Checkpoints of a run: saving, finding the newest sound one, loading, and the model of a run.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` in ``torch.distributed.checkpoint`` (DCP)
+form: each rank writes its own shard of the model and optimizer state, so a run saved on N ranks
+resumes on M (DCP reshards), and one process writes the same form. Beside the shards,
+``manifest.json`` holds the trainer's state (step, data position, scheduler) and the size and
+CRC-32 of every file. A checkpoint is written into a temporary folder, every file and folder
+synced to disk, then renamed into place; a folder without a sound manifest is never used:
+``find`` falls back to the previous checkpoint with a warning naming both.
+
+Nothing in a checkpoint runs code when read: tensors and plain values are read with
+``weights_only`` semantics and DCP's metadata with an unpickler that admits only its own record
+types.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import os
+import pickle
+import shutil
+import warnings
+import zlib
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+from .files import atomic_write, fsync_dir
+
+MANIFEST = "manifest.json"
+_PREFIX = "step-"
+
+
+def _crc(path: str) -> int:
+    value = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            value = zlib.crc32(chunk, value)
+    return value
+
+
+def _files(folder: str) -> dict:
+    return {name: dict(size=os.path.getsize(os.path.join(folder, name)), crc32=_crc(os.path.join(folder, name)))
+            for name in sorted(os.listdir(folder)) if name != MANIFEST}
+
+
+def _single() -> bool:
+    """Whether this process saves and loads alone (no process group)."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _alone_is_fine():
+    """DCP warns on every save and load without a process group; one process is a supported layout."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+    return _single() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    if not _single():
+        dist.barrier()
+
+
+def training_state(module, optimizer) -> dict:
+    """The model and optimizer state in DCP form (sharded tensors stay sharded), keyed by name, so
+    that any layout of ranks can load it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    return {"model": get_model_state_dict(module), "optimizer": get_optimizer_state_dict(module, optimizer)}
+
+
+def save(run_dir: str, step: int, module, optimizer, trainer: dict, keep: int = 2) -> str:
+    """Write the checkpoint of ``step`` (collective under torch.distributed: every rank calls it)
+    and delete all but the newest ``keep``. ``trainer``: JSON values restored by ``load``.
+    Returns the checkpoint's folder."""
+    folder = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(folder, f"{_PREFIX}{step:07d}")
+    tmp = final + ".tmp"
+    if _is_main():
+        os.makedirs(folder, exist_ok=True)
+        for stale in glob.glob(os.path.join(folder, f"{_PREFIX}*.tmp")):  # a save that a killed process left
+            shutil.rmtree(stale)
+        if os.path.exists(final):  # re-saving a step (a run resumed before it): the new one replaces it
+            shutil.rmtree(final)
+    _barrier()
+    try:
+        with _alone_is_fine():
+            dcp.save(training_state(module, optimizer), storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
+                     no_dist=_single())
+        if _is_main():
+            manifest = dict(step=step, trainer=trainer, files=_files(tmp))
+            atomic_write(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1).encode())
+            os.replace(tmp, final)
+            fsync_dir(folder)
+    except (OSError, CheckpointException) as exc:  # a full disk, a lost mount: the older checkpoints stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = checkpoints(run_dir)
+        raise OSError(f"could not write the checkpoint of step {step} in {folder} ({_first_error(exc)}); "
+                      f"the newest complete checkpoint is {kept[-1] if kept else 'none'}") from None
+    if _is_main():
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def checkpoints(run_dir: str) -> list[str]:
+    """Every complete-looking checkpoint folder of the run, oldest first (not verified)."""
+    found = glob.glob(os.path.join(run_dir, "checkpoints", f"{_PREFIX}[0-9]*"))
+    return sorted(f for f in found if os.path.isdir(f) and not f.endswith(".tmp"))
+
+
+def damage(path: str) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted, or None when every file it lists is there
+    with its size and CRC-32."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+        listed = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"no readable manifest ({type(exc).__name__})"
+    for name, expected in listed.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != expected["size"]:
+            return f"{name} has {os.path.getsize(file)} bytes, the manifest says {expected['size']}"
+        if _crc(file) != expected["crc32"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def find(run_dir: str, log=print) -> str | None:
+    """The newest sound checkpoint of the run, or None. A damaged newer one is passed over with a
+    warning naming it and the one used instead."""
+    candidates = checkpoints(run_dir)
+    for i in range(len(candidates) - 1, -1, -1):
+        why = damage(candidates[i])
+        if why is None:
+            return candidates[i]
+        fallback = next((c for c in reversed(candidates[:i]) if damage(c) is None), None)
+        message = (f"checkpoint {candidates[i]} is damaged ({why}); using {fallback or 'none (starting over)'} "
+                   "instead")
+        warnings.warn(message, stacklevel=2)
+        log(message)
+        return fallback
+    return None
+
+
+def trainer_state(path: str) -> dict:
+    with open(os.path.join(path, MANIFEST)) as f:
+        return json.load(f)["trainer"]
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's metadata records and nothing else: a crafted file cannot name a callable to run."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (module.startswith("torch.distributed.checkpoint.")
+                   or (module, name) in {("torch", "Size"), ("torch._utils", "_get_layout"), ("torch.serialization", "_get_layout"),
+                                         ("pathlib", "PosixPath"),
+                                         ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}, which a checkpoint never holds")
+        return super().find_class(module, name)
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        path = os.path.join(str(self.path), ".metadata")
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+            raise ValueError(f"{path}: not a checkpoint's metadata ({exc})") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _PlainValues:
+    """Non-tensor values (the optimizer's hyperparameters) read with ``weights_only``."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+class _Planner(_PlainValues, DefaultLoadPlanner):
+    pass
+
+
+class _EverythingPlanner(_PlainValues, _EmptyStateDictLoadPlanner):
+    pass
+
+
+def load(path: str, module, optimizer) -> dict:
+    """Restore ``module`` and ``optimizer`` (any layout of ranks; collective under
+    torch.distributed) from the checkpoint at ``path``; returns its trainer state."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    state = training_state(module, optimizer)
+    with _alone_is_fine():
+        dcp.load(state, storage_reader=_SafeReader(path), planner=_Planner(), no_dist=_single())
+    set_model_state_dict(module, state["model"])
+    set_optimizer_state_dict(module, optimizer, state["optimizer"])
+    return trainer_state(path)
+
+
+def read(path: str) -> dict:
+    """Everything a checkpoint holds as plain nested dicts of tensors and values, in this process
+    (for inspection and tests): {"model": {name: tensor}, "optimizer": {"state": ..., ...}}."""
+    state: dict = {}
+    _load_state_dict(state, storage_reader=_SafeReader(path), planner=_EverythingPlanner(), no_dist=True)
+    return state
+
+
+def _first_error(exc: BaseException) -> str:
+    """The first rank's error of a CheckpointException, or the exception itself."""
+    failures = getattr(exc, "failures", None)
+    first = next(iter(failures.values()), exc) if failures else exc  # per rank: (exception, traceback)
+    return str(first[0] if isinstance(first, tuple) else first)[:300]
+
+
+def read_model(path: str, model: torch.nn.Module, prefix: str) -> int:
+    """Load into ``model`` the checkpoint's tensors named ``prefix + name`` for each of the model's
+    own names (a stage's module holds the backbone under ``model.``); returns how many."""
+    own = model.state_dict()
+    wanted = {f"model.{prefix}{name}": tensor for name, tensor in own.items()}
+    try:
+        with _alone_is_fine():
+            dcp.load(wanted, storage_reader=_SafeReader(path), planner=_Planner(), no_dist=True)
+    except CheckpointException as exc:  # a BaseException: a missing key, or a file that cannot be read
+        raise ValueError(f"{path} does not fit this model: {_first_error(exc)}") from None
+    return len(own)  # loaded in place: the state dict's tensors are the model's
+
+
+def model_and_tokenizer(config, log=print):
+    """The run's model (``model.path``, else the preset with random weights) and tokenizer, the
+    embedding table grown when the tokenizer's ids reach past it (``config``: a Config)."""
+    from .data.tokenizer import ByteTokenizer, HFTokenizer
+    from .model.qwen import build
+    path = config.model.path
+    tokenizer = HFTokenizer(path) if path else ByteTokenizer()
+    model = build(None if path else config.model.preset, path)
+    rows, top = model.get_input_embeddings().num_embeddings, max(tokenizer.specials.all)
+    if top >= rows:  # e.g. <|mask|> appended past the embedding table
+        model.resize_token_embeddings(top + 1)
+        log(f"the tokenizer's ids reach {top}: embedding table resized from {rows} rows to {top + 1} (new rows start "
+            "untrained)")
+    return model, tokenizer
+
+
+def load_backbone(model, run_dir: str, log=print) -> str:
+    """Load the backbone (language model and vision tower; no heads) of the newest sound checkpoint
+    of the run in ``run_dir`` (either stage) into ``model``; returns the checkpoint's path."""
+    path = find(run_dir, log)
+    if path is None:
+        raise ValueError(f"{run_dir}: no checkpoint in {run_dir}/checkpoints")
+    count = read_model(path, model, prefix="model.")
+    log(f"loaded the backbone from {path} ({count} tensors)")
+    return path
+
+
+def load_run(run_dir: str, log=print):
+    """(config, model with the run's newest backbone weights, tokenizer) of a run directory."""
+    from .config import Config
+    config = Config.read(run_dir)
+    model, tokenizer = model_and_tokenizer(config, log)
+    load_backbone(model, run_dir, log)
+    return config, model, tokenizer

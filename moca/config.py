@@ -1,0 +1,297 @@
+"""The training settings: one dataclass per section, every field documented, validated in one place.
+
+Sections: ``run`` (what runs where), ``data`` (files and how they are packed), ``model``,
+``cpt`` (stage 1: continual pre-training), ``cl`` (stage 2: contrastive learning) and
+``parallel``. A setting is named ``section.field`` (``cpt.lr=2e-6``) or by its bare field name
+(``mlm_ratio=0.3``); a bare name that two sections share (the schedule: ``lr``, ``max_steps``,
+``warmup_ratio``, ``weight_decay``, ``grad_clip``) sets it in both. Settings come from the
+defaults, then a TOML file (``--config FILE``, one table per section), then ``key=value``.
+``moca train --help`` lists them all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def setting(default, doc: str, *, resumable: bool = False):
+    """A documented field. ``resumable``: the setting may change when a run resumes (it changes
+    how the run is driven or scheduled from here on, not what the steps so far computed)."""
+    return field(default=default, metadata={"doc": doc, "resumable": resumable})
+
+
+@dataclass
+class RunConfig:
+    stage: Literal["cpt", "cl", "both"] = setting(
+        "both", "cpt: MLM + MAE continual pre-training; cl: contrastive learning on pairs; both: cpt, then cl from "
+        "it, then the evaluation")
+    out: str = setting("runs/moca-tiny", "the run directory")
+    seed: int = setting(0, "seeds the model's initial weights and every random choice of the data")
+    save_every: int = setting(250, "steps between checkpoints (the last step is always saved)", resumable=True)
+    keep_checkpoints: int = setting(2, "checkpoints kept; older ones are deleted once a newer one is complete",
+                                    resumable=True)
+    log_every: int = setting(25, "steps between lines of metrics.jsonl", resumable=True)
+    profile_steps: str | None = setting(None, "A:B: cudaProfilerStart before step A, Stop after step B (Nsight)",
+                                        resumable=True)
+    strict: bool = setting(False, "stop at the first bad record instead of skipping it", resumable=True)
+
+
+@dataclass
+class DataConfig:
+    documents: str | None = setting(None, "stage-1 documents: a .jsonl file or a folder of them (default: the "
+                                    "embedded dataset)")
+    pairs: str | None = setting(None, "stage-2 pairs: a .jsonl file or a folder (default: the embedded pairs)")
+    evaluation: str | None = setting(None, "evaluation files for --stage both (default on embedded data: its "
+                                     "held-out split)")
+    token_budget: int = setting(1024, "tokens per packed row (micro-batch)")
+    max_doc_tokens: int = setting(512, "longer documents are truncated (never inside an image)")
+    min_pixels: int = setting(56 * 56, "images smaller than this are scaled up (pixels)")
+    max_pixels: int = setting(56 * 56, "images larger than this are scaled down (pixels)")
+    cache_bytes: int = setting(1 << 30, "encoded documents kept in memory; the rest are read again", resumable=True)
+    prefetch: int = setting(-1, "micro-batches prepared ahead in a background thread; 0: inline; -1: 2 on a GPU, "
+                            "0 on CPU", resumable=True)
+    image_decoder: Literal["pil", "dali-cpu", "dali-gpu"] = setting(
+        "pil", "pil, or NVIDIA DALI (the dali extra) on the CPU or the GPU", resumable=True)
+    index_cache: str | None = setting(None, "where each data file's cost index is kept (default: out/index)",
+                                      resumable=True)
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = setting(None, "a local Qwen2-VL / Qwen2.5-VL checkpoint folder with its tokenizer "
+                               "(else the preset with random weights)")
+    preset: str = setting("tiny", "shape with random weights when no path is given: tiny (byte tokenizer), 3b, 7b")
+    gradient_checkpointing: bool = setting(False, "recompute each decoder layer's activations in the backward")
+
+
+@dataclass
+class Schedule:
+    """AdamW and its learning-rate schedule: linear warmup, then linear decay to zero."""
+    max_steps: int = setting(1000, "optimizer steps", resumable=True)
+    lr: float = setting(3e-3, "peak learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup_ratio: float = setting(0.1, "share of max_steps spent warming up")
+    grad_clip: float = setting(5.0, "gradient norm clipped to this")
+
+
+@dataclass
+class CptConfig(Schedule):
+    grad_accum: int = setting(1, "packed micro-batches per optimizer step")
+    mlm_ratio: float = setting(0.4, "share of non-special text tokens masked for MLM")
+    mae_ratio: float = setting(0.5, "share of each document's image tokens masked for MAE")
+    mae_weight: float = setting(0.5, "loss = MLM + mae_weight * MAE")
+    use_mlm: bool = setting(True, "train the masked-LM objective")
+    use_mae: bool = setting(True, "train the masked-autoencoding objective")
+
+
+@dataclass
+class ClConfig(Schedule):
+    max_steps: int = setting(300, "optimizer steps", resumable=True)
+    lr: float = setting(1e-3, "peak learning rate")
+    init: str | None = setting(None, "start from this stage-1 run's latest checkpoint (its MAE head dropped)")
+    pairs_per_batch: int = setting(16, "pairs per contrastive batch on each rank")
+    hard_negatives: int = setting(2, "hard negatives per query (fewer in a record are repeated in turn)")
+    temperature: float = setting(0.03, "InfoNCE temperature")
+    learn_temperature: bool = setting(False, "train the temperature too")
+    task_batching: Literal["mixed", "homogeneous"] = setting("mixed", "mixed tasks per batch (MoCa), or one task "
+                                                             "per batch")
+    grad_cache: bool = setting(False, "GradCache: activations of one packed row at a time")
+
+
+@dataclass
+class ParallelConfig:
+    fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2)",
+                         resumable=True)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cpt: CptConfig = field(default_factory=CptConfig)
+    cl: ClConfig = field(default_factory=ClConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def stage(self, name: str) -> CptConfig | ClConfig:
+        """The section of stage ``name`` (cpt or cl)."""
+        return getattr(self, name)
+
+    def update(self, overrides: dict) -> Config:
+        """A copy with ``overrides`` ({"section.field" or "field": value}) applied; values are
+        converted from strings where they are strings. Raises ValueError naming the setting."""
+        sections = {name: dataclasses.replace(getattr(self, name)) for name in SECTIONS}
+        for key, raw in overrides.items():
+            for section, name in targets(key):
+                setattr(sections[section], name, _convert(section, name, raw))
+        return Config(**sections)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Config:
+        """From ``to_dict``'s form ({section: {field: value}}), e.g. a run's config.json."""
+        unknown = set(values) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"unknown section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}")
+        return cls().update({f"{s}.{k}": v for s, fields in values.items() for k, v in fields.items()})
+
+    @classmethod
+    def from_toml(cls, path: str) -> Config:
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"--config {path}: {exc}") from None
+        bad = [k for k, v in values.items() if not isinstance(v, dict)]
+        if bad:
+            raise ValueError(f"--config {path}: {bad[0]!r} is not a table; put settings under [run], [data], "
+                             "[model], [cpt], [cl] or [parallel]")
+        return cls.from_dict(values)
+
+    def validate(self) -> Config:
+        """Checks across fields; returns self. Raises ValueError naming the setting."""
+        for section in SECTIONS:
+            for f in dataclasses.fields(getattr(self, section)):
+                choices = typing.get_args(_hints(section)[f.name])
+                value = getattr(getattr(self, section), f.name)
+                if typing.get_origin(_hints(section)[f.name]) is Literal and value not in choices:
+                    raise ValueError(f"{section}.{f.name} must be one of {', '.join(choices)}, got {value!r}")
+        d = self.data
+        if not 1 <= d.max_doc_tokens <= d.token_budget:
+            raise ValueError(f"max_doc_tokens ({d.max_doc_tokens}) must be between 1 and token_budget "
+                             f"({d.token_budget}): a document is never split across packed rows")
+        if not 0 < d.min_pixels <= d.max_pixels:
+            raise ValueError(f"min_pixels ({d.min_pixels}) must be positive and at most max_pixels ({d.max_pixels})")
+        for name in ("cpt", "cl"):
+            s = self.stage(name)
+            if s.max_steps < 1 or s.lr < 0 or s.weight_decay < 0 or not 0 <= s.warmup_ratio <= 1 or s.grad_clip <= 0:
+                raise ValueError(f"{name}: max_steps >= 1, lr >= 0, weight_decay >= 0, 0 <= warmup_ratio <= 1 and "
+                                 f"grad_clip > 0 are required, got {dataclasses.asdict(s)}")
+        r = self.run
+        if r.save_every < 1 or r.log_every < 1 or r.keep_checkpoints < 1:
+            raise ValueError("save_every, log_every and keep_checkpoints must be >= 1")
+        if r.profile_steps is not None:
+            parts = r.profile_steps.split(":")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) > int(parts[1]):
+                raise ValueError(f"profile_steps takes A:B with A <= B, got {r.profile_steps!r}")
+        c = self.cpt
+        if c.grad_accum < 1 or not 0 <= c.mlm_ratio <= 1 or not 0 <= c.mae_ratio <= 1 or c.mae_weight < 0:
+            raise ValueError("cpt: grad_accum >= 1, mlm_ratio and mae_ratio in [0, 1] and mae_weight >= 0 are required")
+        if not (c.use_mlm or c.use_mae):
+            raise ValueError("cpt: use_mlm and use_mae are both false: stage 1 would have nothing to learn")
+        if self.cl.hard_negatives < 0 or self.cl.pairs_per_batch < 1 or self.cl.temperature <= 0:
+            raise ValueError("cl: hard_negatives >= 0, pairs_per_batch >= 1 and temperature > 0 are required")
+        if self.model.path is None and self.model.preset != "tiny":
+            raise ValueError(f"preset {self.model.preset!r} uses Qwen's token ids, and only a checkpoint brings that "
+                             "tokenizer: give --model PATH (the tiny preset runs on the built-in byte tokenizer)")
+        return self
+
+    def differences(self, other: Config) -> list[str]:
+        """``section.field: mine -> other's`` for every setting that differs."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{s}.{k}: {v!r} -> {theirs[s][k]!r}" for s, fields in mine.items() for k, v in fields.items()
+                if theirs[s][k] != v]
+
+    def result_differences(self, other: Config) -> list[str]:
+        """The differences that change what a resumed run computes (all but the resumable settings)."""
+        return [d for d in self.differences(other) if not _field(*d.split(":", 1)[0].split(".")).metadata["resumable"]]
+
+    def write(self, run_dir: str) -> None:
+        """``run_dir/config.json``, written atomically."""
+        from .files import atomic_write
+        atomic_write(os.path.join(run_dir, "config.json"), json.dumps(self.to_dict(), indent=1).encode())
+
+    @classmethod
+    def read(cls, run_dir: str) -> Config:
+        path = os.path.join(run_dir, "config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"{run_dir}: no config.json there (not a moca run directory)")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config)]
+
+
+def _hints(section: str) -> dict:
+    return typing.get_type_hints(type(getattr(Config(), section)))
+
+
+def _field(section: str, name: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(type(getattr(Config(), section)))}[name]
+
+
+def targets(key: str) -> list[tuple[str, str]]:
+    """The (section, field) pairs a setting's name refers to."""
+    key = key.strip().replace("-", "_")
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ValueError(f"unknown section {section!r} in {key!r}; sections: {', '.join(SECTIONS)}")
+        if name not in _hints(section):
+            raise ValueError(f"unknown setting {key!r}; {section} has: {', '.join(_hints(section))}")
+        return [(section, name)]
+    found = [(s, key) for s in SECTIONS if key in _hints(s)]
+    if not found:
+        raise ValueError(f"unknown setting {key!r}; see moca train --help for the settings")
+    return found
+
+
+def _convert(section: str, name: str, raw):
+    """``raw`` (a string from the command line, or a TOML / JSON value) as the field's type."""
+    kind = _hints(section)[name]
+    optional = type(None) in typing.get_args(kind)
+    if optional:
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    if raw is None or (optional and isinstance(raw, str) and raw.lower() in ("none", "")):
+        if not optional:
+            raise ValueError(f"{section}.{name} cannot be empty")
+        return None
+    if typing.get_origin(kind) is Literal:
+        return str(raw)
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"{section}.{name} takes true or false, got {raw!r}")
+        return str(raw).lower() in ("1", "true", "yes")
+    if kind is int:
+        return _integer(section, name, raw)
+    try:
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{section}.{name} takes a {kind.__name__}, got {raw!r}") from None
+
+
+def _integer(section: str, name: str, raw) -> int:
+    """An int from an int, a whole float, or a string of either (``1e6`` included)."""
+    try:
+        value = float(raw) if isinstance(raw, str) and not raw.strip().lstrip("-").isdigit() else raw
+        if isinstance(value, bool) or not float(value).is_integer():
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{section}.{name} takes an int, got {raw!r}") from None
+
+
+def describe() -> str:
+    """Every setting with its type, default and meaning: the text of ``moca train --help``."""
+    lines = []
+    defaults = Config()
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(getattr(defaults, section)):
+            kind = _hints(section)[f.name]
+            shown = "|".join(typing.get_args(kind)) if typing.get_origin(kind) is Literal else \
+                getattr(kind, "__name__", str(kind).replace("typing.", ""))
+            more = "; may change on resume" if f.metadata["resumable"] else ""
+            lines.append(f"  {section}.{f.name} ({shown}, default {getattr(getattr(defaults, section), f.name)!r}): "
+                         f"{f.metadata['doc']}{more}")
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""NVTX ranges for Nsight Systems, and the capture range of ``profile_steps``; no-ops without CUDA."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def nvtx(name: str):
+    """One named range on the timeline (``step N``, ``forward``, ``load``, ...)."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.nvtx.range_push(name)
+    try:
+        yield
+    finally:
+        if cuda:
+            torch.cuda.nvtx.range_pop()
+
+
+class CaptureRange:
+    """``profile_steps`` "A:B": cudaProfilerStart before step A, cudaProfilerStop after step B, for
+    ``nsys profile --capture-range=cudaProfilerApi``."""
+
+    def __init__(self, steps: str | None, device: torch.device):
+        self.bounds = [int(x) for x in steps.split(":")] if steps and device.type == "cuda" else None
+
+    def before(self, step: int) -> None:
+        if self.bounds and step == self.bounds[0]:
+            torch.cuda.cudart().cudaProfilerStart()
+
+    def after(self, step: int) -> None:
+        """``step``: the number of steps done."""
+        if self.bounds and step == self.bounds[1] + 1:
+            torch.cuda.cudart().cudaProfilerStop()
