@@ -9,7 +9,7 @@ caption, 30% text only, at most 1,280 tokens each) and the same MLM/MAE masks.
 - ``moca``: documents packed under ``--token-budget`` tokens per micro-batch, one row each with
   ``cu_seqlens``; moca's varlen attention in the language model and the vision tower; the LM head
   on the masked rows only (``linear_cross_entropy``); ``mae_loss``.
-- ``authors``: the authors' batching (research/moca-method.md 2.2): documents bucketed by
+- ``authors``: the authors' batching (their released stage-1 code): documents bucketed by
   ``cost = text + 4 * image tokens + 2 * images`` (clipped at 1,280) to thresholds
   ``32 * int(1.3**i)``, ``budget // threshold`` documents per micro-batch, right-padded to a
   multiple of 32; transformers' own attention (``--authors-attention``, sdpa by default; flash-attn
@@ -156,7 +156,8 @@ def padded_hidden(model, batch: dict) -> torch.Tensor:
 
 
 class AuthorsCPT(torch.nn.Module):
-    """The authors' stage-1 forward on a padded batch (research/moca-method.md 2.3 to 2.5)."""
+    """The authors' stage-1 forward on a padded batch: the LM head over every position, the MAE
+    decoder over the whole padded sequence, eager MSE on the masked image tokens."""
 
     def __init__(self, model):
         super().__init__()

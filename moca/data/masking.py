@@ -1,4 +1,4 @@
-"""MoCa's stage-1 corruption (research/moca-method.md 2.3, 2.4).
+"""MoCa's stage-1 corruption.
 
 MLM: every token that is not special is masked independently with probability ``ratio`` (0.4)
 and always replaced by ``<|mask|>``; its label is the original id, -100 elsewhere. MAE: a

@@ -1,4 +1,4 @@
-"""MoCa's stage-2 embedding and contrastive step (research/moca-method.md 3.3, 3.4).
+"""MoCa's stage-2 embedding and contrastive step.
 
 An embedding is the mean of a document's final hidden states over all its tokens (text and
 image; ``segment_mean`` over ``cu_seqlens``), L2-normalized. The loss is ``info_nce`` in MoCa's

@@ -1,4 +1,4 @@
-"""MoCa's stage-1 heads on a packed micro-batch (research/moca-method.md 2.3 to 2.5).
+"""MoCa's stage-1 heads on a packed micro-batch.
 
 MLM: the LM head on the masked positions only, through ``linear_cross_entropy`` (the head may
 be tied to the input embedding; autograd adds both gradients). MAE: one extra bidirectional

@@ -35,7 +35,7 @@ PRESETS = {
         **TINY_SPECIALS),
 }
 
-# Qwen2.5-VL's own shapes and token ids (research/moca-method.md section 1), with random weights:
+# Qwen2.5-VL's own shapes and token ids, with random weights:
 # for benchmarks, or as the skeleton a checkpoint fills. They speak Qwen's tokenizer, not the
 # byte-level one, so training them needs --model.
 QWEN_SPECIALS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
