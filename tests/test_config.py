@@ -1,0 +1,118 @@
+"""The settings: sections, names, conversion, validation, TOML, the command line's shorthands,
+and the trainer's layout (the loop holds no parallel-mode branch and imports no stage or encoder
+internals)."""
+import ast
+import json
+import os
+
+import pytest
+
+from moca import cli
+from moca.config import SECTIONS, Config, describe
+
+
+def _args(argv):
+    import argparse
+    parser = argparse.ArgumentParser()
+    cli._train_parser(parser.add_subparsers())
+    args, rest = parser.parse_known_args(["train", *argv])
+    args.settings += rest
+    return args
+
+
+def test_a_setting_is_named_by_section_or_by_its_bare_name():
+    config = Config().update({"cpt.lr": "2e-6", "mlm_ratio": "0.3", "max_steps": "7", "fsdp": "yes",
+                              "token_budget": "1e4"})
+    assert config.cpt.lr == 2e-6 and config.cl.lr == Config().cl.lr  # section.field sets one section
+    assert config.cpt.max_steps == config.cl.max_steps == 7  # a bare shared name sets both stages
+    assert config.cpt.mlm_ratio == 0.3 and config.parallel.fsdp is True and config.data.token_budget == 10000
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"learning_rate": "1"}, "unknown setting 'learning_rate'"),
+    ({"train.lr": "1"}, "unknown section 'train'"),
+    ({"cpt.pairs_per_batch": "1"}, "unknown setting 'cpt.pairs_per_batch'; cpt has:"),
+    ({"cl.lr": "fast"}, "cl.lr takes a float, got 'fast'"),
+    ({"token_budget": "1.5"}, "data.token_budget takes an int"),
+    ({"use_mae": "maybe"}, "cpt.use_mae takes true or false"),
+    ({"model.preset": None}, "model.preset cannot be empty"),
+])
+def test_bad_settings_name_the_setting(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        Config().update(overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"stage": "pretrain"}, "run.stage must be one of cpt, cl, both, got 'pretrain'"),
+    ({"image_decoder": "opencv"}, "data.image_decoder must be one of pil, dali-cpu, dali-gpu"),
+    ({"task_batching": "random"}, "cl.task_batching must be one of mixed, homogeneous"),
+    ({"max_doc_tokens": "2048"}, r"max_doc_tokens \(2048\) must be between 1 and token_budget \(1024\)"),
+    ({"min_pixels": "10000", "max_pixels": "100"}, r"min_pixels \(10000\) must be positive and at most"),
+    ({"cl.warmup_ratio": "2"}, "cl: max_steps >= 1"),
+    ({"use_mlm": "false", "use_mae": "false"}, "nothing to learn"),
+    ({"temperature": "0"}, "temperature > 0"),
+    ({"profile_steps": "5"}, "profile_steps takes A:B"),
+    ({"preset": "3b"}, "give --model PATH"),
+])
+def test_validation_names_the_problem(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        Config().update(overrides).validate()
+
+
+def test_round_trip_through_json_and_differences(tmp_path):
+    config = Config().update({"run.out": str(tmp_path), "cpt.lr": "1e-4", "save_every": "5"})
+    config.write(str(tmp_path))
+    assert Config.read(str(tmp_path)) == config
+    assert json.loads((tmp_path / "config.json").read_text())["cpt"]["lr"] == 1e-4
+    changed = config.update({"mlm_ratio": "0.3", "save_every": "7"})
+    assert config.differences(changed) == ["run.save_every: 5 -> 7", "cpt.mlm_ratio: 0.4 -> 0.3"]
+    assert config.result_differences(changed) == ["cpt.mlm_ratio: 0.4 -> 0.3"]  # save_every may change
+
+
+def test_toml_file_then_key_value(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[run]\nout = "somewhere"\n[cpt]\nlr = 2e-6\nmax_steps = 10\n[data]\ntoken_budget = 2048\n')
+    config = cli.train_config(_args(["--config", str(path), "--stage", "cpt", "cpt.max_steps=12"]))
+    assert (config.run.out, config.cpt.lr, config.cpt.max_steps, config.data.token_budget) == \
+        ("somewhere", 2e-6, 12, 2048)
+    path.write_text("lr = 1.0\n")
+    with pytest.raises(ValueError, match="'lr' is not a table; put settings under"):
+        Config.from_toml(str(path))
+    path.write_text("[cpt]\nlr = \n")
+    with pytest.raises(ValueError, match=f"--config {path}"):
+        Config.from_toml(str(path))
+
+
+def test_command_line_shorthands():
+    config = cli.train_config(_args(["--stage", "cl", "--data", "pairs.jsonl", "--max-steps", "9", "--init", "cpt-run",
+                                     "--model", "ckpt"]))
+    assert (config.data.pairs, config.data.documents, config.cl.max_steps, config.cpt.max_steps) == \
+        ("pairs.jsonl", None, 9, Config().cpt.max_steps)
+    assert (config.cl.init, config.model.path) == ("cpt-run", "ckpt")
+    both = cli.train_config(_args(["--max-steps", "4", "cl.max_steps=3"]))
+    assert (both.cpt.max_steps, both.cl.max_steps) == (4, 3)  # --max-steps: every stage; a named one wins
+    with pytest.raises(ValueError, match="cl.temperature sets stage cl, which --stage cpt does not run"):
+        cli.train_config(_args(["--stage", "cpt", "cl.temperature=0.05"]))
+    with pytest.raises(ValueError, match="needs pairs=PAIRS"):
+        cli.train_config(_args(["--data", "docs.jsonl"]))
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    for section in SECTIONS:
+        for name in Config().to_dict()[section]:
+            assert f"{section}.{name} (" in out, f"{section}.{name}"
+    assert "cpt.mae_weight (float, default 0.5): loss = MLM + mae_weight * MAE" in describe()
+
+
+def test_the_loop_holds_no_parallel_branch_and_no_internals():
+    source = open(os.path.join(os.path.dirname(__file__), os.pardir, "moca", "train.py")).read()
+    tree = ast.parse(source)
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "encoder" not in imported and not any(m and "stages." in m for m in imported)
+    tests = [node.test for node in ast.walk(tree) if isinstance(node, (ast.If, ast.IfExp, ast.While))]
+    names = {n.attr if isinstance(n, ast.Attribute) else getattr(n, "id", None) for t in tests for n in ast.walk(t)}
+    assert not names & {"fsdp", "size", "is_initialized", "world_size"}, ast.unparse(tests[0])
+    assert len(tests) > 5  # the walk sees the loop's conditions
