@@ -30,7 +30,7 @@ class RunConfig:
     stage: Literal["cpt", "cl", "both"] = setting(
         "both", "cpt: MLM + MAE continual pre-training; cl: contrastive learning on pairs; both: cpt, then cl from "
         "it, then the evaluation")
-    out: str = setting("runs/moca-tiny", "the run directory")
+    out: str = setting("runs/moca-tiny", "the run directory", resumable=True)
     seed: int = setting(0, "seeds the model's initial weights and every random choice of the data")
     save_every: int = setting(250, "steps between checkpoints (the last step is always saved)", resumable=True)
     keep_checkpoints: int = setting(2, "checkpoints kept; older ones are deleted once a newer one is complete",
@@ -93,7 +93,8 @@ class CptConfig(Schedule):
 class ClConfig(Schedule):
     max_steps: int = setting(300, "optimizer steps", resumable=True)
     lr: float = setting(1e-3, "peak learning rate")
-    init: str | None = setting(None, "start from this stage-1 run's latest checkpoint (its MAE head dropped)")
+    init: str | None = setting(None, "start from this stage-1 run's newest checkpoint (its backbone; the MAE head "
+                               "is left out)", resumable=True)  # read at step 0 only
     pairs_per_batch: int = setting(16, "pairs per contrastive batch on each rank")
     hard_negatives: int = setting(2, "hard negatives per query (fewer in a record are repeated in turn)")
     temperature: float = setting(0.03, "InfoNCE temperature")
