@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
-from .records import IMAGE_PLACEHOLDER, BadRecords, CptDocument, _cpt_document, load_record, read_records
+from .records import IMAGE_PLACEHOLDER, BadRecords, CptDocument, _cpt_document, load_record, read_records, reworded
 
 
 @dataclass
@@ -73,7 +73,7 @@ def _pair(record, folder: str, where: str, offset: int, hard_negatives: int, dec
         sides = [side_document(record[k], folder, where, decode) for k in ("query", "positive")]
         negs = [side_document(n, folder, where, decode) for n in negatives]
     except ValueError as exc:
-        raise ValueError(f"a side: {exc}") from None
+        raise reworded(exc, "a side: ") from None
     return Pair(sides[0], sides[1], negs, task, where, offset)
 
 
