@@ -108,6 +108,8 @@ BAD_LINES = {
 CPT_WRONG_TYPES = {
     "text a number": ({"text": 5}, '"text" must be a non-empty string'),
     "text empty": ({"text": "  "}, '"text" must be a non-empty string'),
+    # JSON's escapes can spell what no UTF-8 text holds
+    "lone surrogate": ({"text": "half of a pair: \ud83d"}, "\"text\" holds '\\ud83d', a lone surrogate, at character 16"),
     "images a string": ({"text": "<image>", "images": "good.png"}, '"images" must be a list, got str'),
     "images zero": ({"text": "words", "images": 0}, '"images" must be a list, got int'),
     "image a number": ({"text": "<image>", "images": [5]}, "an image must be a path or base64 string, got int"),
@@ -244,6 +246,13 @@ def test_a_bomb_is_refused_from_its_header_without_decoding(tmp_path, monkeypatc
     path.write_text(json.dumps({"text": "<image>", "images": ["band.png"]}) + "\n")
     with pytest.raises(DataError, match=r"cpt.jsonl:1: image 'band.png' has .* pixels, over the limit"):
         _read(read_cpt, str(path), strict=True)
+    # the images of one document count together: one large image named five times is too much
+    (tmp_path / "big.png").write_bytes(_png_declaring(8000, 8000))
+    path.write_text(json.dumps({"text": "<image>" * 5, "images": ["big.png"] * 5}) + "\n")
+    with pytest.raises(DataError, match=r"cpt.jsonl:1: 5 images of 320,000,000 pixels in all, over the limit of "
+                                        r"268,435,456 \(moca.data.images.MAX_DOCUMENT_PIXELS\); refused before decoding"):
+        _read(read_cpt, str(path), strict=True)
+    assert decoded == [(64, 48)]
     # the limit is a setting of the module: raised, the same image is decoded
     monkeypatch.setattr("moca.data.images.MAX_IMAGE_PIXELS", 10**10)
     assert records.open_image("large.png", str(tmp_path), decode=False).size == (9000, 9000)
@@ -320,7 +329,7 @@ def _pairs_file(folder):
         add(record, (kind, says))
     for i, (name, (_, header_reads, says)) in enumerate(BAD_IMAGES.items()):
         query = f"image query {i}"
-        add(pair(i, query={"text": query}, negatives=[ok, {"image": name, "text": "<image> neg"}]),
+        add(pair(i, query={"text": query}, negatives=[{"image": name, "text": "<image> neg"}, ok]),
             ("bad image", f"a side: image '{name}' {says}"))
         if header_reads:
             late.append(query)
@@ -355,6 +364,25 @@ def test_pairs_bad_records_are_counted_and_skipped_or_fatal_under_strict(tmp_pat
     first = min(faults)
     with pytest.raises(DataError, match=rf"^{path}:{first}: "):
         _read(read_pairs, str(path), 1, strict=True)
+
+
+def test_a_pair_decodes_only_the_negatives_a_batch_draws(tmp_path, monkeypatch):
+    _write_images(tmp_path)
+    decoded = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or original(self))
+    negatives = [{"image": "good.png"}] * 40 + [{"image": "truncated.png"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"query": {"text": "q"}, "positive": {"text": "p"}, "negatives": negatives}) + "\n" +
+                    json.dumps({"query": {"text": "q"}, "positive": {"text": "p"},
+                                "negatives": negatives[:2] + [{"image": "bomb.png"}]}) + "\n")
+    bad = BadRecords()
+    pairs, _ = _read(read_pairs, str(path), 2, bad)
+    assert len(pairs) == 1 and len(pairs[0].negatives) == 41
+    assert decoded == [(64, 48)] * 4  # the first 2 negatives of each pair: never the 39 others
+    assert pairs[0].negatives[1].images[0].size == (64, 48) and pairs[0].negatives[40].images[0].size == (64, 48)
+    # every negative's header is checked, drawn or not: a bomb among them costs its pair
+    assert bad.counts == {"bad image": 1} and "pairs.jsonl:2: a side: image 'bomb.png' has" in bad.examples[0]
 
 
 class _Hashed:
@@ -444,6 +472,7 @@ def _inputs_file(folder):
     add({"image": "good.png"})
     add("", "blank line")
     add({"text": 5}, 'the input: "text" must be a string, got int')
+    add({"text": "\udc80"}, 'the input: "text" holds')
     add(["a", "list"], 'the input: a side must be an object')
     add({"image": 5}, "the input: an image must be a path or base64 string, got int")
     add({"nothing": 1}, "the input: a side must be an object")

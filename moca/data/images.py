@@ -29,6 +29,8 @@ MAX_PIXELS = 1024 * FACTOR * FACTOR
 # billions of pixels (a decompression bomb). 8192 x 8192 (64 Mi pixels, 192 MiB as RGB) is below
 # Pillow's own limit (Image.MAX_IMAGE_PIXELS), which must be raised too to go past it.
 MAX_IMAGE_PIXELS = 8192 * 8192
+# The most pixels the images of one document may declare together (one image may be named many times).
+MAX_DOCUMENT_PIXELS = 4 * MAX_IMAGE_PIXELS
 
 
 def fitted_size(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:

@@ -151,6 +151,10 @@ def _cpt_document(record, folder: str, where: str, offset: int = 0, decode: bool
     text = record.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ValueError('"text" must be a non-empty string')
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON escapes can spell a lone surrogate, which no tokenizer takes
+        raise ValueError(f'"text" holds {text[exc.start]!r}, a lone surrogate, at character {exc.start}') from None
     images = record.get("images")
     images = [] if images is None else images
     if not isinstance(images, list):
@@ -158,7 +162,15 @@ def _cpt_document(record, folder: str, where: str, offset: int = 0, decode: bool
     placeholders = text.count(IMAGE_PLACEHOLDER)
     if placeholders != len(images):
         raise ValueError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")
-    return CptDocument(text, [open_image(image, folder, decode) for image in images], where, offset, images, folder)
+    opened = [open_image(image, folder, decode=False) for image in images]
+    pixels = sum(image.width * image.height for image in opened)
+    if pixels > _images.MAX_DOCUMENT_PIXELS:  # e.g. one large image named many times
+        raise RecordError(f"{len(images)} images of {pixels:,} pixels in all, over the limit of "
+                          f"{_images.MAX_DOCUMENT_PIXELS:,} (moca.data.images.MAX_DOCUMENT_PIXELS); refused before "
+                          "decoding", "bad image")
+    if decode:
+        opened = [open_image(image, folder) for image in images]
+    return CptDocument(text, opened, where, offset, images, folder)
 
 
 def _parse(line: bytes):
