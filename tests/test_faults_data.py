@@ -109,7 +109,8 @@ CPT_WRONG_TYPES = {
     "text a number": ({"text": 5}, '"text" must be a non-empty string'),
     "text empty": ({"text": "  "}, '"text" must be a non-empty string'),
     # JSON's escapes can spell what no UTF-8 text holds
-    "lone surrogate": ({"text": "half of a pair: \ud83d"}, "\"text\" holds '\\ud83d', a lone surrogate, at character 16"),
+    "lone surrogate": ({"text": "half of a pair: \ud83d"},
+                       "\"text\" holds '\\ud83d', a lone surrogate, at character 16"),
     "images a string": ({"text": "<image>", "images": "good.png"}, '"images" must be a list, got str'),
     "images zero": ({"text": "words", "images": 0}, '"images" must be a list, got int'),
     "image a number": ({"text": "<image>", "images": [5]}, "an image must be a path or base64 string, got int"),
@@ -249,8 +250,8 @@ def test_a_bomb_is_refused_from_its_header_without_decoding(tmp_path, monkeypatc
     # the images of one document count together: one large image named five times is too much
     (tmp_path / "big.png").write_bytes(_png_declaring(8000, 8000))
     path.write_text(json.dumps({"text": "<image>" * 5, "images": ["big.png"] * 5}) + "\n")
-    with pytest.raises(DataError, match=r"cpt.jsonl:1: 5 images of 320,000,000 pixels in all, over the limit of "
-                                        r"268,435,456 \(moca.data.images.MAX_DOCUMENT_PIXELS\); refused before decoding"):
+    with pytest.raises(DataError, match=r"cpt.jsonl:1: 5 images of 320,000,000 pixels in all, over the limit "
+                                        r"of 268,435,456 \(moca.data.images.MAX_DOCUMENT_PIXELS\); refused before"):
         _read(read_cpt, str(path), strict=True)
     assert decoded == [(64, 48)]
     # the limit is a setting of the module: raised, the same image is decoded
@@ -383,6 +384,30 @@ def test_a_pair_decodes_only_the_negatives_a_batch_draws(tmp_path, monkeypatch):
     assert pairs[0].negatives[1].images[0].size == (64, 48) and pairs[0].negatives[40].images[0].size == (64, 48)
     # every negative's header is checked, drawn or not: a bomb among them costs its pair
     assert bad.counts == {"bad image": 1} and "pairs.jsonl:2: a side: image 'bomb.png' has" in bad.examples[0]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_dali_refuses_what_it_cannot_decode_naming_file_and_line(tmp_path, device):
+    # the header-only index passes a truncated or cut image; DALI's decoder then refuses it, and the
+    # next document decodes (the failed pipeline is rebuilt)
+    pytest.importorskip("nvidia.dali", reason="the dali extra is not installed")
+    from moca.data.cpt import encode
+    from moca.data.dali import DaliImages
+    from moca.data.tokenizer import ByteTokenizer
+    _write_images(tmp_path)
+    (tmp_path / "cut.jpg").write_bytes(JPEG[: len(JPEG) // 2])
+    names = ["truncated.jpg", "cut.jpg", "truncated.png", "good.jpg"]
+    path = tmp_path / "cpt.jsonl"
+    path.write_text("".join(json.dumps({"text": f"<image> {n}", "images": [n]}) + "\n" for n in names))
+    decoder, tokenizer = DaliImages(device, batch=2), ByteTokenizer()
+    docs, _ = _read(read_cpt, str(path), decode=False)
+    assert [d.text for d in docs] == [f"<image> {n}" for n in names]
+    for doc in docs[:-1]:
+        with pytest.raises(ValueError, match=rf"^{doc.where}: DALI could not decode an image: ") as caught:
+            encode(doc, tokenizer, 1024, decoder=decoder)
+        assert "\n" not in str(caught.value) and "Critical error" not in str(caught.value)  # the reason alone
+    good = encode(docs[-1], tokenizer, 1024, decoder=decoder)
+    assert good.rows.shape == (good.grids[0].prod().item(), 1176) and torch.isfinite(good.rows).all()
 
 
 class _Hashed:
