@@ -84,6 +84,9 @@ BAD_IMAGES = {
     "bomb.jpg": (_jpeg_declaring(65_000, 65_000), False, "has 4,225,000,000 pixels, over the limit of"),
     # over moca's limit but under Pillow's: only moca's header check stands in the way
     "large.png": (_png_declaring(9_000, 9_000), False, "has 9000 x 9000 pixels, over the limit of"),
+    # a valid image of a shape the processor refuses
+    "thin.png": (_encoded(Image.new("RGB", (600, 2)), "PNG"), False,
+                 "cannot be used: image of 600 x 2 pixels: aspect ratio over 200"),
 }
 
 

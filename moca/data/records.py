@@ -122,8 +122,8 @@ def _undecodable(value: str, exc: Exception) -> RecordError:
 
 def open_image(value, folder: str, decode: bool = True) -> Image.Image:
     """A PIL image from a path or base64 bytes: its header read, its pixel count checked against
-    ``moca.data.images.MAX_IMAGE_PIXELS`` (a decompression bomb is refused before any decoding),
-    then decoded, or with ``decode=False`` not (its ``size`` is all that is usable). Every
+    ``moca.data.images.MAX_IMAGE_PIXELS`` (a decompression bomb is refused before any decoding)
+    and its shape against what ``fitted_size`` accepts, then decoded, or with ``decode=False`` not (its ``size`` is all that is usable). Every
     reader of images comes here. RecordError (kind "bad image") saying why not."""
     source, _ = _image_source(value, folder)
     try:
@@ -137,6 +137,10 @@ def open_image(value, folder: str, decode: bool = True) -> Image.Image:
     with image:
         if image.width * image.height > _images.MAX_IMAGE_PIXELS:
             raise _too_large(value, f"{image.width} x {image.height}")
+        try:
+            _images.fitted_size(image.height, image.width)  # a shape the processor refuses (aspect ratio over 200)
+        except ValueError as exc:
+            raise RecordError(f"image {_shown(value)} cannot be used: {exc}", "bad image") from None
         if decode:
             try:
                 image.load()
