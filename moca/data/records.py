@@ -2,9 +2,10 @@
 a warning that names file and line, or fatal in strict mode.
 
 Bad records are of these kinds (``BadRecords.counts``): "line too long" (over ``MAX_LINE_BYTES``,
-skipped without being held in memory), "not UTF-8", "malformed JSON", "bad image" (missing,
-empty, truncated, corrupt, or over ``moca.data.images.MAX_IMAGE_PIXELS``, refused from its header
-before any pixel is decoded), "invalid record" (wrong fields or types), and, for readers that
+read past without being held whole), "not UTF-8", "malformed JSON", "bad image" (missing, empty,
+truncated or corrupt; or refused from its header before any pixel is decoded: over
+``moca.data.images.MAX_IMAGE_PIXELS``, a document's images over ``MAX_DOCUMENT_PIXELS`` together,
+a shape the processor refuses), "invalid record" (wrong fields or types), and, for readers that
 keep one result per line, "blank line".
 
 A CPT document is ``{"text": "... <image> ...", "images": [image, ...]}`` with one ``<image>``
@@ -29,8 +30,8 @@ from PIL import Image
 from . import images as _images
 
 IMAGE_PLACEHOLDER = "<image>"
-# The longest line read as a record (base64 images included); a longer line is a bad record, and
-# only this much of it is ever held in memory.
+# The longest line read as a record (base64 images included); a longer line is a bad record, read
+# past in chunks: at most this much of it is held.
 MAX_LINE_BYTES = 8 * 2**20
 _CHUNK = 2**20  # how much of an over-long line is read at a time while skipping it
 
@@ -123,8 +124,9 @@ def _undecodable(value: str, exc: Exception) -> RecordError:
 def open_image(value, folder: str, decode: bool = True) -> Image.Image:
     """A PIL image from a path or base64 bytes: its header read, its pixel count checked against
     ``moca.data.images.MAX_IMAGE_PIXELS`` (a decompression bomb is refused before any decoding)
-    and its shape against what ``fitted_size`` accepts, then decoded, or with ``decode=False`` not (its ``size`` is all that is usable). Every
-    reader of images comes here. RecordError (kind "bad image") saying why not."""
+    and its shape against what ``fitted_size`` accepts, then decoded, or with ``decode=False`` not
+    (its ``size`` is all that is usable). Every reader of images comes here. RecordError (kind
+    "bad image") saying why not."""
     source, _ = _image_source(value, folder)
     try:
         image = Image.open(source)
@@ -166,7 +168,7 @@ def _cpt_document(record, folder: str, where: str, offset: int = 0, decode: bool
     placeholders = text.count(IMAGE_PLACEHOLDER)
     if placeholders != len(images):
         raise ValueError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")
-    opened = [open_image(image, folder, decode=False) for image in images]
+    opened = [open_image(image, folder, decode=False) for image in images]  # every header before any decoding
     pixels = sum(image.width * image.height for image in opened)
     if pixels > _images.MAX_DOCUMENT_PIXELS:  # e.g. one large image named many times
         raise RecordError(f"{len(images)} images of {pixels:,} pixels in all, over the limit of "
