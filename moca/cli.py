@@ -97,7 +97,9 @@ def main(argv=None) -> int:
     n = commands.add_parser("encode", help="embed inputs (texts, images, both) into a .npy file")
     n.add_argument("--model", required=True, help="a run directory or an exported model folder")
     n.add_argument("--input", help="a .jsonl file, one side a line: {\"text\": ...} and/or {\"image\": path}")
-    n.add_argument("--output", help="the .npy file to write (float32, one normalized row per input line)")
+    n.add_argument("--output", help="the .npy file to write (float32, one normalized row per input line; a line "
+                   "that cannot be embedded gets a row of NaN, named on stderr)")
+    n.add_argument("--strict", action="store_true", help="stop at the first bad input line, writing nothing")
     n.add_argument("--export", metavar="DIR", help="also write the model in Hugging Face form to DIR")
     # key=value settings may stand anywhere among the options, not only in one run at the end
     args, rest = parser.parse_known_args(argv)
@@ -155,14 +157,13 @@ def _scores(result: dict, prefix: str = "") -> None:
 
 
 def _eval(args) -> int:
-    from .data.records import DataError
     from .data.index import data_files
     from .encoder import Encoder
     from .eval import evaluate
     try:
         files = [f for path in args.data for f in data_files(path)]
         result = evaluate(Encoder.from_pretrained(args.model), files, strict=args.strict)
-    except (ValueError, DataError) as exc:
+    except (ValueError, OSError) as exc:  # DataError (strict) is a ValueError
         print(f"moca eval: {exc}", file=sys.stderr)
         return 2
     out = args.out or args.model
@@ -177,8 +178,8 @@ def _eval(args) -> int:
 def _encode(args, parser) -> int:
     import numpy as np
 
-    from .data.pairs import absolute_image
     from .encoder import Encoder
+    from .eval import embed_file
     if not args.export and not (args.input and args.output):
         parser.error("encode needs --input and --output (or --export DIR)")
     try:
@@ -187,13 +188,10 @@ def _encode(args, parser) -> int:
             encoder.save_pretrained(args.export)
             print(f"exported to {args.export}")
         if args.input:
-            with open(args.input, encoding="utf-8") as f:
-                sides = [json.loads(line) for line in f if line.strip()]
-            folder = os.path.dirname(os.path.abspath(args.input))  # image paths are relative to the input file
-            vectors = encoder.encode([absolute_image(side, folder) for side in sides]).numpy()
+            vectors = embed_file(encoder, args.input, args.strict, log=lambda line: print(line, file=sys.stderr))
             np.save(args.output, vectors)
             print(f"{vectors.shape[0]} embeddings of {vectors.shape[1]} values -> {args.output}")
-    except (ValueError, json.JSONDecodeError, OSError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"moca encode: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -18,6 +18,7 @@ import json
 import os
 
 import torch
+from PIL import Image
 
 from .data.cpt import encode
 from .data.pairs import side_document
@@ -58,7 +59,7 @@ class Encoder:
             item = {"text": item}
         elif not isinstance(item, dict):
             item = {"image": item}
-        if "image" in item and not isinstance(item["image"], str):  # a PIL image
+        if isinstance(item.get("image"), Image.Image):
             buffer = io.BytesIO()
             item["image"].save(buffer, format="PNG")
             item = {**item, "image": base64.b64encode(buffer.getvalue()).decode()}

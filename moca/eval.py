@@ -12,6 +12,14 @@ Two record kinds, one a line, in JSON Lines files (a side as in the pairs files)
 {...}}``, each metric beside its value under a random ranking (``chance`` for the task's main
 metric, ``chance_<metric>`` for each), ``overall`` the unweighted mean over tasks. Identical
 sides are embedded once.
+
+Bad records (as in training, plus a side whose text is not a string or whose image does not
+decode) are counted and skipped with a warning naming file and line, or fatal under ``strict``.
+Each distinct side is decoded once while the file is read, so that a bad image costs its record,
+not the evaluation, and once more when it is embedded.
+
+``embed_file`` is ``moca encode``: one row per line of an input file, with a row of NaN (and a
+warning naming file and line) for a line that cannot be embedded, so rows always match lines.
 """
 from __future__ import annotations
 
@@ -19,10 +27,11 @@ import json
 import math
 import os
 
+import numpy as np
 import torch
 
-from .data.pairs import absolute_image, check_side
-from .data.records import BadRecords, read_records
+from .data.pairs import absolute_image, check_side, side_document
+from .data.records import BadRecords, read_records, reworded
 
 MAIN = {"mmeb": "precision_at_1", "retrieval": "ndcg_at_5"}
 
@@ -39,20 +48,72 @@ def _record(record) -> dict:
         raise ValueError('"positives" must be a non-empty list')
     for side in candidates + (positives or []):
         check_side(side, "a candidate")
+    task = record.get("task", "default")
+    if not isinstance(task, str) or not task:
+        raise ValueError(f'"task" must be a non-empty string, got {task!r:.60}')
     kind = "mmeb" if positives is None else "retrieval"
     pool = candidates if positives is None else positives + candidates
-    return dict(task=str(record.get("task", "default")), kind=kind, query=record["query"], pool=pool,
+    return dict(task=task, kind=kind, query=record["query"], pool=pool,
                 relevant=1 if positives is None else len(positives))
+
+
+def _usable(side, folder: str, what: str, checked: dict) -> dict:
+    """``side`` with its image path made absolute, after proving that it becomes a document (its
+    text a string, its image decoded); ``checked`` remembers each distinct side's verdict."""
+    usable = absolute_image(side, folder)
+    key = json.dumps(usable, sort_keys=True)
+    if key not in checked:
+        try:
+            side_document(side, folder, "")
+            checked[key] = None
+        except ValueError as exc:
+            checked[key] = exc
+    if checked[key] is not None:
+        raise reworded(checked[key], f"{what}: ")
+    return usable
 
 
 def read_eval(path: str, bad: BadRecords | None = None, strict: bool = False) -> list[dict]:
     """The valid evaluation records of a file (bad ones counted and skipped with a warning naming
     file and line, or DataError under ``strict``); image paths resolved against the file's folder."""
+    checked: dict = {}
+
     def make(record, folder, where, offset):
         record = _record(record)
-        return dict(record, query=absolute_image(record["query"], folder),
-                    pool=[absolute_image(side, folder) for side in record["pool"]], where=where)
+        return dict(record, query=_usable(record["query"], folder, "the query", checked),
+                    pool=[_usable(side, folder, "a candidate", checked) for side in record["pool"]], where=where)
     return list(read_records(path, make, bad, strict))
+
+
+def read_inputs(path: str, bad: BadRecords | None = None, strict: bool = False) -> list[tuple[int, dict]]:
+    """(line number, side) of each usable line of a ``moca encode`` input file, one side a line
+    (``{"text": ...}`` and/or ``{"image": ...}``, the image decoded once to prove it usable);
+    every other line, blank ones included, is counted in ``bad`` with a warning, or DataError
+    under ``strict``."""
+    checked: dict = {}
+
+    def make(side, folder, where, offset):
+        return int(where.rsplit(":", 1)[1]), _usable(side, folder, "the input", checked)
+    return list(read_records(path, make, bad, strict, blank_is_bad=True))
+
+
+def embed_file(encoder, path: str, strict: bool = False, log=print) -> np.ndarray:
+    """``moca encode``: float32 (lines, hidden), row i the embedding of line i + 1 of ``path``, or
+    NaN when that line could not be embedded (said through ``log``: how many, and the first few
+    as file:line and why); DataError under ``strict`` at the first such line. ValueError when
+    no line is usable."""
+    bad = BadRecords()
+    good = read_inputs(path, bad, strict)
+    lines = len(good) + bad.total  # every line is either usable or counted
+    if not good:
+        raise ValueError(f"{path}: no line could be embedded ({lines} lines)")
+    vectors = encoder.encode([side for _, side in good]).numpy()
+    out = np.full((lines, vectors.shape[1]), np.nan, dtype=np.float32)
+    out[[number - 1 for number, _ in good]] = vectors
+    if bad.total:
+        log(f"{bad.total} of {lines} input lines could not be embedded ({dict(bad.counts)}): their rows are NaN; "
+            + "; ".join(bad.examples[:3]))
+    return out
 
 
 def ranks_of_relevant(scores: torch.Tensor, relevant: int) -> list[int]:

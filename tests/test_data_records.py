@@ -45,7 +45,7 @@ def test_reads_valid_documents_and_counts_bad_ones(corpus):
     assert [len(d.images) for d in docs] == [0, 1, 2, 1]
     assert docs[1].images[0].size == (30, 20) and docs[2].images[1].size == (8, 9)
     assert docs[2].where == f"{corpus}:3"
-    assert bad.total == 4 and bad.counts["malformed JSON"] == 1 and bad.counts["invalid record"] == 3
+    assert bad.counts == {"malformed JSON": 1, "invalid record": 2, "bad image": 1}
     messages = [str(w.message) for w in caught]
     assert any(f"{corpus}:4: malformed JSON" in m for m in messages)
     assert any(f"{corpus}:5: \"text\" must be a non-empty string" in m for m in messages)

@@ -56,14 +56,14 @@ def encode(doc: CptDocument, tokenizer, max_tokens: int, min_pixels: int = MIN_P
     """``layout`` plus the pixel rows of the images kept: decoded by Pillow (``doc``'s images
     decoded), or by ``decoder`` (a ``moca.data.dali.DaliImages``) from their encoded bytes."""
     ids, grids = layout(doc, tokenizer, max_tokens, min_pixels, max_pixels)
-    if decoder is None:
-        rows = [image_rows(image, min_pixels, max_pixels)[0] for image in doc.images[: len(grids)]]
-    else:
-        try:
+    try:
+        if decoder is None:
+            rows = [image_rows(image, min_pixels, max_pixels)[0] for image in doc.images[: len(grids)]]
+        else:
             rows = decoder.rows([image_bytes(value, doc.folder) for value in doc.sources[: len(grids)]],
                                 [(h * PATCH, w * PATCH) for _, h, w in grids])
-        except ValueError as exc:
-            raise ValueError(f"{doc.where}: {exc}") from None
+    except (ValueError, OSError) as exc:  # e.g. a mode Pillow cannot convert to RGB, a file gone since indexing
+        raise ValueError(f"{doc.where}: {exc}") from None
     return Encoded(torch.tensor(ids, dtype=torch.long),
                    torch.from_numpy(np.concatenate(rows)) if rows else torch.zeros(0, ROW),
                    torch.tensor(grids, dtype=torch.long).reshape(-1, 3), doc.where)

@@ -18,6 +18,14 @@ from .images import CLIP_MEAN, CLIP_STD, patchify
 DEVICES = ("cpu", "gpu")
 
 
+def _reason(exc: Exception) -> str:
+    """What a DALI pipeline error says went wrong: the first line after "encountered:" (the
+    message also holds the pipeline's definition, with a traceback into this file)."""
+    said = str(exc).split("encountered:", 1)[-1]
+    lines = [line.strip().rstrip(" :") for line in said.splitlines() if line.strip()]
+    return (lines or [type(exc).__name__])[0][:200]
+
+
 class DaliImages:
     """Decodes encoded images (PNG, JPEG, ...) to patch rows, ``batch`` images per pipeline run."""
 
@@ -65,7 +73,7 @@ class DaliImages:
             except (RuntimeError, IndexError) as exc:
                 self.pipe = self._pipeline()  # a pipeline that failed is no longer valid
                 self.pipe.build()
-                raise ValueError(f"DALI could not decode an image: {str(exc).splitlines()[0][:200]}") from None
+                raise ValueError(f"DALI could not decode an image: {_reason(exc)}") from None
             if self.device == "gpu":
                 images = images.as_cpu()
             out += [patchify(np.array(images[i]))[0] for i in range(len(chunk))]

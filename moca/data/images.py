@@ -24,6 +24,13 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 # MoCa's processor bounds: 256 to 1,024 merged tokens per image.
 MIN_PIXELS = 256 * FACTOR * FACTOR
 MAX_PIXELS = 1024 * FACTOR * FACTOR
+# The largest image decoded at all, checked on its header before any pixel is read (by
+# moca.data.records.open_image, which every reader uses): a few bytes of compressed data can declare
+# billions of pixels (a decompression bomb). 8192 x 8192 (64 Mi pixels, 192 MiB as RGB) is below
+# Pillow's own limit (Image.MAX_IMAGE_PIXELS), which must be raised too to go past it.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# The most pixels the images of one document may declare together (one image may be named many times).
+MAX_DOCUMENT_PIXELS = 4 * MAX_IMAGE_PIXELS
 
 
 def fitted_size(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:

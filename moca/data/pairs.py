@@ -14,14 +14,14 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
-from .records import IMAGE_PLACEHOLDER, BadRecords, CptDocument, _cpt_document, load_record, read_records
+from .records import IMAGE_PLACEHOLDER, BadRecords, CptDocument, _cpt_document, load_record, read_records, reworded
 
 
 @dataclass
 class Pair:
     query: CptDocument
     positive: CptDocument
-    negatives: list[CptDocument]  # as many as the record has (K are drawn at batching)
+    negatives: list[CptDocument]  # as many as the record has; images decoded in the first K only (those drawn)
     task: str
     where: str
     offset: int = 0
@@ -60,9 +60,10 @@ def _pair(record, folder: str, where: str, offset: int, hard_negatives: int, dec
     for key in ("query", "positive"):
         if key not in record:
             raise ValueError(f'missing "{key}"')
-    negatives = record.get("negatives") or []
+    negatives = record.get("negatives")
+    negatives = [] if negatives is None else negatives
     if not isinstance(negatives, list):
-        raise ValueError('"negatives" must be a list')
+        raise ValueError(f'"negatives" must be a list, got {type(negatives).__name__}')
     if hard_negatives and not negatives:
         raise ValueError(f"no negatives, and each query takes {hard_negatives} hard negatives "
                          "(set hard_negatives=0 to train on in-batch negatives only)")
@@ -71,9 +72,10 @@ def _pair(record, folder: str, where: str, offset: int, hard_negatives: int, dec
         raise ValueError('"task" must be a non-empty string')
     try:
         sides = [side_document(record[k], folder, where, decode) for k in ("query", "positive")]
-        negs = [side_document(n, folder, where, decode) for n in negatives]
+        # a batch draws the first K negatives only (chosen_negatives): the others' headers are checked, not decoded
+        negs = [side_document(n, folder, where, decode and k < hard_negatives) for k, n in enumerate(negatives)]
     except ValueError as exc:
-        raise ValueError(f"a side: {exc}") from None
+        raise reworded(exc, "a side: ") from None
     return Pair(sides[0], sides[1], negs, task, where, offset)
 
 

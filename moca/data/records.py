@@ -1,5 +1,12 @@
-"""JSON Lines records on disk (DESIGN.md section 5), read one line at a time, with bad records
-counted and skipped with a warning that names file and line, or fatal in strict mode.
+"""JSON Lines records on disk, read one line at a time, with bad records counted and skipped with
+a warning that names file and line, or fatal in strict mode.
+
+Bad records are of these kinds (``BadRecords.counts``): "line too long" (over ``MAX_LINE_BYTES``,
+read past without being held whole), "not UTF-8", "malformed JSON", "bad image" (missing, empty,
+truncated or corrupt; or refused from its header before any pixel is decoded: over
+``moca.data.images.MAX_IMAGE_PIXELS``, a document's images over ``MAX_DOCUMENT_PIXELS`` together,
+a shape the processor refuses), "invalid record" (wrong fields or types), and, for readers that
+keep one result per line, "blank line".
 
 A CPT document is ``{"text": "... <image> ...", "images": [image, ...]}`` with one ``<image>``
 placeholder per image, in order. An image is a path (relative to the file's folder, or absolute)
@@ -12,18 +19,38 @@ import binascii
 import io
 import json
 import os
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from . import images as _images
 
 IMAGE_PLACEHOLDER = "<image>"
+# The longest line read as a record (base64 images included); a longer line is a bad record, read
+# past in chunks: at most this much of it is held.
+MAX_LINE_BYTES = 8 * 2**20
+_CHUNK = 2**20  # how much of an over-long line is read at a time while skipping it
 
 
 class DataError(ValueError):
     """A bad record in strict mode: the message names file and line."""
+
+
+class RecordError(ValueError):
+    """Why a record is bad; ``kind`` is what ``BadRecords`` counts it as."""
+
+    def __init__(self, reason: str, kind: str = "invalid record"):
+        super().__init__(reason)
+        self.kind = kind
+
+
+def reworded(exc: ValueError, prefix: str) -> RecordError:
+    """``exc`` with ``prefix`` before its message, of the same kind."""
+    return RecordError(f"{prefix}{exc}", getattr(exc, "kind", "invalid record"))
 
 
 @dataclass
@@ -60,7 +87,7 @@ class CptDocument:
 def _image_source(value, folder: str):
     """(a path or a BytesIO of the decoded base64, the path tried) of an image's JSON value."""
     if not isinstance(value, str) or not value:
-        raise ValueError(f"an image must be a path or base64 string, got {type(value).__name__}")
+        raise RecordError(f"an image must be a path or base64 string, got {type(value).__name__}", "bad image")
     path = value if os.path.isabs(value) else os.path.join(folder, value)
     if os.path.isfile(path):
         return path, path
@@ -68,7 +95,7 @@ def _image_source(value, folder: str):
         return io.BytesIO(base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value,
                                            validate=True)), path
     except (binascii.Error, ValueError):
-        raise ValueError(f"image {value[:60]!r} is neither a file nor base64 image data") from None
+        raise RecordError(f"image {_shown(value)} is neither a file nor base64 image data", "bad image") from None
 
 
 def image_bytes(value, folder: str) -> bytes:
@@ -80,17 +107,48 @@ def image_bytes(value, folder: str) -> bytes:
         return f.read()
 
 
+def _shown(value: str) -> str:
+    """An image's JSON value for a message: a path whole, base64 data cut short."""
+    return repr(value if len(value) <= 200 else value[:60] + "...")
+
+
+def _too_large(value: str, pixels: str) -> RecordError:
+    return RecordError(f"image {_shown(value)} has {pixels} pixels, over the limit of {_images.MAX_IMAGE_PIXELS:,} "
+                       "(moca.data.images.MAX_IMAGE_PIXELS); refused before decoding", "bad image")
+
+
+def _undecodable(value: str, exc: Exception) -> RecordError:
+    return RecordError(f"image {_shown(value)} could not be decoded: {exc or type(exc).__name__}", "bad image")
+
+
 def open_image(value, folder: str, decode: bool = True) -> Image.Image:
-    """A PIL image from a path or base64 bytes, decoded, or with ``decode=False`` only its header
-    read (its ``size`` is all that is usable); ValueError saying why not."""
-    source, path = _image_source(value, folder)
+    """A PIL image from a path or base64 bytes: its header read, its pixel count checked against
+    ``moca.data.images.MAX_IMAGE_PIXELS`` (a decompression bomb is refused before any decoding)
+    and its shape against what ``fitted_size`` accepts, then decoded, or with ``decode=False`` not
+    (its ``size`` is all that is usable). Every reader of images comes here. RecordError (kind
+    "bad image") saying why not."""
+    source, _ = _image_source(value, folder)
     try:
-        with Image.open(source) as image:
-            if decode:
+        image = Image.open(source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own check, at a higher limit than ours (the warning when warnings are errors)
+        count = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(value, f"{int(count[1]):,}" if count else "too many") from None
+    except Exception as exc:  # Pillow's plugins raise many types on corrupt data (SyntaxError, EOFError, ...)
+        raise _undecodable(value, exc) from None
+    with image:
+        if image.width * image.height > _images.MAX_IMAGE_PIXELS:
+            raise _too_large(value, f"{image.width} x {image.height}")
+        try:
+            _images.fitted_size(image.height, image.width)  # a shape the processor refuses (aspect ratio over 200)
+        except ValueError as exc:
+            raise RecordError(f"image {_shown(value)} cannot be used: {exc}", "bad image") from None
+        if decode:
+            try:
                 image.load()
-            return image
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"image {value[:60]!r} could not be decoded: {exc}") from None
+            except Exception as exc:  # as above; a frame over Pillow's limit included
+                raise _undecodable(value, exc) from None
+    return image
 
 
 def _cpt_document(record, folder: str, where: str, offset: int = 0, decode: bool = True) -> CptDocument:
@@ -99,44 +157,92 @@ def _cpt_document(record, folder: str, where: str, offset: int = 0, decode: bool
     text = record.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ValueError('"text" must be a non-empty string')
-    images = record.get("images") or []
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON escapes can spell a lone surrogate, which no tokenizer takes
+        raise ValueError(f'"text" holds {text[exc.start]!r}, a lone surrogate, at character {exc.start}') from None
+    images = record.get("images")
+    images = [] if images is None else images
     if not isinstance(images, list):
-        raise ValueError('"images" must be a list')
+        raise ValueError(f'"images" must be a list, got {type(images).__name__}')
     placeholders = text.count(IMAGE_PLACEHOLDER)
     if placeholders != len(images):
         raise ValueError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")
-    return CptDocument(text, [open_image(image, folder, decode) for image in images], where, offset, images, folder)
+    opened = [open_image(image, folder, decode=False) for image in images]  # every header before any decoding
+    pixels = sum(image.width * image.height for image in opened)
+    if pixels > _images.MAX_DOCUMENT_PIXELS:  # e.g. one large image named many times
+        raise RecordError(f"{len(images)} images of {pixels:,} pixels in all, over the limit of "
+                          f"{_images.MAX_DOCUMENT_PIXELS:,} (moca.data.images.MAX_DOCUMENT_PIXELS); refused before "
+                          "decoding", "bad image")
+    if decode:
+        opened = [open_image(image, folder) for image in images]
+    return CptDocument(text, opened, where, offset, images, folder)
 
 
-def _parse(line: bytes) -> dict:
+def _parse(line: bytes):
+    """The JSON value of one line (a UTF-8 byte order mark allowed); RecordError saying why not."""
     try:
-        return json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        raise ValueError(f"malformed JSON ({detail})") from None
+        text = line.rstrip(b"\r\n").decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"not UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})", "not UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})",
+                          "malformed JSON") from None
+    except RecursionError:
+        raise RecordError("malformed JSON (nested too deeply)", "malformed JSON") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise RecordError(f"malformed JSON ({exc})", "malformed JSON") from None
 
 
-def read_records(path: str, make, bad: BadRecords | None = None, strict: bool = False) -> Iterator:
+def _too_long(limit: int) -> RecordError:
+    return RecordError(f"line longer than {limit:,} bytes (moca.data.records.MAX_LINE_BYTES)", "line too long")
+
+
+def _lines(f, limit: int) -> Iterator[tuple[int, int, bytes | None]]:
+    """(line number from 1, byte offset, line) of each line of the binary file ``f``; the line is
+    None when it is longer than ``limit`` bytes, the rest of it read past in chunks, never held."""
+    number, offset = 0, 0
+    while line := f.readline(limit + 1):
+        number += 1
+        start, offset = offset, offset + len(line)
+        if len(line) > limit and not line.endswith(b"\n"):
+            line = None
+            while (rest := f.readline(_CHUNK)) and not rest.endswith(b"\n"):
+                offset += len(rest)
+            offset += len(rest)
+        yield number, start, line
+
+
+def read_records(path: str, make, bad: BadRecords | None = None, strict: bool = False,
+                 blank_is_bad: bool = False) -> Iterator:
     """``make(record, folder, where, offset)`` for each line of a JSON Lines file, in order
-    (``folder``: the file's, for relative image paths; ``where``: "file:line"). A line that is
-    malformed JSON or that ``make`` refuses (ValueError) is counted in ``bad`` and skipped with a
-    warning naming file and line, or raises DataError when ``strict``."""
+    (``folder``: the file's, for relative image paths; ``where``: "file:line"). A line longer
+    than ``MAX_LINE_BYTES``, not UTF-8, not JSON, or that ``make`` refuses (ValueError) is
+    counted in ``bad`` and skipped with a warning naming file and line, or raises DataError when
+    ``strict``. Blank lines are passed over, or with ``blank_is_bad`` are bad records too."""
     bad = bad if bad is not None else BadRecords()
     folder = os.path.dirname(os.path.abspath(path))
+    limit = MAX_LINE_BYTES
     with open(path, "rb") as f:
-        offset = 0
-        for number, line in enumerate(f, 1):
-            start, offset = offset, offset + len(line)
-            if not line.strip():
+        for number, start, line in _lines(f, limit):
+            if line is not None and not line.strip() and not blank_is_bad:
                 continue
             where = f"{path}:{number}"
             try:
-                yield make(_parse(line), folder, where, start)
+                if line is None:
+                    raise _too_long(limit)
+                if not line.strip():
+                    raise RecordError("blank line", "blank line")
+                item = make(_parse(line), folder, where, start)
             except ValueError as exc:
                 if strict:
                     raise DataError(f"{where}: {exc}") from None
-                bad.add(where, str(exc), "malformed JSON" if str(exc).startswith("malformed JSON") else "invalid record")
+                bad.add(where, str(exc), getattr(exc, "kind", "invalid record"))
                 warnings.warn(f"{where}: {exc}; record skipped", stacklevel=3)
+                continue
+            yield item
 
 
 def load_record(path: str, offset: int, where: str, make):
@@ -144,8 +250,10 @@ def load_record(path: str, offset: int, where: str, make):
     starting with ``where``) when it cannot be read."""
     with open(path, "rb") as f:
         f.seek(offset)
-        line = f.readline()
+        line = f.readline(MAX_LINE_BYTES + 1)
     try:
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            raise _too_long(MAX_LINE_BYTES)
         return make(_parse(line), os.path.dirname(os.path.abspath(path)), where, offset)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
