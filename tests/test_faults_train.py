@@ -169,15 +169,16 @@ def _inode(path: str) -> int | None:
 
 def test_sigkill_at_random_moments_then_resume_ends_like_the_uninterrupted_run(reference, tmp_path, processes):
     # One run killed again and again, each time at a moment drawn from a seeded generator: a
-    # random delay after the start (often before any checkpoint, or before config.json), a
-    # random step (inside it or the save after it), right after a checkpoint appears, and inside
-    # the write of a checkpoint. Each restart is `moca train --resume` (or the same command with
-    # --out while the directory does not exist yet).
+    # random delay after the start (before any checkpoint, often before the run directory or its
+    # config.json), inside the write of a checkpoint, then in random order after a random step
+    # (inside the next step or the save after it) and right after a checkpoint appears. Each
+    # restart is `moca train --resume` (the same command with --out while the directory does not
+    # exist yet).
     rng = random.Random(1313)
     run = str(tmp_path / "run")
-    kinds = ["delay", "step", "checkpoint", "step"]
+    kinds = ["step", "checkpoint"]
     rng.shuffle(kinds)
-    kinds.insert(1, "inside a write")
+    kinds = ["delay", "inside a write", *kinds]
     seen_locks, stale_tmp = [], None
     for kind in kinds:
         newest = _newest(run) if os.path.isdir(run) else None
@@ -197,7 +198,7 @@ def test_sigkill_at_random_moments_then_resume_ends_like_the_uninterrupted_run(r
         else:
             process = processes.start([*where, *SETTINGS])
             if kind == "delay":
-                time.sleep(rng.uniform(0.0, 8.0))
+                time.sleep(rng.uniform(0.0, 3.0))  # a fresh run of 8 steps lasts longer on any machine
             elif kind == "step":
                 target = rng.randrange(done, 7)
                 processes.wait_for(_logged_past(run, target, metrics_inode), f"step {target + 1}", process)
@@ -214,6 +215,8 @@ def test_sigkill_at_random_moments_then_resume_ends_like_the_uninterrupted_run(r
         if os.path.exists(lock):
             with open(lock) as f:
                 seen_locks.append((process.pid, f.read()))
+        left = sorted(os.listdir(run)) + [f"checkpoints/{c}" for c in _steps(run)] if os.path.isdir(run) else []
+        print(f"killed ({kind}) {process.pid}: newest {_newest(run) if left else None}; left {left}")  # for -s
         if kind == "inside a write":
             stale_tmp = os.path.join(run, "checkpoints", f"step-{slow_step:07d}.tmp")
             with open(marker) as f:
