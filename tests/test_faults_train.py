@@ -344,7 +344,8 @@ def test_resume_refuses_settings_that_change_results(reference, tmp_path, capsys
     assert _steps(run) == ["step-0000006"]  # nothing ran
     assert cli.main(["train", "--resume", run, "--force", *SETTINGS, "mlm_ratio=0.3"]) == 0
     rows = _rows(run)
-    assert [r["step"] for r in rows] == list(range(1, 9)) and rows[:6] == reference[1][:6] and rows[6] != reference[1][6]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[:6] == reference[1][:6] and rows[6]["loss"] != reference[1][6]["loss"]  # now masking 30%
     # schedule-only settings may change: two more steps, saved every 3
     run = _copy(reference, tmp_path / "longer")
     assert cli.main(["train", "--resume", run, *SETTINGS, "cpt.max_steps=10", "save_every=3"]) == 0
@@ -358,6 +359,11 @@ def test_runs_that_must_not_start(reference, tmp_path, capsys):
     assert (f"moca train: {run} already holds a run with checkpoints: continue it with --resume {run}, or choose "
             "another --out") in capsys.readouterr().err
     assert _rows(run) == reference[1] and _steps(run) == ["step-0000006", "step-0000008"]
+    # resuming a finished run trains nothing and reports its last logged step
+    assert cli.main(["train", "--resume", run, *SETTINGS]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed {run} at step 8" in out and f"MLM loss {reference[1][-1]['mlm_loss']:.3f}" in out
+    assert _rows(run) == reference[1]
     missing = str(tmp_path / "never-started")
     assert cli.main(["train", "--resume", missing, *SETTINGS]) == 2
     assert f"--resume {missing}: no such directory" in capsys.readouterr().err
