@@ -231,7 +231,7 @@ def test_sigkill_at_random_moments_then_resume_ends_like_the_uninterrupted_run(r
     assert processes.finish(last) == 0, processes.output(last)[-3000:]
     assert _rows(run) == reference[1]
     assert _steps(run) == ["step-0000006", "step-0000008"]  # the half-written folder was removed by a later save
-    assert not os.path.exists(stale_tmp) and not glob.glob(os.path.join(run, "metrics.jsonl.*"))
+    assert not os.path.exists(stale_tmp) and not glob.glob(os.path.join(run, "*.tmp"))  # nor a killed atomic write's
 
 
 def _damage_shard(path: str) -> None:
@@ -377,8 +377,9 @@ def test_resume_of_a_run_killed_before_its_config_starts_at_step_zero(reference,
     run = tmp_path / "run"
     run.mkdir()
     (run / ".lock").write_text("process 1 on host elsewhere\n")
+    (run / "config.json.1.tmp").write_text('{"run": {"st')  # a kill inside the atomic write of config.json
     config = cli.train_config(cli.parse(["train", "--resume", str(run), *SETTINGS])[0])
     logs = []
     train(config, resume=True, stop_at=2, log=logs.append)
     assert f"{run}: no checkpoint yet, starting at step 0" in logs
-    assert _rows(run) == reference[1][:2]
+    assert _rows(run) == reference[1][:2] and not list(run.glob("*.tmp"))
