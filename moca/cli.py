@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from .checkpoint import checkpoints
 from .config import Config, targets, describe
 from .parallel import leave
 from .train import Preempted, train
@@ -59,10 +60,17 @@ def _train_parser(commands) -> argparse.ArgumentParser:
 
 def train_config(args) -> Config:
     """The run's settings: the resumed run's, or the defaults and the TOML file; then the options
-    and ``key=value`` settings. Settings of a stage that does not run are refused."""
-    if args.resume and args.config:
+    and ``key=value`` settings. Settings of a stage that does not run are refused. A run stopped
+    before it wrote its config.json (killed in its first seconds) has no checkpoint either:
+    ``--resume`` starts it at step 0 from the settings given, as a new run would."""
+    saved = bool(args.resume) and os.path.isfile(os.path.join(args.resume, "config.json"))
+    if args.resume and not os.path.isdir(args.resume):
+        raise ValueError(f"--resume {args.resume}: no such directory; start a new run with --out {args.resume}")
+    if args.resume and not saved and checkpoints(args.resume):
+        raise ValueError(f"--resume {args.resume}: checkpoints without the config.json that says how they were made")
+    if saved and args.config:
         raise ValueError("--config with --resume: a resumed run keeps its settings; change some with key=value")
-    base = Config.read(args.resume) if args.resume else Config.from_toml(args.config) if args.config else Config()
+    base = Config.read(args.resume) if saved else Config.from_toml(args.config) if args.config else Config()
     given = _overrides(args.settings)
     stage = args.stage or given.get("stage") or given.get("run.stage") or base.run.stage
     named = {"run.stage": args.stage, "run.out": args.resume or args.out, "model.path": args.model,
@@ -85,7 +93,8 @@ def train_config(args) -> Config:
     return config
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """The command line's arguments (``key=value`` settings of ``train`` in ``settings``) and its parser."""
     parser = argparse.ArgumentParser(prog="moca", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _train_parser(commands)
@@ -108,6 +117,11 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if args.command == "train":
         args.settings += rest
+    return args, parser
+
+
+def main(argv=None) -> int:
+    args, parser = parse(argv)
     if args.command == "eval":
         return _eval(args)
     if args.command == "encode":

@@ -1,6 +1,8 @@
 """Files that survive a crash or a second process: atomic writes and the run-directory lock."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import socket
 
@@ -14,9 +16,14 @@ def fsync_dir(path: str) -> None:
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """``path`` holds ``data`` whole or keeps its old content: a synced temporary file, renamed."""
+    """``path`` holds ``data`` whole or keeps its old content: a synced temporary file, renamed.
+    One process at a time writes a given path (the run lock's holder), so the temporary files of
+    a writer that was killed are its leftovers and are removed."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:

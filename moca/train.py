@@ -75,7 +75,7 @@ def check_resume(out: str, config: Config, force: bool, size: int | None = None,
     ``saved_size`` then) when the global batch stays the same; without ``size`` it is not checked."""
     if not os.path.isfile(os.path.join(out, "config.json")):
         return
-    saved = Config.read(out)
+    saved = Config.read(out).update({"run.out": config.run.out})  # a run directory may move, or be named otherwise
     per_rank = tuple(f"{stage}.{name}:" for stage, name in PER_RANK.items())
     changed = [d for d in saved.result_differences(config) if not d.startswith(per_rank)]
     for stage, name in PER_RANK.items() if size is not None else ():  # without sizes: the stages check
@@ -107,13 +107,21 @@ def _starting_point(config: Config, resume: bool, force: bool, size: int, log) -
     return found
 
 
-def _keep_metrics(path: str, step: int) -> None:
-    """``metrics.jsonl`` up to ``step`` (a resumed run logs the later steps again), atomically."""
+def _keep_metrics(path: str, step: int) -> list[dict]:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (a resumed run logs the later steps
+    again), rewritten atomically; returns them. A line that does not parse (the last one, torn by
+    a crash in the middle of its write) goes with the later steps."""
     if not os.path.exists(path):
-        return
+        return []
+    kept = []
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write(path, "".join(kept).encode())
+        for line in f:
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                if row["step"] <= step:
+                    kept.append(row)
+    atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept).encode())
+    return kept
 
 
 def train(config: Config, resume: bool = False, force: bool = False, stop_at: int | None = None,
@@ -157,8 +165,7 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
         log(f"resumed {run.out} at step {step} from {start}")
     stage.start(step, epoch, position)
     metrics_path = os.path.join(run.out, "metrics.jsonl")
-    if parallel.main:
-        _keep_metrics(metrics_path, step if start is not None else -1)
+    kept = _keep_metrics(metrics_path, step if start is not None else -1) if parallel.main else []
     peak = peak_bf16(torch.cuda.get_device_name()) if device.type == "cuda" else None
     capture = CaptureRange(run.profile_steps, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
@@ -166,7 +173,7 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
     from tqdm import tqdm
     bar = tqdm(total=schedule.max_steps, initial=step, desc=run.stage, unit="step", dynamic_ncols=True,
                disable=not parallel.main)
-    last, saved = {}, step
+    last, saved = kept[-1] if kept else {}, step  # a run resumed at its end returns its last logged metrics
 
     def save() -> str:
         trainer = dict(step=step, epoch=stage.epoch, position=stage.position, scheduler=scheduler.state_dict(),
