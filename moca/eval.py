@@ -1,4 +1,4 @@
-"""Evaluation the way MMEB and ViDoRe score embedding models (research/moca-method.md section 4).
+"""Evaluation the way MMEB and ViDoRe score embedding models.
 
 Two record kinds, one a line, in JSON Lines files (a side as in the pairs files):
 - MMEB style: ``{"query": side, "candidates": [side, ...], "task": "name"}`` with the positive

@@ -1,4 +1,4 @@
-"""Stage-2 (HCL) pairs and the contrastive batch (research/moca-method.md section 3).
+"""Stage-2 (HCL) pairs and the contrastive batch.
 
 A record: ``{"query": side, "positive": side, "negatives": [side, ...], "task": "name"}``; a side
 is ``{"text": ...}``, ``{"image": image}`` or both (``<image>`` in the text places the image,
