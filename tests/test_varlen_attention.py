@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moca_kernels import varlen_attention
 from moca_kernels.varlen import lengths_to_cu_seqlens
@@ -145,17 +146,84 @@ def test_only_lse_used(device):
         assert_close(g, ref, torch.float32, f"d{name}")
 
 
-def test_in_place_change_of_cu_seqlens_is_seen(device):
+class _OpLog(TorchDispatchMode):
+    """The aten operators that run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _count_tile_builds(monkeypatch) -> list:
+    built = []
+    original = triton_kernels.build_tiles
+    monkeypatch.setattr(triton_kernels, "build_tiles", lambda *a: built.append(a[3]) or original(*a))
+    return built
+
+
+# The torch operators that build a tile list (the Triton interpreter adds copies of its own).
+TILE_OPS = {"aten.sort", "aten.cumsum", "aten.searchsorted", "aten.arange", "aten.where", "aten.index"}
+
+
+def test_repeated_calls_launch_no_tile_building(device, monkeypatch):
+    # Every layer of a model calls with the same cu_seqlens: only the first call reads and tiles
+    # them; later forwards and backwards (over both tilings) run the attention kernels alone.
+    built = _count_tile_builds(monkeypatch)
+    q, k, v, cu, _, dout, _ = make_problem([40, 0, 90], [40, 0, 90], 4, 2, 64, torch.float32, device, seed=16)
+    first = run(q, k, v, cu, cu, dout, torch.zeros(4, 130, device=device), backend="triton")
+    tilings = len(built)
+    assert tilings >= 2, "the forward and the dK/dV kernel tile differently"
+    out = varlen_attention(q, k, v, cu, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert len(built) == tilings, "a repeated call built tile lists again"
+    torch.testing.assert_close(out, first[0], rtol=0, atol=0)
+    for g, g_first in zip(grads, first[2]):
+        torch.testing.assert_close(g, g_first, rtol=1e-6, atol=1e-6)
+    # Below the op: what runs besides the kernels, on a first and on a repeated call.
+    memo = {}
+    for call in ("first", "repeated"):
+        log = _OpLog()
+        with log:
+            o, lse = triton_kernels.forward(q.detach(), k.detach(), v.detach(), cu, cu, 0.125, False, memo)
+            triton_kernels.backward(dout, None, q.detach(), k.detach(), v.detach(), o, lse, cu, cu, 0.125, False,
+                                    False, memo)
+        tile_work = TILE_OPS & set(log.ops)
+        if call == "first":
+            assert tile_work, "the op log must see the tile lists being built"
+        else:
+            assert not tile_work, f"a repeated call ran tile-building operators {sorted(tile_work)}"
+
+
+def test_in_place_change_of_cu_seqlens_is_seen(device, monkeypatch):
+    built = _count_tile_builds(monkeypatch)
     q, k, v, cu, _, _, _ = make_problem([40, 60], [40, 60], 2, 1, 64, torch.float32, device, seed=13)
     before = varlen_attention(q, k, v, cu, backend="triton")
+    varlen_attention(q, k, v, cu, backend="triton")
+    assert len(built) == 1
     cu[1] = 70  # tracked by the version counter: the documents are checked and tiled again
     after = varlen_attention(q, k, v, cu, backend="triton")
+    assert len(built) == 2
     ref = varlen_attention(q.double(), k.double(), v.double(), cu, backend="torch")
     assert_close(after, ref, torch.float32, "out after the change")
     assert (after - before).abs().max() > 1e-3
     cu[1] = 101
     with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
         varlen_attention(q, k, v, cu, backend="triton")
+
+
+def test_cache_entries_go_with_their_tensors(device):
+    from moca_kernels.varlen_attention.op import _CACHE
+    q, k, v, _, _, _, _ = make_problem([10, 20], [10, 20], 2, 1, 16, torch.float32, device, seed=17)
+    before = len(_CACHE)
+    cu = lengths_to_cu_seqlens([10, 20], device)
+    varlen_attention(q, k, v, cu, backend="triton")
+    assert len(_CACHE) == before + 1
+    del cu
+    assert len(_CACHE) == before
 
 
 @pytest.mark.parametrize("dim,heads", [(64, (4, 1)), (80, (4, 2)), (72, (2, 1)), (128, (2, 2))])
@@ -216,7 +284,7 @@ def test_deterministic_follows_torch_flag(device, monkeypatch):
     original = triton_kernels.backward
 
     def spy(*args):
-        seen.append(args[-1])  # the deterministic flag
+        seen.append(args[-2])  # the deterministic flag (the last argument is the tile memo)
         return original(*args)
 
     problem = make_problem([20, 7], [20, 7], 2, 2, 64, torch.float32, device, seed=4)

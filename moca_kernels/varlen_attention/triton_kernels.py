@@ -66,6 +66,18 @@ def build_tiles(cu_seqlens: torch.Tensor, cost_cu_seqlens: torch.Tensor, total: 
     return doc.to(torch.int32), block_index.to(torch.int32)
 
 
+def tiles(memo: dict, by_keys: bool, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total: int,
+          block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``build_tiles`` over the query documents (``by_keys=False``: forward, dQ) or the key documents
+    (dK/dV), kept in ``memo``: the dict that the op keeps with this pair of ``cu_seqlens``, so that
+    every later call over them launches no tile-building work."""
+    key = (by_keys, block)
+    if key not in memo:
+        memo[key] = (build_tiles(cu_seqlens_k, cu_seqlens_q, total, block) if by_keys
+                     else build_tiles(cu_seqlens_q, cu_seqlens_k, total, block))
+    return memo[key]
+
+
 # ------------------------------------------------------------------------------------------------
 # Shared pieces
 # ------------------------------------------------------------------------------------------------
@@ -541,7 +553,7 @@ def _tma_descriptors(x: torch.Tensor, d0: int, d1: int):
     return first, (TensorDescriptor(x, shape, strides, [1, d1]) if d1 else first)
 
 
-def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool):
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool, memo: dict):
     """Returns (out like q, lse float32 (Hq, total_q)).
 
     With the environment variable MOCA_KERNELS_TMA=1 (experimental, not yet measured on a GPU)
@@ -552,7 +564,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: b
     out = q.new_empty(q.shape)
     lse = torch.empty((hq, total_q), device=q.device, dtype=torch.float32)
     block_m = grid_block("fwd", head_dim)
-    tile_doc, tile_block = build_tiles(cu_seqlens_q, cu_seqlens_k, total_q, block_m)
+    tile_doc, tile_block = tiles(memo, False, cu_seqlens_q, cu_seqlens_k, total_q, block_m)
     descriptors = None
     if os.environ.get(TMA_ENV) == "1":
         k_desc, v_desc = _tma_descriptors(k, d0, d1), _tma_descriptors(v, d0, d1)
@@ -568,7 +580,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: b
 
 
 def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool,
-             deterministic: bool):
+             deterministic: bool, memo: dict):
     """Returns (dq, dk, dv) like (q, k, v). ``dlse`` (or None) is the gradient of ``lse``."""
     total_q, hq, head_dim = q.shape
     hkv = k.shape[1]
@@ -588,7 +600,7 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_
     # dQ accumulates in float32 across key blocks unless the backward must be deterministic.
     dq = q.new_empty(q.shape) if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     block_n = grid_block("bwd", head_dim)
-    tile_doc, tile_block = build_tiles(cu_seqlens_k, cu_seqlens_q, k.shape[0], block_n)
+    tile_doc, tile_block = tiles(memo, True, cu_seqlens_q, cu_seqlens_k, k.shape[0], block_n)
     _bwd[(tile_doc.numel() * hkv,)](
         q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -597,7 +609,7 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_
         HKV=hkv, GROUP=hq // hkv, BLOCK_N=block_n, ATOMIC_DQ=not deterministic, **common)
     if deterministic:
         block_m = grid_block("bwd_dq", head_dim)
-        tile_doc, tile_block = build_tiles(cu_seqlens_q, cu_seqlens_k, total_q, block_m)
+        tile_doc, tile_block = tiles(memo, False, cu_seqlens_q, cu_seqlens_k, total_q, block_m)
         _bwd_dq[(tile_doc.numel() * hq,)](
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
