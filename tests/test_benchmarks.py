@@ -137,25 +137,21 @@ def test_linear_ce_provider_computes_the_same_loss(provider, device):
 
 class _FakeEvent:
     elapsed = 1.0
+    log: list = []
 
     def __init__(self, enable_timing=False):
         pass
 
     def record(self):
-        pass
+        _FakeEvent.log.append("record")
 
     def elapsed_time(self, other):
         return _FakeEvent.elapsed
 
 
-@pytest.mark.parametrize("first_call_ms", [1.0, 500.0])
-def test_measure_and_write_without_a_gpu(first_call_ms, tmp_path, monkeypatch):
-    # The timing plumbing with a stand-in timer and memory counters: each mode's time (do_bench's
-    # median, or for calls over LONG_CALL_MS the mean of two event-timed calls), rates by the
-    # case's FLOP count, the peak against the inputs' floor, and the result files.
+def _fake_gpu(monkeypatch, first_call_ms=1.0):
+    """Stand-ins for the CUDA timer and memory counters; returns the list of do_bench calls."""
     import triton.testing
-
-    import harness
     calls = []
 
     def fake_do_bench(fn, warmup, rep, grad_to_none=None, return_mode="mean"):
@@ -166,24 +162,78 @@ def test_measure_and_write_without_a_gpu(first_call_ms, tmp_path, monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     monkeypatch.setattr(_FakeEvent, "elapsed", first_call_ms)
+    monkeypatch.setattr(_FakeEvent, "log", [])
     for name, value in [("synchronize", None), ("reset_peak_memory_stats", None), ("memory_allocated", 100),
                         ("max_memory_allocated", 612)]:
         monkeypatch.setattr(torch.cuda, name, lambda *a, value=value: value)
+    return calls
+
+
+@pytest.mark.parametrize("first_call_ms", [1.0, 500.0])
+def test_measure_and_write_without_a_gpu(first_call_ms, tmp_path, monkeypatch):
+    # The timing plumbing with a stand-in timer and memory counters: each mode's time (do_bench's
+    # median, or for calls over LONG_CALL_MS the mean of two event-timed calls), rates by the
+    # case's FLOP count, the peak against the inputs' floor, and the result files.
+    import harness
+    calls = _fake_gpu(monkeypatch, first_call_ms)
     x = torch.randn(8, 4, requires_grad=True)
-    timings = harness.measure(lambda: (x * 3).sum(0), [x], harness.MODES)
+
+    def forward():
+        _FakeEvent.log.append("call")
+        return (x * 3).sum(0)
+
+    timings = harness.measure(forward, [x], harness.MODES)
     ms = 2.0 if first_call_ms < harness.LONG_CALL_MS else first_call_ms
     assert timings == {"fwd_ms": ms, "bwd_ms": ms, "fwd+bwd_ms": ms, "peak_mem_bytes": 512}
     assert calls == (["median"] * 3 if first_call_ms < harness.LONG_CALL_MS else [])
+    # The forward timing starts with an untimed call (compilation and autotuning), then the timed
+    # call that decides how to time it.
+    assert _FakeEvent.log[1:5] == ["call", "record", "call", "record"]
     if first_call_ms > harness.LONG_CALL_MS:
         return
     case = harness.Case("c", {"tokens": 8}, fwd_flops=4e9)
     assert harness.rates(case, timings) == {"fwd_tflops": 2.0, "bwd_tflops": 5.0, "fwd+bwd_tflops": 7.0}
     row = {"case": "c", "tokens": 8, "provider": "p", **timings, **harness.rates(case, timings),
-           "peak_over_floor": 1.25}
+           "peak_over_floor": 1.25, "fwd_graph_ms": 1.5, "err_vs_fa2": 3e-3}
     harness.write(str(tmp_path), "t", {"gpu": "g", "torch": "1", "triton": "2", "commit": "c", "date": "d"}, "conv",
                   [row, {"case": "c", "provider": "q", "skipped": "why"}])
     table = (tmp_path / "results.md").read_text()
-    assert "| c | p | 2.000 | 2 | 2.000 | 5 | 2.000 | 7 | 0 | 1.25 |" in table and "skipped: why" in table
+    assert "| c | p | 2.000 | 2 | 2.000 | 5 | 2.000 | 7 | 0 | 1.25 | 1.500 |  | err_vs_fa2 3.00e-03 |" in table
+    assert "skipped: why" in table
+
+
+def test_run_records_tuning_errors_and_graph_times(tmp_path, monkeypatch):
+    # run() with a stand-in GPU: each provider's autotuner choices (read after its timing), the
+    # check's error numbers, and the CUDA-graph replay times land in the row and the JSON.
+    import json
+
+    import harness
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(harness, "_graph_ms", lambda fn, leaves: 0.25)
+    chosen = {}
+
+    def setup(inputs):
+        x = inputs.detach().clone().requires_grad_()
+        chosen["fwd"] = None  # set once the provider has run: what a real autotuner does
+
+        def forward():
+            chosen["fwd"] = "BLOCK_N: 64, num_warps: 4"
+            return x * 2
+
+        return forward, [x]
+
+    provider = harness.Provider("p", setup, tuning=lambda: dict(chosen))
+    case = harness.Case("c", {}, fwd_flops=1e9, inputs=lambda: torch.ones(3))
+    rows = harness.run("t", [case], [provider], harness.MODES, str(tmp_path), "conv", log=lambda *_: None,
+                       graph=True, check=lambda inputs, out: {"err_vs_base": (out - 2 * inputs).abs().max().item()})
+    assert rows[0]["tuning"] == {"fwd": "BLOCK_N: 64, num_warps: 4"}
+    assert rows[0]["err_vs_base"] == 0.0
+    assert rows[0]["fwd_graph_ms"] == 0.25 and rows[0]["fwd+bwd_graph_ms"] == 0.25
+    saved = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert saved["tuning"] == rows[0]["tuning"] and saved["fwd_graph_ms"] == 0.25
 
 
 def test_train_step_benchmark_compares_like_with_like(tmp_path):
