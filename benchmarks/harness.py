@@ -14,6 +14,7 @@ graph and its replays timed: GPU time alone, beside the eager call's host overhe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -44,6 +45,8 @@ class Provider:
     modes: Sequence[str] | None = None
     # The configurations its autotuners chose, read after the timing and recorded in the row.
     tuning: Callable[[], dict] | None = None
+    # Environment variables set while it is set up and timed (e.g. a kernel design), restored after.
+    env: dict | None = None
 
 
 @dataclass
@@ -252,6 +255,21 @@ def check_case_names(requested: Sequence[str], known: Sequence[str]) -> None:
         raise SystemExit(f"unknown case(s) {unknown}; known: {list(known)}")
 
 
+@contextlib.contextmanager
+def environment_set(env: dict | None):
+    """Set the variables of ``env`` for the duration; restore what was there before."""
+    before = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run(title: str, cases: Sequence[Case], providers: Sequence[Provider], modes: Sequence[str],
         out_dir: str | None, flop_convention: str, log: Callable[[str], None] = print, graph: bool = False,
         check: Callable[[Any, torch.Tensor], dict] | None = None) -> list[dict]:
@@ -270,19 +288,11 @@ def run(title: str, cases: Sequence[Case], providers: Sequence[Provider], modes:
         inputs = case.inputs() if case.inputs else None
         for provider in providers:
             row = {"case": case.name, **case.params, "provider": provider.name}
+            if provider.env:
+                row["env"] = dict(provider.env)
             try:
-                forward, leaves, *notes = provider.setup(inputs)
-                row.update(*notes)
-                if check is not None:
-                    with torch.no_grad():
-                        row.update(check(inputs, forward()))
-                timings = measure(forward, leaves, [m for m in modes if m in (provider.modes or modes)], graph)
-                row.update(timings, **rates(case, timings))
-                if provider.tuning is not None:
-                    row["tuning"] = provider.tuning()
-                if case.input_bytes:
-                    row["peak_over_floor"] = (case.input_bytes + timings["peak_mem_bytes"]) / (2 * case.input_bytes)
-                del forward, leaves
+                with environment_set(provider.env):
+                    row.update(_measure_provider(case, provider, inputs, modes, graph, check))
             except Unavailable as why:
                 row["skipped"] = str(why)
             except torch.cuda.OutOfMemoryError:
@@ -296,6 +306,24 @@ def run(title: str, cases: Sequence[Case], providers: Sequence[Provider], modes:
                 write(out_dir, title, env, flop_convention, rows)
         del inputs
     return rows
+
+
+def _measure_provider(case: Case, provider: Provider, inputs, modes: Sequence[str], graph: bool,
+                      check: Callable[[Any, torch.Tensor], dict] | None) -> dict:
+    """One provider on one case: its notes, the check's numbers, timings, rates, memory, tuning."""
+    row: dict = {}
+    forward, leaves, *notes = provider.setup(inputs)
+    row.update(*notes)
+    if check is not None:
+        with torch.no_grad():
+            row.update(check(inputs, forward()))
+    timings = measure(forward, leaves, [m for m in modes if m in (provider.modes or modes)], graph)
+    row.update(timings, **rates(case, timings))
+    if case.input_bytes:
+        row["peak_over_floor"] = (case.input_bytes + timings["peak_mem_bytes"]) / (2 * case.input_bytes)
+    if provider.tuning is not None:
+        row["tuning"] = provider.tuning()
+    return row
 
 
 def format_row(row: dict) -> str:

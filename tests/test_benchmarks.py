@@ -29,6 +29,30 @@ def test_list_shows_cases_and_providers():
     assert "case moca-64k: {'docs': " in result.stdout and "'tokens': 65536" in result.stdout
 
 
+def _device_step(name: str) -> list[str]:
+    """The command of one step of benchmarks/device_check.sh, as words (continuation lines joined)."""
+    import shlex
+    script = open(os.path.join(BENCH, "device_check.sh")).read().replace("\\\n", " ")
+    line = next(line for line in script.splitlines() if line.startswith(f"step {name} "))
+    return shlex.split(line.replace('"$OUT', '"/tmp/out'))[3:]
+
+
+def test_device_script_parses_and_its_attention_step_lists():
+    # The device run cannot happen here: the script must at least parse, and the benchmark
+    # command of its attention step must name cases and providers that exist (--list runs it
+    # without a GPU).
+    result = subprocess.run(["bash", "-n", os.path.join(BENCH, "device_check.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    words = _device_step("attention_designs")
+    assert words[:2] == ["python", "benchmarks/bench_attention.py"] and "--graph" in words and "--check" in words
+    result = _bench(*words[2:], "--list")
+    assert result.returncode == 0, result.stderr
+    for case in ("moca-16k", "docs400-16k", "long-8k", "vision-windows"):
+        assert f"case {case}:" in result.stdout
+    for provider in ("moca-fwd-wide", "moca-fwd-short", "moca-bwd-atomic", "moca-bwd-split", "varlen-attn", "flex"):
+        assert f"provider {provider} " in result.stdout
+
+
 def test_unknown_case_is_refused():
     result = _bench("--cases", "no-such-case")
     assert result.returncode != 0 and "unknown case(s) ['no-such-case']" in result.stderr
@@ -40,25 +64,58 @@ def test_run_without_gpu_says_why():
     assert result.returncode != 0 and "no CUDA device here" in result.stderr
 
 
-@pytest.mark.parametrize("provider", ["moca", "moca-tma", "sdpa-padded", "sdpa-njt"])
+ATTENTION_ON_CPU = ["moca", "moca-fwd-wide", "moca-fwd-short", "moca-bwd-atomic", "moca-bwd-split", "moca-tma",
+                    "sdpa-padded", "sdpa-njt"]
+
+
+@pytest.mark.parametrize("provider", ATTENTION_ON_CPU)
 def test_provider_computes_the_same_attention(provider, device):
+    # Each provider in its own environment (a forced design, TMA on), forward and backward, and
+    # the benchmark's error check against a float32 computation.
+    import harness
     spec = dict(lengths=("random", 150, 5, 70), hq=4, hkv=2, dim=64)
     dtype = torch.float16 if provider == "moca-tma" else torch.float32  # float32 never takes TMA
     case = bench_attention.make_case("tiny", dtype, str(device), spec)
     x = case.inputs()
     expected = varlen_attention(x["q"], x["k"], x["v"], x["cu"], backend="torch")
-    forward, leaves, *notes = bench_attention.PROVIDERS[provider].setup(x)
-    out = forward()
+    chosen = bench_attention.PROVIDERS[provider]
+    with harness.environment_set(chosen.env):
+        forward, leaves, *notes = chosen.setup(x)
+        out = forward()
+        out.sum().backward()
+    errors = bench_attention.error_check(x, out.detach())
     if provider == "sdpa-padded":  # (B, H, S, D) -> packed rows
+        assert errors == {}
         lengths = torch.tensor(x["lengths"], device=out.device)
         out = out.transpose(1, 2)[torch.arange(out.shape[2], device=out.device)[None, :] < lengths[:, None]]
+    else:
+        assert set(errors) == ({"err_vs_fp32", "err_vs_fa2"} if device.type == "cuda" else {"err_vs_fp32"})
+        assert errors["err_vs_fp32"] < (2e-3 if dtype == torch.float16 else 1e-5)
     tolerance = 2e-3 if dtype == torch.float16 else 1e-5
     torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
-    out.sum().backward()
     assert all(leaf.grad is not None and torch.isfinite(leaf.grad).all() for leaf in leaves)
     assert case.fwd_flops == 4 * sum(n * n for n in x["lengths"]) * 4 * 64
-    if provider == "moca-tma":
-        assert notes and notes[0]["max_abs_diff_vs_moca"] < 1e-3
+
+
+def test_design_providers_force_their_design(device, monkeypatch):
+    # moca-fwd-short really runs the short forward, moca-bwd-split the split backward.
+    import harness
+    from moca_kernels.varlen_attention import triton_kernels
+    seen = []
+    for name in ("_forward", "_backward"):
+        original = getattr(triton_kernels, name)
+        monkeypatch.setattr(triton_kernels, name, lambda design, *a, _f=original: seen.append(design) or _f(design, *a))
+    case = bench_attention.make_case("tiny", torch.float32, str(device), dict(lengths=("random", 90, 5, 40), hq=2,
+                                                                              hkv=1, dim=32))
+    x = case.inputs()
+    for provider, expected in (("moca-fwd-short", "short"), ("moca-bwd-split", "split")):
+        chosen = bench_attention.PROVIDERS[provider]
+        seen.clear()
+        with harness.environment_set(chosen.env):
+            forward, _ = chosen.setup(x)
+            forward().sum().backward()
+        assert expected in seen
+    assert triton_kernels.DESIGN_ENV["fwd"] not in os.environ and triton_kernels.DESIGN_ENV["bwd"] not in os.environ
 
 
 def test_infonce_list_shows_cases_and_providers():

@@ -69,17 +69,83 @@ def check_against_reference(lens_q, lens_k, hq, hkv, dim, dtype, device, causal,
     return out, lse, grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["mha", "gqa"])
-@pytest.mark.parametrize("dim", [64, 80, 128])
-def test_matches_reference(dim, heads, causal, dtype, device):
+def use_designs(monkeypatch, fwd: str, bwd: str) -> None:
+    monkeypatch.setenv(triton_kernels.DESIGN_ENV["fwd"], fwd)
+    monkeypatch.setenv(triton_kernels.DESIGN_ENV["bwd"], bwd)
+
+
+# Each forward design with one backward design: (wide, atomic) and (short, split).
+DESIGN_PAIRS = list(zip(triton_kernels.DESIGNS["fwd"], triton_kernels.DESIGNS["bwd"]))
+
+
+def _reference_cases():
+    """hdim 64/80/128 x causal x (fp32, fp16) with two heads, each under one pair of designs,
+    alternating so that every pair meets every head dim and dtype, causal and not; GQA 8:1 on the
+    same grid at hdim 64, and once per pair at hdim 80 and 128 (the interpreter is slow: these
+    few cover what the head layout changes)."""
+    cases = []
+
+    def add(dim, heads, causal, dtype, designs):
+        layout = "gqa8" if heads == (8, 1) else "mha"
+        cases.append(pytest.param(dim, heads, causal, dtype, designs, id=f"{dim}-{layout}-{'causal' if causal else 'full'}-"
+                                                                          f"{str(dtype)[6:]}-{'-'.join(designs)}"))
+
+    for i, dim in enumerate([64, 80, 128]):
+        for causal in (False, True):
+            for j, dtype in enumerate((torch.float32, torch.float16)):
+                designs = DESIGN_PAIRS[(i + causal + j) % len(DESIGN_PAIRS)]
+                add(dim, (2, 2), causal, dtype, designs)
+                if dim == 64:
+                    add(dim, (8, 1), causal, dtype, designs)
+    add(80, (8, 1), True, torch.float16, DESIGN_PAIRS[0])
+    add(128, (8, 1), False, torch.float16, DESIGN_PAIRS[1])
+    return cases
+
+
+@pytest.mark.parametrize("dim,heads,causal,dtype,designs", _reference_cases())
+def test_matches_reference(dim, heads, causal, dtype, designs, device, monkeypatch):
+    use_designs(monkeypatch, *designs)
     check_against_reference(LENGTHS, LENGTHS, *heads, dim, dtype, device, causal, seed=dim + causal)
 
 
-@pytest.mark.parametrize("dim", [8, 40, 96, 200, 256])
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_design_names_are_checked(kind, device, monkeypatch):
+    monkeypatch.setenv(triton_kernels.DESIGN_ENV[kind], "no-such-design")
+    problem = make_problem([5, 9], [5, 9], 2, 1, 64, torch.float32, device, seed=18)
+    with pytest.raises(ValueError, match=f"{triton_kernels.DESIGN_ENV[kind]}='no-such-design'"):
+        run(*problem, backend="triton")
+
+
+def test_each_design_runs_its_own_kernels(device, monkeypatch):
+    # The forced design is the one launched: the short forward's one loop, the split backward's dQ kernel.
+    seen = []
+    for name in ("_fwd", "_bwd", "_bwd_dq"):
+        tuner = getattr(triton_kernels, name)
+        monkeypatch.setattr(tuner, "run", lambda *a, _run=tuner.run, _name=name, **kw: seen.append(
+            (_name, kw.get("ONE_LOOP", kw.get("ATOMIC_DQ")))) or _run(*a, **kw))
+    problem = make_problem([5, 70], [5, 70], 2, 1, 64, torch.float32, device, seed=19)
+    for fwd, bwd in DESIGN_PAIRS:
+        use_designs(monkeypatch, fwd, bwd)
+        seen.clear()
+        run(*problem, backend="triton")
+        expected = [("_fwd", fwd == "short"), ("_bwd", bwd == "atomic")] + ([("_bwd_dq", None)] if bwd == "split" else [])
+        assert seen == expected
+
+
+def test_designs_on_offer():
+    # A design serves a head dim only where each of its kernels has a candidate whose products
+    # all fit wgmma: hdim 136 (128 + a padded 16) has no atomic candidate, large dims no short forward.
+    assert triton_kernels.offered("fwd", 128) == ("wide", "short")
+    assert triton_kernels.offered("fwd", 256) == ("wide",)
+    assert triton_kernels.offered("bwd", 128) == ("atomic", "split")
+    assert triton_kernels.offered("bwd", 136) == ("split",)
+    assert [c[0] for c in triton_kernels.candidates("bwd", "atomic", 80)] == [64]
+
+
+@pytest.mark.parametrize("dim", [8, 40, 96, 136, 200, 256])
 def test_other_head_dims(dim, device):
-    # 8: below the smallest dot operand; 40, 200: split with a padded remainder; 96: 64 + 32; 256: the largest
+    # 8: below the smallest dot operand; 40, 200: split with a padded remainder; 96: 64 + 32; 136: no
+    # atomic backward on offer; 256: the largest
     check_against_reference([1, 33, 70], [1, 33, 70], 2, 1, dim, torch.float32, device, causal=False, seed=dim)
 
 
@@ -267,12 +333,18 @@ def test_tma_falls_back_where_rows_are_not_aligned(device, monkeypatch):
     assert triton_kernels._tma_descriptors(k, *triton_kernels.head_dim_split(64)) is None
 
 
-def test_deterministic_backward(device):
+def test_deterministic_backward(device, monkeypatch):
     # Bitwise equality of two runs only means something on a GPU (the interpreter runs atomics in
-    # order); the comparison with the reference holds everywhere.
+    # order); the comparison with the reference holds everywhere. deterministic=True takes the
+    # split design (no atomics) even where the environment asks for the atomic one.
+    monkeypatch.setenv(triton_kernels.DESIGN_ENV["bwd"], "atomic")
+    designs = []
+    original = triton_kernels._backward
+    monkeypatch.setattr(triton_kernels, "_backward", lambda design, *a: designs.append(design) or original(design, *a))
     problem = make_problem([5, 140, 61], [5, 140, 61], 4, 2, 80, torch.float32, device, seed=3)
     first = run(*problem, backend="triton", deterministic=True)[2]
     second = run(*problem, backend="triton", deterministic=True)[2]
+    assert designs == ["split", "split"]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     ref_grads = reference64(*problem)[2]
     for name, g, ref in zip("qkv", first, ref_grads):
@@ -406,6 +478,83 @@ def test_automatic_backend_on_cpu_is_the_reference(monkeypatch):
     monkeypatch.setattr(triton_kernels, "forward", lambda *args: seen.append(args))
     out = varlen_attention(**_good())
     assert seen == [] and out.shape == (10, 4, 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# backend="flash" (FlashAttention-2)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal given without a GPU")
+def test_flash_backend_refuses_cpu_tensors():
+    with pytest.raises(ValueError, match="backend='flash' cannot run varlen_attention here: FlashAttention-2 runs on "
+                                         "CUDA tensors only, got cpu tensors"):
+        varlen_attention(**_good(), backend="flash")
+    args = {name: (x.half() if name in "qkv" else x) for name, x in _good().items()}
+    with pytest.raises(ValueError, match="FlashAttention-2 runs on CUDA tensors only"):
+        varlen_attention(**args, backend="flash")
+
+
+def test_flash_backend_reasons():
+    from moca_kernels.varlen_attention.flash import flash_reasons
+    assert "float32 inputs (FlashAttention-2 takes float16 or bfloat16)" in " ".join(
+        flash_reasons(torch.device("cpu"), torch.float32))
+    assert any("CUDA tensors only" in r for r in flash_reasons(torch.device("cpu"), torch.bfloat16))
+
+
+def _pretend_flash_can_run(monkeypatch):
+    """The registry's flash backend with no reasons against it: the per-call checks run next."""
+    import dataclasses
+
+    from moca_kernels._registry import REGISTRY
+    entry = REGISTRY["varlen_attention"]
+    backends = tuple(dataclasses.replace(b, reasons=lambda device, dtype: []) if b.name == "flash" else b
+                     for b in entry.backends)
+    monkeypatch.setattr(entry, "backends", backends)
+
+
+def test_flash_backend_is_never_picked_automatically(monkeypatch):
+    from moca_kernels._registry import select_backend
+    _pretend_flash_can_run(monkeypatch)
+    assert select_backend("varlen_attention", None, torch.device("cpu"), torch.float16) == "torch"
+    assert select_backend("varlen_attention", "flash", torch.device("cpu"), torch.float16) == "flash"
+
+
+@pytest.mark.parametrize("dim,message", [(12, "multiple of 8"), (264, "between 1 and 256")])
+def test_flash_backend_head_dim_limits(dim, message, monkeypatch):
+    _pretend_flash_can_run(monkeypatch)
+    q, k, v = torch.randn(10, 2, dim).half(), torch.randn(10, 1, dim).half(), torch.randn(10, 1, dim).half()
+    with pytest.raises(ValueError, match=message):
+        varlen_attention(q, k, v, torch.tensor([0, 4, 10], dtype=torch.int32), backend="flash")
+
+
+def test_flash_backend_refuses_a_differentiable_lse(monkeypatch):
+    _pretend_flash_can_run(monkeypatch)
+    q = torch.randn(10, 2, 64, dtype=torch.float16, requires_grad=True)
+    k, v = torch.randn(10, 1, 64, dtype=torch.float16), torch.randn(10, 1, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="backend='flash' cannot differentiate lse"):
+        varlen_attention(q, k, v, torch.tensor([0, 4, 10], dtype=torch.int32), return_lse=True, backend="flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dim,heads", [(128, (16, 2)), (80, (8, 8)), (64, (8, 1))])
+def test_flash_backend_matches_reference_gpu(dim, heads, causal):
+    # FlashAttention-2 behind the op's contract: output, lse (-inf where no key), gradients.
+    lens_q, lens_k = [0, 1, 17, 129, 300, 40], [3, 1, 17, 129, 300, 0]
+    q, k, v, cu_q, cu_k, dout, _ = make_problem(lens_q, lens_k, *heads, dim, torch.bfloat16, "cuda", seed=dim)
+    out = varlen_attention(q, k, v, cu_q, cu_k, causal=causal, backend="flash")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    with torch.no_grad():
+        _, lse = varlen_attention(q, k, v, cu_q, cu_k, causal=causal, return_lse=True, backend="flash")
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, ref_lse = varlen_attention(*leaves, cu_q, cu_k, causal=causal, return_lse=True, backend="torch")
+    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=2e-2, rtol=0)
+    for name, mine, exact in zip(["out", "dq", "dk", "dv"], (out, *grads), (ref, *ref_grads)):
+        err = (mine.double() - exact).abs().max().item() / max(1.0, exact.abs().max().item())
+        assert err < 3e-2, f"{name}: relative error {err:.3e}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,13 +9,17 @@ from typing import Callable, Optional
 
 import torch
 
-from .._registry import TORCH, TRITON, last_dim_contiguous, register_op, select_backend
+from .._registry import TORCH, TRITON, Backend, last_dim_contiguous, register_op, select_backend
 from ..varlen import check_cu_seqlens, check_cu_seqlens_layout
+from .flash import check_call, flash_reasons, flash_varlen_attention
 from .reference import varlen_attention_reference
 
 OP = "varlen_attention"
 MAX_HEAD_DIM = 256
-register_op(OP, [TRITON, TORCH])
+# FlashAttention-2 serves only when asked for: the default stays the Triton kernel until a GPU
+# run shows the peer faster on a workload.
+FLASH = Backend("flash", flash_reasons, auto=lambda device: False)
+register_op(OP, [TRITON, FLASH, TORCH])
 
 
 class _ValueCache:
@@ -198,8 +202,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return_lse: also return the log-sum-exp, float32 ``(Hq, total_q)``, natural log.
         deterministic: a backward without atomics (dQ by its own kernel; slower). Also on when
             ``torch.use_deterministic_algorithms(True)`` is in effect.
-        backend: ``"triton"``, ``"torch"`` or None (the ``MOCA_KERNELS_BACKEND`` variable, else the
-            fastest one available: Triton on CUDA tensors, the torch reference otherwise).
+        backend: ``"triton"``, ``"torch"``, ``"flash"`` or None (the ``MOCA_KERNELS_BACKEND``
+            variable, else the fastest one available: Triton on CUDA tensors, the torch reference
+            otherwise). ``"flash"`` is FlashAttention-2 (``torch.nn.attention.varlen``, or the
+            ``flash_attn`` package): CUDA, float16/bfloat16, head dims a multiple of 8 up to 256, and
+            an ``lse`` that is not differentiated.
 
     Returns:
         ``out`` like q, or ``(out, lse)`` with ``return_lse``. Rows that see no key (an empty key
@@ -220,10 +227,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                                      ("max_seqlen_k", max_seqlen_k, docs.longest_k)):
             if given is not None and given < longest:
                 raise ValueError(f"{name}={given} is shorter than the longest document ({longest})")
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     if chosen == "torch":
         out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+    elif chosen == "flash":
+        check_call(q, k, v, return_lse, deterministic)
+        docs = _documents(q, k, cu_seqlens_q, cu_seqlens_k)
+        q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+        out, lse = flash_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, docs.longest_q, docs.longest_k,
+                                          float(softmax_scale), bool(causal), deterministic)
     else:
-        deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
         out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, float(softmax_scale), bool(causal),
                                         bool(deterministic))
     return (out, lse) if return_lse else out
