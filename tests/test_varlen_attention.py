@@ -108,6 +108,37 @@ def test_matches_reference(dim, heads, causal, dtype, designs, device, monkeypat
     check_against_reference(LENGTHS, LENGTHS, *heads, dim, dtype, device, causal, seed=dim + causal)
 
 
+def test_choose_design_times_once_and_remembers(monkeypatch):
+    # On a GPU with autotuning on: each design of a shape class is timed once, the fastest kept
+    # (also for later calls, CUDA-graph capture included); the environment and determinism override.
+    import triton.testing
+    monkeypatch.setattr(triton_kernels, "triton_interpret", lambda: False)
+    monkeypatch.setattr(triton_kernels, "autotune_off", lambda: False)
+    monkeypatch.setattr(triton_kernels, "_DESIGN_CHOICE", {})
+    timed = []
+    speed = {"atomic": 3.0, "split": 2.0}
+
+    def fake_do_bench(fn, return_mode):
+        return speed[fn()]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+
+    def run(design):
+        timed.append(design)
+        return design
+
+    names = ("atomic", "split")
+    assert triton_kernels.choose_design("bwd", names, ("k",), run) == "split"
+    assert timed == ["atomic", "split"]
+    assert triton_kernels.choose_design("bwd", names, ("k",), run) == "split" and len(timed) == 2
+    speed.update(atomic=1.0)
+    assert triton_kernels.choose_design("bwd", names, ("other",), run) == "atomic"
+    assert triton_kernels.choose_design("bwd", names, ("k",), run, forced="atomic") == "atomic"
+    monkeypatch.setenv(triton_kernels.DESIGN_ENV["bwd"], "atomic")
+    assert triton_kernels.choose_design("bwd", names, ("k",), run) == "atomic" and len(timed) == 4
+    assert "split" in triton_kernels.tuning_report()["designs"].values()
+
+
 @pytest.mark.parametrize("kind", ["fwd", "bwd"])
 def test_design_names_are_checked(kind, device, monkeypatch):
     monkeypatch.setenv(triton_kernels.DESIGN_ENV[kind], "no-such-design")

@@ -117,12 +117,20 @@ def _load_head(base, rows, stride, row_ok, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.
 
 @triton.jit
 def _store_tile(base, rows, stride, cols, row_ok, x, HEAD_DIM: tl.constexpr, CHECK_COLS: tl.constexpr,
-                ATOMIC: tl.constexpr):
-    ptrs = base + rows[:, None] * stride + cols[None, :]
-    if CHECK_COLS:
-        mask = row_ok[:, None] & (cols[None, :] < HEAD_DIM)
+                ATOMIC: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Store (or, with ``ATOMIC``, add) ``x`` at ``base[rows, cols]``, or ``x^T`` there when
+    ``TRANSPOSED`` (``x`` is then (cols, rows)); rows outside ``row_ok`` and columns past HEAD_DIM
+    are dropped."""
+    if TRANSPOSED:
+        ptrs = base + rows[None, :] * stride + cols[:, None]
+        mask = row_ok[None, :]
+        if CHECK_COLS:
+            mask = mask & (cols[:, None] < HEAD_DIM)
     else:
+        ptrs = base + rows[:, None] * stride + cols[None, :]
         mask = row_ok[:, None]
+        if CHECK_COLS:
+            mask = mask & (cols[None, :] < HEAD_DIM)
     if ATOMIC:  # relaxed: only the sum after the kernel matters, not the order
         tl.atomic_add(ptrs, x, mask=mask, sem="relaxed")
     else:
@@ -131,12 +139,12 @@ def _store_tile(base, rows, stride, cols, row_ok, x, HEAD_DIM: tl.constexpr, CHE
 
 @triton.jit
 def _store_head(base, rows, stride, row_ok, x0, x1, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr,
-                BLOCK_D1: tl.constexpr, ATOMIC: tl.constexpr):
-    """Store (or, with ``ATOMIC``, add) the rows of ``row_ok``; columns past HEAD_DIM are dropped."""
-    _store_tile(base, rows, stride, tl.arange(0, BLOCK_D0), row_ok, x0, HEAD_DIM, BLOCK_D0 > HEAD_DIM, ATOMIC)
+                BLOCK_D1: tl.constexpr):
+    """Store the rows of ``row_ok``; columns past HEAD_DIM are dropped."""
+    _store_tile(base, rows, stride, tl.arange(0, BLOCK_D0), row_ok, x0, HEAD_DIM, BLOCK_D0 > HEAD_DIM, False, False)
     if BLOCK_D1 > 0:
         _store_tile(base, rows, stride, BLOCK_D0 + tl.arange(0, BLOCK_D1), row_ok, x1, HEAD_DIM,
-                    BLOCK_D0 + BLOCK_D1 != HEAD_DIM, ATOMIC)
+                    BLOCK_D0 + BLOCK_D1 != HEAD_DIM, False, False)
 
 
 @triton.jit
@@ -297,7 +305,7 @@ def _varlen_attention_fwd_kernel(
     no_key = l_i == 0.0
     l_safe = tl.where(no_key, 1.0, l_i)
     _store_head(o_base, offs_m, stride_ot, row_ok, (acc0 / l_safe[:, None]).to(O.dtype.element_ty),
-                (acc1 / l_safe[:, None]).to(O.dtype.element_ty), HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
+                (acc1 / l_safe[:, None]).to(O.dtype.element_ty), HEAD_DIM, BLOCK_D0, BLOCK_D1)
     lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
     tl.store(LSE + head * stride_lh + q_start + offs_m, lse, mask=row_ok)
 
@@ -334,13 +342,9 @@ def _add_dq_piece(dq_base, offs_m, stride_dqt, row_ok, dsT, k, cols, sm_scale, H
                   BLOCK_M: tl.constexpr, CHECK_COLS: tl.constexpr, PRECISION: tl.constexpr):
     if BLOCK_M >= 64:  # dQ = dS K: BLOCK_M rows fill a wgmma
         dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION) * sm_scale
-        _store_tile(dq_base, offs_m, stride_dqt, cols, row_ok, dq, HEAD_DIM, CHECK_COLS, True)
     else:  # too few query rows for a wgmma: dQ^T = K^T dS^T, whose M side is this head-dim piece
-        dqT = tl.dot(tl.trans(k), dsT, input_precision=PRECISION) * sm_scale
-        mask = row_ok[None, :]
-        if CHECK_COLS:
-            mask = mask & (cols[:, None] < HEAD_DIM)
-        tl.atomic_add(dq_base + offs_m[None, :] * stride_dqt + cols[:, None], dqT, mask=mask, sem="relaxed")
+        dq = tl.dot(tl.trans(k), dsT, input_precision=PRECISION) * sm_scale
+    _store_tile(dq_base, offs_m, stride_dqt, cols, row_ok, dq, HEAD_DIM, CHECK_COLS, True, BLOCK_M < 64)
 
 
 @triton.jit
@@ -424,9 +428,9 @@ def _varlen_attention_bwd_kernel(
     dk_base = DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh
     dv_base = DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh
     _store_head(dk_base, offs_n, stride_dkt, col_ok, (dk0 * sm_scale).to(DK.dtype.element_ty),
-                (dk1 * sm_scale).to(DK.dtype.element_ty), HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
+                (dk1 * sm_scale).to(DK.dtype.element_ty), HEAD_DIM, BLOCK_D0, BLOCK_D1)
     _store_head(dv_base, offs_n, stride_dvt, col_ok, dv0.to(DV.dtype.element_ty), dv1.to(DV.dtype.element_ty),
-                HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
+                HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
 @triton.jit
@@ -478,7 +482,7 @@ def _varlen_attention_bwd_dq_kernel(
             dq1 += tl.dot(ds, k1, input_precision=PRECISION)
     _store_head(DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh, offs_m, stride_dqt, row_ok,
                 (dq0 * sm_scale).to(DQ.dtype.element_ty), (dq1 * sm_scale).to(DQ.dtype.element_ty),
-                HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
+                HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -627,9 +631,9 @@ def _length_class(cu_seqlens: torch.Tensor, total: int) -> int:
 def choose_design(kind: str, names: tuple[str, ...], key: tuple, run: Callable[[str], object],
                   forced: str | None = None) -> str:
     """The design of ``kind`` among ``names`` for a call: ``forced`` (deterministic backward), else
-    the one named by the environment variable DESIGN_ENV[kind], else the first on offer where
-    nothing can be timed (a single design, the interpreter, MOCA_KERNELS_AUTOTUNE=0, CUDA-graph
-    capture), else the fastest of ``run(design)``, timed once per ``key``."""
+    the one named by the environment variable DESIGN_ENV[kind], else the one chosen before for
+    ``key``, else the first on offer where nothing can be timed (a single design, the interpreter,
+    MOCA_KERNELS_AUTOTUNE=0, CUDA-graph capture), else the fastest of ``run(design)``, kept for ``key``."""
     env = os.environ.get(DESIGN_ENV[kind])
     if forced is not None:
         return forced
@@ -637,13 +641,14 @@ def choose_design(kind: str, names: tuple[str, ...], key: tuple, run: Callable[[
         if env not in names:
             raise ValueError(f"{DESIGN_ENV[kind]}={env!r}: the {kind} designs for this call are {names}")
         return env
+    key = (kind, *key)
+    if key in _DESIGN_CHOICE:  # also during CUDA-graph capture, after an eager warm-up
+        return _DESIGN_CHOICE[key]
     if (len(names) == 1 or triton_interpret() or autotune_off()
             or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return names[0]
-    key = (kind, *key)
-    if key not in _DESIGN_CHOICE:
-        times = {name: triton.testing.do_bench(lambda: run(name), return_mode="median") for name in names}
-        _DESIGN_CHOICE[key] = min(times, key=times.get)
+    times = {name: triton.testing.do_bench(lambda: run(name), return_mode="median") for name in names}
+    _DESIGN_CHOICE[key] = min(times, key=times.get)
     return _DESIGN_CHOICE[key]
 
 
