@@ -235,7 +235,8 @@ def _moca_providers() -> dict:
             name = f"moca-{kind}-{design}"
             out[name] = Provider(name, setup_moca, f"moca, {kind} design {design!r} forced", modes=(mode,),
                                  env=_design_env(kind, design), **base)
-    out["moca-tma"] = Provider("moca-tma", setup_moca_tma, "moca, K/V loaded through TMA descriptors (MOCA_KERNELS_TMA=1)",
+    out["moca-tma"] = Provider("moca-tma", setup_moca_tma,
+                               "moca, K/V loaded through TMA descriptors (MOCA_KERNELS_TMA=1)",
                                modes=("fwd",), env={TMA_ENV: "1"}, **base)
     out["moca-flash"] = Provider("moca-flash", setup_moca_flash, "varlen_attention(backend='flash'): FlashAttention-2",
                                  _flash_unavailable)

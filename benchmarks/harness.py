@@ -348,7 +348,7 @@ def write(out_dir: str, title: str, env: dict, flop_convention: str, rows: list[
     lines = [f"# {title}", "", f"{env['gpu']}; torch {env['torch']}; triton {env['triton']}; commit {env['commit']} "
              f"(sources {env.get('source_sha1')}); {env['date']}", "", f"FLOP convention: {flop_convention}", "",
              "| case | provider | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB "
-             "| peak / floor | graph fwd ms | graph fwd+bwd ms | error |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak / floor | graph fwd ms | graph fwd+bwd ms | error |", "|---" * 13 + "|"]
     for row in rows:
         if "skipped" in row:
             lines.append(f"| {row['case']} | {row['provider']} | skipped: {row['skipped']} |||||||||||")

@@ -87,8 +87,8 @@ def _reference_cases():
 
     def add(dim, heads, causal, dtype, designs):
         layout = "gqa8" if heads == (8, 1) else "mha"
-        cases.append(pytest.param(dim, heads, causal, dtype, designs, id=f"{dim}-{layout}-{'causal' if causal else 'full'}-"
-                                                                          f"{str(dtype)[6:]}-{'-'.join(designs)}"))
+        name = f"{dim}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-{'-'.join(designs)}"
+        cases.append(pytest.param(dim, heads, causal, dtype, designs, id=name))
 
     for i, dim in enumerate([64, 80, 128]):
         for causal in (False, True):
@@ -159,7 +159,8 @@ def test_each_design_runs_its_own_kernels(device, monkeypatch):
         use_designs(monkeypatch, fwd, bwd)
         seen.clear()
         run(*problem, backend="triton")
-        expected = [("_fwd", fwd == "short"), ("_bwd", bwd == "atomic")] + ([("_bwd_dq", None)] if bwd == "split" else [])
+        expected = [("_fwd", fwd == "short"), ("_bwd", bwd == "atomic")]
+        expected += [("_bwd_dq", None)] if bwd == "split" else []
         assert seen == expected
 
 
