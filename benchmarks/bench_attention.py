@@ -3,11 +3,14 @@
     python benchmarks/bench_attention.py --out results/           # every case and provider
     python benchmarks/bench_attention.py --cases moca-16k --providers moca flex
     python benchmarks/bench_attention.py --list                   # cases, providers, availability (no GPU needed)
+    python benchmarks/bench_attention.py --graph --check ...      # + CUDA-graph replay times, errors against FA2
 
 Providers get the same documents in their own input layout, built outside the timed region:
-- moca: varlen_attention, Triton;
-- moca-tma: the same with its experimental TMA loads of K/V; forward only, and checked against
-  moca before it is timed;
+- moca: varlen_attention, Triton, with the designs its launcher picks on this card;
+- moca-fwd-wide, moca-fwd-short (forward only), moca-bwd-atomic, moca-bwd-split (backward only):
+  each design forced (MOCA_KERNELS_ATTENTION_FWD / _BWD), so every candidate is timed;
+- moca-tma: moca with its experimental TMA loads of K/V (MOCA_KERNELS_TMA=1); forward only;
+- moca-flash: varlen_attention(backend="flash"), FlashAttention-2 behind the op;
 - sdpa-padded: scaled_dot_product_attention on a padded batch with a key-padding mask (K/V heads
   repeated: with a mask, GQA would leave only the math kernel);
 - sdpa-njt: SDPA on nested jagged tensors, PyTorch's FlashAttention-2 varlen kernel (K/V heads
@@ -46,6 +49,7 @@ def _doc_lengths(total: int, low: int, high: int, seed: int) -> list[int]:
 
 CASES = {
     **{f"moca-{t // 1024}k": dict(lengths=("random", t, 32, 1280), hq=16, hkv=2, dim=128) for t in (16384, 32768, 65536)},
+    "docs400-16k": dict(lengths=("equal", 16000, 400), hq=16, hkv=2, dim=128),
     **{f"long-{n // 1024}k": dict(lengths=("equal", 32768, n), hq=16, hkv=2, dim=128) for n in (4096, 8192, 16384)},
     "vision-windows": dict(lengths=("random", 16384, 64, 1024), hq=16, hkv=16, dim=80),
 }
@@ -80,52 +84,34 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
 # Providers
 # ------------------------------------------------------------------------------------------------
 
-def _with_tma(forward, enabled: bool):
-    """``forward`` with the experimental TMA path on or off for its own calls only (the switch is
-    read per call; any outside setting comes back afterwards)."""
-    from moca_kernels.varlen_attention.triton_kernels import TMA_ENV
-
-    def wrapped():
-        before = os.environ.pop(TMA_ENV, None)
-        if enabled:
-            os.environ[TMA_ENV] = "1"
-        try:
-            return forward()
-        finally:
-            os.environ.pop(TMA_ENV, None)
-            if before is not None:
-                os.environ[TMA_ENV] = before
-
-    return wrapped
-
-
-def _moca_forward(x):
+def _moca_forward(x, backend: str = "triton"):
     from moca_kernels import varlen_attention
     q, k, v = _leaf(x["q"]), _leaf(x["k"]), _leaf(x["v"])
     cu, max_len = x["cu"], x["max_len"]
-    return (lambda: varlen_attention(q, k, v, cu, cu, max_len, max_len, backend="triton")), (q, k, v)
+    return (lambda: varlen_attention(q, k, v, cu, cu, max_len, max_len, backend=backend)), (q, k, v)
 
 
 def setup_moca(x):
-    forward, leaves = _moca_forward(x)
-    return _with_tma(forward, False), leaves
+    return _moca_forward(x)
 
 
 def setup_moca_tma(x):
-    """Forward only (its backward is moca's). Refuses to be timed unless TMA applies to these
-    tensors and its output matches moca's with the configuration the autotuner picked."""
+    """moca with MOCA_KERNELS_TMA=1 (the provider's environment); refused where TMA cannot read
+    these K/V tensors (the launcher would fall back to moca's loads)."""
     from moca_kernels.varlen_attention import triton_kernels
     d0, d1 = triton_kernels.head_dim_split(x["q"].shape[2])
     if triton_kernels._tma_descriptors(x["k"], d0, d1) is None:
         raise Unavailable("TMA cannot read these K/V tensors; moca-tma would be moca")
-    forward, leaves = _moca_forward(x)
-    with torch.no_grad():
-        plain = _with_tma(forward, False)()
-        tma = _with_tma(forward, True)()
-    diff = (plain.float() - tma.float()).abs().max().item()
-    if not diff <= 2e-2:
-        raise Unavailable(f"TMA output differs from moca's by {diff:.3g}")
-    return _with_tma(forward, True), leaves, {"max_abs_diff_vs_moca": diff}
+    return _moca_forward(x)
+
+
+def setup_moca_flash(x):
+    return _moca_forward(x, backend="flash")
+
+
+def moca_tuning() -> dict:
+    from moca_kernels.varlen_attention import triton_kernels
+    return triton_kernels.tuning_report()
 
 
 def setup_sdpa_padded(x):
@@ -228,10 +214,37 @@ def _triton_unavailable():
     return triton_device_reason(torch.device("cuda")) or (None if torch.cuda.is_available() else "no CUDA device")
 
 
+def _flash_unavailable():
+    from moca_kernels.varlen_attention.flash import flash_reasons
+    return "; ".join(flash_reasons(None, None)) or None
+
+
+def _design_env(kind: str, design: str) -> dict:
+    from moca_kernels.varlen_attention.triton_kernels import DESIGN_ENV
+    return {DESIGN_ENV[kind]: design}
+
+
+def _moca_providers() -> dict:
+    """moca as the user gets it, and each design of the forward and backward on its own."""
+    from moca_kernels.varlen_attention.triton_kernels import DESIGNS, TMA_ENV
+    base = dict(unavailable=_triton_unavailable, tuning=moca_tuning)
+    out = {"moca": Provider("moca", setup_moca, "moca_kernels.varlen_attention, Triton, designs picked on this card",
+                            **base)}
+    for kind, mode in (("fwd", "fwd"), ("bwd", "bwd")):
+        for design in DESIGNS[kind]:
+            name = f"moca-{kind}-{design}"
+            out[name] = Provider(name, setup_moca, f"moca, {kind} design {design!r} forced", modes=(mode,),
+                                 env=_design_env(kind, design), **base)
+    out["moca-tma"] = Provider("moca-tma", setup_moca_tma,
+                               "moca, K/V loaded through TMA descriptors (MOCA_KERNELS_TMA=1)",
+                               modes=("fwd",), env={TMA_ENV: "1"}, **base)
+    out["moca-flash"] = Provider("moca-flash", setup_moca_flash, "varlen_attention(backend='flash'): FlashAttention-2",
+                                 _flash_unavailable)
+    return out
+
+
 PROVIDERS = {
-    "moca": Provider("moca", setup_moca, "moca_kernels.varlen_attention, Triton", _triton_unavailable),
-    "moca-tma": Provider("moca-tma", setup_moca_tma, "the same, K/V loaded through TMA descriptors (MOCA_KERNELS_TMA=1)",
-                         _triton_unavailable, modes=("fwd",)),
+    **_moca_providers(),
     "sdpa-padded": Provider("sdpa-padded", setup_sdpa_padded, "SDPA, padded batch + key-padding mask"),
     "sdpa-njt": Provider("sdpa-njt", setup_sdpa_njt, "SDPA on nested jagged tensors (FA2 varlen kernel)"),
     "varlen-attn": Provider("varlen-attn", setup_varlen_attn, "torch.nn.attention.varlen (FA2 varlen kernel)",
@@ -244,9 +257,38 @@ PROVIDERS = {
 }
 
 
+def error_check(x, out: torch.Tensor) -> dict:
+    """A provider's forward output against FlashAttention-2's (torch.nn.attention.varlen, computed
+    once per case, on a GPU) and against a float32 computation: max |out - ref| / max |ref|.
+    ``out`` is in packed (total, H, D) rows or flex's (1, H, total, D); sdpa-padded's padded output
+    is not compared."""
+    if out.dim() == 4 and out.shape[0] == 1:
+        out = out[0].transpose(0, 1)
+    if out.dim() != 3 or out.shape[0] != x["q"].shape[0]:
+        return {}
+    if "fp32" not in x:
+        from moca_kernels import varlen_attention
+        q, k, v = (x[n].float() for n in "qkv")
+        x["fp32"] = varlen_attention(q, k, v, x["cu"], backend="torch")
+        if x["q"].is_cuda and _varlen_attn_unavailable() is None:
+            forward, _ = setup_varlen_attn(x)
+            x["fa2"] = forward().detach()
+    out = out.reshape(x["fp32"].shape).float()
+    errors = {}
+    for name, ref in (("fa2", x.get("fa2")), ("fp32", x["fp32"])):
+        if ref is not None:
+            ref = ref.float()
+            errors[f"err_vs_{name}"] = ((out - ref).abs().max() / ref.abs().max()).item()
+    return errors
+
+
 def main(argv=None):
     p = harness.parser(__doc__.splitlines()[0], list(PROVIDERS), list(CASES))
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--graph", action="store_true",
+                   help="also time CUDA-graph replays of fwd and fwd+bwd (GPU time without host overhead)")
+    p.add_argument("--check", action="store_true",
+                   help="record each provider's forward error against FlashAttention-2 and a float32 computation")
     args = p.parse_args(argv)
     harness.check_case_names(args.cases, list(CASES))
     dtype = getattr(torch, args.dtype)
@@ -258,7 +300,7 @@ def main(argv=None):
         return
     providers = harness.usable(PROVIDERS, args.providers)
     harness.run("varlen attention", [make_case(c, dtype) for c in args.cases], providers, args.modes, args.out,
-                FLOP_CONVENTION)
+                FLOP_CONVENTION, graph=args.graph, check=error_check if args.check else None)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,15 @@ a callable computing the op on inputs prepared in the provider's own layout (out
 region), the tensors that receive gradients, and a dict recorded in the provider's row; or it
 raises :class:`Unavailable` with the reason it cannot run; the harness times the
 forward, the backward and both, in one process on one card, and writes ``results.json`` and
-``results.md``.
+``results.md``. Every timed callable runs once untimed first (compilation, autotuning), and a
+provider's ``tuning()`` (the configurations its autotuners chose) is recorded in its row after
+the timing. With ``graph=True`` the forward and the forward+backward are also captured in a CUDA
+graph and its replays timed: GPU time alone, beside the eager call's host overhead.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -39,6 +43,10 @@ class Provider:
     unavailable: Callable[[], str | None] = lambda: None
     # The modes it is timed in, when not all that were asked for (e.g. forward-only variants).
     modes: Sequence[str] | None = None
+    # The configurations its autotuners chose, read after the timing and recorded in the row.
+    tuning: Callable[[], dict] | None = None
+    # Environment variables set while it is set up and timed (e.g. a kernel design), restored after.
+    env: dict | None = None
 
 
 @dataclass
@@ -101,8 +109,9 @@ LONG_CALL_MS = 100.0
 
 def _time_ms(fn: Callable[[], Any], grad_to_none: Sequence[torch.Tensor] = ()) -> float:
     """Median milliseconds of ``fn``: triton's do_bench (L2 flushed between calls), except for
-    calls of over LONG_CALL_MS, which take the mean of two timed calls after an untimed one (the
-    estimate loop of do_bench alone would run them five times)."""
+    calls of over LONG_CALL_MS, which take the mean of two timed calls (the estimate loop of
+    do_bench alone would run them five times). One untimed call comes first, so that compilation
+    and autotuning never decide how a call is timed."""
     from triton.testing import do_bench
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -115,14 +124,41 @@ def _time_ms(fn: Callable[[], Any], grad_to_none: Sequence[torch.Tensor] = ()) -
         torch.cuda.synchronize()
         return start.elapsed_time(end)
 
-    if timed() < LONG_CALL_MS:  # the first call also autotunes and compiles
+    for x in grad_to_none:
+        x.grad = None
+    fn()  # warm-up: compiles and autotunes
+    torch.cuda.synchronize()
+    if timed() < LONG_CALL_MS:
         return do_bench(fn, warmup=25, rep=100, grad_to_none=list(grad_to_none), return_mode="median")
     return sum(timed() for _ in range(2)) / 2
 
 
-def measure(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], modes: Sequence[str]) -> dict:
-    """Milliseconds of each mode and the peak memory (bytes above the inputs) of one fwd+bwd."""
-    result: dict[str, float] = {}
+def _graph_ms(fn: Callable[[], Any], leaves: Sequence[torch.Tensor]) -> float:
+    """Median milliseconds of replaying ``fn`` captured in a CUDA graph (after warm-up on a side
+    stream, as capture requires): the GPU time of the call without its host work."""
+    from triton.testing import do_bench
+    for x in leaves:
+        x.grad = None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+            for x in leaves:
+                x.grad = None
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+
+
+def measure(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], modes: Sequence[str],
+            graph: bool = False) -> dict:
+    """Milliseconds of each mode, the peak memory (bytes above the inputs) of one fwd+bwd, and with
+    ``graph`` the CUDA-graph replay time of the forward and the forward+backward (``*_graph_ms``,
+    or ``graph_skipped`` with the reason the capture failed)."""
+    result: dict = {}
     backward = "bwd" in modes or "fwd+bwd" in modes
     out = forward() if backward else None
     grad = torch.randn_like(out) if backward else None
@@ -140,6 +176,15 @@ def measure(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor],
         del out
     if "fwd+bwd" in modes:
         result["fwd+bwd_ms"] = _time_ms(fwd_bwd, leaves)
+    if graph:
+        try:
+            if "fwd" in modes:
+                with torch.no_grad():
+                    result["fwd_graph_ms"] = _graph_ms(forward, ())
+            if "fwd+bwd" in modes:
+                result["fwd+bwd_graph_ms"] = _graph_ms(fwd_bwd, leaves)
+        except Exception as exc:  # capture is not open to every provider (host syncs, CPU work)
+            result["graph_skipped"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     for x in leaves:
         x.grad = None
     if not leaves:  # nothing to differentiate: the peak of a forward
@@ -210,10 +255,29 @@ def check_case_names(requested: Sequence[str], known: Sequence[str]) -> None:
         raise SystemExit(f"unknown case(s) {unknown}; known: {list(known)}")
 
 
+@contextlib.contextmanager
+def environment_set(env: dict | None):
+    """Set the variables of ``env`` for the duration; restore what was there before."""
+    before = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run(title: str, cases: Sequence[Case], providers: Sequence[Provider], modes: Sequence[str],
-        out_dir: str | None, flop_convention: str, log: Callable[[str], None] = print) -> list[dict]:
+        out_dir: str | None, flop_convention: str, log: Callable[[str], None] = print, graph: bool = False,
+        check: Callable[[Any, torch.Tensor], dict] | None = None) -> list[dict]:
     """Measure every provider on every case; providers that cannot run a case are reported with
-    their reason. Returns the rows (also written under ``out_dir``)."""
+    their reason. ``check(inputs, output)``, when given, compares each provider's forward output
+    with baselines and returns ``err_*`` numbers for its row (e.g. the error against
+    FlashAttention-2).
+    Returns the rows (also written under ``out_dir``)."""
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks time CUDA kernels: no CUDA device here (use --list to check the setup)")
     env = environment()
@@ -224,14 +288,11 @@ def run(title: str, cases: Sequence[Case], providers: Sequence[Provider], modes:
         inputs = case.inputs() if case.inputs else None
         for provider in providers:
             row = {"case": case.name, **case.params, "provider": provider.name}
+            if provider.env:
+                row["env"] = dict(provider.env)
             try:
-                forward, leaves, *notes = provider.setup(inputs)
-                row.update(*notes)
-                timings = measure(forward, leaves, [m for m in modes if m in (provider.modes or modes)])
-                row.update(timings, **rates(case, timings))
-                if case.input_bytes:
-                    row["peak_over_floor"] = (case.input_bytes + timings["peak_mem_bytes"]) / (2 * case.input_bytes)
-                del forward, leaves
+                with environment_set(provider.env):
+                    row.update(_measure_provider(case, provider, inputs, modes, graph, check))
             except Unavailable as why:
                 row["skipped"] = str(why)
             except torch.cuda.OutOfMemoryError:
@@ -247,6 +308,24 @@ def run(title: str, cases: Sequence[Case], providers: Sequence[Provider], modes:
     return rows
 
 
+def _measure_provider(case: Case, provider: Provider, inputs, modes: Sequence[str], graph: bool,
+                      check: Callable[[Any, torch.Tensor], dict] | None) -> dict:
+    """One provider on one case: its notes, the check's numbers, timings, rates, memory, tuning."""
+    row: dict = {}
+    forward, leaves, *notes = provider.setup(inputs)
+    row.update(*notes)
+    if check is not None:
+        with torch.no_grad():
+            row.update(check(inputs, forward()))
+    timings = measure(forward, leaves, [m for m in modes if m in (provider.modes or modes)], graph)
+    row.update(timings, **rates(case, timings))
+    if case.input_bytes:
+        row["peak_over_floor"] = (case.input_bytes + timings["peak_mem_bytes"]) / (2 * case.input_bytes)
+    if provider.tuning is not None:
+        row["tuning"] = provider.tuning()
+    return row
+
+
 def format_row(row: dict) -> str:
     head = f"{row['case']:<28} {row['provider']:<14}"
     if "skipped" in row:
@@ -254,6 +333,10 @@ def format_row(row: dict) -> str:
     parts = [f"{m} {row[f'{m}_ms']:.3f} ms " + (f"{row[f'{m}_gbps']:.0f} GB/s" if f"{m}_gbps" in row
                                                  else f"{row[f'{m}_tflops']:.0f} TFLOP/s")
              for m in MODES if f"{m}_ms" in row]
+    parts += [f"{m} graph {row[f'{m}_graph_ms']:.3f} ms" for m in MODES if f"{m}_graph_ms" in row]
+    if "graph_skipped" in row:
+        parts.append(f"graph skipped: {row['graph_skipped']}")
+    parts += [f"{key} {value:.2e}" for key, value in row.items() if key.startswith("err_")]
     floor = f" ({row['peak_over_floor']:.2f}x floor)" if "peak_over_floor" in row else ""
     return f"{head} " + " | ".join(parts) + f" | peak {row['peak_mem_bytes'] / 2**20:.0f} MiB{floor}"
 
@@ -265,17 +348,19 @@ def write(out_dir: str, title: str, env: dict, flop_convention: str, rows: list[
     lines = [f"# {title}", "", f"{env['gpu']}; torch {env['torch']}; triton {env['triton']}; commit {env['commit']} "
              f"(sources {env.get('source_sha1')}); {env['date']}", "", f"FLOP convention: {flop_convention}", "",
              "| case | provider | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB "
-             "| peak / floor |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak / floor | graph fwd ms | graph fwd+bwd ms | error |", "|---" * 13 + "|"]
     for row in rows:
         if "skipped" in row:
-            lines.append(f"| {row['case']} | {row['provider']} | skipped: {row['skipped']} ||||||||")
+            lines.append(f"| {row['case']} | {row['provider']} | skipped: {row['skipped']} |||||||||||")
             continue
         cells = []
         for m in MODES:
             rate = f"{row[f'{m}_gbps']:.0f} GB/s" if f"{m}_gbps" in row else f"{row.get(f'{m}_tflops', 0):.0f}"
             cells += [f"{row[f'{m}_ms']:.3f}", rate] if f"{m}_ms" in row else ["", ""]
         floor = f"{row['peak_over_floor']:.2f}" if "peak_over_floor" in row else ""
-        lines.append(f"| {row['case']} | {row['provider']} | " + " | ".join(cells) +
-                     f" | {row['peak_mem_bytes'] / 2**20:.0f} | {floor} |")
+        cells += [f"{row[f'{m}_graph_ms']:.3f}" if f"{m}_graph_ms" in row else "" for m in ("fwd", "fwd+bwd")]
+        cells.append(", ".join(f"{key} {value:.2e}" for key, value in row.items() if key.startswith("err_")))
+        lines.append(f"| {row['case']} | {row['provider']} | " + " | ".join(cells[:6]) +
+                     f" | {row['peak_mem_bytes'] / 2**20:.0f} | {floor} | " + " | ".join(cells[6:]) + " |")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-BACKEND_NAMES = ("torch", "triton", "cuda")
+BACKEND_NAMES = ("torch", "triton", "cuda", "flash")
 ENV_VAR = "MOCA_KERNELS_BACKEND"
 
 

@@ -1,13 +1,25 @@
 """Compile every Triton kernel variant for Hopper (sm_90a) without a GPU, and report its resources.
 
-    python -m moca_kernels.compile_check            # everything below, plus causal, deterministic, hdim 96/192, fp32
-    python -m moca_kernels.compile_check --quick    # bf16 autotuning candidates, hdim 64/80/128/256, non-causal (CI)
+    python -m moca_kernels.compile_check            # everything below, plus causal, hdim 96/192, fp32
+    python -m moca_kernels.compile_check --quick    # bf16 autotuning candidates of every design, hdim
+                                                    # 64/80/128/256, non-causal (CI)
 
 Triton compiles down to a cubin with its bundled LLVM and ptxas given only a target, so this
-catches what the CPU interpreter cannot: code that does not compile for the GPU, shared memory
-beyond the 227 KiB an sm_90 block may use, and matrix products that miss the Hopper tensor cores
-(no ``wgmma``): any of those exits with status 1. Register spills are reported (ptxas -v) and
-count as failures with ``--fail-on-spills``. Run it without ``TRITON_INTERPRET`` set.
+catches what the CPU interpreter cannot: code that does not compile for the GPU, and shared memory
+beyond the 227 KiB an sm_90 block may use. From the SASS (nvdisasm) it counts the matrix
+instructions and the work they execute: an ``HGMMA.MxNxK`` runs once per warpgroup, an
+``HMMA.16816`` (``mma.sync``) once per warp. Against that stands the useful work, the products of
+the tile as the kernel writes them (the ``tt.dot`` shapes of the TTIR, M x N x K each), so the
+ratio shows what the compiler adds: warpgroups that compute the same rows twice, instruction
+shapes wider than the tile. Head-dim padding is part of the useful work here (it is the kernel's
+choice, not the compiler's); for head dims that are a power of two or a power of two plus one of at
+least 16 (64, 80 = 64 + 16, 96, 128) there is none. Both counts are static, over the code as
+written: a loop body counts once on each side.
+
+A bf16/fp16 variant at a hot head dim (64, 80, 128) fails when its products miss wgmma (no
+``HGMMA``, or any ``HMMA``) or when it executes more than MAX_MMA_RATIO times the useful work;
+at other head dims these are warnings. Register spills (ptxas -v) are warnings, failures with
+``--fail-on-spills``. Every failure exits with status 1. Run it without ``TRITON_INTERPRET`` set.
 """
 from __future__ import annotations
 
@@ -19,10 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 SM90_MAX_SHARED = 232448
 HEAD_DIMS = (64, 80, 128, 256)
+HOT_HEAD_DIMS = (64, 80, 128)
+MAX_MMA_RATIO = 1.05
 
 
 INFO_NCE_INTS = ("n_rows", "n_cols", "dim", "cols_per_split", "col_offset", "size_class")
@@ -45,9 +60,9 @@ def _signature(kernel, pointers: dict[str, str]) -> dict[str, str]:
 
 def variants(quick: bool) -> list[dict]:
     """The (kernel, constexprs, warps, stages) the launchers can produce: every autotuning
-    candidate in bf16, and in full mode also causal, the deterministic backward, more head dims,
-    and float32 (first candidate of each class; exact IEEE products, which do not use wgmma and
-    are not a speed path)."""
+    candidate of every design in bf16, and in full mode also causal, more head dims, and float32
+    (first candidate of each design; exact IEEE products, which do not use wgmma and are not a
+    speed path). ``default`` marks the first candidate of a design, used without autotuning."""
     import triton
 
     from .varlen_attention import triton_kernels as tk
@@ -59,41 +74,46 @@ def variants(quick: bool) -> list[dict]:
         for head_dim in head_dims:
             d0, d1 = tk.head_dim_split(head_dim)
             dims = dict(HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, PRECISION=precision)
-            cls = tk.head_dim_class(head_dim)
+            common = dict(dtype=dtype, dots=dtype != "fp32", head_dim=head_dim)
 
-            common = dict(dtype=dtype, dots=dtype != "fp32")
-
-            def candidates(kernel):
-                every = tk.TUNING[kernel]["candidates"][cls]
-                return every if dtype == "bf16" else every[:1]
+            def configs(kernel, design):
+                every = tk.candidates(kernel, design, head_dim)
+                every = every if dtype == "bf16" else every[:1]
+                return [(c, i == 0) for i, c in enumerate(every)]
 
             for causal in (False,) if quick else (False, True):
                 tmas = (False, True) if dtype != "fp32" else (False,)  # launches never use TMA on float32
-                for (block, warps, stages), tma in itertools.product(candidates("fwd"), tmas):
-                    kv = dict.fromkeys(("K_TMA0", "K_TMA1", "V_TMA0", "V_TMA1"), dt)
-                    if tma:
-                        kv = {f"{x}_TMA{i}": f"tensordesc<{dtype}[{block},{piece or d0}]>"
-                              for x in "KV" for i, piece in enumerate((d0, d1))}
-                    out.append(dict(kernel="_varlen_attention_fwd_kernel",
-                                    pointers=dict(Q=dt, K=dt, V=dt, O=dt, LSE="*fp32", **kv),
-                                    constexprs=dict(HQ=16, GROUP=8, BLOCK_M=tk.grid_block("fwd", head_dim),
-                                                    BLOCK_N=block, CAUSAL=causal, USE_TMA=tma, **dims),
-                                    warps=warps, stages=stages, **common))
-                for atomic in (True,) if quick else (True, False):
-                    for block, warps, stages in candidates("bwd"):
-                        out.append(dict(kernel="_varlen_attention_bwd_kernel",
+                for design in tk.offered("fwd", head_dim):
+                    block_m = tk.grid_block("fwd", design, head_dim)
+                    for ((block, warps, stages), default), tma in itertools.product(configs("fwd", design), tmas):
+                        kv = dict.fromkeys(("K_TMA0", "K_TMA1", "V_TMA0", "V_TMA1"), dt)
+                        if tma:
+                            kv = {f"{x}_TMA{i}": f"tensordesc<{dtype}[{block},{piece or d0}]>"
+                                  for x in "KV" for i, piece in enumerate((d0, d1))}
+                        out.append(dict(kernel="_varlen_attention_fwd_kernel", design=design, default=default,
+                                        pointers=dict(Q=dt, K=dt, V=dt, O=dt, LSE="*fp32", **kv),
+                                        constexprs=dict(HQ=16, GROUP=8, BLOCK_M=block_m, BLOCK_N=block,
+                                                        CAUSAL=causal, USE_TMA=tma, ONE_LOOP=design == "short",
+                                                        **dims),
+                                        warps=warps, stages=stages, **common))
+                for design in tk.offered("bwd", head_dim):
+                    atomic = design == "atomic"
+                    for (block, warps, stages), default in configs("bwd", design):
+                        out.append(dict(kernel="_varlen_attention_bwd_kernel", design=design, default=default,
                                         pointers=dict(Q=dt, K=dt, V=dt, DO=dt, DK=dt, DV=dt, LSE="*fp32",
                                                       DELTA="*fp32", DQ="*fp32" if atomic else dt),
                                         constexprs=dict(HKV=2, GROUP=8, BLOCK_M=block,
-                                                        BLOCK_N=tk.grid_block("bwd", head_dim),
+                                                        BLOCK_N=tk.grid_block("bwd", design, head_dim),
                                                         CAUSAL=causal, ATOMIC_DQ=atomic, **dims),
                                         warps=warps, stages=stages, **common))
-                for block, warps, stages in candidates("bwd_dq"):
-                    out.append(dict(kernel="_varlen_attention_bwd_dq_kernel",
-                                    pointers=dict(Q=dt, K=dt, V=dt, DO=dt, DQ=dt, LSE="*fp32", DELTA="*fp32"),
-                                    constexprs=dict(HQ=16, GROUP=8, BLOCK_M=tk.grid_block("bwd_dq", head_dim),
-                                                    BLOCK_N=block, CAUSAL=causal, **dims),
-                                    warps=warps, stages=stages, **common))
+                    if atomic:
+                        continue
+                    for (block, warps, stages), default in configs("bwd_dq", design):
+                        out.append(dict(kernel="_varlen_attention_bwd_dq_kernel", design=design, default=default,
+                                        pointers=dict(Q=dt, K=dt, V=dt, DO=dt, DQ=dt, LSE="*fp32", DELTA="*fp32"),
+                                        constexprs=dict(HQ=16, GROUP=8, BLOCK_N=block, CAUSAL=causal,
+                                                        BLOCK_M=tk.grid_block("bwd_dq", design, head_dim), **dims),
+                                        warps=warps, stages=stages, **common))
             out.append(dict(kernel="_varlen_attention_bwd_preprocess_kernel",
                             pointers=dict(O=dt, DO=dt, LSE="*fp32", DLSE="*fp32", DELTA="*fp32"),
                             constexprs=dict(HEAD_DIM=head_dim, BLOCK_T=tk.preprocess_block_t(head_dim),
@@ -127,6 +147,43 @@ def info_nce_variants(quick: bool) -> list[dict]:
     return out
 
 
+# m x n x k of the mma.sync shapes, which SASS names by digits (HMMA.16816 is m16 n8 k16).
+HMMA_SHAPES = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}
+
+
+def mma_instructions(sass: str) -> Counter:
+    """Static count of each tensor-core instruction in a SASS listing (e.g. HGMMA.64x64x16.F32.BF16)."""
+    return Counter(re.findall(r"\b((?:HGMMA|HMMA)\.[0-9A-Za-z.]+)", sass))
+
+
+def executed_mma_work(instructions: Counter, num_warps: int) -> int:
+    """Multiply-adds the instructions execute per program: an HGMMA once per warpgroup of 4 warps,
+    an HMMA once per warp (every warp runs every instruction: no warp specialization here)."""
+    work = 0
+    for name, count in instructions.items():
+        shape = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", name)
+        if shape:
+            m, n, k = map(int, shape.groups())
+            work += count * m * n * k * max(1, num_warps // 4)
+        else:
+            m, n, k = HMMA_SHAPES[name.split(".")[1]]
+            work += count * m * n * k * num_warps
+    return work
+
+
+def useful_mma_work(ttir: str) -> int:
+    """Multiply-adds of the tile's products as the kernel writes them: M x N x K of each tt.dot."""
+    work = 0
+    for m, k, _, n in re.findall(r"tt\.dot .*?: tensor<(\d+)x(\d+)x\w+> \* tensor<(\d+)x(\d+)x\w+>", ttir):
+        work += int(m) * int(n) * int(k)
+    return work
+
+
+def _tool(name: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
 def compile_one(variant: dict) -> dict:
     """Compile one variant for sm_90a; return its resources and what is wrong with it."""
     import triton
@@ -136,8 +193,9 @@ def compile_one(variant: dict) -> dict:
     import importlib
     tk = importlib.import_module(variant.get("module", "moca_kernels.varlen_attention.triton_kernels"))
     kernel = getattr(tk, variant["kernel"])
-    label = f"{variant['kernel']} {variant['dtype']} " + " ".join(f"{k}={v}" for k, v in variant["constexprs"].items()
-                                                if k != "PRECISION") \
+    design = f"[{variant['design']}{', default' if variant.get('default') else ''}] " if "design" in variant else ""
+    label = f"{variant['kernel']} {design}{variant['dtype']} " + " ".join(
+        f"{k}={v}" for k, v in variant["constexprs"].items() if k != "PRECISION") \
         + f" warps={variant['warps']} stages={variant['stages']}"
     start = time.time()
     try:
@@ -154,28 +212,51 @@ def compile_one(variant: dict) -> dict:
             exc = exc.__cause__
         return dict(label=label, problems=[f"does not compile: {type(exc).__name__}: {str(exc)[-800:]}"])
     ptx = compiled.asm["ptx"]
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull],
+        report = subprocess.run([_tool("ptxas"), "-v", "--gpu-name=sm_90a", path, "-o", os.devnull],
                                 capture_output=True, text=True)
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
     text = report.stdout + report.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    instructions = mma_instructions(sass)
     result = dict(label=label, registers=int(regs.group(1)) if regs else None, spill_bytes=sum(spills),
-                  shared=compiled.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+                  shared=compiled.metadata.shared, mma=dict(sorted(instructions.items())),
                   seconds=round(time.time() - start, 1), problems=[], warnings=[])
     if report.returncode:
         result["problems"].append(f"ptxas failed: {text[-500:]}")
+    if not sass:
+        result["problems"].append("nvdisasm gave no SASS")
     if result["spill_bytes"]:
         result["warnings"].append(f"spills {result['spill_bytes']} bytes")
     if result["shared"] > SM90_MAX_SHARED:
         result["problems"].append(f"needs {result['shared']} bytes of shared memory (sm_90 max {SM90_MAX_SHARED})")
-    if variant["dots"] and not result["wgmma"]:
-        result["problems"].append("no wgmma: the products miss the Hopper tensor cores")
+    if variant["dots"]:
+        useful = useful_mma_work(compiled.asm["ttir"])
+        result["mma_ratio"] = executed_mma_work(instructions, variant["warps"]) / useful if useful else None
+        mma_problems = []
+        if not any(name.startswith("HGMMA") for name in instructions):
+            mma_problems.append("no wgmma (HGMMA): the products miss the Hopper tensor cores")
+        hmma = sum(n for name, n in instructions.items() if name.startswith("HMMA"))
+        if hmma:
+            mma_problems.append(f"{hmma} mma.sync (HMMA) instructions")
+        if result["mma_ratio"] is not None and result["mma_ratio"] > MAX_MMA_RATIO:
+            mma_problems.append(f"executes {result['mma_ratio']:.2f}x the useful MMA work")
+        # Head dims off the hot list (e.g. 256) are reported, not failed.
+        result["problems" if variant.get("head_dim", HOT_HEAD_DIMS[0]) in HOT_HEAD_DIMS else "warnings"] += \
+            mma_problems
     return result
+
+
+def _mma_summary(mma: dict) -> str:
+    """``{"HGMMA.64x64x16.F32.BF16": 16}`` -> ``HGMMA.64x64x16 x16``."""
+    return ", ".join(f"{'.'.join(name.split('.')[:2])} x{count}" for name, count in mma.items()) or "none"
 
 
 def main(argv=None) -> int:
@@ -194,8 +275,11 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for result in pool.map(compile_one, todo):
             if "registers" in result:
+                ratio = result.get("mma_ratio")
                 line = (f"{result['label']}: {result['registers']} regs, {result['spill_bytes']} B spilled, "
-                        f"{result['shared']} B shared, {result['wgmma']} wgmma, {result['seconds']} s")
+                        f"{result['shared']} B shared, MMA {_mma_summary(result['mma'])}"
+                        + (f", executed/useful MMA {ratio:.2f}" if ratio is not None else "")
+                        + f", {result['seconds']} s")
             else:
                 line = result["label"]
             problems = result["problems"] + (result.get("warnings", []) if args.fail_on_spills else [])

@@ -29,6 +29,30 @@ def test_list_shows_cases_and_providers():
     assert "case moca-64k: {'docs': " in result.stdout and "'tokens': 65536" in result.stdout
 
 
+def _device_step(name: str) -> list[str]:
+    """The command of one step of benchmarks/device_check.sh, as words (continuation lines joined)."""
+    import shlex
+    script = open(os.path.join(BENCH, "device_check.sh")).read().replace("\\\n", " ")
+    line = next(line for line in script.splitlines() if line.startswith(f"step {name} "))
+    return shlex.split(line.replace('"$OUT', '"/tmp/out'))[3:]
+
+
+def test_device_script_parses_and_its_attention_step_lists():
+    # The device run cannot happen here: the script must at least parse, and the benchmark
+    # command of its attention step must name cases and providers that exist (--list runs it
+    # without a GPU).
+    result = subprocess.run(["bash", "-n", os.path.join(BENCH, "device_check.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    words = _device_step("attention_designs")
+    assert words[:2] == ["python", "benchmarks/bench_attention.py"] and "--graph" in words and "--check" in words
+    result = _bench(*words[2:], "--list")
+    assert result.returncode == 0, result.stderr
+    for case in ("moca-16k", "docs400-16k", "long-8k", "vision-windows"):
+        assert f"case {case}:" in result.stdout
+    for provider in ("moca-fwd-wide", "moca-fwd-short", "moca-bwd-atomic", "moca-bwd-split", "varlen-attn", "flex"):
+        assert f"provider {provider} " in result.stdout
+
+
 def test_unknown_case_is_refused():
     result = _bench("--cases", "no-such-case")
     assert result.returncode != 0 and "unknown case(s) ['no-such-case']" in result.stderr
@@ -40,25 +64,58 @@ def test_run_without_gpu_says_why():
     assert result.returncode != 0 and "no CUDA device here" in result.stderr
 
 
-@pytest.mark.parametrize("provider", ["moca", "moca-tma", "sdpa-padded", "sdpa-njt"])
+ATTENTION_ON_CPU = ["moca", "moca-fwd-wide", "moca-fwd-short", "moca-bwd-atomic", "moca-bwd-split", "moca-tma",
+                    "sdpa-padded", "sdpa-njt"]
+
+
+@pytest.mark.parametrize("provider", ATTENTION_ON_CPU)
 def test_provider_computes_the_same_attention(provider, device):
+    # Each provider in its own environment (a forced design, TMA on), forward and backward, and
+    # the benchmark's error check against a float32 computation.
+    import harness
     spec = dict(lengths=("random", 150, 5, 70), hq=4, hkv=2, dim=64)
     dtype = torch.float16 if provider == "moca-tma" else torch.float32  # float32 never takes TMA
     case = bench_attention.make_case("tiny", dtype, str(device), spec)
     x = case.inputs()
     expected = varlen_attention(x["q"], x["k"], x["v"], x["cu"], backend="torch")
-    forward, leaves, *notes = bench_attention.PROVIDERS[provider].setup(x)
-    out = forward()
+    chosen = bench_attention.PROVIDERS[provider]
+    with harness.environment_set(chosen.env):
+        forward, leaves, *notes = chosen.setup(x)
+        out = forward()
+        out.sum().backward()
+    errors = bench_attention.error_check(x, out.detach())
     if provider == "sdpa-padded":  # (B, H, S, D) -> packed rows
+        assert errors == {}
         lengths = torch.tensor(x["lengths"], device=out.device)
         out = out.transpose(1, 2)[torch.arange(out.shape[2], device=out.device)[None, :] < lengths[:, None]]
+    else:
+        assert set(errors) == ({"err_vs_fp32", "err_vs_fa2"} if device.type == "cuda" else {"err_vs_fp32"})
+        assert errors["err_vs_fp32"] < (2e-3 if dtype == torch.float16 else 1e-5)
     tolerance = 2e-3 if dtype == torch.float16 else 1e-5
     torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
-    out.sum().backward()
     assert all(leaf.grad is not None and torch.isfinite(leaf.grad).all() for leaf in leaves)
     assert case.fwd_flops == 4 * sum(n * n for n in x["lengths"]) * 4 * 64
-    if provider == "moca-tma":
-        assert notes and notes[0]["max_abs_diff_vs_moca"] < 1e-3
+
+
+def test_design_providers_force_their_design(device, monkeypatch):
+    # moca-fwd-short really runs the short forward, moca-bwd-split the split backward.
+    import harness
+    from moca_kernels.varlen_attention import triton_kernels
+    seen = []
+    for name in ("_forward", "_backward"):
+        original = getattr(triton_kernels, name)
+        monkeypatch.setattr(triton_kernels, name, lambda design, *a, _f=original: seen.append(design) or _f(design, *a))
+    case = bench_attention.make_case("tiny", torch.float32, str(device), dict(lengths=("random", 90, 5, 40), hq=2,
+                                                                              hkv=1, dim=32))
+    x = case.inputs()
+    for provider, expected in (("moca-fwd-short", "short"), ("moca-bwd-split", "split")):
+        chosen = bench_attention.PROVIDERS[provider]
+        seen.clear()
+        with harness.environment_set(chosen.env):
+            forward, _ = chosen.setup(x)
+            forward().sum().backward()
+        assert expected in seen
+    assert triton_kernels.DESIGN_ENV["fwd"] not in os.environ and triton_kernels.DESIGN_ENV["bwd"] not in os.environ
 
 
 def test_infonce_list_shows_cases_and_providers():
@@ -137,25 +194,21 @@ def test_linear_ce_provider_computes_the_same_loss(provider, device):
 
 class _FakeEvent:
     elapsed = 1.0
+    log: list = []
 
     def __init__(self, enable_timing=False):
         pass
 
     def record(self):
-        pass
+        _FakeEvent.log.append("record")
 
     def elapsed_time(self, other):
         return _FakeEvent.elapsed
 
 
-@pytest.mark.parametrize("first_call_ms", [1.0, 500.0])
-def test_measure_and_write_without_a_gpu(first_call_ms, tmp_path, monkeypatch):
-    # The timing plumbing with a stand-in timer and memory counters: each mode's time (do_bench's
-    # median, or for calls over LONG_CALL_MS the mean of two event-timed calls), rates by the
-    # case's FLOP count, the peak against the inputs' floor, and the result files.
+def _fake_gpu(monkeypatch, first_call_ms=1.0):
+    """Stand-ins for the CUDA timer and memory counters; returns the list of do_bench calls."""
     import triton.testing
-
-    import harness
     calls = []
 
     def fake_do_bench(fn, warmup, rep, grad_to_none=None, return_mode="mean"):
@@ -166,24 +219,78 @@ def test_measure_and_write_without_a_gpu(first_call_ms, tmp_path, monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     monkeypatch.setattr(_FakeEvent, "elapsed", first_call_ms)
+    monkeypatch.setattr(_FakeEvent, "log", [])
     for name, value in [("synchronize", None), ("reset_peak_memory_stats", None), ("memory_allocated", 100),
                         ("max_memory_allocated", 612)]:
         monkeypatch.setattr(torch.cuda, name, lambda *a, value=value: value)
+    return calls
+
+
+@pytest.mark.parametrize("first_call_ms", [1.0, 500.0])
+def test_measure_and_write_without_a_gpu(first_call_ms, tmp_path, monkeypatch):
+    # The timing plumbing with a stand-in timer and memory counters: each mode's time (do_bench's
+    # median, or for calls over LONG_CALL_MS the mean of two event-timed calls), rates by the
+    # case's FLOP count, the peak against the inputs' floor, and the result files.
+    import harness
+    calls = _fake_gpu(monkeypatch, first_call_ms)
     x = torch.randn(8, 4, requires_grad=True)
-    timings = harness.measure(lambda: (x * 3).sum(0), [x], harness.MODES)
+
+    def forward():
+        _FakeEvent.log.append("call")
+        return (x * 3).sum(0)
+
+    timings = harness.measure(forward, [x], harness.MODES)
     ms = 2.0 if first_call_ms < harness.LONG_CALL_MS else first_call_ms
     assert timings == {"fwd_ms": ms, "bwd_ms": ms, "fwd+bwd_ms": ms, "peak_mem_bytes": 512}
     assert calls == (["median"] * 3 if first_call_ms < harness.LONG_CALL_MS else [])
+    # The forward timing starts with an untimed call (compilation and autotuning), then the timed
+    # call that decides how to time it.
+    assert _FakeEvent.log[1:5] == ["call", "record", "call", "record"]
     if first_call_ms > harness.LONG_CALL_MS:
         return
     case = harness.Case("c", {"tokens": 8}, fwd_flops=4e9)
     assert harness.rates(case, timings) == {"fwd_tflops": 2.0, "bwd_tflops": 5.0, "fwd+bwd_tflops": 7.0}
     row = {"case": "c", "tokens": 8, "provider": "p", **timings, **harness.rates(case, timings),
-           "peak_over_floor": 1.25}
+           "peak_over_floor": 1.25, "fwd_graph_ms": 1.5, "err_vs_fa2": 3e-3}
     harness.write(str(tmp_path), "t", {"gpu": "g", "torch": "1", "triton": "2", "commit": "c", "date": "d"}, "conv",
                   [row, {"case": "c", "provider": "q", "skipped": "why"}])
     table = (tmp_path / "results.md").read_text()
-    assert "| c | p | 2.000 | 2 | 2.000 | 5 | 2.000 | 7 | 0 | 1.25 |" in table and "skipped: why" in table
+    assert "| c | p | 2.000 | 2 | 2.000 | 5 | 2.000 | 7 | 0 | 1.25 | 1.500 |  | err_vs_fa2 3.00e-03 |" in table
+    assert "skipped: why" in table
+
+
+def test_run_records_tuning_errors_and_graph_times(tmp_path, monkeypatch):
+    # run() with a stand-in GPU: each provider's autotuner choices (read after its timing), the
+    # check's error numbers, and the CUDA-graph replay times land in the row and the JSON.
+    import json
+
+    import harness
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(harness, "_graph_ms", lambda fn, leaves: 0.25)
+    chosen = {}
+
+    def setup(inputs):
+        x = inputs.detach().clone().requires_grad_()
+        chosen["fwd"] = None  # set once the provider has run: what a real autotuner does
+
+        def forward():
+            chosen["fwd"] = "BLOCK_N: 64, num_warps: 4"
+            return x * 2
+
+        return forward, [x]
+
+    provider = harness.Provider("p", setup, tuning=lambda: dict(chosen))
+    case = harness.Case("c", {}, fwd_flops=1e9, inputs=lambda: torch.ones(3))
+    rows = harness.run("t", [case], [provider], harness.MODES, str(tmp_path), "conv", log=lambda *_: None,
+                       graph=True, check=lambda inputs, out: {"err_vs_base": (out - 2 * inputs).abs().max().item()})
+    assert rows[0]["tuning"] == {"fwd": "BLOCK_N: 64, num_warps: 4"}
+    assert rows[0]["err_vs_base"] == 0.0
+    assert rows[0]["fwd_graph_ms"] == 0.25 and rows[0]["fwd+bwd_graph_ms"] == 0.25
+    saved = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert saved["tuning"] == rows[0]["tuning"] and saved["fwd_graph_ms"] == 0.25
 
 
 def test_train_step_benchmark_compares_like_with_like(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moca_kernels import varlen_attention
 from moca_kernels.varlen import lengths_to_cu_seqlens
@@ -68,17 +69,115 @@ def check_against_reference(lens_q, lens_k, hq, hkv, dim, dtype, device, causal,
     return out, lse, grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["mha", "gqa"])
-@pytest.mark.parametrize("dim", [64, 80, 128])
-def test_matches_reference(dim, heads, causal, dtype, device):
+def use_designs(monkeypatch, fwd: str, bwd: str) -> None:
+    monkeypatch.setenv(triton_kernels.DESIGN_ENV["fwd"], fwd)
+    monkeypatch.setenv(triton_kernels.DESIGN_ENV["bwd"], bwd)
+
+
+# Each forward design with one backward design: (wide, atomic) and (short, split).
+DESIGN_PAIRS = list(zip(triton_kernels.DESIGNS["fwd"], triton_kernels.DESIGNS["bwd"]))
+
+
+def _reference_cases():
+    """hdim 64/80/128 x causal x (fp32, fp16) with two heads, each under one pair of designs,
+    alternating so that every pair meets every head dim and dtype, causal and not; GQA 8:1 on the
+    same grid at hdim 64, and once per pair at hdim 80 and 128 (the interpreter is slow: these
+    few cover what the head layout changes)."""
+    cases = []
+
+    def add(dim, heads, causal, dtype, designs):
+        layout = "gqa8" if heads == (8, 1) else "mha"
+        name = f"{dim}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-{'-'.join(designs)}"
+        cases.append(pytest.param(dim, heads, causal, dtype, designs, id=name))
+
+    for i, dim in enumerate([64, 80, 128]):
+        for causal in (False, True):
+            for j, dtype in enumerate((torch.float32, torch.float16)):
+                designs = DESIGN_PAIRS[(i + causal + j) % len(DESIGN_PAIRS)]
+                add(dim, (2, 2), causal, dtype, designs)
+                if dim == 64:
+                    add(dim, (8, 1), causal, dtype, designs)
+    add(80, (8, 1), True, torch.float16, DESIGN_PAIRS[0])
+    add(128, (8, 1), False, torch.float16, DESIGN_PAIRS[1])
+    return cases
+
+
+@pytest.mark.parametrize("dim,heads,causal,dtype,designs", _reference_cases())
+def test_matches_reference(dim, heads, causal, dtype, designs, device, monkeypatch):
+    use_designs(monkeypatch, *designs)
     check_against_reference(LENGTHS, LENGTHS, *heads, dim, dtype, device, causal, seed=dim + causal)
 
 
-@pytest.mark.parametrize("dim", [8, 40, 96, 200, 256])
+def test_choose_design_times_once_and_remembers(monkeypatch):
+    # On a GPU with autotuning on: each design of a shape class is timed once, the fastest kept
+    # (also for later calls, CUDA-graph capture included); the environment and determinism override.
+    import triton.testing
+    monkeypatch.setattr(triton_kernels, "triton_interpret", lambda: False)
+    monkeypatch.setattr(triton_kernels, "autotune_off", lambda: False)
+    monkeypatch.setattr(triton_kernels, "_DESIGN_CHOICE", {})
+    timed = []
+    speed = {"atomic": 3.0, "split": 2.0}
+
+    def fake_do_bench(fn, return_mode):
+        return speed[fn()]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+
+    def run(design):
+        timed.append(design)
+        return design
+
+    names = ("atomic", "split")
+    assert triton_kernels.choose_design("bwd", names, ("k",), run) == "split"
+    assert timed == ["atomic", "split"]
+    assert triton_kernels.choose_design("bwd", names, ("k",), run) == "split" and len(timed) == 2
+    speed.update(atomic=1.0)
+    assert triton_kernels.choose_design("bwd", names, ("other",), run) == "atomic"
+    assert triton_kernels.choose_design("bwd", names, ("k",), run, forced="atomic") == "atomic"
+    monkeypatch.setenv(triton_kernels.DESIGN_ENV["bwd"], "atomic")
+    assert triton_kernels.choose_design("bwd", names, ("k",), run) == "atomic" and len(timed) == 4
+    assert "split" in triton_kernels.tuning_report()["designs"].values()
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_design_names_are_checked(kind, device, monkeypatch):
+    monkeypatch.setenv(triton_kernels.DESIGN_ENV[kind], "no-such-design")
+    problem = make_problem([5, 9], [5, 9], 2, 1, 64, torch.float32, device, seed=18)
+    with pytest.raises(ValueError, match=f"{triton_kernels.DESIGN_ENV[kind]}='no-such-design'"):
+        run(*problem, backend="triton")
+
+
+def test_each_design_runs_its_own_kernels(device, monkeypatch):
+    # The forced design is the one launched: the short forward's one loop, the split backward's dQ kernel.
+    seen = []
+    for name in ("_fwd", "_bwd", "_bwd_dq"):
+        tuner = getattr(triton_kernels, name)
+        monkeypatch.setattr(tuner, "run", lambda *a, _run=tuner.run, _name=name, **kw: seen.append(
+            (_name, kw.get("ONE_LOOP", kw.get("ATOMIC_DQ")))) or _run(*a, **kw))
+    problem = make_problem([5, 70], [5, 70], 2, 1, 64, torch.float32, device, seed=19)
+    for fwd, bwd in DESIGN_PAIRS:
+        use_designs(monkeypatch, fwd, bwd)
+        seen.clear()
+        run(*problem, backend="triton")
+        expected = [("_fwd", fwd == "short"), ("_bwd", bwd == "atomic")]
+        expected += [("_bwd_dq", None)] if bwd == "split" else []
+        assert seen == expected
+
+
+def test_designs_on_offer():
+    # A design serves a head dim only where each of its kernels has a candidate whose products
+    # all fit wgmma: hdim 136 (128 + a padded 16) has no atomic candidate, large dims no short forward.
+    assert triton_kernels.offered("fwd", 128) == ("wide", "short")
+    assert triton_kernels.offered("fwd", 256) == ("wide",)
+    assert triton_kernels.offered("bwd", 128) == ("atomic", "split")
+    assert triton_kernels.offered("bwd", 136) == ("split",)
+    assert [c[0] for c in triton_kernels.candidates("bwd", "atomic", 80)] == [64]
+
+
+@pytest.mark.parametrize("dim", [8, 40, 96, 136, 200, 256])
 def test_other_head_dims(dim, device):
-    # 8: below the smallest dot operand; 40, 200: split with a padded remainder; 96: 64 + 32; 256: the largest
+    # 8: below the smallest dot operand; 40, 200: split with a padded remainder; 96: 64 + 32; 136: no
+    # atomic backward on offer; 256: the largest
     check_against_reference([1, 33, 70], [1, 33, 70], 2, 1, dim, torch.float32, device, causal=False, seed=dim)
 
 
@@ -145,17 +244,84 @@ def test_only_lse_used(device):
         assert_close(g, ref, torch.float32, f"d{name}")
 
 
-def test_in_place_change_of_cu_seqlens_is_seen(device):
+class _OpLog(TorchDispatchMode):
+    """The aten operators that run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _count_tile_builds(monkeypatch) -> list:
+    built = []
+    original = triton_kernels.build_tiles
+    monkeypatch.setattr(triton_kernels, "build_tiles", lambda *a: built.append(a[3]) or original(*a))
+    return built
+
+
+# The torch operators that build a tile list (the Triton interpreter adds copies of its own).
+TILE_OPS = {"aten.sort", "aten.cumsum", "aten.searchsorted", "aten.arange", "aten.where", "aten.index"}
+
+
+def test_repeated_calls_launch_no_tile_building(device, monkeypatch):
+    # Every layer of a model calls with the same cu_seqlens: only the first call reads and tiles
+    # them; later forwards and backwards (over both tilings) run the attention kernels alone.
+    built = _count_tile_builds(monkeypatch)
+    q, k, v, cu, _, dout, _ = make_problem([40, 0, 90], [40, 0, 90], 4, 2, 64, torch.float32, device, seed=16)
+    first = run(q, k, v, cu, cu, dout, torch.zeros(4, 130, device=device), backend="triton")
+    tilings = len(built)
+    assert tilings >= 2, "the forward and the dK/dV kernel tile differently"
+    out = varlen_attention(q, k, v, cu, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert len(built) == tilings, "a repeated call built tile lists again"
+    torch.testing.assert_close(out, first[0], rtol=0, atol=0)
+    for g, g_first in zip(grads, first[2]):
+        torch.testing.assert_close(g, g_first, rtol=1e-6, atol=1e-6)
+    # Below the op: what runs besides the kernels, on a first and on a repeated call.
+    memo = {}
+    for call in ("first", "repeated"):
+        log = _OpLog()
+        with log:
+            o, lse = triton_kernels.forward(q.detach(), k.detach(), v.detach(), cu, cu, 0.125, False, memo)
+            triton_kernels.backward(dout, None, q.detach(), k.detach(), v.detach(), o, lse, cu, cu, 0.125, False,
+                                    False, memo)
+        tile_work = TILE_OPS & set(log.ops)
+        if call == "first":
+            assert tile_work, "the op log must see the tile lists being built"
+        else:
+            assert not tile_work, f"a repeated call ran tile-building operators {sorted(tile_work)}"
+
+
+def test_in_place_change_of_cu_seqlens_is_seen(device, monkeypatch):
+    built = _count_tile_builds(monkeypatch)
     q, k, v, cu, _, _, _ = make_problem([40, 60], [40, 60], 2, 1, 64, torch.float32, device, seed=13)
     before = varlen_attention(q, k, v, cu, backend="triton")
+    varlen_attention(q, k, v, cu, backend="triton")
+    assert len(built) == 1
     cu[1] = 70  # tracked by the version counter: the documents are checked and tiled again
     after = varlen_attention(q, k, v, cu, backend="triton")
+    assert len(built) == 2
     ref = varlen_attention(q.double(), k.double(), v.double(), cu, backend="torch")
     assert_close(after, ref, torch.float32, "out after the change")
     assert (after - before).abs().max() > 1e-3
     cu[1] = 101
     with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
         varlen_attention(q, k, v, cu, backend="triton")
+
+
+def test_cache_entries_go_with_their_tensors(device):
+    from moca_kernels.varlen_attention.op import _CACHE
+    q, k, v, _, _, _, _ = make_problem([10, 20], [10, 20], 2, 1, 16, torch.float32, device, seed=17)
+    before = len(_CACHE)
+    cu = lengths_to_cu_seqlens([10, 20], device)
+    varlen_attention(q, k, v, cu, backend="triton")
+    assert len(_CACHE) == before + 1
+    del cu
+    assert len(_CACHE) == before
 
 
 @pytest.mark.parametrize("dim,heads", [(64, (4, 1)), (80, (4, 2)), (72, (2, 1)), (128, (2, 2))])
@@ -199,12 +365,18 @@ def test_tma_falls_back_where_rows_are_not_aligned(device, monkeypatch):
     assert triton_kernels._tma_descriptors(k, *triton_kernels.head_dim_split(64)) is None
 
 
-def test_deterministic_backward(device):
+def test_deterministic_backward(device, monkeypatch):
     # Bitwise equality of two runs only means something on a GPU (the interpreter runs atomics in
-    # order); the comparison with the reference holds everywhere.
+    # order); the comparison with the reference holds everywhere. deterministic=True takes the
+    # split design (no atomics) even where the environment asks for the atomic one.
+    monkeypatch.setenv(triton_kernels.DESIGN_ENV["bwd"], "atomic")
+    designs = []
+    original = triton_kernels._backward
+    monkeypatch.setattr(triton_kernels, "_backward", lambda design, *a: designs.append(design) or original(design, *a))
     problem = make_problem([5, 140, 61], [5, 140, 61], 4, 2, 80, torch.float32, device, seed=3)
     first = run(*problem, backend="triton", deterministic=True)[2]
     second = run(*problem, backend="triton", deterministic=True)[2]
+    assert designs == ["split", "split"]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     ref_grads = reference64(*problem)[2]
     for name, g, ref in zip("qkv", first, ref_grads):
@@ -216,7 +388,7 @@ def test_deterministic_follows_torch_flag(device, monkeypatch):
     original = triton_kernels.backward
 
     def spy(*args):
-        seen.append(args[-1])  # the deterministic flag
+        seen.append(args[-2])  # the deterministic flag (the last argument is the tile memo)
         return original(*args)
 
     problem = make_problem([20, 7], [20, 7], 2, 2, 64, torch.float32, device, seed=4)
@@ -338,6 +510,83 @@ def test_automatic_backend_on_cpu_is_the_reference(monkeypatch):
     monkeypatch.setattr(triton_kernels, "forward", lambda *args: seen.append(args))
     out = varlen_attention(**_good())
     assert seen == [] and out.shape == (10, 4, 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# backend="flash" (FlashAttention-2)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal given without a GPU")
+def test_flash_backend_refuses_cpu_tensors():
+    with pytest.raises(ValueError, match="backend='flash' cannot run varlen_attention here: FlashAttention-2 runs on "
+                                         "CUDA tensors only, got cpu tensors"):
+        varlen_attention(**_good(), backend="flash")
+    args = {name: (x.half() if name in "qkv" else x) for name, x in _good().items()}
+    with pytest.raises(ValueError, match="FlashAttention-2 runs on CUDA tensors only"):
+        varlen_attention(**args, backend="flash")
+
+
+def test_flash_backend_reasons():
+    from moca_kernels.varlen_attention.flash import flash_reasons
+    assert "float32 inputs (FlashAttention-2 takes float16 or bfloat16)" in " ".join(
+        flash_reasons(torch.device("cpu"), torch.float32))
+    assert any("CUDA tensors only" in r for r in flash_reasons(torch.device("cpu"), torch.bfloat16))
+
+
+def _pretend_flash_can_run(monkeypatch):
+    """The registry's flash backend with no reasons against it: the per-call checks run next."""
+    import dataclasses
+
+    from moca_kernels._registry import REGISTRY
+    entry = REGISTRY["varlen_attention"]
+    backends = tuple(dataclasses.replace(b, reasons=lambda device, dtype: []) if b.name == "flash" else b
+                     for b in entry.backends)
+    monkeypatch.setattr(entry, "backends", backends)
+
+
+def test_flash_backend_is_never_picked_automatically(monkeypatch):
+    from moca_kernels._registry import select_backend
+    _pretend_flash_can_run(monkeypatch)
+    assert select_backend("varlen_attention", None, torch.device("cpu"), torch.float16) == "torch"
+    assert select_backend("varlen_attention", "flash", torch.device("cpu"), torch.float16) == "flash"
+
+
+@pytest.mark.parametrize("dim,message", [(12, "multiple of 8"), (264, "between 1 and 256")])
+def test_flash_backend_head_dim_limits(dim, message, monkeypatch):
+    _pretend_flash_can_run(monkeypatch)
+    q, k, v = torch.randn(10, 2, dim).half(), torch.randn(10, 1, dim).half(), torch.randn(10, 1, dim).half()
+    with pytest.raises(ValueError, match=message):
+        varlen_attention(q, k, v, torch.tensor([0, 4, 10], dtype=torch.int32), backend="flash")
+
+
+def test_flash_backend_refuses_a_differentiable_lse(monkeypatch):
+    _pretend_flash_can_run(monkeypatch)
+    q = torch.randn(10, 2, 64, dtype=torch.float16, requires_grad=True)
+    k, v = torch.randn(10, 1, 64, dtype=torch.float16), torch.randn(10, 1, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="backend='flash' cannot differentiate lse"):
+        varlen_attention(q, k, v, torch.tensor([0, 4, 10], dtype=torch.int32), return_lse=True, backend="flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dim,heads", [(128, (16, 2)), (80, (8, 8)), (64, (8, 1))])
+def test_flash_backend_matches_reference_gpu(dim, heads, causal):
+    # FlashAttention-2 behind the op's contract: output, lse (-inf where no key), gradients.
+    lens_q, lens_k = [0, 1, 17, 129, 300, 40], [3, 1, 17, 129, 300, 0]
+    q, k, v, cu_q, cu_k, dout, _ = make_problem(lens_q, lens_k, *heads, dim, torch.bfloat16, "cuda", seed=dim)
+    out = varlen_attention(q, k, v, cu_q, cu_k, causal=causal, backend="flash")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    with torch.no_grad():
+        _, lse = varlen_attention(q, k, v, cu_q, cu_k, causal=causal, return_lse=True, backend="flash")
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, ref_lse = varlen_attention(*leaves, cu_q, cu_k, causal=causal, return_lse=True, backend="torch")
+    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=2e-2, rtol=0)
+    for name, mine, exact in zip(["out", "dq", "dk", "dv"], (out, *grads), (ref, *ref_grads)):
+        err = (mine.double() - exact).abs().max().item() / max(1.0, exact.abs().max().item())
+        assert err < 3e-2, f"{name}: relative error {err:.3e}"
 
 
 # ------------------------------------------------------------------------------------------------

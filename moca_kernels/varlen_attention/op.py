@@ -4,24 +4,30 @@ from __future__ import annotations
 import math
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from .._registry import TORCH, TRITON, last_dim_contiguous, register_op, select_backend
+from .._registry import TORCH, TRITON, Backend, last_dim_contiguous, register_op, select_backend
 from ..varlen import check_cu_seqlens, check_cu_seqlens_layout
+from .flash import check_call, flash_reasons, flash_varlen_attention
 from .reference import varlen_attention_reference
 
 OP = "varlen_attention"
 MAX_HEAD_DIM = 256
-register_op(OP, [TRITON, TORCH])
+# FlashAttention-2 serves only when asked for: the default stays the Triton kernel until a GPU
+# run shows the peer faster on a workload.
+FLASH = Backend("flash", flash_reasons, auto=lambda device: False)
+register_op(OP, [TRITON, FLASH, TORCH])
 
 
 class _ValueCache:
     """Results derived from the values of small index tensors (``cu_seqlens``), kept while the very
     same tensor objects are alive and unmodified (by PyTorch: writes through numpy, DLPack or a
     kernel of one's own do not bump the version counter and go unseen). Every layer of a model
-    sees the same ``cu_seqlens`` object, so its values are read and checked once per batch."""
+    sees the same ``cu_seqlens`` object, so its values are read, checked and tiled once per batch,
+    for the forward and the backward alike. An entry goes when one of its tensors is freed."""
 
     def __init__(self, size: int = 64):
         self._entries: OrderedDict = OrderedDict()
@@ -37,21 +43,34 @@ class _ValueCache:
             self._entries.move_to_end(key)
             return hit[2]
         value = compute()
-        self._entries[key] = ([weakref.ref(t) for t in tensors], stamp, value)
+        forget = lambda _ref, entries=self._entries, key=key: entries.pop(key, None)  # noqa: E731
+        self._entries[key] = ([weakref.ref(t, forget) for t in tensors], stamp, value)
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
         return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 _CACHE = _ValueCache()
 
 
-def _documents(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> tuple[int, int]:
-    """Validate the values of ``cu_seqlens_*`` (cached); return the longest query and key documents."""
+@dataclass
+class Documents:
+    """What every call over one pair of ``cu_seqlens`` shares: the longest query and key documents
+    (read once on the host) and the kernels' tile lists, built on first use for each (tiling,
+    block) and kept with the pair (``triton_kernels.tiles``)."""
+    longest_q: int
+    longest_k: int
+    tiles: dict = field(default_factory=dict)
+
+
+def _documents(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> Documents:
+    """Validate the values of ``cu_seqlens_*`` (cached with their tile lists)."""
     def check():
-        longest_q = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
-        longest_k = check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
-        return longest_q, longest_k
+        return Documents(check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q"),
+                         check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k"))
     return _CACHE.get((cu_seqlens_q, cu_seqlens_k), ("documents", q.shape[0], k.shape[0]), check)
 
 
@@ -77,11 +96,11 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     """Triton forward. Returns (out like q, lse float32 (Hq, total_q)). ``deterministic`` is kept
     for the backward."""
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
-    longest_q, longest_k = _documents(q, k, cu_seqlens_q, cu_seqlens_k)
-    _check_offsets(longest_q, ("q", q))
-    _check_offsets(longest_k, ("k", k), ("v", v))
+    docs = _documents(q, k, cu_seqlens_q, cu_seqlens_k)
+    _check_offsets(docs.longest_q, ("q", q))
+    _check_offsets(docs.longest_k, ("k", k), ("v", v))
     with torch.cuda.device_of(q):  # Triton launches on the current device, not the tensors'
-        return _triton_impl().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+        return _triton_impl().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, docs.tiles)
 
 
 @varlen_attention_fwd.register_fake
@@ -98,12 +117,12 @@ def varlen_attention_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: to
     q, k, v, out, dout = (last_dim_contiguous(x) for x in (q, k, v, out, dout))
     if dlse is not None:  # the kernels index it like lse; autograd may hand in an expanded view
         dlse = dlse.contiguous()
-    longest_q, longest_k = _documents(q, k, cu_seqlens_q, cu_seqlens_k)
-    _check_offsets(longest_q, ("q", q), ("out", out), ("dout", dout))
-    _check_offsets(longest_k, ("k", k), ("v", v))
+    docs = _documents(q, k, cu_seqlens_q, cu_seqlens_k)
+    _check_offsets(docs.longest_q, ("q", q), ("out", out), ("dout", dout))
+    _check_offsets(docs.longest_k, ("k", k), ("v", v))
     with torch.cuda.device_of(q):
         return _triton_impl().backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
-                                       causal, deterministic)
+                                       causal, deterministic, docs.tiles)
 
 
 @varlen_attention_bwd.register_fake
@@ -183,8 +202,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return_lse: also return the log-sum-exp, float32 ``(Hq, total_q)``, natural log.
         deterministic: a backward without atomics (dQ by its own kernel; slower). Also on when
             ``torch.use_deterministic_algorithms(True)`` is in effect.
-        backend: ``"triton"``, ``"torch"`` or None (the ``MOCA_KERNELS_BACKEND`` variable, else the
-            fastest one available: Triton on CUDA tensors, the torch reference otherwise).
+        backend: ``"triton"``, ``"torch"``, ``"flash"`` or None (the ``MOCA_KERNELS_BACKEND``
+            variable, else the fastest one available: Triton on CUDA tensors, the torch reference
+            otherwise). ``"flash"`` is FlashAttention-2 (``torch.nn.attention.varlen``, or the
+            ``flash_attn`` package): CUDA, float16/bfloat16, head dims a multiple of 8 up to 256, and
+            an ``lse`` that is not differentiated.
 
     Returns:
         ``out`` like q, or ``(out, lse)`` with ``return_lse``. Rows that see no key (an empty key
@@ -200,14 +222,21 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     chosen = select_backend(OP, backend, q.device, q.dtype)
     if not torch.compiler.is_compiling():
-        longest_q, longest_k = _documents(q, k, cu_seqlens_q, cu_seqlens_k)
-        for name, given, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
+        docs = _documents(q, k, cu_seqlens_q, cu_seqlens_k)
+        for name, given, longest in (("max_seqlen_q", max_seqlen_q, docs.longest_q),
+                                     ("max_seqlen_k", max_seqlen_k, docs.longest_k)):
             if given is not None and given < longest:
                 raise ValueError(f"{name}={given} is shorter than the longest document ({longest})")
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     if chosen == "torch":
         out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+    elif chosen == "flash":
+        check_call(q, k, v, return_lse, deterministic)
+        docs = _documents(q, k, cu_seqlens_q, cu_seqlens_k)
+        q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+        out, lse = flash_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, docs.longest_q, docs.longest_k,
+                                          float(softmax_scale), bool(causal), deterministic)
     else:
-        deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
         out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, float(softmax_scale), bool(causal),
                                         bool(deterministic))
     return (out, lse) if return_lse else out

@@ -1,12 +1,12 @@
 """Triton kernels of ``varlen_attention``: forward, backward (delta preprocess, dK/dV main loop with
-fp32 dQ accumulated by atomics, or a separate dQ kernel for a deterministic backward).
+fp32 dQ accumulated by atomics, or a separate dQ kernel), in the designs described above ``DESIGNS``.
 
 Scheduling. The grid is a flat list of (document, block) tiles, longest document first, times the
 heads (tile-major, so query heads that share a KV head run side by side and share it in L2). Each
 query tile's keys are one contiguous interval, its own document; only the last, partial KV block
 is masked element-wise (causal tiles also mask their diagonal band). The tile list is built on the
 device with a fixed upper bound on its size, so building it needs no host synchronization; spare
-tiles exit at once.
+tiles exit at once. Tile lists are kept with the ``cu_seqlens`` they came from (``tiles``).
 
 Head dims that are not powers of two are split into a power of two and a power-of-two rest
 (80 = 64 + 16, 96 = 64 + 32, 192 = 128 + 64) and each matrix product runs as two ``tl.dot``;
@@ -19,6 +19,7 @@ natural log, ``-inf`` for rows that see no key.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import triton
@@ -66,6 +67,18 @@ def build_tiles(cu_seqlens: torch.Tensor, cost_cu_seqlens: torch.Tensor, total: 
     return doc.to(torch.int32), block_index.to(torch.int32)
 
 
+def tiles(memo: dict, by_keys: bool, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total: int,
+          block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``build_tiles`` over the query documents (``by_keys=False``: forward, dQ) or the key documents
+    (dK/dV), kept in ``memo``: the dict that the op keeps with this pair of ``cu_seqlens``, so that
+    every later call over them launches no tile-building work."""
+    key = (by_keys, block)
+    if key not in memo:
+        memo[key] = (build_tiles(cu_seqlens_k, cu_seqlens_q, total, block) if by_keys
+                     else build_tiles(cu_seqlens_q, cu_seqlens_k, total, block))
+    return memo[key]
+
+
 # ------------------------------------------------------------------------------------------------
 # Shared pieces
 # ------------------------------------------------------------------------------------------------
@@ -104,12 +117,20 @@ def _load_head(base, rows, stride, row_ok, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.
 
 @triton.jit
 def _store_tile(base, rows, stride, cols, row_ok, x, HEAD_DIM: tl.constexpr, CHECK_COLS: tl.constexpr,
-                ATOMIC: tl.constexpr):
-    ptrs = base + rows[:, None] * stride + cols[None, :]
-    if CHECK_COLS:
-        mask = row_ok[:, None] & (cols[None, :] < HEAD_DIM)
+                ATOMIC: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Store (or, with ``ATOMIC``, add) ``x`` at ``base[rows, cols]``, or ``x^T`` there when
+    ``TRANSPOSED`` (``x`` is then (cols, rows)); rows outside ``row_ok`` and columns past HEAD_DIM
+    are dropped."""
+    if TRANSPOSED:
+        ptrs = base + rows[None, :] * stride + cols[:, None]
+        mask = row_ok[None, :]
+        if CHECK_COLS:
+            mask = mask & (cols[:, None] < HEAD_DIM)
     else:
+        ptrs = base + rows[:, None] * stride + cols[None, :]
         mask = row_ok[:, None]
+        if CHECK_COLS:
+            mask = mask & (cols[None, :] < HEAD_DIM)
     if ATOMIC:  # relaxed: only the sum after the kernel matters, not the order
         tl.atomic_add(ptrs, x, mask=mask, sem="relaxed")
     else:
@@ -118,12 +139,12 @@ def _store_tile(base, rows, stride, cols, row_ok, x, HEAD_DIM: tl.constexpr, CHE
 
 @triton.jit
 def _store_head(base, rows, stride, row_ok, x0, x1, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr,
-                BLOCK_D1: tl.constexpr, ATOMIC: tl.constexpr):
-    """Store (or, with ``ATOMIC``, add) the rows of ``row_ok``; columns past HEAD_DIM are dropped."""
-    _store_tile(base, rows, stride, tl.arange(0, BLOCK_D0), row_ok, x0, HEAD_DIM, BLOCK_D0 > HEAD_DIM, ATOMIC)
+                BLOCK_D1: tl.constexpr):
+    """Store the rows of ``row_ok``; columns past HEAD_DIM are dropped."""
+    _store_tile(base, rows, stride, tl.arange(0, BLOCK_D0), row_ok, x0, HEAD_DIM, BLOCK_D0 > HEAD_DIM, False, False)
     if BLOCK_D1 > 0:
         _store_tile(base, rows, stride, BLOCK_D0 + tl.arange(0, BLOCK_D1), row_ok, x1, HEAD_DIM,
-                    BLOCK_D0 + BLOCK_D1 != HEAD_DIM, ATOMIC)
+                    BLOCK_D0 + BLOCK_D1 != HEAD_DIM, False, False)
 
 
 @triton.jit
@@ -236,10 +257,11 @@ def _varlen_attention_fwd_kernel(
         qk_scale,
         HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+        CAUSAL: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, ONE_LOOP: tl.constexpr):
     """One program per (query block of a document, query head). With ``USE_TMA`` the K/V blocks
     come through the TMA descriptors K_TMA*/V_TMA* (pieces 0 and 1 of the head dim); otherwise
-    those arguments are unused."""
+    those arguments are unused. ``ONE_LOOP`` masks every key block in a single loop (short
+    documents: one pipeline instead of two, each only a block or two long)."""
     pid = tl.program_id(0)
     tile = pid // HQ
     head = (pid % HQ).to(tl.int64)  # 64-bit: head-major layouts have large head strides
@@ -267,10 +289,13 @@ def _varlen_attention_fwd_kernel(
     else:
         hi = k_len
         full = (k_len // BLOCK_N) * BLOCK_N
-    acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
-                                      K_TMA0, K_TMA1, V_TMA0, V_TMA1, k_start, kv_col, offs_m, k_len,
-                                      causal_shift, 0, full, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1,
-                                      False, False, PRECISION, USE_TMA)
+    if ONE_LOOP:
+        full = 0
+    else:
+        acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
+                                          K_TMA0, K_TMA1, V_TMA0, V_TMA1, k_start, kv_col, offs_m, k_len,
+                                          causal_shift, 0, full, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1,
+                                          False, False, PRECISION, USE_TMA)
     acc0, acc1, m_i, l_i = _fwd_inner(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
                                       K_TMA0, K_TMA1, V_TMA0, V_TMA1, k_start, kv_col, offs_m, k_len,
                                       causal_shift, full, hi, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1,
@@ -280,7 +305,7 @@ def _varlen_attention_fwd_kernel(
     no_key = l_i == 0.0
     l_safe = tl.where(no_key, 1.0, l_i)
     _store_head(o_base, offs_m, stride_ot, row_ok, (acc0 / l_safe[:, None]).to(O.dtype.element_ty),
-                (acc1 / l_safe[:, None]).to(O.dtype.element_ty), HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
+                (acc1 / l_safe[:, None]).to(O.dtype.element_ty), HEAD_DIM, BLOCK_D0, BLOCK_D1)
     lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
     tl.store(LSE + head * stride_lh + q_start + offs_m, lse, mask=row_ok)
 
@@ -313,6 +338,27 @@ def _varlen_attention_bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, total, stri
 
 
 @triton.jit
+def _add_dq_piece(dq_base, offs_m, stride_dqt, row_ok, dsT, k, cols, sm_scale, HEAD_DIM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, CHECK_COLS: tl.constexpr, PRECISION: tl.constexpr):
+    if BLOCK_M >= 64:  # dQ = dS K: BLOCK_M rows fill a wgmma
+        dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION) * sm_scale
+    else:  # too few query rows for a wgmma: dQ^T = K^T dS^T, whose M side is this head-dim piece
+        dq = tl.dot(tl.trans(k), dsT, input_precision=PRECISION) * sm_scale
+    _store_tile(dq_base, offs_m, stride_dqt, cols, row_ok, dq, HEAD_DIM, CHECK_COLS, True, BLOCK_M < 64)
+
+
+@triton.jit
+def _add_dq(dq_base, offs_m, stride_dqt, row_ok, dsT, k0, k1, sm_scale, HEAD_DIM: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, PRECISION: tl.constexpr):
+    """Add this key block's share of dQ (float32, relaxed atomics: only the sum matters)."""
+    _add_dq_piece(dq_base, offs_m, stride_dqt, row_ok, dsT, k0, tl.arange(0, BLOCK_D0), sm_scale, HEAD_DIM,
+                  BLOCK_M, BLOCK_D0 > HEAD_DIM, PRECISION)
+    if BLOCK_D1 > 0:
+        _add_dq_piece(dq_base, offs_m, stride_dqt, row_ok, dsT, k1, BLOCK_D0 + tl.arange(0, BLOCK_D1), sm_scale,
+                      HEAD_DIM, BLOCK_M, BLOCK_D0 + BLOCK_D1 != HEAD_DIM, PRECISION)
+
+
+@triton.jit
 def _varlen_attention_bwd_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -341,52 +387,50 @@ def _varlen_attention_bwd_kernel(
     lo = 0
     if CAUSAL:  # the first query row that sees key n_block * BLOCK_N, rounded down to a block
         lo = (tl.maximum(n_block * BLOCK_N - causal_shift, 0) // BLOCK_M) * BLOCK_M
-    # Spare tiles and empty key blocks skip the loop.
+    # Spare tiles and empty key blocks skip the loop. One loop runs over (query head of the group,
+    # query block), so that the load pipeline does not restart at each head.
     q_hi = tl.where(k_len > 0, q_len, 0)
+    m_blocks = tl.cdiv(tl.maximum(q_hi - lo, 0), BLOCK_M)
     offs_mb = tl.arange(0, BLOCK_M)
-    for g in range(GROUP):
+    for step in range(0, GROUP * m_blocks):
+        g = step // m_blocks
+        start_m = lo + (step - g * m_blocks) * BLOCK_M
         head = kv_head * GROUP + g
         q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
         do_base = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
-        dq_base = DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh
-        lse_base = LSE + head * stride_lh + q_start
-        delta_base = DELTA + head * stride_lh + q_start
-        for start_m in range(lo, q_hi, BLOCK_M):
-            offs_m = start_m + offs_mb
-            row_ok = offs_m < q_len
-            q0, q1 = _load_head(q_base, offs_m, stride_qt, row_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
-            do0, do1 = _load_head(do_base, offs_m, stride_dot, row_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
-            qkT = _dot_nt(k0, k1, q0, q1, BLOCK_D1, PRECISION)
-            lse2 = _load_lse2(lse_base, offs_m, row_ok)
-            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-            # Keys past the document (zero rows) must get probability 0: exp2(0 - lse) can
-            # overflow, and inf * 0 in dS @ K would put NaN into dQ.
-            if CAUSAL:
-                pT = tl.where((offs_n[:, None] <= offs_m[None, :] + causal_shift) & col_ok[:, None], pT, 0.0)
-            else:
-                pT = tl.where(col_ok[:, None], pT, 0.0)
-            dv0 += tl.dot(pT.to(do0.dtype), do0, input_precision=PRECISION)
-            if BLOCK_D1 > 0:
-                dv1 += tl.dot(pT.to(do1.dtype), do1, input_precision=PRECISION)
-            dsT = pT * (_dot_nt(v0, v1, do0, do1, BLOCK_D1, PRECISION) - delta[None, :])
-            dk0 += tl.dot(dsT.to(q0.dtype), q0, input_precision=PRECISION)
-            if BLOCK_D1 > 0:
-                dk1 += tl.dot(dsT.to(q1.dtype), q1, input_precision=PRECISION)
-            if ATOMIC_DQ:
-                ds = tl.trans(dsT).to(k0.dtype)
-                dq0 = tl.dot(ds, k0, input_precision=PRECISION) * sm_scale
-                dq1 = dq0
-                if BLOCK_D1 > 0:
-                    dq1 = tl.dot(ds, k1, input_precision=PRECISION) * sm_scale
-                _store_head(dq_base, offs_m, stride_dqt, row_ok, dq0, dq1, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+        offs_m = start_m + offs_mb
+        row_ok = offs_m < q_len
+        q0, q1 = _load_head(q_base, offs_m, stride_qt, row_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+        do0, do1 = _load_head(do_base, offs_m, stride_dot, row_ok, HEAD_DIM, BLOCK_D0, BLOCK_D1, True)
+        lse2 = _load_lse2(LSE + head * stride_lh + q_start, offs_m, row_ok)
+        delta = tl.load(DELTA + head * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
+        # Scores transposed, (keys, queries): the key block is the M side of the products that
+        # build dK and dV, so with BLOCK_N = 128 both warpgroups of 8 warps split it.
+        pT = tl.math.exp2(_dot_nt(k0, k1, q0, q1, BLOCK_D1, PRECISION) * qk_scale - lse2[None, :])
+        # Keys past the document (zero rows) must get probability 0: exp2(0 - lse) can
+        # overflow, and inf * 0 in dS @ K would put NaN into dQ.
+        if CAUSAL:
+            pT = tl.where((offs_n[:, None] <= offs_m[None, :] + causal_shift) & col_ok[:, None], pT, 0.0)
+        else:
+            pT = tl.where(col_ok[:, None], pT, 0.0)
+        dv0 += tl.dot(pT.to(do0.dtype), do0, input_precision=PRECISION)
+        if BLOCK_D1 > 0:
+            dv1 += tl.dot(pT.to(do1.dtype), do1, input_precision=PRECISION)
+        dsT = pT * (_dot_nt(v0, v1, do0, do1, BLOCK_D1, PRECISION) - delta[None, :])
+        dk0 += tl.dot(dsT.to(q0.dtype), q0, input_precision=PRECISION)
+        if BLOCK_D1 > 0:
+            dk1 += tl.dot(dsT.to(q1.dtype), q1, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq_base = DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh
+            _add_dq(dq_base, offs_m, stride_dqt, row_ok, dsT.to(k0.dtype), k0, k1, sm_scale, HEAD_DIM, BLOCK_M,
+                    BLOCK_D0, BLOCK_D1, PRECISION)
 
     dk_base = DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh
     dv_base = DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh
     _store_head(dk_base, offs_n, stride_dkt, col_ok, (dk0 * sm_scale).to(DK.dtype.element_ty),
-                (dk1 * sm_scale).to(DK.dtype.element_ty), HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
+                (dk1 * sm_scale).to(DK.dtype.element_ty), HEAD_DIM, BLOCK_D0, BLOCK_D1)
     _store_head(dv_base, offs_n, stride_dvt, col_ok, dv0.to(DV.dtype.element_ty), dv1.to(DV.dtype.element_ty),
-                HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
+                HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
 @triton.jit
@@ -438,60 +482,121 @@ def _varlen_attention_bwd_dq_kernel(
             dq1 += tl.dot(ds, k1, input_precision=PRECISION)
     _store_head(DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh, offs_m, stride_dqt, row_ok,
                 (dq0 * sm_scale).to(DQ.dtype.element_ty), (dq1 * sm_scale).to(DQ.dtype.element_ty),
-                HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
+                HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
 # ------------------------------------------------------------------------------------------------
-# Launch configurations and launchers
+# Designs, launch configurations and launchers
 # ------------------------------------------------------------------------------------------------
-# The block that tiles the grid (query block of the forward and dQ kernels, key block of the
-# dK/dV kernel) is fixed per head-dim class, because the tile list depends on it; the block of the
-# inner loop, warps and pipeline stages are autotuned over candidates chosen with
-# ``python -m moca_kernels.compile_check`` (sm_90a registers, spills, shared memory; candidates
-# without Hopper wgmma were dropped). The interpreter gets one configuration, with blocks (64 x 32)
-# small enough that test documents of a few hundred rows span several.
+# A design fixes the kernels' structure and the block that tiles the grid (query block of the
+# forward and dQ kernels, key block of the dK/dV kernel: the tile list depends on it). Inside a
+# design the Triton autotuner picks the inner-loop block, warps and stages among candidates
+# checked with ``python -m moca_kernels.compile_check`` (sm_90a: every product on wgmma, executed
+# MMA work equal to the useful work, registers, spills, shared memory). Between designs the
+# launcher times each once per shape class on the card in use and keeps the fastest.
+#
+# Forward. "wide": 128-row query blocks, 8 warps, the key blocks every row sees whole in a loop
+#   of their own, unmasked. "short": 64-row query blocks, 4 warps, 3 stages, one masked loop; two
+#   programs fit an SM, and a short document wastes less of its last block.
+# Backward. "atomic": 128-key blocks, 8 warps, query steps of 32 or 64 rows, dQ added to a float32
+#   buffer by atomics (FlashAttention-2's scheme). "split": the same dK/dV loop without dQ, then a
+#   dQ kernel over 128-query blocks; no atomics, hence deterministic.
+
+DESIGNS = {"fwd": ("wide", "short"), "bwd": ("atomic", "split")}
+DESIGN_ENV = {"fwd": "MOCA_KERNELS_ATTENTION_FWD", "bwd": "MOCA_KERNELS_ATTENTION_BWD"}
+
 
 def head_dim_class(head_dim: int) -> str:
     return "small" if head_dim <= 64 else "medium" if head_dim <= 128 else "large"
 
 
-# Per kernel: the grid block per head-dim class, and (inner block, warps, stages) candidates,
-# the first of each class being the one used without autotuning.
+# (kernel, design) -> the grid block per head-dim class and (inner block, warps, stages)
+# candidates, the first valid one being used without autotuning. A design offers no class it lacks.
 TUNING = {
-    "fwd": dict(grid_block=dict(small=128, medium=128, large=64), candidates=dict(
+    ("fwd", "wide"): dict(grid_block=dict(small=128, medium=128, large=64), candidates=dict(
         small=[(128, 8, 3), (64, 8, 3), (64, 4, 3), (128, 8, 2)],
         medium=[(64, 8, 3), (64, 8, 2), (128, 8, 2)],
         large=[(32, 8, 2), (64, 8, 2), (16, 4, 2)])),
-    "bwd": dict(grid_block=dict(small=128, medium=64, large=64), candidates=dict(
-        small=[(32, 8, 2), (32, 8, 3), (64, 8, 2)],
-        medium=[(32, 8, 1), (32, 8, 2), (64, 8, 2)],
-        large=[(16, 8, 2), (32, 8, 2), (16, 8, 1)])),
-    "bwd_dq": dict(grid_block=dict(small=128, medium=128, large=64), candidates=dict(
-        small=[(32, 8, 3), (32, 8, 2), (64, 8, 2)],
-        medium=[(32, 8, 3), (32, 8, 2), (64, 8, 2)],
+    ("fwd", "short"): dict(grid_block=dict(small=64, medium=64), candidates=dict(
+        small=[(64, 4, 3), (64, 4, 2)],
+        medium=[(64, 4, 3), (64, 4, 2)])),
+    ("bwd", "atomic"): dict(grid_block=dict(small=128, medium=128, large=64), candidates=dict(
+        small=[(64, 8, 2), (64, 8, 3), (32, 8, 2)],
+        medium=[(32, 8, 2), (32, 8, 3), (64, 8, 2)],
+        large=[(16, 8, 2), (32, 8, 2)])),
+    ("bwd", "split"): dict(grid_block=dict(small=128, medium=128, large=64), candidates=dict(
+        small=[(64, 8, 2), (64, 8, 3)],
+        medium=[(32, 8, 2), (32, 8, 3), (64, 8, 2)],
+        large=[(16, 8, 2), (32, 8, 2)])),
+    ("bwd_dq", "split"): dict(grid_block=dict(small=128, medium=128, large=64), candidates=dict(
+        small=[(64, 8, 2), (64, 8, 3)],
+        medium=[(64, 8, 2), (64, 8, 3), (32, 8, 2)],
         large=[(32, 8, 2), (16, 8, 2)])),
 }
 
 
-def grid_block(kernel: str, head_dim: int) -> int:
-    return 64 if triton_interpret() else TUNING[kernel]["grid_block"][head_dim_class(head_dim)]
+
+
+def wgmma_shapes_ok(kernel: str, design: str, inner_block: int, head_dim: int) -> bool:
+    """Whether every product of a candidate can run as Hopper wgmma (at least 64 rows on its M
+    side). The atomic dK/dV kernel with query steps under 64 rows computes dQ^T = K^T dS^T, whose
+    M side is each head-dim piece: then every piece must have 64 columns or more."""
+    if (kernel, design) != ("bwd", "atomic") or inner_block >= 64:
+        return True
+    d0, d1 = head_dim_split(head_dim)
+    return d0 >= 64 and (d1 == 0 or d1 >= 64)
+
+
+def candidates(kernel: str, design: str, head_dim: int) -> list[tuple[int, int, int]]:
+    """(inner block, warps, stages) candidates of a kernel in a design for this head dim."""
+    every = TUNING[(kernel, design)]["candidates"].get(head_dim_class(head_dim), [])
+    return [c for c in every if wgmma_shapes_ok(kernel, design, c[0], head_dim)]
+
+
+def offered(kind: str, head_dim: int) -> tuple[str, ...]:
+    """The designs of ``kind`` ("fwd", "bwd") that serve this head dim: those with candidates for
+    each of their kernels."""
+    cls = head_dim_class(head_dim)
+    return tuple(d for d in DESIGNS[kind]
+                 if all(cls in spec["grid_block"] and candidates(kernel, d, head_dim)
+                        for (kernel, design), spec in TUNING.items() if design == d and kernel.startswith(kind)))
+
+
+# The interpreter runs one configuration per kernel: 64-row grid blocks (test documents of a few
+# hundred rows then span several) and the inner block of the first GPU candidate up to 64, so both
+# ways of adding dQ run in the tests.
+INTERPRET_GRID_BLOCK = 64
+
+
+def grid_block(kernel: str, design: str, head_dim: int) -> int:
+    if triton_interpret():
+        return INTERPRET_GRID_BLOCK
+    return TUNING[(kernel, design)]["grid_block"][head_dim_class(head_dim)]
+
+
+def _interpret_block(kernel: str, design: str, head_dim: int) -> int:
+    return min(candidates(kernel, design, head_dim)[0][0], INTERPRET_GRID_BLOCK)
 
 
 _TUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL"]
 
 
-def _autotune(kernel, name: str, block: str, key=(), pre_hook=None, **kwargs):
+def _autotune(kernel, name: str, block: str, design_of, key=(), pre_hook=None, **kwargs):
     """Autotune ``block`` (the inner-loop block), warps and stages over the candidates of the
-    call's head-dim class."""
-    candidates = TUNING[name]["candidates"]
+    call's design (``design_of(call_kwargs)``) and head dim."""
+    designs = [d for k, d in TUNING if k == name]
     if triton_interpret():
-        configs = [triton.Config({block: 32}, num_warps=4, num_stages=1, pre_hook=pre_hook)]
+        configs = [triton.Config({block: b}, num_warps=4, num_stages=1, pre_hook=pre_hook) for b in (16, 32, 64)]
     else:
-        every = dict.fromkeys(c for cls in candidates.values() for c in cls)
+        every = dict.fromkeys(c for d in designs for cls in TUNING[(name, d)]["candidates"].values() for c in cls)
         configs = [triton.Config({block: b}, num_warps=w, num_stages=s, pre_hook=pre_hook) for b, w, s in every]
 
     def prune(configs, named_args, **call_kwargs):
-        allowed = candidates[head_dim_class(call_kwargs["HEAD_DIM"])]
+        design, head_dim = design_of(call_kwargs), call_kwargs["HEAD_DIM"]
+        if triton_interpret():
+            inner = _interpret_block(name, design, head_dim)
+            return [c for c in configs if c.kwargs[block] == inner]
+        allowed = candidates(name, design, head_dim)
         if autotune_off():  # first candidate only: compile once, no tuning
             allowed = allowed[:1]
         return [c for c in configs if (c.kwargs[block], c.num_warps, c.num_stages) in allowed]
@@ -507,9 +612,54 @@ def _tma_block_rows(nargs):
             nargs[name].block_shape = [nargs["BLOCK_N"], nargs[name].block_shape[1]]
 
 
-_fwd = _autotune(_varlen_attention_fwd_kernel, "fwd", "BLOCK_N", key=["USE_TMA"], pre_hook=_tma_block_rows)
-_bwd = _autotune(_varlen_attention_bwd_kernel, "bwd", "BLOCK_M", key=["ATOMIC_DQ"], reset_to_zero=["DQ"])
-_bwd_dq = _autotune(_varlen_attention_bwd_dq_kernel, "bwd_dq", "BLOCK_N")
+_fwd = _autotune(_varlen_attention_fwd_kernel, "fwd", "BLOCK_N", lambda kw: "short" if kw["ONE_LOOP"] else "wide",
+                 key=["USE_TMA", "ONE_LOOP", "BLOCK_M"], pre_hook=_tma_block_rows)
+_bwd = _autotune(_varlen_attention_bwd_kernel, "bwd", "BLOCK_M", lambda kw: "atomic" if kw["ATOMIC_DQ"] else "split",
+                 key=["ATOMIC_DQ", "BLOCK_N"], reset_to_zero=["DQ"])
+_bwd_dq = _autotune(_varlen_attention_bwd_dq_kernel, "bwd_dq", "BLOCK_N", lambda kw: "split", key=["BLOCK_M"])
+
+
+# Design chosen per (kind, head dim, group, causal, dtype, mean document length class).
+_DESIGN_CHOICE: dict[tuple, str] = {}
+
+
+def _length_class(cu_seqlens: torch.Tensor, total: int) -> int:
+    """log2 class of the mean document length (no device read: the count is the tensor's size)."""
+    return min((total // max(1, cu_seqlens.numel() - 1)).bit_length(), 14)
+
+
+def choose_design(kind: str, names: tuple[str, ...], key: tuple, run: Callable[[str], object],
+                  forced: str | None = None) -> str:
+    """The design of ``kind`` among ``names`` for a call: ``forced`` (deterministic backward), else
+    the one named by the environment variable DESIGN_ENV[kind], else the one chosen before for
+    ``key``, else the first on offer where nothing can be timed (a single design, the interpreter,
+    MOCA_KERNELS_AUTOTUNE=0, CUDA-graph capture), else the fastest of ``run(design)``, kept for ``key``."""
+    env = os.environ.get(DESIGN_ENV[kind])
+    if forced is not None:
+        return forced
+    if env:
+        if env not in names:
+            raise ValueError(f"{DESIGN_ENV[kind]}={env!r}: the {kind} designs for this call are {names}")
+        return env
+    key = (kind, *key)
+    if key in _DESIGN_CHOICE:  # also during CUDA-graph capture, after an eager warm-up
+        return _DESIGN_CHOICE[key]
+    if (len(names) == 1 or triton_interpret() or autotune_off()
+            or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return names[0]
+    times = {name: triton.testing.do_bench(lambda: run(name), return_mode="median") for name in names}
+    _DESIGN_CHOICE[key] = min(times, key=times.get)
+    return _DESIGN_CHOICE[key]
+
+
+def tuning_report() -> dict:
+    """What the autotuners chose so far: per kernel, its key and configuration; per shape class,
+    the design."""
+    out = {}
+    for name, tuner in (("fwd", _fwd), ("bwd", _bwd), ("bwd_dq", _bwd_dq)):
+        out[name] = {str(key): str(config) for key, config in tuner.cache.items()}
+    out["designs"] = {str(key): design for key, design in _DESIGN_CHOICE.items()}
+    return out
 
 
 def preprocess_block_t(head_dim: int) -> int:
@@ -541,18 +691,28 @@ def _tma_descriptors(x: torch.Tensor, d0: int, d1: int):
     return first, (TensorDescriptor(x, shape, strides, [1, d1]) if d1 else first)
 
 
-def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool):
-    """Returns (out like q, lse float32 (Hq, total_q)).
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool, memo: dict):
+    """Returns (out like q, lse float32 (Hq, total_q)). ``memo`` keeps the tile lists of this pair
+    of ``cu_seqlens`` (see ``tiles``).
 
     With the environment variable MOCA_KERNELS_TMA=1 (experimental, not yet measured on a GPU)
     the K/V blocks are read through Hopper TMA descriptors where the layout allows it."""
+    total_q, hq, head_dim = q.shape
+    def run(design: str):
+        return _forward(design, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, memo)
+
+    key = (head_dim, hq // k.shape[1], causal, q.dtype, _length_class(cu_seqlens_q, total_q))
+    return run(choose_design("fwd", offered("fwd", head_dim), key, run))
+
+
+def _forward(design: str, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool, memo: dict):
     total_q, hq, head_dim = q.shape
     group = hq // k.shape[1]
     d0, d1 = head_dim_split(head_dim)
     out = q.new_empty(q.shape)
     lse = torch.empty((hq, total_q), device=q.device, dtype=torch.float32)
-    block_m = grid_block("fwd", head_dim)
-    tile_doc, tile_block = build_tiles(cu_seqlens_q, cu_seqlens_k, total_q, block_m)
+    block_m = grid_block("fwd", design, head_dim)
+    tile_doc, tile_block = tiles(memo, False, cu_seqlens_q, cu_seqlens_k, total_q, block_m)
     descriptors = None
     if os.environ.get(TMA_ENV) == "1":
         k_desc, v_desc = _tma_descriptors(k, d0, d1), _tma_descriptors(v, d0, d1)
@@ -563,16 +723,15 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: b
         out.stride(0), out.stride(1), lse.stride(0),
         softmax_scale * LOG2E,
         HQ=hq, GROUP=group, HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=block_m,
-        CAUSAL=causal, PRECISION=_precision(q.dtype), USE_TMA=descriptors is not None)
+        CAUSAL=causal, PRECISION=_precision(q.dtype), USE_TMA=descriptors is not None, ONE_LOOP=design == "short")
     return out, lse
 
 
 def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool,
-             deterministic: bool):
-    """Returns (dq, dk, dv) like (q, k, v). ``dlse`` (or None) is the gradient of ``lse``."""
+             deterministic: bool, memo: dict):
+    """Returns (dq, dk, dv) like (q, k, v). ``dlse`` (or None) is the gradient of ``lse``.
+    ``deterministic`` takes the split design (no atomics)."""
     total_q, hq, head_dim = q.shape
-    hkv = k.shape[1]
-    d0, d1 = head_dim_split(head_dim)
     delta = torch.empty_like(lse)
     block_t = preprocess_block_t(head_dim)
     _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
@@ -580,29 +739,40 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
         HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         HAS_DLSE=dlse is not None)
+    def run(design: str):
+        return _backward(design, dout, q, k, v, lse, delta, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, memo)
 
+    key = (head_dim, hq // k.shape[1], causal, q.dtype, _length_class(cu_seqlens_k, k.shape[0]))
+    return run(choose_design("bwd", offered("bwd", head_dim), key, run, "split" if deterministic else None))
+
+
+def _backward(design: str, dout, q, k, v, lse, delta, cu_seqlens_q, cu_seqlens_k, softmax_scale: float,
+              causal: bool, memo: dict):
+    total_q, hq, head_dim = q.shape
+    hkv = k.shape[1]
+    d0, d1 = head_dim_split(head_dim)
     common = dict(HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, CAUSAL=causal, PRECISION=_precision(q.dtype))
     scales = (softmax_scale * LOG2E, softmax_scale)
+    atomic = design == "atomic"
     dk = k.new_empty(k.shape)
     dv = v.new_empty(v.shape)
-    # dQ accumulates in float32 across key blocks unless the backward must be deterministic.
-    dq = q.new_empty(q.shape) if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    block_n = grid_block("bwd", head_dim)
-    tile_doc, tile_block = build_tiles(cu_seqlens_k, cu_seqlens_q, k.shape[0], block_n)
+    # The atomic design accumulates dQ in float32 across key blocks.
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else q.new_empty(q.shape)
+    block_n = grid_block("bwd", design, head_dim)
+    tile_doc, tile_block = tiles(memo, True, cu_seqlens_q, cu_seqlens_k, k.shape[0], block_n)
     _bwd[(tile_doc.numel() * hkv,)](
         q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
         dv.stride(0), dv.stride(1), lse.stride(0), *scales,
-        HKV=hkv, GROUP=hq // hkv, BLOCK_N=block_n, ATOMIC_DQ=not deterministic, **common)
-    if deterministic:
-        block_m = grid_block("bwd_dq", head_dim)
-        tile_doc, tile_block = build_tiles(cu_seqlens_q, cu_seqlens_k, total_q, block_m)
-        _bwd_dq[(tile_doc.numel() * hq,)](
-            q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), *scales,
-            HQ=hq, GROUP=hq // hkv, BLOCK_M=block_m, **common)
-    else:
-        dq = dq.to(q.dtype)
+        HKV=hkv, GROUP=hq // hkv, BLOCK_N=block_n, ATOMIC_DQ=atomic, **common)
+    if atomic:
+        return dq.to(q.dtype), dk, dv
+    block_m = grid_block("bwd_dq", design, head_dim)
+    tile_doc, tile_block = tiles(memo, False, cu_seqlens_q, cu_seqlens_k, total_q, block_m)
+    _bwd_dq[(tile_doc.numel() * hq,)](
+        q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), *scales,
+        HQ=hq, GROUP=hq // hkv, BLOCK_M=block_m, **common)
     return dq, dk, dv
