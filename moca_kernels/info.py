@@ -21,7 +21,8 @@ def report() -> str:
         lines.append(f"CUDA device: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})")
     else:
         lines.append(f"CUDA device: none (torch built with CUDA: {torch.version.cuda or 'no'})")
-    for name in (ENV_VAR, "MOCA_KERNELS_TMA", "MOCA_KERNELS_AUTOTUNE", "TRITON_INTERPRET"):
+    for name in (ENV_VAR, "MOCA_KERNELS_TMA", "MOCA_KERNELS_AUTOTUNE", "MOCA_KERNELS_ATTENTION_FWD",
+                 "MOCA_KERNELS_ATTENTION_BWD", "TRITON_INTERPRET"):
         lines.append(f"{name}={os.environ.get(name, '')!r}")
     for name, entry in REGISTRY.items():
         lines.append("")
