@@ -48,7 +48,8 @@ def _doc_lengths(total: int, low: int, high: int, seed: int) -> list[int]:
 
 
 CASES = {
-    **{f"moca-{t // 1024}k": dict(lengths=("random", t, 32, 1280), hq=16, hkv=2, dim=128) for t in (16384, 32768, 65536)},
+    **{f"moca-{t // 1024}k": dict(lengths=("random", t, 32, 1280), hq=16, hkv=2, dim=128)
+       for t in (16384, 32768, 65536)},
     "docs400-16k": dict(lengths=("equal", 16000, 400), hq=16, hkv=2, dim=128),
     **{f"long-{n // 1024}k": dict(lengths=("equal", 32768, n), hq=16, hkv=2, dim=128) for n in (4096, 8192, 16384)},
     "vision-windows": dict(lengths=("random", 16384, 64, 1024), hq=16, hkv=16, dim=80),
@@ -58,7 +59,10 @@ CASES = {
 def make_case(name: str, dtype: torch.dtype, device: str = "cuda", spec: dict | None = None) -> Case:
     spec = spec or CASES[name]
     kind, total, *rest = spec["lengths"]
-    lengths = _doc_lengths(total, rest[0], rest[1], seed=len(name)) if kind == "random" else [rest[0]] * (total // rest[0])
+    if kind == "random":
+        lengths = _doc_lengths(total, rest[0], rest[1], seed=len(name))
+    else:
+        lengths = [rest[0]] * (total // rest[0])
     hq, hkv, dim = spec["hq"], spec["hkv"], spec["dim"]
 
     def inputs():

@@ -126,7 +126,8 @@ PROVIDERS = {
     "moca": Provider("moca", setup_moca, "moca_kernels.info_nce, Triton + cuBLAS", harness.missing("triton")),
     "dense": Provider("dense", lambda x: _setup_dense(x, dense_loss), "float32 logits + cross_entropy, eager"),
     "dense-compiled": Provider("dense-compiled", setup_dense_compiled, "the same under torch.compile"),
-    "inf-cl": Provider("inf-cl", setup_inf_cl, "Inf-CL cal_flash_loss (float32, TF32 products)", harness.missing("inf_cl")),
+    "inf-cl": Provider("inf-cl", setup_inf_cl, "Inf-CL cal_flash_loss (float32, TF32 products)",
+                       harness.missing("inf_cl")),
     "matmul": Provider("matmul", setup_matmul, "bf16 cuBLAS q @ docs.T: the matrix rate", modes=("fwd",)),
 }
 

@@ -99,14 +99,16 @@ def setup_matmul(x):
 
 
 PROVIDERS = {
-    "moca": Provider("moca", setup_moca, "moca_kernels.linear_cross_entropy, Triton + cuBLAS", harness.missing("triton")),
+    "moca": Provider("moca", setup_moca, "moca_kernels.linear_cross_entropy, Triton + cuBLAS",
+                     harness.missing("triton")),
     "eager": Provider("eager", setup_eager, "bf16 logits + float32 cross_entropy"),
     "compiled": Provider("compiled", lambda x: setup_eager(x, compiled=True), "the same under torch.compile"),
     "liger": Provider("liger", _setup_liger(None), "LigerFusedLinearCrossEntropyLoss (bf16 dW accumulation)",
                       harness.missing("liger_kernel")),
     "liger-fp32": Provider("liger-fp32", _setup_liger(torch.float32), "the same, accum_dtype=float32",
                            harness.missing("liger_kernel")),
-    "cce": Provider("cce", _setup_cce("high"), "Cut Cross-Entropy, gradient filtering", harness.missing("cut_cross_entropy")),
+    "cce": Provider("cce", _setup_cce("high"), "Cut Cross-Entropy, gradient filtering",
+                    harness.missing("cut_cross_entropy")),
     "cce-exact": Provider("cce-exact", _setup_cce(None), "Cut Cross-Entropy, filter_eps=None",
                           harness.missing("cut_cross_entropy")),
     "matmul": Provider("matmul", setup_matmul, "bf16 logits product alone: the matrix rate", modes=("fwd",)),

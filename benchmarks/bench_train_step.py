@@ -104,7 +104,8 @@ def moca_batches(docs: list[Encoded], specials: Specials, budget: int) -> list[d
     return [_masked([docs[i] for i in g], specials, k) for k, g in enumerate(groups)]
 
 
-def authors_groups(docs: list[Encoded], specials: Specials, budget: int, max_len: int, seed: int = 0) -> list[list[int]]:
+def authors_groups(docs: list[Encoded], specials: Specials, budget: int, max_len: int,
+                   seed: int = 0) -> list[list[int]]:
     """The authors' length buckets: each document to the first threshold >= its cost, then
     ``budget // threshold`` documents per micro-batch of a bucket (shuffled inside it)."""
     thresholds = sorted({32 * int(1.3 ** i) for i in range(100)})
@@ -143,7 +144,8 @@ def authors_batches(docs: list[Encoded], specials: Specials, budget: int, max_le
             flat[start:start + n] = torch.arange(b * width, b * width + n)
         out.append(dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions,
                         pixel_values=packed["pixel_values"], image_grid_thw=packed["image_grid_thw"],
-                        mae_positions=flat[packed["mae_positions"]], mae_targets=packed["mae_targets"], lengths=lengths))
+                        mae_positions=flat[packed["mae_positions"]], mae_targets=packed["mae_targets"],
+                        lengths=lengths))
     return out
 
 
@@ -247,7 +249,8 @@ def measure(provider: str, args, docs, specials, device) -> dict:
                step_s=round(seconds, 4), step_s_all=[round(t, 4) for t in times],
                tokens_per_s=round(tokens / seconds, 1), docs_per_s=round(len(docs) / seconds, 2),
                **{k: round(v, 4) for k, v in losses.items()})
-    flops = cpt_step_flops(model.config, [d.ids.numel() for d in docs], [tuple(g) for d in docs for g in d.grids.tolist()],
+    grids = [tuple(g) for d in docs for g in d.grids.tolist()]
+    flops = cpt_step_flops(model.config, [d.ids.numel() for d in docs], grids,
                            mlm_rows=sum(int((b["labels"] != IGNORE).sum()) for b in batches),
                            mae_tokens=sum(b["mae_positions"].numel() for b in batches))
     row["model_tflops"] = round(flops / seconds / 1e12, 1)
@@ -287,7 +290,8 @@ def _padded(docs: list[Encoded], specials: Specials) -> dict:
     for b, d in enumerate(docs):
         ids[b, :lengths[b]], mask[b, :lengths[b]] = d.ids, 1
         positions[:, b, :lengths[b]] = document_positions(d.ids, d.grids, specials.image)
-    return dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=torch.cat([d.rows for d in docs]),
+    pixels = torch.cat([d.rows for d in docs])
+    return dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixels,
                 image_grid_thw=torch.cat([d.grids for d in docs]))
 
 
@@ -309,7 +313,8 @@ def measure_cl(provider: str, args, pairs, specials, device) -> dict:
     optimizer = torch.optim.AdamW(embedder.parameters(), lr=1e-6, fused=device.type == "cuda")
     k = args.hard_negatives
     if provider == "authors":
-        groups = [_to(_padded(g, specials), device) for g in (queries, positives, [n for per in negatives for n in per])]
+        sides = (queries, positives, [n for per in negatives for n in per])
+        groups = [_to(_padded(g, specials), device) for g in sides]
 
     def step(count):
         if provider == "moca":

@@ -21,8 +21,9 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -95,7 +96,7 @@ def source_hash(root: str) -> str:
     where the checkout's git metadata is stale or the tree has uncommitted changes."""
     digest = hashlib.sha1()
     for folder in ("moca_kernels", "moca", "benchmarks"):
-        for dirpath, dirnames, filenames in sorted(os.walk(os.path.join(root, folder))):
+        for dirpath, _, filenames in sorted(os.walk(os.path.join(root, folder))):
             for name in sorted(f for f in filenames if f.endswith(".py")):
                 path = os.path.join(dirpath, name)
                 digest.update(os.path.relpath(path, root).encode())
@@ -347,7 +348,8 @@ def write(out_dir: str, title: str, env: dict, flop_convention: str, rows: list[
         json.dump({"title": title, "environment": env, "flop_convention": flop_convention, "rows": rows}, f, indent=1)
     lines = [f"# {title}", "", f"{env['gpu']}; torch {env['torch']}; triton {env['triton']}; commit {env['commit']} "
              f"(sources {env.get('source_sha1')}); {env['date']}", "", f"FLOP convention: {flop_convention}", "",
-             "| case | provider | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB "
+             "| case | provider | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
+             "| peak MiB "
              "| peak / floor | graph fwd ms | graph fwd+bwd ms | error |", "|---" * 13 + "|"]
     for row in rows:
         if "skipped" in row:

@@ -170,8 +170,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         allowed = (module.startswith("torch.distributed.checkpoint.")
-                   or (module, name) in {("torch", "Size"), ("torch._utils", "_get_layout"), ("torch.serialization", "_get_layout"),
-                                         ("pathlib", "PosixPath"),
+                   or (module, name) in {("torch", "Size"), ("torch._utils", "_get_layout"),
+                                         ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
                                          ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
                    or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
         if not allowed:

@@ -54,8 +54,8 @@ def environment() -> tuple[int, int, torch.device]:
 class Single:
     """One process: nothing to wrap or average."""
 
-    def __init__(self, rank: int = 0, size: int = 1, device: torch.device = torch.device("cpu")):
-        self.rank, self.size, self.device = rank, size, device
+    def __init__(self, rank: int = 0, size: int = 1, device: torch.device | None = None):
+        self.rank, self.size, self.device = rank, size, device or torch.device("cpu")
 
     @property
     def main(self) -> bool:

@@ -190,8 +190,9 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
                 try:
                     result = stage.step(autocast, measure)
                 except NonFiniteLoss as exc:
+                    good = checkpoint.find(run.out, log) or "none (none was saved yet)"
                     raise FloatingPointError(f"{exc} at step {step}; stopped. The last good checkpoint is "
-                                             f"{checkpoint.find(run.out, log) or 'none (none was saved yet)'}") from None
+                                             f"{good}") from None
                 with nvtx("all-reduce"):
                     result = parallel.reduce(stage.module, result)
                 with nvtx("optimizer"):

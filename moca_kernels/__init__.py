@@ -15,4 +15,5 @@ from .mae_loss import mae_loss
 from .varlen_attention import varlen_attention
 
 __version__ = "0.1.0"
-__all__ = ["all_gather_with_grad", "info_nce", "linear_cross_entropy", "mae_loss", "varlen", "varlen_attention", "__version__"]
+__all__ = ["all_gather_with_grad", "info_nce", "linear_cross_entropy", "mae_loss", "varlen", "varlen_attention",
+           "__version__"]

@@ -249,7 +249,7 @@ def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate
         except (RuntimeError, TypeError) as exc:
             _FP32_OUT[str(a.device)] = False
             warnings.warn(f"torch.addmm(out_dtype=torch.float32) failed on {a.device} ({exc}); info_nce falls back "
-                          "to float32 copies of the operands: slower, and more memory than planned")
+                          "to float32 copies of the operands: slower, and more memory than planned", stacklevel=2)
     torch.addmm(out, a.float(), b.float(), beta=1 if accumulate else 0, out=out)
 
 

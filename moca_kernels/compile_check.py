@@ -76,7 +76,7 @@ def variants(quick: bool) -> list[dict]:
             dims = dict(HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, PRECISION=precision)
             common = dict(dtype=dtype, dots=dtype != "fp32", head_dim=head_dim)
 
-            def configs(kernel, design):
+            def configs(kernel, design, head_dim=head_dim, dtype=dtype):
                 every = tk.candidates(kernel, design, head_dim)
                 every = every if dtype == "bf16" else every[:1]
                 return [(c, i == 0) for i, c in enumerate(every)]
@@ -132,7 +132,8 @@ def info_nce_variants(quick: bool) -> list[dict]:
     for dtype in ("bf16",) if quick else ("bf16", "fp16"):
         dt = "*" + dtype
         for (block_k, warps, stages), (symmetric, bias), even_k in itertools.product(
-                tk.CANDIDATES, ((True, False), (False, True)) if quick else ((True, False), (False, False), (False, True)),
+                tk.CANDIDATES,
+                ((True, False), (False, True)) if quick else ((True, False), (False, False), (False, True)),
                 (True,) if quick else (True, False)):
             common = dict(module="moca_kernels._tiled_lse", dtype=dtype, dots=True, warps=warps, stages=stages)
             constexprs = dict(SYMMETRIC=symmetric, HAS_BIAS=bias, BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k,
@@ -186,11 +187,11 @@ def _tool(name: str) -> str:
 
 def compile_one(variant: dict) -> dict:
     """Compile one variant for sm_90a; return its resources and what is wrong with it."""
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    import importlib
     tk = importlib.import_module(variant.get("module", "moca_kernels.varlen_attention.triton_kernels"))
     kernel = getattr(tk, variant["kernel"])
     design = f"[{variant['design']}{', default' if variant.get('default') else ''}] " if "design" in variant else ""

@@ -5,7 +5,7 @@ int32 ``(B+1,)`` with ``cu_seqlens[i]`` the first row of document ``i`` and ``cu
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -20,7 +20,8 @@ __all__ = [
 ]
 
 
-def lengths_to_cu_seqlens(lengths: torch.Tensor | Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+def lengths_to_cu_seqlens(lengths: torch.Tensor | Sequence[int],
+                          device: torch.device | str | None = None) -> torch.Tensor:
     """Document lengths ``(B,)`` -> int32 ``cu_seqlens`` ``(B+1,)`` starting at 0."""
     lengths = torch.as_tensor(lengths, device=device)
     if lengths.dim() != 1:

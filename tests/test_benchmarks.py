@@ -100,6 +100,7 @@ def test_provider_computes_the_same_attention(provider, device):
 def test_design_providers_force_their_design(device, monkeypatch):
     # moca-fwd-short really runs the short forward, moca-bwd-split the split backward.
     import harness
+
     from moca_kernels.varlen_attention import triton_kernels
     seen = []
     for name in ("_forward", "_backward"):
@@ -154,7 +155,8 @@ def test_mae_list_shows_cases_and_providers():
     assert "case n16k: {'rows': 16384, 'masked': False, 'norm_pix': False}, forward moves 588 MiB" in result.stdout
 
 
-@pytest.mark.parametrize("spec", [dict(rows=37, masked=False, norm_pix=False), dict(rows=37, masked=True, norm_pix=True)])
+@pytest.mark.parametrize("spec", [dict(rows=37, masked=False, norm_pix=False),
+                                  dict(rows=37, masked=True, norm_pix=True)])
 @pytest.mark.parametrize("provider", ["triton", "eager"])
 def test_mae_provider_computes_the_same_loss(provider, spec, device):
     case = bench_mae.make_case("tiny", str(device), spec, p=40)

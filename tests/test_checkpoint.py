@@ -41,7 +41,8 @@ def test_a_round_trip_restores_model_optimizer_and_trainer_state(tmp_path):
     whole = checkpoint.read(path)  # plain dicts, keyed by name
     assert torch.equal(whole["model"]["model.1.weight"], module.model[1].weight)
     backbone = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
-    assert checkpoint.read_model(path, backbone, prefix="model.") == 4 and torch.equal(backbone[0].bias, module.model[0].bias)
+    assert checkpoint.read_model(path, backbone, prefix="model.") == 4
+    assert torch.equal(backbone[0].bias, module.model[0].bias)
     with pytest.raises(ValueError, match="does not fit this model: Missing key"):
         checkpoint.read_model(path, torch.nn.Linear(5, 5), prefix="model.")
 

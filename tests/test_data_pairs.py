@@ -30,7 +30,8 @@ def test_a_side_places_its_image_first_or_at_the_placeholder(tmp_path):
 
 
 def test_negatives_are_repeated_in_turn():
-    assert chosen_negatives(1, 3) == [0, 0, 0] and chosen_negatives(3, 2) == [0, 1] and chosen_negatives(2, 5) == [0, 1, 0, 1, 0]
+    assert chosen_negatives(1, 3) == [0, 0, 0] and chosen_negatives(3, 2) == [0, 1]
+    assert chosen_negatives(2, 5) == [0, 1, 0, 1, 0]
     assert chosen_negatives(0, 0) == []
 
 

@@ -313,7 +313,7 @@ def _pairs_file(folder):
         return {"query": {"text": f"query {i}"}, "positive": {"image": "good.png"}, "negatives": [ok],
                 "task": "t", **change}
 
-    for i, (name, (line, kind, says)) in enumerate(BAD_LINES.items()):
+    for i, (line, kind, says) in enumerate(BAD_LINES.values()):
         add(pair(i))
         good.append(f"query {i}")
         add(line, (kind, says))

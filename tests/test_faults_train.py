@@ -194,7 +194,7 @@ def test_sigkill_at_random_moments_then_resume_ends_like_the_uninterrupted_run(r
             runner.write_text(SLOW_WRITER)
             process = processes.start([*where, *SETTINGS], runner=str(runner),
                                       env={"SLOW_SAVE_STEP": str(slow_step), "SLOW_SAVE_MARKER": marker})
-            processes.wait_for(lambda: os.path.exists(marker), f"the save of step {slow_step}", process)
+            processes.wait_for(lambda marker=marker: os.path.exists(marker), f"the save of step {slow_step}", process)
         else:
             process = processes.start([*where, *SETTINGS])
             if kind == "delay":
@@ -207,7 +207,7 @@ def test_sigkill_at_random_moments_then_resume_ends_like_the_uninterrupted_run(r
                 if target is None:  # no checkpoint left to wait for before the end: wait for step 7
                     processes.wait_for(_logged_past(run, 6, metrics_inode), "step 7", process)
                 else:
-                    processes.wait_for(lambda: target in _steps(run), f"checkpoint {target}", process)
+                    processes.wait_for(lambda target=target: target in _steps(run), f"checkpoint {target}", process)
         assert process.poll() is None, f"the run ended before the kill ({kind}):\n{processes.output(process)[-3000:]}"
         process.kill()
         assert process.wait(WAIT) == -signal.SIGKILL

@@ -3,12 +3,12 @@ computation of test_info_nce: the loss and every gradient, with chunking forced 
 opcheck; and, on a GPU, bf16 against the chunked reference and the peak-memory rule."""
 import pytest
 import torch
+from test_info_nce import dense
 
+from moca_kernels import _tiled_lse
 from moca_kernels.info_nce import info_nce, info_nce_reference
 from moca_kernels.info_nce import op as info_nce_op
-from moca_kernels import _tiled_lse
 from moca_kernels.info_nce import triton_kernels as tk
-from test_info_nce import dense
 
 
 def make(batch, m, k, dim, seed, dtype, device, duplicate_labels=False):

@@ -44,7 +44,8 @@ def test_embeddings_are_the_normalized_mean_and_packing_does_not_change_them(emb
 def test_loss_is_moca_infonce_against_a_dense_computation():
     embedder = MocaEmbedder(torch.nn.Identity(), temperature=0.05, learn_temperature=True)
     gen = torch.Generator().manual_seed(4)
-    q, p, n = (torch.nn.functional.normalize(torch.randn(*s, generator=gen), dim=-1) for s in ((5, 8), (5, 8), (5, 2, 8)))
+    shapes = ((5, 8), (5, 8), (5, 2, 8))
+    q, p, n = (torch.nn.functional.normalize(torch.randn(*s, generator=gen), dim=-1) for s in shapes)
     loss = embedder.loss(q, p, n)
     # each query: every positive of the batch, then its own two negatives; the positive is column i
     logits = torch.cat([q @ p.T, torch.einsum("bd,bkd->bk", q, n)], 1) / 0.05

@@ -64,9 +64,9 @@ def _image_document(n_before, grid, n_after, seed):
 def _forward(model, ids, pixels, grids, lengths, positions):
     cu = lengths_to_cu_seqlens(torch.tensor(lengths))
     with torch.no_grad():
-        return model.model(input_ids=ids[None], pixel_values=pixels, image_grid_thw=grids, position_ids=positions[:, None],
-                           cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
-                           max_length_k=max(lengths)).last_hidden_state[0]
+        return model.model(input_ids=ids[None], pixel_values=pixels, image_grid_thw=grids,
+                           position_ids=positions[:, None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                           max_length_q=max(lengths), max_length_k=max(lengths)).last_hidden_state[0]
 
 
 def test_positions_match_transformers_get_rope_index(model):

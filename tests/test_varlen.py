@@ -2,8 +2,14 @@
 import pytest
 import torch
 
-from moca_kernels.varlen import (check_cu_seqlens, cu_seqlens_to_lengths, lengths_to_cu_seqlens, pack,
-                                 segment_mean, unpack)
+from moca_kernels.varlen import (
+    check_cu_seqlens,
+    cu_seqlens_to_lengths,
+    lengths_to_cu_seqlens,
+    pack,
+    segment_mean,
+    unpack,
+)
 
 
 def test_lengths_round_trip():

@@ -455,22 +455,29 @@ def _good():
 
 BAD = {
     "cu int64": (dict(cu_seqlens_q=torch.tensor([0, 4, 10])), "cu_seqlens_q must be int32"),
-    "cu 2-D": (dict(cu_seqlens_q=torch.tensor([[0, 4, 10]], dtype=torch.int32)), r"cu_seqlens_q must have shape \(B\+1,\)"),
+    "cu 2-D": (dict(cu_seqlens_q=torch.tensor([[0, 4, 10]], dtype=torch.int32)),
+               r"cu_seqlens_q must have shape \(B\+1,\)"),
     "cu strided": (dict(cu_seqlens_q=torch.tensor([[0, 9], [4, 9], [10, 9]], dtype=torch.int32)[:, 0]),
                    "cu_seqlens_q must be contiguous"),
     "cu start": (dict(cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32)), "cu_seqlens_q must start at 0"),
-    "cu decreasing": (dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), "cu_seqlens_q must be non-decreasing"),
-    "cu end": (dict(cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32)), "cu_seqlens_q must end at the token count 10"),
-    "cu_k end": (dict(cu_seqlens_k=torch.tensor([0, 4, 12], dtype=torch.int32)), "cu_seqlens_k must end at the token count 10"),
+    "cu decreasing": (dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32)),
+                      "cu_seqlens_q must be non-decreasing"),
+    "cu end": (dict(cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32)),
+               "cu_seqlens_q must end at the token count 10"),
+    "cu_k end": (dict(cu_seqlens_k=torch.tensor([0, 4, 12], dtype=torch.int32)),
+                 "cu_seqlens_k must end at the token count 10"),
     "cu_k count": (dict(cu_seqlens_k=torch.tensor([0, 10], dtype=torch.int32)), "cu_seqlens_k .* as many documents"),
-    "gqa": (dict(k=torch.randn(10, 3, 64), v=torch.randn(10, 3, 64)), r"query heads of q \(4\) must be a positive multiple"),
-    "head dim": (dict(q=torch.randn(10, 4, 264), k=torch.randn(10, 2, 264), v=torch.randn(10, 2, 264)), "head_dim of q must be between 1 and 256"),
+    "gqa": (dict(k=torch.randn(10, 3, 64), v=torch.randn(10, 3, 64)),
+            r"query heads of q \(4\) must be a positive multiple"),
+    "head dim": (dict(q=torch.randn(10, 4, 264), k=torch.randn(10, 2, 264), v=torch.randn(10, 2, 264)),
+                 "head_dim of q must be between 1 and 256"),
     "k head dim": (dict(k=torch.randn(10, 2, 32), v=torch.randn(10, 2, 32)), "k has head_dim 32, q has 64"),
     "v shape": (dict(v=torch.randn(10, 2, 32)), "v must have the shape of k"),
     "dtype": (dict(k=torch.randn(10, 2, 64, dtype=torch.float16)), "k is torch.float16 but q is torch.float32"),
     "int q": (dict(q=torch.ones(10, 4, 64, dtype=torch.int32), k=torch.ones(10, 2, 64, dtype=torch.int32),
                    v=torch.ones(10, 2, 64, dtype=torch.int32)), "q must be a floating-point tensor"),
-    "device": (dict(cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32, device="meta")), "cu_seqlens_q is on meta but the tensor it describes is on cpu"),
+    "device": (dict(cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32, device="meta")),
+               "cu_seqlens_q is on meta but the tensor it describes is on cpu"),
     "rank": (dict(q=torch.randn(10, 256)), r"q must have shape \(total_q, heads, head_dim\)"),
     "k rank": (dict(k=torch.randn(1, 10, 2, 64)), r"k must have shape \(total_k, heads, head_dim\)"),
     "backend": (dict(backend="cuda"), "varlen_attention has no cuda backend"),
@@ -489,7 +496,8 @@ def test_bad_input(case, backend):
 
 def test_forced_triton_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="backend='triton' cannot run varlen_attention here: CPU tensors need TRITON_INTERPRET=1"):
+    message = "backend='triton' cannot run varlen_attention here: CPU tensors need TRITON_INTERPRET=1"
+    with pytest.raises(ValueError, match=message):
         varlen_attention(**_good(), backend="triton")
 
 
@@ -661,7 +669,8 @@ def test_numerics_rule_gpu(dim, heads, causal, dtype):
     leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
     ref = _plain_low_precision(*leaves, cu, causal)
     ref_grads = torch.autograd.grad(ref, leaves, dout.float())
-    for name, mine, theirs, exact in zip(["out", "dq", "dk", "dv"], (out, *grads), (plain, *plain_grads), (ref, *ref_grads)):
+    rows = zip(["out", "dq", "dk", "dv"], (out, *grads), (plain, *plain_grads), (ref, *ref_grads))
+    for name, mine, theirs, exact in rows:
         err = (mine.float() - exact).abs().max().item()
         plain_err = (theirs.float() - exact).abs().max().item()
         assert err <= 2 * plain_err + 1e-5, f"{name}: error {err:.3e} > 2 x plain {dtype} error {plain_err:.3e}"

@@ -52,7 +52,8 @@ def fitted_size(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixel
     return h, w
 
 
-def image_rows(image: Image.Image, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int, int]]:
+def image_rows(image: Image.Image, min_pixels: int = MIN_PIXELS,
+               max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int, int]]:
     """(pixel rows float32 (patches, 1176), grid (1, patches_h, patches_w)) of one image; the
     language model sees patches / 4 merged tokens."""
     image = image.convert("RGB")

@@ -80,8 +80,8 @@ def _cached(file: str, settings: list, scan, cache_dir: str, strict: bool, bad: 
     rows = scan(file, bad)
     os.makedirs(cache_dir, exist_ok=True)
     with open(f"{cached}.{os.getpid()}.tmp", "w") as f:  # ranks may write the same index at once
-        json.dump(dict(entries=rows, bad={k: v - before.get(k, 0) for k, v in bad.counts.items() if v - before.get(k, 0)},
-                       examples=bad.examples[examples:]), f)
+        new = {k: v - before.get(k, 0) for k, v in bad.counts.items() if v - before.get(k, 0)}
+        json.dump(dict(entries=rows, bad=new, examples=bad.examples[examples:]), f)
     os.replace(f"{cached}.{os.getpid()}.tmp", cached)
     return rows
 

@@ -9,8 +9,7 @@ built, for corpora of millions of documents; ``pack_python`` is the reference an
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
-
+from collections.abc import Sequence
 
 try:
     from ._packer import pack as _pack_cpp

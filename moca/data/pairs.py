@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from .records import IMAGE_PLACEHOLDER, BadRecords, CptDocument, _cpt_document, load_record, read_records, reworded
 
@@ -98,7 +98,8 @@ def chosen_negatives(count: int, k: int) -> list[int]:
     return [i % count for i in range(k)] if count else []
 
 
-def contrastive_batches(tasks: list[str], batch_size: int, seed: int, epoch: int, mixed: bool = True) -> list[list[int]]:
+def contrastive_batches(tasks: list[str], batch_size: int, seed: int, epoch: int,
+                        mixed: bool = True) -> list[list[int]]:
     """The epoch's global batches of pair indices. ``mixed`` (MoCa's default): pairs shuffled
     together, every batch a mix of tasks. Otherwise homogeneous: each batch from one task
     (shuffled within the task, then the batches shuffled), for the ablation. A last partial

@@ -2,8 +2,6 @@
 backend, autograd."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .._registry import TORCH, TRITON, check_float_matrix, last_dim_contiguous, register_op, select_backend
@@ -21,7 +19,7 @@ def _triton_impl():
 
 
 @torch.library.custom_op("moca::linear_cross_entropy_fwd", mutates_args=())
-def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: (per-row losses (N,), row log-sum-exp (N,)), float32. Every label indexes
     the vocabulary (ignored rows are dropped before)."""
@@ -38,7 +36,7 @@ def _(hidden, weight, bias, labels):
 
 @torch.library.custom_op("moca::linear_cross_entropy_bwd", mutates_args=())
 def linear_cross_entropy_bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                             bias: Optional[torch.Tensor], labels: torch.Tensor,
+                             bias: torch.Tensor | None, labels: torch.Tensor,
                              lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: (d hidden, d weight, d bias; empty without a bias) of sum(grad * losses)."""
     hidden, weight = last_dim_contiguous(hidden), last_dim_contiguous(weight)

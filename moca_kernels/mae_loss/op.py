@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
 
 import torch
 
 from .. import _cuda
-from .._registry import Backend, TORCH, TRITON, check_float_matrix, last_dim_contiguous, register_op, select_backend
+from .._registry import TORCH, TRITON, Backend, check_float_matrix, last_dim_contiguous, register_op, select_backend
 from .reference import mae_loss_reference
 
 OP = "mae_loss"
@@ -27,7 +26,7 @@ def _impl(backend: str):
 
 
 @torch.library.custom_op("moca::mae_loss_fused", mutates_args=())
-def mae_loss_fused(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor], norm_pix: bool, eps: float,
+def mae_loss_fused(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, norm_pix: bool, eps: float,
                    mode: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss (0-dim, or (N,) for mode 2) and d(loss)/d(pred) for an upstream gradient of 1,
     both from one pass of the ``backend`` kernel ("cuda" or "triton")."""

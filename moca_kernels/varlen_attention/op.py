@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 
@@ -109,7 +109,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, deterministic)
 
 
 @torch.library.custom_op("moca::varlen_attention_bwd", mutates_args=())
-def varlen_attention_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+def varlen_attention_bwd(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
                          deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

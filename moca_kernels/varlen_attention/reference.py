@@ -35,7 +35,8 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         scores = torch.matmul(qd, kd.transpose(1, 2)) * scale                     # (Hq, lq, lk)
         allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
         if causal:
-            allowed = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+            rows, cols = torch.arange(lq, device=q.device)[:, None], torch.arange(lk, device=q.device)[None, :]
+            allowed = cols <= rows + (lk - lq)
         has_key = allowed.any(1)                                                     # (lq,)
         # Rows with no key get finite stand-in scores so neither value nor gradient turns NaN;
         # torch.where then discards them.

@@ -19,7 +19,7 @@ natural log, ``-inf`` for rows that see no key.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import triton
@@ -647,7 +647,7 @@ def choose_design(kind: str, names: tuple[str, ...], key: tuple, run: Callable[[
     if (len(names) == 1 or triton_interpret() or autotune_off()
             or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return names[0]
-    times = {name: triton.testing.do_bench(lambda: run(name), return_mode="median") for name in names}
+    times = {name: triton.testing.do_bench(lambda name=name: run(name), return_mode="median") for name in names}
     _DESIGN_CHOICE[key] = min(times, key=times.get)
     return _DESIGN_CHOICE[key]
 
