@@ -54,7 +54,7 @@ class HFTokenizer:
         from transformers import AutoTokenizer
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if MASK_TOKEN not in self.tok.get_vocab():
-            self.tok.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]})
+            self._add_mask_token()
         vocab = self.tok.get_vocab()
         missing = [t for t in (IMAGE_PAD, VISION_START, VISION_END) if t not in vocab]
         if missing:
@@ -70,6 +70,17 @@ class HFTokenizer:
         self.specials = Specials(mask=vocab[MASK_TOKEN], image=vocab[IMAGE_PAD], vision_start=vocab[VISION_START],
                                  vision_end=vocab[VISION_END], eos=eos, all=frozenset(self.tok.all_special_ids)
                                  | {vocab[MASK_TOKEN], vocab[IMAGE_PAD], vocab[VISION_START], vocab[VISION_END]})
+
+    def _add_mask_token(self) -> None:
+        """``<|mask|>`` as the tokenizer's mask token (the authors' way) or, where it has another
+        one, as an added special token; either way the other special tokens stay special (setting
+        the extra special tokens' list would replace it, making ``<|im_start|>`` and the like
+        MLM targets)."""
+        from tokenizers import AddedToken
+        if self.tok.mask_token is None:
+            self.tok.add_special_tokens({"mask_token": MASK_TOKEN})
+        else:
+            self.tok.add_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)], special_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
