@@ -3,7 +3,8 @@ a local checkpoint, made bidirectional, and fed packed documents.
 
 The language model's attention goes through transformers' attention interface under the name
 ``moca_varlen``: ``moca_kernels.varlen_attention`` over the documents that ``cu_seq_lens_q``
-(the packed batch's ``cu_seqlens``, passed as a model keyword) delimits, never causal. A batch
+(the packed batch's ``cu_seqlens``, passed as a model keyword) delimits, bidirectional (MoCa),
+or causal where ``set_causal`` made the model so (the paper's causal baseline). A batch
 that is padded instead of packed (more than one row, or an attention mask) is refused: this
 attention cannot honour padding silently. The vision tower's attention runs every window and
 image of the batch in one ``varlen_attention`` launch over its own ``cu_seqlens``.
@@ -75,7 +76,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     q, k, v = (x[0].transpose(0, 1) for x in _same_dtype(query, key, value))  # (L, H, D)
     if cu is None:  # one document: the whole row
         cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
-    out = varlen_attention(q, k, v, cu.to(torch.int32), softmax_scale=scaling, causal=False)
+    out = varlen_attention(q, k, v, cu.to(torch.int32), softmax_scale=scaling, causal=bool(module.is_causal))
     return out.unsqueeze(0), None
 
 
@@ -109,13 +110,19 @@ def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dty
         config = Qwen2_5_VLConfig(**PRESETS[preset], attn_implementation=attention)
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
-    model.config.text_config.is_causal = False
-    for layer in model.model.language_model.layers:
-        layer.self_attn.is_causal = False
+    set_causal(model, False)
     if attention == ATTENTION:
         for block in model.model.visual.blocks:
             block.attn.forward = _packed_vision_attention.__get__(block.attn)
     return model
+
+
+def set_causal(model, causal: bool) -> None:
+    """The language model's attention made causal (stock Qwen) or bidirectional (MoCa), in its
+    layers and in its config, which an export carries to transformers."""
+    model.config.text_config.is_causal = causal
+    for layer in model.model.language_model.layers:
+        layer.self_attn.is_causal = causal
 
 
 def freeze_lm_head(model) -> None:
