@@ -9,8 +9,8 @@ Rows, each trained and evaluated once per seed (``run.seed`` 0, 1, ...), from th
 Every row of one seed sees the same data and evaluation files. ``out/ablation.json`` holds
 ``{"rows": {row: {metric: {"mean", "std", "values"}}}, "chance": {metric: value}, ...}``, with the
 metrics of ``eval.json``'s ``overall``; ``ablation.md`` the table and ``ablation.png`` the main
-metrics per row. A run whose ``eval.json`` exists is not trained again, so an interrupted
-ablation continues where it stopped.
+metrics per row. A run whose ``eval.json`` exists is not trained again (if its settings are the
+row's), so an interrupted ablation continues where it stopped.
 """
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ def run_row(config: Config, log=print) -> dict:
     out = config.run.out
     scored = os.path.join(out, "cl", "eval.json") if config.run.stage == "both" else os.path.join(out, "eval.json")
     if os.path.isfile(scored):
+        changed = [d for d in Config.read(out).result_differences(config) if not d.startswith("run.out:")]
+        if changed:
+            raise ValueError(f"{out} was evaluated with other settings ({'; '.join(changed)}): choose another --out")
         log(f"{out}: already evaluated")
         with open(scored) as f:
             return json.load(f)

@@ -75,7 +75,7 @@ class ModelConfig:
 @dataclass
 class Schedule:
     """AdamW and its learning-rate schedule: linear warmup, then linear decay to zero."""
-    max_steps: int = setting(1000, "optimizer steps", resumable=True)
+    max_steps: int = setting(300, "optimizer steps", resumable=True)
     lr: float = setting(3e-3, "peak learning rate")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     warmup_ratio: float = setting(0.1, "share of max_steps spent warming up")
@@ -97,7 +97,7 @@ class CptConfig(Schedule):
 
 @dataclass
 class ClConfig(Schedule):
-    max_steps: int = setting(300, "optimizer steps", resumable=True)
+    max_steps: int = setting(100, "optimizer steps", resumable=True)
     lr: float = setting(1e-3, "peak learning rate")
     init: str | None = setting(None, "start from this stage-1 run's latest checkpoint (its MAE head dropped)")
     pairs_per_batch: int = setting(16, "pairs per contrastive batch on each rank")

@@ -54,6 +54,9 @@ def test_the_ablation_end_to_end_on_user_files(tmp_path, capsys):
     before = (out / "cl" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns
     assert cli.main(argv) == 0 and json.loads((out / "ablation.json").read_text())["rows"] == result["rows"]
     assert (out / "cl" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns == before
+    # with other settings, the runs there are not taken for the row's
+    assert cli.main(argv[:-1] + ["log_every=1", "cl.lr=1e-4"]) == 2
+    assert "was evaluated with other settings (cl.lr: 0.001 -> 0.0001)" in capsys.readouterr().err
 
 
 def test_the_ablation_refuses_partial_user_data(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -24,25 +25,39 @@ class Specials:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255, then the special tokens. The embedded default's tokenizer (the
-    ``tiny`` preset's vocabulary of 264 ids)."""
+    """UTF-8 bytes as ids 0..255, then one id for each of a small set of common English words
+    (``WORDS``: as a real tokenizer has one token for a common word, so that MLM masks a whole
+    word, which the bytes of a word would give away), then the special tokens. The embedded
+    default's tokenizer (the ``tiny`` preset's vocabulary)."""
 
     NAMES = ("<|endoftext|>", VISION_START, VISION_END, IMAGE_PAD, MASK_TOKEN, "<|video_pad|>", "<|im_start|>",
              "<|im_end|>")
+    WORDS = ("a", "A", "and", "on", "of", "the", "is", "at", "this", "This", "It", "it", "shows", "show", "does",
+             "What", "Find", "Here", "Look", "picture", "image", "drawing", "scene", "small", "simple", "background",
+             "red", "green", "blue", "yellow", "purple", "orange", "black", "white",
+             "circle", "square", "triangle", "diamond")
+    _PIECES = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
 
     def __init__(self):
-        ids = {name: 256 + i for i, name in enumerate(self.NAMES)}
-        self.vocab_size = 256 + len(self.NAMES)
-        self.fingerprint = f"bytes:{self.vocab_size}"  # what an index of token counts depends on
+        self.words = {word: 256 + i for i, word in enumerate(self.WORDS)}
+        ids = {name: 256 + len(self.WORDS) + i for i, name in enumerate(self.NAMES)}
+        self.vocab_size = 256 + len(self.WORDS) + len(self.NAMES)
+        self.fingerprint = f"bytes+words:{self.vocab_size}"  # what an index of token counts depends on
         self.specials = Specials(mask=ids[MASK_TOKEN], image=ids[IMAGE_PAD], vision_start=ids[VISION_START],
                                  vision_end=ids[VISION_END], eos=ids["<|endoftext|>"], all=frozenset(ids.values()))
         self.ids = ids
+        self._spelled = {i: word.encode() for word, i in self.words.items()}
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        out = []
+        for piece in self._PIECES.findall(text):
+            word = self.words.get(piece)
+            out += [word] if word is not None else list(piece.encode("utf-8"))
+        return out
 
     def decode(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        return b"".join(bytes([i]) if i < 256 else self._spelled.get(i, b"") for i in ids).decode("utf-8",
+                                                                                                  errors="replace")
 
 
 class HFTokenizer:
