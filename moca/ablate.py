@@ -109,7 +109,8 @@ def table(result: dict) -> str:
     metrics = list(next(iter(result["rows"].values())))
     lines = ["| row | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, row in result["rows"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in metrics) + " |")
+        cells = [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("| chance | " + " | ".join(f"{result['chance'][m]:.3f}" if m in result["chance"] else "" for m in
                                            metrics) + " |")
     return "\n".join(lines) + f"\n\n{result['seeds']} seed(s) a row; mean ± sample standard deviation across seeds."

@@ -8,8 +8,8 @@ An input is a text, a PIL image, or a side as in the data files (``{"text": ...,
 an image being a path, base64 or a PIL image). Embeddings are float32, L2-normalized, one row per
 input, the same whether an input is encoded alone or in a batch (documents are packed, never
 padded). The attention and pooling are the run's (``cl.attention``, ``cl.pooling``): MoCa's
-bidirectional mean, or the causal baseline's last token. ``save_pretrained`` exports the model in Hugging Face form (plus ``moca.json``), which
-``from_pretrained`` (and transformers) load back.
+bidirectional mean, or the causal baseline's last token. ``save_pretrained`` exports the model in
+Hugging Face form (plus ``moca.json``), which ``from_pretrained`` (and transformers) load back.
 """
 from __future__ import annotations
 

@@ -96,7 +96,8 @@ class ClStage:
     def __init__(self, config: Config, model, tokenizer, parallel: Single, log):
         self.config, self.tokenizer, self.parallel, self.log = config, tokenizer, parallel, log
         c = config.cl
-        self.module = MocaEmbedder(model, c.temperature, c.learn_temperature, c.attention, c.pooling).to(parallel.device)
+        self.module = MocaEmbedder(model, c.temperature, c.learn_temperature, c.attention,
+                                   c.pooling).to(parallel.device)
         parallel.wrap(self.module, one_forward=False)  # several forwards per backward: averaged after it
         self.epoch = self.position = 0
 

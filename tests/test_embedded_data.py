@@ -54,5 +54,6 @@ def test_the_held_out_split_does_not_depend_on_the_seed(tmp_path):
     held = {c["text"] for r in a if r["task"] == "image-to-text" for c in r["candidates"]}
     trained = {p["positive"]["text"] for p in b if p["task"] == "image-to-text"}
     assert held and trained and not held & trained
-    scenes = [embedded.Scene(((c, s),), bg) for c in embedded.INKS for s in embedded.SHAPES for bg in embedded.BACKGROUNDS]
+    scenes = [embedded.Scene(((c, s),), bg) for c in embedded.INKS for s in embedded.SHAPES
+              for bg in embedded.BACKGROUNDS]
     assert 0 < sum(s.held_out() for s in scenes) < len(scenes)
