@@ -85,7 +85,7 @@ def test_stage_two_trains_the_causal_baseline_and_its_export_keeps_it(tmp_path):
     # plain transformers reads the export as causal; its last token's state is the embedding
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "export"), attn_implementation="eager")
     assert plain.config.text_config.is_causal is True
-    ids = torch.tensor([list(inputs[0].encode())])
+    ids = torch.tensor([encoder.tokenizer.encode(inputs[0])])
     with torch.no_grad():
         last = plain.model(input_ids=ids).last_hidden_state[0, -1]
     torch.testing.assert_close(torch.nn.functional.normalize(last, dim=0), vectors[0], rtol=1e-4, atol=1e-4)
