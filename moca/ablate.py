@@ -10,7 +10,7 @@ Every row of one seed sees the same data and evaluation files. ``out/ablation.js
 ``{"rows": {row: {metric: {"mean", "std", "values"}}}, "chance": {metric: value}, ...}``, with the
 metrics of ``eval.json``'s ``overall``; ``ablation.md`` the table and ``ablation.png`` the main
 metrics per row. A run whose ``eval.json`` exists is not trained again (if its settings are the
-row's), so an interrupted ablation continues where it stopped.
+row's) and an unfinished one is resumed, so an interrupted ablation continues where it stopped.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def run_row(config: Config, log=print) -> dict:
         log(f"{out}: already evaluated")
         with open(scored) as f:
             return json.load(f)
-    train(config, log=log)
+    train(config, resume=os.path.isfile(os.path.join(out, "config.json")), log=log)  # an interrupted run continues
     if config.run.stage == "both":
         with open(scored) as f:
             return json.load(f)
