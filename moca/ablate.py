@@ -126,7 +126,9 @@ def plot(result: dict, path: str) -> None:
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     base_y, scale = height - pad, height - pad - top - 20
-    draw.line([(pad, base_y), (width - 10, base_y)], fill="gray")
+    for level in (0.0, 0.5, 1.0):  # the scale: scores lie in [0, 1]
+        draw.line([(pad, base_y - level * scale), (width - 10, base_y - level * scale)], fill="lightgray")
+        draw.text((4, base_y - level * scale - 6), f"{level:.1f}", fill="gray")
     colors = ("steelblue", "darkorange")
     for r, (name, row) in enumerate(rows.items()):
         x0 = pad + 20 + r * 120
