@@ -106,7 +106,7 @@ def test_encode_is_the_same_alone_or_in_a_batch_and_survives_export(cl_run, tmp_
     # pooled, gives the same embedding
     from transformers import Qwen2_5_VLForConditionalGeneration
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "export"), attn_implementation="sdpa")
-    ids = torch.tensor([list(b"a red circle")])
+    ids = torch.tensor([encoder.tokenizer.encode("a red circle")])
     with torch.no_grad():
         hidden = plain.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
     torch.testing.assert_close(torch.nn.functional.normalize(hidden.mean(0), dim=0), batch[0], rtol=1e-4, atol=1e-4)
