@@ -76,7 +76,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     q, k, v = (x[0].transpose(0, 1) for x in _same_dtype(query, key, value))  # (L, H, D)
     if cu is None:  # one document: the whole row
         cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
-    out = varlen_attention(q, k, v, cu.to(torch.int32), softmax_scale=scaling, causal=bool(getattr(module, "is_causal", False)))
+    causal = bool(getattr(module, "is_causal", False))  # set_causal's choice; bidirectional without a module
+    out = varlen_attention(q, k, v, cu.to(torch.int32), softmax_scale=scaling, causal=causal)
     return out.unsqueeze(0), None
 
 
