@@ -44,7 +44,8 @@ class MocaEmbedder(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTIONS} and pooling one of {POOLINGS}, got "
                              f"{attention!r} and {pooling!r}")
         self.model, self.attention, self.pooling = model, attention, pooling
-        set_causal(model, attention == "causal")
+        if hasattr(model, "config"):  # a Qwen model (a bare module stands in for one when only the loss matters)
+            set_causal(model, attention == "causal")
         freeze_lm_head(model)  # embeddings never reach the LM head
         log_t = torch.tensor(math.log(temperature))
         if learn_temperature:
