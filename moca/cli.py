@@ -1,10 +1,13 @@
 """``moca`` command line.
 
-    moca train                                  # the embedded default: both stages and the evaluation, CPU
-    moca train --stage cpt --model PATH --data DOCS --out DIR [--max-steps N] [key=value ...]
+    moca train                                  # the embedded default (recipe tiny): both stages, the evaluation
+    moca train --stage cpt --model PATH --data DOCS --out DIR [key=value ...]   # recipe moca: the paper's settings
+    moca train ... --print-config               # the settings a command would run with, as JSON; runs nothing
     moca train --stage cl --init CPT_RUN --data PAIRS --out DIR   # stage 2 from a stage-1 run
     moca train --config run.toml [key=value ...]                  # settings from a TOML file
     moca train --resume DIR                     # continue DIR from its newest sound checkpoint
+    moca ablate [--out DIR] [--seeds N] [--data DOCS pairs=PAIRS evaluation=EVAL] [key=value ...]
+                                                # cl, cl-causal, mlm+cl, mae+cl, cpt+cl over seeds -> ablation.json
     moca eval --model DIR --data PATH [--out DIR]   # MMEB-style / retrieval scores -> eval.json
     moca encode --model DIR --input IN.jsonl --output OUT.npy [--export DIR]
 """
@@ -16,7 +19,7 @@ import os
 import sys
 
 from .checkpoint import checkpoints
-from .config import Config, targets, describe
+from .config import Config, describe, targets, toml_settings
 from .parallel import leave
 from .train import Preempted, train
 
@@ -54,26 +57,33 @@ def _train_parser(commands) -> argparse.ArgumentParser:
     t.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     t.add_argument("--profile-steps", metavar="A:B", help="capture steps A..B for Nsight Systems "
                    "(nsys profile --capture-range=cudaProfilerApi)")
+    t.add_argument("--recipe", help="the values the settings start from: tiny (default without --model) or moca "
+                   "(the paper's; default with --model)")
+    t.add_argument("--print-config", action="store_true", help="print the settings as JSON and exit (no model or "
+                   "data is loaded)")
     t.add_argument("settings", nargs="*", metavar="key=value", help="any setting listed below, e.g. cpt.lr=1e-4")
     return t
 
 
 def train_config(args) -> Config:
-    """The run's settings: the resumed run's, or the defaults and the TOML file; then the options
-    and ``key=value`` settings. Settings of a stage that does not run are refused. A run stopped
-    before it wrote its config.json (killed in its first seconds) has no checkpoint either:
-    ``--resume`` starts it at step 0 from the settings given, as a new run would."""
+    """The run's settings: the resumed run's (its recipe and every value, from its config.json),
+    or a recipe (``Config.resolve``) with the TOML file over it; then the options and ``key=value``
+    settings. Settings of a stage that does not run are refused. A run stopped before it wrote its
+    config.json (killed in its first seconds) has no checkpoint either: ``--resume`` starts it at
+    step 0 from the settings given, as a new run would."""
     saved = bool(args.resume) and os.path.isfile(os.path.join(args.resume, "config.json"))
     if args.resume and not os.path.isdir(args.resume):
         raise ValueError(f"--resume {args.resume}: no such directory; start a new run with --out {args.resume}")
     if args.resume and not saved and checkpoints(args.resume):
         raise ValueError(f"--resume {args.resume}: checkpoints without the config.json that says how they were made")
-    if saved and args.config:
-        raise ValueError("--config with --resume: a resumed run keeps its settings; change some with key=value")
-    base = Config.read(args.resume) if saved else Config.from_toml(args.config) if args.config else Config()
+    if saved and (args.config or getattr(args, "recipe", None)):
+        raise ValueError("--config or --recipe with --resume: a resumed run keeps its settings; change some with "
+                         "key=value")
+    base = Config.read(args.resume) if saved else None
     given = _overrides(args.settings)
-    stage = args.stage or given.get("stage") or given.get("run.stage") or base.run.stage
-    named = {"run.stage": args.stage, "run.out": args.resume or args.out, "model.path": args.model,
+    stage = args.stage or given.get("stage") or given.get("run.stage") or (base.run.stage if base else "both")
+    named = {"run.recipe": getattr(args, "recipe", None), "run.stage": args.stage,
+             "run.out": args.resume or args.out, "model.path": args.model,
              "model.preset": args.preset, "cl.init": args.init, "run.save_every": args.save_every,
              "run.profile_steps": args.profile_steps, "run.strict": True if args.strict else None,
              ("data.pairs" if stage == "cl" else "data.documents"): args.data}
@@ -86,7 +96,8 @@ def train_config(args) -> Config:
         if unused:
             raise ValueError(f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} stage {other}, which "
                              f"--stage {stage} does not run")
-    config = base.update(given).validate()
+    config = (base.update(given) if base else
+              Config.resolve({**(toml_settings(args.config) if args.config else {}), **given})).validate()
     if stage == "both" and config.data.documents and not config.data.pairs:
         raise ValueError("--stage both with --data (stage-1 documents) needs pairs=PAIRS for stage 2; or run one "
                          "stage with --stage cpt / --stage cl")
@@ -98,6 +109,15 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(prog="moca", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _train_parser(commands)
+    a = commands.add_parser("ablate", help="the paper's ablation: stage 2 alone (bidirectional or causal) against "
+                            "stage 1 (MLM, MAE, both) then stage 2, over seeds, on the held-out evaluation")
+    a.add_argument("--out", default="runs/ablation", help="where the runs, ablation.json, ablation.md and "
+                   "ablation.png go (default runs/ablation)")
+    a.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
+    a.add_argument("--data", help="stage-1 documents (with pairs=PAIRS and evaluation=EVAL; default: the embedded "
+                   "dataset and its held-out split)")
+    a.add_argument("--rows", help="comma-separated subset of the rows: cl,cl-causal,mlm+cl,mae+cl,cpt+cl")
+    a.add_argument("settings", nargs="*", metavar="key=value", help="settings for every row, as for moca train")
     e = commands.add_parser("eval", help="score a trained model on MMEB-style or retrieval files")
     e.add_argument("--model", required=True, help="a run directory or an exported model folder")
     e.add_argument("--data", required=True, nargs="+", help="evaluation .jsonl files or folders of them")
@@ -112,22 +132,31 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     n.add_argument("--export", metavar="DIR", help="also write the model in Hugging Face form to DIR")
     # key=value settings may stand anywhere among the options, not only in one run at the end
     args, rest = parser.parse_known_args(argv)
-    stray = [r for r in rest if args.command != "train" or r.startswith("-") or "=" not in r]
+    stray = [r for r in rest if args.command not in ("train", "ablate") or r.startswith("-") or "=" not in r]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if args.command == "train":
+    if args.command in ("train", "ablate"):
         args.settings += rest
     return args, parser
 
 
 def main(argv=None) -> int:
     args, parser = parse(argv)
+    if args.command == "ablate":
+        return _ablate(args)
     if args.command == "eval":
         return _eval(args)
     if args.command == "encode":
         return _encode(args, parser)
     try:
         config = train_config(args)
+        if args.print_config:
+            print(json.dumps(config.to_dict(), indent=1))
+            return 0
+        if int(os.environ.get("RANK", "0")) == 0:
+            changed = config.recipe_differences()
+            print(f"recipe {config.run.recipe}" + (f"; settings that differ from it: {'; '.join(changed)}" if changed
+                                                   else ", unchanged"))
         final = train(config, resume=bool(args.resume), force=args.force)
     except Preempted as exc:
         print(f"moca train: {exc}", file=sys.stderr)
@@ -149,6 +178,24 @@ def main(argv=None) -> int:
     else:
         print(f"done: {json.dumps(final)}\nrun directory: {config.run.out} (config.json, metrics.jsonl, "
               "checkpoints/, loss.png)")
+    return 0
+
+
+def _ablate(args) -> int:
+    from .ablate import ablate, table
+    try:
+        given = _overrides(args.settings)
+        if args.data:
+            given["data.documents"] = args.data
+        result = ablate(Config.resolve(given).validate(), args.out, args.seeds,
+                        args.rows.split(",") if args.rows else None)
+    except (ValueError, FloatingPointError, RuntimeError, OSError) as exc:
+        print(f"moca ablate: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        leave()
+    print(table(result))
+    print(f"ablation.json, ablation.md, ablation.png: {args.out}")
     return 0
 
 

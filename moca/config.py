@@ -4,19 +4,20 @@ Sections: ``run`` (what runs where), ``data`` (files and how they are packed), `
 ``cpt`` (stage 1: continual pre-training), ``cl`` (stage 2: contrastive learning) and
 ``parallel``. A setting is named ``section.field`` (``cpt.lr=2e-6``) or by its bare field name
 (``mlm_ratio=0.3``); a bare name that two sections share (the schedule: ``lr``, ``max_steps``,
-``warmup_ratio``, ``weight_decay``, ``grad_clip``) sets it in both. Settings come from the
-defaults, then a TOML file (``--config FILE``, one table per section), then ``key=value``.
-``moca train --help`` lists them all.
+``warmup_ratio``, ``weight_decay``, ``grad_clip``) sets it in both. Settings come from a recipe
+(``RECIPES``: ``tiny``, or ``moca`` when a real model is given), then a TOML file (``--config
+FILE``, one table per section), then ``key=value``. ``moca train --help`` lists them all.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
+
+import tomllib
 
 
 def setting(default, doc: str, *, resumable: bool = False):
@@ -27,6 +28,9 @@ def setting(default, doc: str, *, resumable: bool = False):
 
 @dataclass
 class RunConfig:
+    recipe: Literal["tiny", "moca"] = setting(
+        "tiny", "the values every other setting starts from (moca.config.RECIPES): tiny, the embedded default on the "
+        "tiny preset; moca, the paper's and the authors' settings for Qwen2.5-VL (the default with --model)")
     stage: Literal["cpt", "cl", "both"] = setting(
         "both", "cpt: MLM + MAE continual pre-training; cl: contrastive learning on pairs; both: cpt, then cl from "
         "it, then the evaluation")
@@ -72,7 +76,7 @@ class ModelConfig:
 @dataclass
 class Schedule:
     """AdamW and its learning-rate schedule: linear warmup, then linear decay to zero."""
-    max_steps: int = setting(1000, "optimizer steps", resumable=True)
+    max_steps: int = setting(300, "optimizer steps", resumable=True)
     lr: float = setting(3e-3, "peak learning rate")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     warmup_ratio: float = setting(0.1, "share of max_steps spent warming up")
@@ -84,6 +88,9 @@ class CptConfig(Schedule):
     grad_accum: int = setting(1, "packed micro-batches per optimizer step")
     mlm_ratio: float = setting(0.4, "share of non-special text tokens masked for MLM")
     mae_ratio: float = setting(0.5, "share of each document's image tokens masked for MAE")
+    mae_sampling: Literal["count", "bernoulli"] = setting(
+        "count", "count: exactly round(mae_ratio * n) of each document's n image tokens; bernoulli: each token "
+        "independently with probability mae_ratio (the authors' draw)")
     mae_weight: float = setting(0.5, "loss = MLM + mae_weight * MAE")
     use_mlm: bool = setting(True, "train the masked-LM objective")
     use_mae: bool = setting(True, "train the masked-autoencoding objective")
@@ -91,7 +98,7 @@ class CptConfig(Schedule):
 
 @dataclass
 class ClConfig(Schedule):
-    max_steps: int = setting(300, "optimizer steps", resumable=True)
+    max_steps: int = setting(100, "optimizer steps", resumable=True)
     lr: float = setting(1e-3, "peak learning rate")
     init: str | None = setting(None, "start from this stage-1 run's newest checkpoint (its backbone; the MAE head "
                                "is left out)", resumable=True)  # read at step 0 only
@@ -102,6 +109,11 @@ class ClConfig(Schedule):
     task_batching: Literal["mixed", "homogeneous"] = setting("mixed", "mixed tasks per batch (MoCa), or one task "
                                                              "per batch")
     grad_cache: bool = setting(False, "GradCache: activations of one packed row at a time")
+    attention: Literal["bidirectional", "causal"] = setting(
+        "bidirectional", "the language model's attention in stage 2 and in the trained encoder: bidirectional "
+        "(MoCa), or causal (stock Qwen; the paper's causal baseline)")
+    pooling: Literal["mean", "last"] = setting("mean", "an embedding is the mean of a document's final states, or "
+                                              "its last token's (the causal baseline's)")
 
 
 @dataclass
@@ -145,16 +157,28 @@ class Config:
 
     @classmethod
     def from_toml(cls, path: str) -> Config:
-        try:
-            with open(path, "rb") as f:
-                values = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"--config {path}: {exc}") from None
-        bad = [k for k, v in values.items() if not isinstance(v, dict)]
-        if bad:
-            raise ValueError(f"--config {path}: {bad[0]!r} is not a table; put settings under [run], [data], "
-                             "[model], [cpt], [cl] or [parallel]")
-        return cls.from_dict(values)
+        """The settings of a TOML file over the defaults (``resolve`` puts them over a recipe)."""
+        return cls().update(toml_settings(path))
+
+    @classmethod
+    def recipe(cls, name: str) -> Config:
+        """The defaults with recipe ``name``'s values (``RECIPES``)."""
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
+        return cls().update({**RECIPES[name], "run.recipe": name})
+
+    @classmethod
+    def resolve(cls, settings: dict) -> Config:
+        """A run's settings from ``settings`` ({"section.field" or "field": value}): the recipe that
+        ``run.recipe`` names, else ``moca`` when ``model.path`` is given (a real model), else
+        ``tiny``; then ``settings`` over it, so that an explicit value wins over the recipe's."""
+        named = [value for key, value in settings.items() if targets(key) == [("run", "recipe")]]
+        name = str(named[-1]) if named else "moca" if cls().update(settings).model.path else "tiny"
+        return cls.recipe(name).update(settings)
+
+    def recipe_differences(self) -> list[str]:
+        """``section.field: recipe's -> this run's`` for every setting that differs from the recipe."""
+        return Config.recipe(self.run.recipe).differences(self)
 
     def validate(self) -> Config:
         """Checks across fields; returns self. Raises ValueError naming the setting."""
@@ -219,6 +243,48 @@ class Config:
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]
+
+# Every setting that changes results, per recipe, for both stages (the rest keep their defaults).
+# moca: the paper (arXiv 2506.23115) and the authors' scripts (haon-chen/MoCa). Stage 1: AdamW lr
+# 2e-6, no weight decay, clip 5, 10% warmup, documents of up to 1,280 tokens, images of 256 to
+# 1,024 merged 28 x 28 tokens, MLM 0.4, MAE 0.5 drawn per token, MAE weight 0.5 (the paper's best;
+# the released script has 0.1), micro-batches of 12,800 tokens and 4 of them a step (the authors'
+# 12,800 per GPU micro-batch with accumulation 4; they count an image token as 4), 3,311 steps
+# (their final checkpoint). Stage 2: lr 2e-5, 24 pairs per rank with 2 hard negatives each, 5%
+# warmup, temperature 0.03, clip 5, full fine-tuning, mixed-task batches; the authors ran one epoch
+# of their pairs, so cl.max_steps is for the user to set from theirs (pairs / (24 x ranks)). Both
+# stages warm up linearly here, where the authors' DeepSpeed schedule warms up logarithmically.
+RECIPES: dict[str, dict] = {
+    "tiny": {},
+    "moca": {
+        "data.token_budget": 12800, "data.max_doc_tokens": 1280,
+        "data.min_pixels": 256 * 28 * 28, "data.max_pixels": 1024 * 28 * 28,
+        "model.gradient_checkpointing": True,
+        "cpt.max_steps": 3311, "cpt.lr": 2e-6, "cpt.weight_decay": 0.0, "cpt.warmup_ratio": 0.1, "cpt.grad_clip": 5.0,
+        "cpt.grad_accum": 4, "cpt.mlm_ratio": 0.4, "cpt.mae_ratio": 0.5, "cpt.mae_sampling": "bernoulli",
+        "cpt.mae_weight": 0.5, "cpt.use_mlm": True, "cpt.use_mae": True,
+        "cl.max_steps": 1000, "cl.lr": 2e-5, "cl.weight_decay": 0.0, "cl.warmup_ratio": 0.05, "cl.grad_clip": 5.0,
+        "cl.pairs_per_batch": 24, "cl.hard_negatives": 2, "cl.temperature": 0.03, "cl.learn_temperature": False,
+        "cl.task_batching": "mixed",
+    },
+}
+
+
+def toml_settings(path: str) -> dict:
+    """{"section.field": value} of a TOML file with one table per section."""
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"--config {path}: {exc}") from None
+    bad = [k for k, v in values.items() if not isinstance(v, dict)]
+    if bad:
+        raise ValueError(f"--config {path}: {bad[0]!r} is not a table; put settings under [run], [data], "
+                         "[model], [cpt], [cl] or [parallel]")
+    unknown = set(values) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}")
+    return {f"{s}.{k}": v for s, fields in values.items() for k, v in fields.items()}
 
 
 def _hints(section: str) -> dict:

@@ -7,8 +7,9 @@
 An input is a text, a PIL image, or a side as in the data files (``{"text": ..., "image": ...}``,
 an image being a path, base64 or a PIL image). Embeddings are float32, L2-normalized, one row per
 input, the same whether an input is encoded alone or in a batch (documents are packed, never
-padded). ``save_pretrained`` exports the model in Hugging Face form (plus ``moca.json``), which
-``from_pretrained`` (and transformers) load back.
+padded). The attention and pooling are the run's (``cl.attention``, ``cl.pooling``): MoCa's
+bidirectional mean, or the causal baseline's last token. ``save_pretrained`` exports the model in
+Hugging Face form (plus ``moca.json``), which ``from_pretrained`` (and transformers) load back.
 """
 from __future__ import annotations
 
@@ -31,15 +32,16 @@ EXPORT_MARKER = "moca.json"
 
 class Encoder:
     def __init__(self, model, tokenizer, max_doc_tokens: int = 1280, min_pixels: int | None = None,
-                 max_pixels: int | None = None, token_budget: int = 8192, device=None):
+                 max_pixels: int | None = None, token_budget: int = 8192, device=None,
+                 attention: str = "bidirectional", pooling: str = "mean"):
         from .data.images import MAX_PIXELS, MIN_PIXELS
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.embedder = MocaEmbedder(model).to(self.device).eval()
+        self.embedder = MocaEmbedder(model, attention=attention, pooling=pooling).to(self.device).eval()
         self.tokenizer, self.max_doc_tokens, self.token_budget = tokenizer, max_doc_tokens, token_budget
         self.min_pixels, self.max_pixels = min_pixels or MIN_PIXELS, max_pixels or MAX_PIXELS
 
     @classmethod
-    def from_pretrained(cls, path: str, device=None) -> "Encoder":
+    def from_pretrained(cls, path: str, device=None) -> Encoder:
         """A moca run directory (its latest checkpoint, stage 1 or 2) or a folder ``save_pretrained`` wrote."""
         from .checkpoint import load_run
         if os.path.isfile(os.path.join(path, EXPORT_MARKER)):
@@ -47,12 +49,14 @@ class Encoder:
                 meta = json.load(f)
             tokenizer = ByteTokenizer() if meta["tokenizer"] == "bytes" else HFTokenizer(path)
             model = build(path=path)
-            return cls(model, tokenizer, meta["max_doc_tokens"], meta["min_pixels"], meta["max_pixels"], device=device)
+            return cls(model, tokenizer, meta["max_doc_tokens"], meta["min_pixels"], meta["max_pixels"], device=device,
+                       attention=meta.get("attention", "bidirectional"), pooling=meta.get("pooling", "mean"))
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"{path}: neither a moca run directory (config.json) nor an export ({EXPORT_MARKER})")
         config, model, tokenizer = load_run(path, log=lambda *_: None)
         d = config.data
-        return cls(model, tokenizer, d.max_doc_tokens, d.min_pixels, d.max_pixels, d.token_budget, device)
+        return cls(model, tokenizer, d.max_doc_tokens, d.min_pixels, d.max_pixels, d.token_budget, device,
+                   config.cl.attention, config.cl.pooling)
 
     def _document(self, item, index: int):
         if isinstance(item, str):
@@ -93,4 +97,5 @@ class Encoder:
         with open(os.path.join(folder, EXPORT_MARKER), "w") as f:
             json.dump(dict(tokenizer="bytes" if isinstance(self.tokenizer, ByteTokenizer) else "hf",
                            max_doc_tokens=self.max_doc_tokens, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                           pooling="mean", normalize=True), f, indent=1)
+                           attention=self.embedder.attention, pooling=self.embedder.pooling, normalize=True), f,
+                      indent=1)

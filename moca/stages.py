@@ -55,8 +55,9 @@ class CptStage:
         c, p = self.config, self.parallel
         path = default_documents(c, p.main, p.barrier)
         entries = index_documents(c, self.tokenizer, path, self.log)
-        self.log(f"{len(entries)} documents, {len(loader.micro_batches(entries, c.data.token_budget, c.run.seed, epoch))}"
-                 f" micro-batches of up to {c.data.token_budget} tokens per epoch")
+        batches = loader.micro_batches(entries, c.data.token_budget, c.run.seed, epoch)
+        self.log(f"{len(entries)} documents, {len(batches)} micro-batches of up to {c.data.token_budget} tokens "
+                 "per epoch")
         stream = loader.micro_batch_stream(entries, loader.documents(entries, c, self.tokenizer, self.log),
                                            self.tokenizer, self.module.model.config, c, step, epoch, position, p.rank,
                                            p.size, pin=p.device.type == "cuda")
@@ -95,7 +96,9 @@ class ClStage:
 
     def __init__(self, config: Config, model, tokenizer, parallel: Single, log):
         self.config, self.tokenizer, self.parallel, self.log = config, tokenizer, parallel, log
-        self.module = MocaEmbedder(model, config.cl.temperature, config.cl.learn_temperature).to(parallel.device)
+        c = config.cl
+        self.module = MocaEmbedder(model, c.temperature, c.learn_temperature, c.attention,
+                                   c.pooling).to(parallel.device)
         parallel.wrap(self.module, one_forward=False)  # several forwards per backward: averaged after it
         self.epoch = self.position = 0
 

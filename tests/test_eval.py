@@ -63,7 +63,8 @@ def test_evaluate_writes_per_task_scores_beside_chance(tmp_path):
         result = evaluate(encoder, [str(path)], log=lambda *_: None)
     assert encoder.calls == [5]  # q1, a, b, c, q2: each distinct side once
     cls, ret = result["tasks"]["cls"], result["tasks"]["ret"]
-    assert cls["precision_at_1"] == 0.5 and cls["n"] == 2 and cls["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2, abs=1e-4)
+    assert cls["precision_at_1"] == 0.5 and cls["n"] == 2
+    assert cls["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2, abs=1e-4)
     assert ret["recall_at_1"] == 1.0 and ret["ndcg_at_5"] == 1.0 and ret["chance"] < 1
     assert result["overall"]["n"] == 3
 
@@ -106,7 +107,7 @@ def test_encode_is_the_same_alone_or_in_a_batch_and_survives_export(cl_run, tmp_
     # pooled, gives the same embedding
     from transformers import Qwen2_5_VLForConditionalGeneration
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "export"), attn_implementation="sdpa")
-    ids = torch.tensor([list(b"a red circle")])
+    ids = torch.tensor([encoder.tokenizer.encode("a red circle")])
     with torch.no_grad():
         hidden = plain.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
     torch.testing.assert_close(torch.nn.functional.normalize(hidden.mean(0), dim=0), batch[0], rtol=1e-4, atol=1e-4)
@@ -129,7 +130,8 @@ def test_cli_eval_and_encode(cl_run, tmp_path, capsys):
     inputs = tmp_path / "in.jsonl"
     inputs.write_text(json.dumps({"text": "a blue square"}) + "\n" + json.dumps({"image": "eval/images/" + sorted(
         p.name for p in (tmp_path / "eval" / "images").iterdir())[0]}) + "\n")
-    assert cli.main(["encode", "--model", str(cl_run), "--input", str(inputs), "--output", str(tmp_path / "v.npy")]) == 0
+    output = str(tmp_path / "v.npy")
+    assert cli.main(["encode", "--model", str(cl_run), "--input", str(inputs), "--output", output]) == 0
     vectors = np.load(tmp_path / "v.npy")
     assert vectors.shape == (2, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     assert cli.main(["eval", "--model", str(tmp_path / "nowhere"), "--data", eval_file]) == 2

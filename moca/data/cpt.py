@@ -107,16 +107,17 @@ def pack_documents(docs: list[Encoded], image_token_id: int) -> dict:
 
 
 def collate(docs: list[Encoded], specials: Specials, mlm_ratio: float, mae_ratio: float,
-            generator: torch.Generator) -> dict:
+            generator: torch.Generator, mae_sampling: str = "count") -> dict:
     """One packed micro-batch (``pack_documents``) corrupted for stage 1: ``input_ids`` with MLM
     masks applied, ``labels`` (L,), ``pixel_values`` with the MAE-masked tokens' rows replaced by
     one shared Gaussian row, ``mae_positions`` (the masked image tokens' places in the row, in
-    order) and ``mae_targets`` (their 4 original rows each, in the same order)."""
+    order) and ``mae_targets`` (their 4 original rows each, in the same order). ``mae_sampling``:
+``moca.data.masking.choose_image_tokens``'s."""
     batch = pack_documents(docs, specials.image)
     ids = batch["input_ids"][0]
     inputs, labels = mask_tokens(ids, maskable(ids, specials), specials.mask, mlm_ratio, generator)
-    token_mask = torch.cat([choose_image_tokens(d.rows.shape[0] // ROWS_PER_TOKEN, mae_ratio, generator)
-                            for d in docs])
+    token_mask = torch.cat([choose_image_tokens(d.rows.shape[0] // ROWS_PER_TOKEN, mae_ratio, generator,
+                                                mae_sampling) for d in docs])
     noise = torch.randn(ROW, generator=generator)
     pixels, targets = corrupt_rows(batch["pixel_values"], token_mask, noise)
     image_places = (ids == specials.image).nonzero().squeeze(1)

@@ -1,43 +1,109 @@
 """The embedded default dataset: small, deterministic, generated on the spot in the same JSON
-Lines format as user data, so that ``moca train`` with nothing else shows the whole pipeline work.
+Lines format as user data, so that ``moca train`` with nothing else runs the whole method, and
+``moca ablate`` can measure what stage 1 adds.
 
-Documents are short English texts about rendered pictures: each image is a few colored shapes on
-a plain background, and the text around it names them ("a red circle and a blue square on a
-white background"), so that masked words are predictable from the image and the sentence
-pattern, and MLM accuracy climbs well above chance. A share of documents are text only.
+A picture is one or two colored shapes (6 colors, 4 shapes) on a white or black background; its
+description names them ("a red circle and a blue diamond on a black background"). A fixed quarter
+of all descriptions (chosen by a hash of the text, whatever the seed) is held out: only the
+evaluation uses them, so it scores pictures and descriptions that no training data contains, made
+of colors and shapes that the training data does contain.
+
+- Stage 1 (``write``): a large interleaved corpus, documents of one to three pictures, each
+  followed by its description, and a few text-only documents. Masked color and shape words are
+  predictable from the pictures, and masked picture patches from the descriptions.
+- Stage 2 (``write_pairs``): a small labelled set of description-picture pairs, too few to teach
+  a randomly initialized vision tower its colors and shapes on their own.
+- Evaluation (``write_eval``): held-out descriptions only; every negative has another description
+  than its positive.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import zlib
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
           "purple": (140, 60, 170), "orange": (245, 140, 30), "black": (20, 20, 20), "white": (245, 245, 245)}
-SHAPES = ("circle", "square", "triangle")
+INKS = ("red", "green", "blue", "yellow", "purple", "orange")
+SHAPES = ("circle", "square", "triangle", "diamond")
+BACKGROUNDS = ("white", "black")
 OPENERS = ("Here is a picture.", "Look at this image.", "This is a small drawing.", "A simple scene.")
 TEXT_ONLY = ("The quick brown fox jumps over the lazy dog.", "Colors and shapes make simple pictures.",
              "A circle is round and a square has four equal sides.", "A triangle has three sides and three corners.",
-             "Red, green and blue are the primary colors of light.", "Yellow and purple are far apart on the wheel.")
+             "Red, green and blue are the primary colors of light.", "A diamond is a square turned on its corner.")
+HELD_OUT = 4  # one description in HELD_OUT is for the evaluation only
+POOL = 16  # pictures drawn at least, so that a small file still finds its negatives among them
 
 
-def _draw(shapes: list[tuple[str, str]], background: str, size: int, rng: random.Random) -> Image.Image:
-    image = Image.new("RGB", (size, size), COLORS[background])
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[tuple[str, str], ...]  # (color, shape), drawn left to right
+    background: str
+
+    @property
+    def text(self) -> str:
+        return " and ".join(f"a {c} {s}" for c, s in self.objects) + f" on a {self.background} background"
+
+    def held_out(self) -> bool:
+        """Whether this description belongs to the evaluation (fixed by the text, not by a seed)."""
+        return zlib.crc32(self.text.encode()) % HELD_OUT == 0
+
+
+def _scene(rng: random.Random, held_out: bool) -> Scene:
+    while True:
+        scene = Scene(tuple((rng.choice(INKS), rng.choice(SHAPES)) for _ in range(rng.randint(1, 2))),
+                      rng.choice(BACKGROUNDS))
+        if scene.held_out() == held_out:
+            return scene
+
+
+def _draw(scene: Scene, size: int, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (size, size), COLORS[scene.background])
     draw = ImageDraw.Draw(image)
-    for k, (color, shape) in enumerate(shapes):
-        r = size // 6
-        cx = size // 4 + (k % 2) * size // 2 + rng.randint(-4, 4)
-        cy = size // 4 + (k // 2) * size // 2 + rng.randint(-4, 4)
-        box = (cx - r, cy - r, cx + r, cy + r)
+    r = size // 6
+    for k, (color, shape) in enumerate(scene.objects):
+        cx = size // 4 + k * size // 2 + rng.randint(-3, 3)
+        cy = size // 2 + rng.randint(-size // 5, size // 5)
         if shape == "circle":
-            draw.ellipse(box, fill=COLORS[color])
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLORS[color])
         elif shape == "square":
-            draw.rectangle(box, fill=COLORS[color])
-        else:
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=COLORS[color])
+        elif shape == "triangle":
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy), (cx, cy + r), (cx + r, cy)], fill=COLORS[color])
     return image
+
+
+def _pictures(folder: str, count: int, seed: int, image_size: int, held_out: bool,
+              prefix: str) -> list[tuple[str, Scene]]:
+    """``count`` rendered pictures under ``folder/images``: (path, scene), of held-out or of
+    training descriptions."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    out = []
+    for i in range(count):
+        scene = _scene(rng, held_out)
+        name = f"images/{prefix}-{seed}-{i:04d}.png"
+        _draw(scene, image_size, rng).save(os.path.join(folder, name))
+        out.append((name, scene))
+    return out
+
+
+def _others(i: int, pictures: list[tuple[str, Scene]], k: int, rng: random.Random) -> list[tuple[str, Scene]]:
+    """``k`` pictures other than ``i`` whose descriptions all differ from ``i``'s and each other's."""
+    chosen, seen = [], {pictures[i][1].text}
+    for j in rng.sample(range(len(pictures)), len(pictures)):
+        if pictures[j][1].text not in seen:
+            chosen.append(pictures[j])
+            seen.add(pictures[j][1].text)
+            if len(chosen) == k:
+                return chosen
+    raise ValueError(f"{len(pictures)} pictures hold fewer than {k + 1} distinct descriptions")
 
 
 def _write_jsonl(path: str, records) -> str:
@@ -49,82 +115,67 @@ def _write_jsonl(path: str, records) -> str:
     return path
 
 
-def write(folder: str, documents: int = 240, seed: int = 0, image_size: int = 56) -> str:
-    """Write ``documents`` CPT records (and their PNGs) under ``folder``; returns the .jsonl path.
-    The same arguments give the same files."""
+def write(folder: str, documents: int = 600, seed: int = 0, image_size: int = 56) -> str:
+    """Write ``documents`` stage-1 records (and their PNGs) under ``folder``: one in eight text
+    only, the others one to three pictures each followed by its description (training
+    descriptions only). Returns the .jsonl path; the same arguments give the same files."""
     rng = random.Random(seed)
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    sizes = [0 if i % 8 == 7 else rng.randint(1, 3) for i in range(documents)]
+    pictures = iter(_pictures(folder, sum(sizes), seed, image_size, held_out=False, prefix="cpt"))
 
     def records():
-        for i in range(documents):
-            if i % 4 == 3:
+        for size in sizes:
+            if size == 0:
                 yield {"text": " ".join(rng.sample(TEXT_ONLY, 2))}
                 continue
-            colors = [c for c in COLORS if c not in ("white", "black")]
-            shapes = [(rng.choice(colors), rng.choice(SHAPES)) for _ in range(rng.randint(1, 2))]
-            background = rng.choice(("white", "black"))
-            name = f"images/{i:04d}.png"
-            _draw(shapes, background, image_size, rng).save(os.path.join(folder, name))
-            things = " and ".join(f"a {c} {s}" for c, s in shapes)
-            yield {"text": f"{rng.choice(OPENERS)} <image> It shows {things} on a {background} background.",
-                   "images": [name]}
+            shown = [next(pictures) for _ in range(size)]
+            parts = [rng.choice(OPENERS)] + [f"<image> It shows {scene.text}." for _, scene in shown]
+            yield {"text": " ".join(parts), "images": [name for name, _ in shown]}
     return _write_jsonl(os.path.join(folder, "cpt.jsonl"), records())
 
 
-def _pictures(folder: str, count: int, seed: int, image_size: int) -> list[tuple[str, str]]:
-    """``count`` rendered pictures under ``folder/images`` with their descriptions: (path, text)."""
-    rng = random.Random(seed)
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    out = []
-    colors = [c for c in COLORS if c not in ("white", "black")]
-    for i in range(count):
-        shapes = [(rng.choice(colors), rng.choice(SHAPES)) for _ in range(rng.randint(1, 2))]
-        background = rng.choice(("white", "black"))
-        name = f"images/pair-{seed}-{i:04d}.png"
-        _draw(shapes, background, image_size, rng).save(os.path.join(folder, name))
-        out.append((name, " and ".join(f"a {c} {s}" for c, s in shapes) + f" on a {background} background"))
-    return out
-
-
-def write_pairs(folder: str, pairs: int = 192, seed: int = 0, image_size: int = 56) -> str:
+def write_pairs(folder: str, pairs: int = 64, seed: int = 0, image_size: int = 56) -> str:
     """Write ``pairs`` stage-2 records of two tasks (and their PNGs) under ``folder``: find the
     picture a description names (text to image), and describe a picture (image to text), each
-    with two other pictures as hard negatives. Returns the .jsonl path; deterministic."""
-    pictures = _pictures(folder, pairs, seed + 1, image_size)
+    with two pictures of other descriptions as hard negatives (training descriptions only).
+    Returns the .jsonl path; deterministic."""
+    pictures = _pictures(folder, max(pairs, POOL), seed + 1, image_size, held_out=False, prefix="pair")
+    rng = random.Random(seed + 2)
 
     def records():
-        for i, (image, text) in enumerate(pictures):
-            others = [pictures[(i + k) % len(pictures)] for k in (1, 2)]
+        for i, (image, scene) in enumerate(pictures[:pairs]):
+            others = _others(i, pictures, 2, rng)
             if i % 2 == 0:
-                yield {"query": {"text": f"Find the picture of {text}."}, "positive": {"image": image},
+                yield {"query": {"text": f"Find the picture of {scene.text}."}, "positive": {"image": image},
                        "negatives": [{"image": o[0]} for o in others], "task": "text-to-image"}
             else:
                 yield {"query": {"image": image, "text": "<image> What does this picture show?"},
-                       "positive": {"text": text}, "negatives": [{"text": o[1]} for o in others],
+                       "positive": {"text": scene.text}, "negatives": [{"text": o[1].text} for o in others],
                        "task": "image-to-text"}
     return _write_jsonl(os.path.join(folder, "pairs.jsonl"), records())
 
 
-def write_eval(folder: str, queries: int = 48, seed: int = 1000, image_size: int = 56) -> str:
-    """Write held-out evaluation records (new pictures, their own seed) under ``folder``: two
-    MMEB-style tasks with 4 candidates, the positive first (text to image, image to text), and
-    one retrieval task (a description against 8 pictures). Returns the .jsonl path."""
-    pictures = _pictures(folder, queries, seed, image_size)
-    n = len(pictures)
+def write_eval(folder: str, queries: int = 240, seed: int = 1000, image_size: int = 56) -> str:
+    """Write held-out evaluation records (held-out descriptions, new pictures) under ``folder``:
+    two MMEB-style tasks with 4 candidates, the positive first (text to image, image to text), and
+    one retrieval task (a description against 8 pictures, one of them its own), a third of the
+    queries each. Returns the .jsonl path."""
+    pictures = _pictures(folder, max(queries, POOL), seed, image_size, held_out=True, prefix="eval")
+    rng = random.Random(seed + 1)
 
     def records():
-        for i, (image, text) in enumerate(pictures):
-            others = [pictures[(i + k) % n] for k in range(1, 8)]
+        for i, (image, scene) in enumerate(pictures[:queries]):
+            others = _others(i, pictures, 7, rng)
             kind = i % 3
             if kind == 0:
-                yield {"query": {"text": f"Find the picture of {text}."},
+                yield {"query": {"text": f"Find the picture of {scene.text}."},
                        "candidates": [{"image": image}] + [{"image": o[0]} for o in others[:3]],
                        "task": "text-to-image"}
             elif kind == 1:
                 yield {"query": {"image": image, "text": "<image> What does this picture show?"},
-                       "candidates": [{"text": text}] + [{"text": o[1]} for o in others[:3]],
+                       "candidates": [{"text": scene.text}] + [{"text": o[1].text} for o in others[:3]],
                        "task": "image-to-text"}
             else:
-                yield {"query": {"text": f"Find the picture of {text}."}, "positives": [{"image": image}],
+                yield {"query": {"text": f"Find the picture of {scene.text}."}, "positives": [{"image": image}],
                        "candidates": [{"image": o[0]} for o in others], "task": "retrieval"}
     return _write_jsonl(os.path.join(folder, "eval.jsonl"), records())

@@ -130,7 +130,7 @@ def micro_batch_stream(entries, docs: Cache, tokenizer, model_config, config, st
                                  "(see the warnings above)")
             generator = torch.Generator().manual_seed(hash((seed, step, micro * size + rank)) % 2**63)
             with nvtx("collate"):
-                batch = collate(chosen, tokenizer.specials, c.mlm_ratio, c.mae_ratio, generator)
+                batch = collate(chosen, tokenizer.specials, c.mlm_ratio, c.mae_ratio, generator, c.mae_sampling)
             flops = cpt_step_flops(model_config, batch["lengths"], batch["image_grid_thw"].tolist(),
                                    int((batch["labels"] != -100).sum()) if c.use_mlm else 0,
                                    batch["mae_positions"].numel() if c.use_mae else 0, c.use_mae)

@@ -1,12 +1,15 @@
 """MoCa's stage-1 corruption.
 
 MLM: every token that is not special is masked independently with probability ``ratio`` (0.4)
-and always replaced by ``<|mask|>``; its label is the original id, -100 elsewhere. MAE: a
-``ratio`` (0.5) share of a document's merged image tokens is chosen; each owns 4 consecutive
-pixel rows, which are all replaced by one Gaussian row shared by the micro-batch; the original
-rows are the targets.
+and always replaced by ``<|mask|>``; its label is the original id, -100 elsewhere. MAE: merged
+image tokens are chosen, either exactly round(ratio * n) of each document's (``count``) or each
+independently with probability ``ratio`` (``bernoulli``, the authors' draw, which can mask an
+image of one token); each owns 4 consecutive pixel rows, which are all replaced by one Gaussian
+row shared by the micro-batch; the original rows are the targets.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -24,16 +27,23 @@ def mask_tokens(ids: torch.Tensor, maskable: torch.Tensor, mask_id: int, ratio: 
     return torch.where(chosen, mask_id, ids), torch.where(chosen, ids, IGNORE)
 
 
-def choose_image_tokens(n_tokens: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """A bool mask over ``n_tokens`` merged image tokens with exactly round(ratio * n) chosen."""
+def choose_image_tokens(n_tokens: int, ratio: float, generator: torch.Generator,
+                        sampling: Literal["count", "bernoulli"] = "count") -> torch.Tensor:
+    """A bool mask over ``n_tokens`` merged image tokens: exactly round(ratio * n) chosen
+    (``count``), or each chosen independently with probability ``ratio`` (``bernoulli``)."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"MAE ratio must be in [0, 1], got {ratio}")
+    if sampling == "bernoulli":
+        return torch.rand(n_tokens, generator=generator) < ratio
+    if sampling != "count":
+        raise ValueError(f"MAE sampling must be count or bernoulli, got {sampling!r}")
     chosen = torch.zeros(n_tokens, dtype=torch.bool)
     chosen[torch.randperm(n_tokens, generator=generator)[: round(ratio * n_tokens)]] = True
     return chosen
 
 
-def corrupt_rows(rows: torch.Tensor, token_mask: torch.Tensor, noise_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def corrupt_rows(rows: torch.Tensor, token_mask: torch.Tensor,
+                 noise_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows with every row of a chosen token replaced by ``noise_row``, the original rows of the
     chosen tokens in order: the MAE targets). ``rows`` is (4 * n_tokens, P)."""
     if rows.shape[0] != ROWS_PER_TOKEN * token_mask.shape[0]:

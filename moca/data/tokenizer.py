@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -24,25 +25,39 @@ class Specials:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255, then the special tokens. The embedded default's tokenizer (the
-    ``tiny`` preset's vocabulary of 264 ids)."""
+    """UTF-8 bytes as ids 0..255, then one id for each of a small set of common English words
+    (``WORDS``: as a real tokenizer has one token for a common word, so that MLM masks a whole
+    word, which the bytes of a word would give away), then the special tokens. The embedded
+    default's tokenizer (the ``tiny`` preset's vocabulary)."""
 
     NAMES = ("<|endoftext|>", VISION_START, VISION_END, IMAGE_PAD, MASK_TOKEN, "<|video_pad|>", "<|im_start|>",
              "<|im_end|>")
+    WORDS = ("a", "A", "and", "on", "of", "the", "is", "at", "this", "This", "It", "it", "shows", "show", "does",
+             "What", "Find", "Here", "Look", "picture", "image", "drawing", "scene", "small", "simple", "background",
+             "red", "green", "blue", "yellow", "purple", "orange", "black", "white",
+             "circle", "square", "triangle", "diamond")
+    _PIECES = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
 
     def __init__(self):
-        ids = {name: 256 + i for i, name in enumerate(self.NAMES)}
-        self.vocab_size = 256 + len(self.NAMES)
-        self.fingerprint = f"bytes:{self.vocab_size}"  # what an index of token counts depends on
+        self.words = {word: 256 + i for i, word in enumerate(self.WORDS)}
+        ids = {name: 256 + len(self.WORDS) + i for i, name in enumerate(self.NAMES)}
+        self.vocab_size = 256 + len(self.WORDS) + len(self.NAMES)
+        self.fingerprint = f"bytes+words:{self.vocab_size}"  # what an index of token counts depends on
         self.specials = Specials(mask=ids[MASK_TOKEN], image=ids[IMAGE_PAD], vision_start=ids[VISION_START],
                                  vision_end=ids[VISION_END], eos=ids["<|endoftext|>"], all=frozenset(ids.values()))
         self.ids = ids
+        self._spelled = {i: word.encode() for word, i in self.words.items()}
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        out = []
+        for piece in self._PIECES.findall(text):
+            word = self.words.get(piece)
+            out += [word] if word is not None else list(piece.encode("utf-8"))
+        return out
 
     def decode(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        return b"".join(bytes([i]) if i < 256 else self._spelled.get(i, b"") for i in ids).decode("utf-8",
+                                                                                                  errors="replace")
 
 
 class HFTokenizer:
@@ -54,7 +69,7 @@ class HFTokenizer:
         from transformers import AutoTokenizer
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if MASK_TOKEN not in self.tok.get_vocab():
-            self.tok.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]})
+            self._add_mask_token()
         vocab = self.tok.get_vocab()
         missing = [t for t in (IMAGE_PAD, VISION_START, VISION_END) if t not in vocab]
         if missing:
@@ -70,6 +85,17 @@ class HFTokenizer:
         self.specials = Specials(mask=vocab[MASK_TOKEN], image=vocab[IMAGE_PAD], vision_start=vocab[VISION_START],
                                  vision_end=vocab[VISION_END], eos=eos, all=frozenset(self.tok.all_special_ids)
                                  | {vocab[MASK_TOKEN], vocab[IMAGE_PAD], vocab[VISION_START], vocab[VISION_END]})
+
+    def _add_mask_token(self) -> None:
+        """``<|mask|>`` as the tokenizer's mask token (the authors' way) or, where it has another
+        one, as an added special token; either way the other special tokens stay special (setting
+        the extra special tokens' list would replace it, making ``<|im_start|>`` and the like
+        MLM targets)."""
+        from tokenizers import AddedToken
+        if self.tok.mask_token is None:
+            self.tok.add_special_tokens({"mask_token": MASK_TOKEN})
+        else:
+            self.tok.add_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)], special_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)

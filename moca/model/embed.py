@@ -1,7 +1,8 @@
 """MoCa's stage-2 embedding and contrastive step.
 
 An embedding is the mean of a document's final hidden states over all its tokens (text and
-image; ``segment_mean`` over ``cu_seqlens``), L2-normalized. The loss is ``info_nce`` in MoCa's
+image; ``segment_mean`` over ``cu_seqlens``), L2-normalized; or, for the paper's causal baseline
+(``attention="causal"``, ``pooling="last"``), the state of its last token. The loss is ``info_nce`` in MoCa's
 layout: each query against every positive of the global batch (gathered across ranks with
 exact gradients) plus its own K hard negatives, temperature 0.03 (optionally learned).
 
@@ -28,15 +29,23 @@ from moca_kernels import info_nce
 from moca_kernels.info_nce.distributed import all_gather_with_grad
 from moca_kernels.varlen import segment_mean
 
-from .qwen import freeze_lm_head, packed_hidden
+from .qwen import freeze_lm_head, packed_hidden, set_causal
+
+ATTENTIONS, POOLINGS = ("bidirectional", "causal"), ("mean", "last")
 
 
 class MocaEmbedder(nn.Module):
-    def __init__(self, model, temperature: float = 0.03, learn_temperature: bool = False):
+    def __init__(self, model, temperature: float = 0.03, learn_temperature: bool = False,
+                 attention: str = "bidirectional", pooling: str = "mean"):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.model = model
+        if attention not in ATTENTIONS or pooling not in POOLINGS:
+            raise ValueError(f"attention must be one of {ATTENTIONS} and pooling one of {POOLINGS}, got "
+                             f"{attention!r} and {pooling!r}")
+        self.model, self.attention, self.pooling = model, attention, pooling
+        if hasattr(model, "config"):  # a Qwen model (a bare module stands in for one when only the loss matters)
+            set_causal(model, attention == "causal")
         freeze_lm_head(model)  # embeddings never reach the LM head
         log_t = torch.tensor(math.log(temperature))
         if learn_temperature:
@@ -48,9 +57,12 @@ class MocaEmbedder(nn.Module):
         return self.log_temperature.exp()
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """Normalized float32 embeddings (documents, H) of a packed row (``pack_documents``)."""
+        """Normalized float32 embeddings (documents, H) of a packed row (``pack_documents``): the
+        mean of each document's states, or its last token's (``pooling="last"``)."""
         hidden = packed_hidden(self.model, batch)
-        return F.normalize(segment_mean(hidden, batch["cu_seqlens"]).float(), dim=-1)
+        cu = batch["cu_seqlens"]
+        pooled = hidden[cu[1:].long() - 1] if self.pooling == "last" else segment_mean(hidden, cu)
+        return F.normalize(pooled.float(), dim=-1)
 
     def loss(self, query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
         """InfoNCE of this rank's queries (B, H) against the positives of every rank and their own
@@ -79,7 +91,8 @@ class MocaEmbedder(nn.Module):
         return (scores.diagonal() >= best_in_batch).float().mean().item()
 
 
-def _plan(embedder: MocaEmbedder, docs: list[Encoded], token_budget: int, device) -> tuple[list[list[int]], torch.Tensor, int]:
+def _plan(embedder: MocaEmbedder, docs: list[Encoded], token_budget: int,
+          device) -> tuple[list[list[int]], torch.Tensor, int]:
     """Packed rows of document indices under the budget, each document's place among the rows'
     outputs in row order, and how many weightless padding rows this rank adds so that every rank
     runs as many forwards (on a sharded model, ``uniform_collectives``; else 0)."""
@@ -151,7 +164,8 @@ def contrastive_step(embedder: MocaEmbedder, queries: list[Encoded], positives: 
             _embed_row(embedder, [docs[i] for i in row], image_token_id, device, autocast).backward(cached.grad[row])
         for _ in range(padding):
             _padding_row(embedder, device, autocast).backward()
-    return dict(loss=loss.detach(), accuracy=embedder.accuracy(q.detach(), p.detach(), None if n is None else n.detach()),
+    accuracy = embedder.accuracy(q.detach(), p.detach(), None if n is None else n.detach())
+    return dict(loss=loss.detach(), accuracy=accuracy,
                 temperature=embedder.temperature().item())
 
 

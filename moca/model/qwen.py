@@ -3,7 +3,8 @@ a local checkpoint, made bidirectional, and fed packed documents.
 
 The language model's attention goes through transformers' attention interface under the name
 ``moca_varlen``: ``moca_kernels.varlen_attention`` over the documents that ``cu_seq_lens_q``
-(the packed batch's ``cu_seqlens``, passed as a model keyword) delimits, never causal. A batch
+(the packed batch's ``cu_seqlens``, passed as a model keyword) delimits, bidirectional (MoCa),
+or causal where ``set_causal`` made the model so (the paper's causal baseline). A batch
 that is padded instead of packed (more than one row, or an attention mask) is refused: this
 attention cannot honour padding silently. The vision tower's attention runs every window and
 image of the batch in one ``varlen_attention`` launch over its own ``cu_seqlens``.
@@ -22,7 +23,8 @@ ATTENTION = "moca_varlen"
 _BYTES = ByteTokenizer()
 TINY_SPECIALS = dict(image_token_id=_BYTES.specials.image, video_token_id=_BYTES.ids["<|video_pad|>"],
                      vision_start_token_id=_BYTES.specials.vision_start, vision_end_token_id=_BYTES.specials.vision_end,
-                     bos_token_id=_BYTES.specials.eos, eos_token_id=_BYTES.specials.eos, pad_token_id=_BYTES.specials.eos)
+                     bos_token_id=_BYTES.specials.eos, eos_token_id=_BYTES.specials.eos,
+                     pad_token_id=_BYTES.specials.eos)
 
 PRESETS = {
     "tiny": dict(
@@ -75,7 +77,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     q, k, v = (x[0].transpose(0, 1) for x in _same_dtype(query, key, value))  # (L, H, D)
     if cu is None:  # one document: the whole row
         cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
-    out = varlen_attention(q, k, v, cu.to(torch.int32), softmax_scale=scaling, causal=False)
+    causal = bool(getattr(module, "is_causal", False))  # set_causal's choice; bidirectional without a module
+    out = varlen_attention(q, k, v, cu.to(torch.int32), softmax_scale=scaling, causal=causal)
     return out.unsqueeze(0), None
 
 
@@ -109,13 +112,19 @@ def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dty
         config = Qwen2_5_VLConfig(**PRESETS[preset], attn_implementation=attention)
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
-    model.config.text_config.is_causal = False
-    for layer in model.model.language_model.layers:
-        layer.self_attn.is_causal = False
+    set_causal(model, False)
     if attention == ATTENTION:
         for block in model.model.visual.blocks:
             block.attn.forward = _packed_vision_attention.__get__(block.attn)
     return model
+
+
+def set_causal(model, causal: bool) -> None:
+    """The language model's attention made causal (stock Qwen) or bidirectional (MoCa), in its
+    layers and in its config, which an export carries to transformers."""
+    model.config.text_config.is_causal = causal
+    for layer in model.model.language_model.layers:
+        layer.self_attn.is_causal = causal
 
 
 def freeze_lm_head(model) -> None:
@@ -163,7 +172,8 @@ def packed_hidden(model, batch: dict) -> torch.Tensor:
 def _with_dummy_image(config, batch: dict) -> dict:
     """``batch`` plus a document of one merged image token (2 x 2 black patches)."""
     ids, device = batch["input_ids"], batch["input_ids"].device
-    extra = torch.tensor([[config.vision_start_token_id, config.image_token_id, config.vision_end_token_id]], device=device)
+    extra = torch.tensor([[config.vision_start_token_id, config.image_token_id, config.vision_end_token_id]],
+                         device=device)
     positions = torch.tensor([0, 1, 2], device=device).view(1, 1, 3).expand(3, 1, 3)
     cu = batch["cu_seqlens"]
     return dict(batch, input_ids=torch.cat([ids, extra], 1),

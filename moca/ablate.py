@@ -1,0 +1,147 @@
+"""The paper's ablation as a command: which part of MoCa does the held-out score owe to?
+
+Rows, each trained and evaluated once per seed (``run.seed`` 0, 1, ...), from the same settings:
+
+- ``cl``: stage 2 alone (bidirectional attention, mean pooling);
+- ``cl-causal``: stage 2 alone with causal attention and last-token pooling (stock Qwen);
+- ``mlm+cl``, ``mae+cl``, ``cpt+cl``: stage 1 with MLM only, MAE only, or both, then stage 2 from it.
+
+Every row of one seed sees the same data and evaluation files. ``out/ablation.json`` holds
+``{"rows": {row: {metric: {"mean", "std", "values"}}}, "chance": {metric: value}, ...}``, with the
+metrics of ``eval.json``'s ``overall``; ``ablation.md`` the table and ``ablation.png`` the main
+metrics per row. A run whose ``eval.json`` exists is not trained again (if its settings are the
+row's) and an unfinished one is resumed, so an interrupted ablation continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+from .config import Config
+
+ROWS: dict[str, dict] = {
+    "cl": {"run.stage": "cl"},
+    "cl-causal": {"run.stage": "cl", "cl.attention": "causal", "cl.pooling": "last"},
+    "mlm+cl": {"run.stage": "both", "cpt.use_mae": False},
+    "mae+cl": {"run.stage": "both", "cpt.use_mlm": False},
+    "cpt+cl": {"run.stage": "both"},
+}
+SHOWN = ("precision_at_1", "ndcg_at_5")  # the plot's metrics: MMEB's and ViDoRe's
+
+
+def run_row(config: Config, log=print) -> dict:
+    """Train one row's run (``config.run.stage`` cl or both) and evaluate it on ``data.evaluation``,
+    or on the embedded held-out split; returns ``eval.json``'s content."""
+    from .data import embedded
+    from .data.index import data_files
+    from .eval import evaluate_run
+    from .train import train
+    out = config.run.out
+    scored = os.path.join(out, "cl", "eval.json") if config.run.stage == "both" else os.path.join(out, "eval.json")
+    if os.path.isfile(scored):
+        changed = [d for d in Config.read(out).result_differences(config) if not d.startswith("run.out:")]
+        if changed:
+            raise ValueError(f"{out} was evaluated with other settings ({'; '.join(changed)}): choose another --out")
+        log(f"{out}: already evaluated")
+        with open(scored) as f:
+            return json.load(f)
+    train(config, resume=os.path.isfile(os.path.join(out, "config.json")), log=log)  # an interrupted run continues
+    if config.run.stage == "both":
+        with open(scored) as f:
+            return json.load(f)
+    d = config.data
+    files = data_files(d.evaluation, "evaluation") if d.evaluation else \
+        [embedded.write_eval(os.path.join(out, "eval-data"), seed=config.run.seed + 1000)]
+    return evaluate_run(out, files, strict=config.run.strict, log=log)
+
+
+def ablate(base: Config, out: str, seeds: int = 3, rows: list[str] | None = None, log=print) -> dict:
+    """Every row of ``ROWS`` (or ``rows``) over ``seeds`` seeds from ``base``'s settings, in
+    ``out/ROW/seed-N``; writes and returns ``ablation.json``'s content."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    names = rows or list(ROWS)
+    unknown = [r for r in names if r not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown row(s) {unknown}; rows: {', '.join(ROWS)}")
+    d = base.data
+    if (d.documents or d.pairs) and not (d.documents and d.pairs and d.evaluation):
+        raise ValueError("on your own data the ablation needs all three: --data DOCUMENTS, pairs=PAIRS and "
+                         "evaluation=EVAL")
+    scores: dict[str, list[dict]] = {name: [] for name in names}
+    for seed in range(seeds):
+        for name in names:
+            config = base.update({**ROWS[name], "run.seed": seed,
+                                  "run.out": os.path.join(out, name, f"seed-{seed}")}).validate()
+            log(f"ablation: {name}, seed {seed} -> {config.run.out}")
+            scores[name].append(run_row(config, log=lambda *_: None)["overall"])
+    result = summarize(scores)
+    result["settings"] = base.to_dict()
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "ablation.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, "ablation.md"), "w") as f:
+        f.write(table(result) + "\n")
+    plot(result, os.path.join(out, "ablation.png"))
+    return result
+
+
+def summarize(scores: dict[str, list[dict]]) -> dict:
+    """``{"rows": {row: {metric: {"mean", "std", "values"}}}, "chance": {metric: value}, "seeds": n}``
+    from each row's ``overall`` scores per seed (``std``: the sample standard deviation across
+    seeds, 0 for one seed)."""
+    rows, chance = {}, {}
+    for name, per_seed in scores.items():
+        metrics = [k for k in per_seed[0] if k != "n" and not k.startswith("chance")]
+        rows[name] = {}
+        for metric in metrics:
+            values = [s[metric] for s in per_seed]
+            rows[name][metric] = dict(mean=round(statistics.fmean(values), 4),
+                                      std=round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+                                      values=values)
+        chance.update({k.removeprefix("chance_"): v for k, v in per_seed[0].items() if k.startswith("chance_")})
+    return dict(rows=rows, chance=chance, seeds=len(next(iter(scores.values()))))
+
+
+def table(result: dict) -> str:
+    """The markdown table: one row per ablation row, each metric as mean ± std over the seeds."""
+    metrics = list(next(iter(result["rows"].values())))
+    lines = ["| row | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name, row in result["rows"].items():
+        cells = [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| chance | " + " | ".join(f"{result['chance'][m]:.3f}" if m in result["chance"] else "" for m in
+                                           metrics) + " |")
+    return "\n".join(lines) + f"\n\n{result['seeds']} seed(s) a row; mean ± sample standard deviation across seeds."
+
+
+def plot(result: dict, path: str) -> None:
+    """Bars of ``SHOWN`` per row, each with its seeds' values as dots and the chance level as a
+    line (drawn with Pillow)."""
+    from PIL import Image, ImageDraw
+    rows = result["rows"]
+    shown = [m for m in SHOWN if m in next(iter(rows.values()))]
+    width, height, pad, top = 160 + 120 * len(rows), 360, 40, 30
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    base_y, scale = height - pad, height - pad - top - 20
+    for level in (0.0, 0.5, 1.0):  # the scale: scores lie in [0, 1]
+        draw.line([(pad, base_y - level * scale), (width - 10, base_y - level * scale)], fill="lightgray")
+        draw.text((4, base_y - level * scale - 6), f"{level:.1f}", fill="gray")
+    colors = ("steelblue", "darkorange")
+    for r, (name, row) in enumerate(rows.items()):
+        x0 = pad + 20 + r * 120
+        for k, metric in enumerate(shown):
+            x = x0 + k * 40
+            mean = row[metric]["mean"]
+            draw.rectangle((x, base_y - mean * scale, x + 30, base_y), fill=colors[k % 2])
+            for v in row[metric]["values"]:
+                draw.ellipse((x + 13, base_y - v * scale - 2, x + 17, base_y - v * scale + 2), fill="black")
+            if metric in result["chance"]:
+                y = base_y - result["chance"][metric] * scale
+                draw.line([(x - 2, y), (x + 32, y)], fill="red", width=1)
+        draw.text((x0, base_y + 8), name, fill="black")
+    for k, metric in enumerate(shown):
+        draw.text((pad, 4 + 12 * k), f"{metric} (bar: mean, dots: seeds, red line: chance)", fill=colors[k % 2])
+    image.save(path)
