@@ -75,11 +75,13 @@ class ModelConfig:
 
 @dataclass
 class Schedule:
-    """AdamW and its learning-rate schedule: linear warmup, then linear decay to zero."""
+    """AdamW and its learning-rate schedule: a warmup, then linear decay to zero."""
     max_steps: int = setting(300, "optimizer steps", resumable=True)
     lr: float = setting(3e-3, "peak learning rate")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     warmup_ratio: float = setting(0.1, "share of max_steps spent warming up")
+    warmup: Literal["linear", "log"] = setting("linear", "warmup shape: linear, or log (DeepSpeed's WarmupDecayLR "
+                                               "default, the authors' schedule: log(step + 1) / log(warmup steps))")
     grad_clip: float = setting(5.0, "gradient norm clipped to this")
 
 
@@ -253,17 +255,19 @@ SECTIONS = [f.name for f in dataclasses.fields(Config)]
 # (their final checkpoint). Stage 2: lr 2e-5, 24 pairs per rank with 2 hard negatives each, 5%
 # warmup, temperature 0.03, clip 5, full fine-tuning, mixed-task batches; the authors ran one epoch
 # of their pairs, so cl.max_steps is for the user to set from theirs (pairs / (24 x ranks)). Both
-# stages warm up linearly here, where the authors' DeepSpeed schedule warms up logarithmically.
+# stages warm up logarithmically, as the authors' DeepSpeed WarmupDecayLR does.
 RECIPES: dict[str, dict] = {
     "tiny": {},
     "moca": {
         "data.token_budget": 12800, "data.max_doc_tokens": 1280,
         "data.min_pixels": 256 * 28 * 28, "data.max_pixels": 1024 * 28 * 28,
         "model.gradient_checkpointing": True,
-        "cpt.max_steps": 3311, "cpt.lr": 2e-6, "cpt.weight_decay": 0.0, "cpt.warmup_ratio": 0.1, "cpt.grad_clip": 5.0,
+        "cpt.max_steps": 3311, "cpt.lr": 2e-6, "cpt.weight_decay": 0.0, "cpt.warmup_ratio": 0.1, "cpt.warmup": "log",
+        "cpt.grad_clip": 5.0,
         "cpt.grad_accum": 4, "cpt.mlm_ratio": 0.4, "cpt.mae_ratio": 0.5, "cpt.mae_sampling": "bernoulli",
         "cpt.mae_weight": 0.5, "cpt.use_mlm": True, "cpt.use_mae": True,
-        "cl.max_steps": 1000, "cl.lr": 2e-5, "cl.weight_decay": 0.0, "cl.warmup_ratio": 0.05, "cl.grad_clip": 5.0,
+        "cl.max_steps": 1000, "cl.lr": 2e-5, "cl.weight_decay": 0.0, "cl.warmup_ratio": 0.05, "cl.warmup": "log",
+        "cl.grad_clip": 5.0,
         "cl.pairs_per_batch": 24, "cl.hard_negatives": 2, "cl.temperature": 0.03, "cl.learn_temperature": False,
         "cl.task_batching": "mixed",
     },

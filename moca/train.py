@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import threading
@@ -38,11 +39,13 @@ class Preempted(Exception):
     EXIT_CODE = 75  # EX_TEMPFAIL: try again later (with --resume)
 
 
-def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
-    """Linear warmup over ``warmup_ratio * total`` steps, then linear decay to zero."""
+def lr_factor(step: int, total: int, warmup_ratio: float, shape: str = "linear") -> float:
+    """The learning rate's share of its peak at ``step``: a warmup over ``warmup_ratio * total``
+    steps, linear, or logarithmic as DeepSpeed's WarmupDecayLR does it (0 at step 0), then linear
+    decay to zero."""
     warmup = max(1, int(warmup_ratio * total))
     if step < warmup:
-        return (step + 1) / warmup
+        return math.log(step + 1) / math.log(max(2, warmup)) if shape == "log" else (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
@@ -156,7 +159,7 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
     optimizer = torch.optim.AdamW(trained, lr=schedule.lr, weight_decay=schedule.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, schedule.max_steps, schedule.warmup_ratio))
+        optimizer, lambda s: lr_factor(s, schedule.max_steps, schedule.warmup_ratio, schedule.warmup))
     step, epoch, position = 0, 0, 0
     if start is not None:
         state = checkpoint.load(start, stage.module, optimizer)

@@ -87,7 +87,7 @@ def test_command_line_shorthands():
     config = cli.train_config(_args(["--stage", "cl", "--data", "pairs.jsonl", "--max-steps", "9", "--init", "cpt-run",
                                      "--model", "ckpt"]))
     assert (config.data.pairs, config.data.documents, config.cl.max_steps, config.cpt.max_steps) == \
-        ("pairs.jsonl", None, 9, Config().cpt.max_steps)
+        ("pairs.jsonl", None, 9, Config.recipe("moca").cpt.max_steps)  # --model: the moca recipe
     assert (config.cl.init, config.model.path) == ("cpt-run", "ckpt")
     both = cli.train_config(_args(["--max-steps", "4", "cl.max_steps=3"]))
     assert (both.cpt.max_steps, both.cl.max_steps) == (4, 3)  # --max-steps: every stage; a named one wins
@@ -116,3 +116,14 @@ def test_the_loop_holds_no_parallel_branch_and_no_internals():
     attributes = {n.attr for t in tests for n in ast.walk(t) if isinstance(n, ast.Attribute)}
     assert not attributes & {"fsdp", "size", "is_initialized", "ddp"}, attributes
     assert len(tests) > 5  # the walk sees the loop's conditions
+
+
+def test_the_learning_rate_schedule():
+    import math
+
+    from moca.train import lr_factor
+    linear = [lr_factor(s, 100, 0.1) for s in range(100)]
+    assert linear[0] == 0.1 and linear[9] == 1.0 and linear[10] == 1.0 and linear[55] == 0.5
+    log = [lr_factor(s, 100, 0.1, "log") for s in range(100)]  # DeepSpeed's WarmupDecayLR, warmup_type="log"
+    assert log[0] == 0.0 and log[4] == math.log(5) / math.log(10) and log[9] == 1.0 and log[10:] == linear[10:]
+    assert all(a <= b for a, b in zip(log[:10], log[1:10]))
