@@ -20,10 +20,11 @@ EXAMPLES = {
 }
 
 PAPER_CPT = dict(lr=2e-6, weight_decay=0.0, grad_clip=5.0, warmup_ratio=0.1, warmup="log", mlm_ratio=0.4,
-                 mae_ratio=0.5, mae_weight=0.5, mae_sampling="bernoulli", use_mlm=True, use_mae=True, grad_accum=4, max_steps=3311)
+                 mae_ratio=0.5, mae_weight=0.5, mae_sampling="bernoulli", use_mlm=True, use_mae=True, grad_accum=4,
+                 max_steps=3311)
 PAPER_CL = dict(lr=2e-5, weight_decay=0.0, grad_clip=5.0, warmup_ratio=0.05, warmup="log", pairs_per_batch=24,
-                hard_negatives=2, temperature=0.03, learn_temperature=False, task_batching="mixed", attention="bidirectional",
-                pooling="mean", grad_cache=False)
+                hard_negatives=2, temperature=0.03, learn_temperature=False, task_batching="mixed",
+                attention="bidirectional", pooling="mean", grad_cache=False)
 PAPER_DATA = dict(max_doc_tokens=1280, min_pixels=256 * 28 * 28, max_pixels=1024 * 28 * 28, token_budget=12800)
 
 
