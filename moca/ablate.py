@@ -19,6 +19,10 @@ import os
 import statistics
 
 from .config import Config
+from .data import embedded
+from .data.index import data_files
+from .eval import evaluate_run
+from .train import train
 
 ROWS: dict[str, dict] = {
     "cl": {"run.stage": "cl"},
@@ -33,10 +37,6 @@ SHOWN = ("precision_at_1", "ndcg_at_5")  # the plot's metrics: MMEB's and ViDoRe
 def run_row(config: Config, log=print) -> dict:
     """Train one row's run (``config.run.stage`` cl or both) and evaluate it on ``data.evaluation``,
     or on the embedded held-out split; returns ``eval.json``'s content."""
-    from .data import embedded
-    from .data.index import data_files
-    from .eval import evaluate_run
-    from .train import train
     out = config.run.out
     scored = os.path.join(out, "cl", "eval.json") if config.run.stage == "both" else os.path.join(out, "eval.json")
     if os.path.isfile(scored):

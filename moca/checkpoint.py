@@ -31,7 +31,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from .config import Config
+from .data.tokenizer import ByteTokenizer, HFTokenizer
 from .files import atomic_write, fsync_dir
+from .model.qwen import build
 
 MANIFEST = "manifest.json"
 _PREFIX = "step-"
@@ -257,8 +260,6 @@ def read_model(path: str, model: torch.nn.Module, prefix: str) -> int:
 def model_and_tokenizer(config, log=print):
     """The run's model (``model.path``, else the preset with random weights) and tokenizer, the
     embedding table grown when the tokenizer's ids reach past it (``config``: a Config)."""
-    from .data.tokenizer import ByteTokenizer, HFTokenizer
-    from .model.qwen import build
     path = config.model.path
     tokenizer = HFTokenizer(path) if path else ByteTokenizer()
     model = build(None if path else config.model.preset, path)
@@ -283,7 +284,6 @@ def load_backbone(model, run_dir: str, log=print) -> str:
 
 def load_run(run_dir: str, log=print):
     """(config, model with the run's newest backbone weights, tokenizer) of a run directory."""
-    from .config import Config
     config = Config.read(run_dir)
     model, tokenizer = model_and_tokenizer(config, log)
     load_backbone(model, run_dir, log)

@@ -18,8 +18,14 @@ import json
 import os
 import sys
 
+import numpy as np
+
+from .ablate import ablate, table
 from .checkpoint import checkpoints
 from .config import Config, describe, targets, toml_settings
+from .data.index import data_files
+from .encoder import Encoder
+from .eval import embed_file, evaluate
 from .parallel import leave
 from .train import Preempted, train
 
@@ -182,7 +188,6 @@ def main(argv=None) -> int:
 
 
 def _ablate(args) -> int:
-    from .ablate import ablate, table
     try:
         given = _overrides(args.settings)
         if args.data:
@@ -218,9 +223,6 @@ def _scores(result: dict, prefix: str = "") -> None:
 
 
 def _eval(args) -> int:
-    from .data.index import data_files
-    from .encoder import Encoder
-    from .eval import evaluate
     try:
         files = [f for path in args.data for f in data_files(path)]
         result = evaluate(Encoder.from_pretrained(args.model), files, strict=args.strict)
@@ -237,10 +239,6 @@ def _eval(args) -> int:
 
 
 def _encode(args, parser) -> int:
-    import numpy as np
-
-    from .encoder import Encoder
-    from .eval import embed_file
     if not args.export and not (args.input and args.output):
         parser.error("encode needs --input and --output (or --export DIR)")
     try:

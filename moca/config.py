@@ -19,6 +19,8 @@ from typing import Literal
 
 import tomllib
 
+from .files import atomic_write
+
 
 def setting(default, doc: str, *, resumable: bool = False):
     """A documented field. ``resumable``: the setting may change when a run resumes (it changes
@@ -232,7 +234,6 @@ class Config:
 
     def write(self, run_dir: str) -> None:
         """``run_dir/config.json``, written atomically."""
-        from .files import atomic_write
         atomic_write(os.path.join(run_dir, "config.json"), json.dumps(self.to_dict(), indent=1).encode())
 
     @classmethod

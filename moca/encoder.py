@@ -21,7 +21,9 @@ import os
 import torch
 from PIL import Image
 
+from .checkpoint import load_run
 from .data.cpt import encode
+from .data.images import MAX_PIXELS, MIN_PIXELS
 from .data.pairs import side_document
 from .data.tokenizer import ByteTokenizer, HFTokenizer
 from .model.embed import MocaEmbedder, embed_documents
@@ -34,7 +36,6 @@ class Encoder:
     def __init__(self, model, tokenizer, max_doc_tokens: int = 1280, min_pixels: int | None = None,
                  max_pixels: int | None = None, token_budget: int = 8192, device=None,
                  attention: str = "bidirectional", pooling: str = "mean"):
-        from .data.images import MAX_PIXELS, MIN_PIXELS
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.embedder = MocaEmbedder(model, attention=attention, pooling=pooling).to(self.device).eval()
         self.tokenizer, self.max_doc_tokens, self.token_budget = tokenizer, max_doc_tokens, token_budget
@@ -43,7 +44,6 @@ class Encoder:
     @classmethod
     def from_pretrained(cls, path: str, device=None) -> Encoder:
         """A moca run directory (its latest checkpoint, stage 1 or 2) or a folder ``save_pretrained`` wrote."""
-        from .checkpoint import load_run
         if os.path.isfile(os.path.join(path, EXPORT_MARKER)):
             with open(os.path.join(path, EXPORT_MARKER)) as f:
                 meta = json.load(f)

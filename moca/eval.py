@@ -32,6 +32,8 @@ import torch
 
 from .data.pairs import absolute_image, check_side, side_document
 from .data.records import BadRecords, read_records, reworded
+from .encoder import Encoder
+from .files import atomic_write
 
 MAIN = {"mmeb": "precision_at_1", "retrieval": "ndcg_at_5"}
 
@@ -183,8 +185,6 @@ def evaluate(encoder, paths: list[str], strict: bool = False, log=print) -> dict
 def evaluate_run(run_dir: str, paths: list[str], strict: bool = False, log=print) -> dict:
     """Scores of the model of the run in ``run_dir`` (its newest checkpoint) on the evaluation
     files, also written to ``run_dir/eval.json``."""
-    from .encoder import Encoder
-    from .files import atomic_write
     result = evaluate(Encoder.from_pretrained(run_dir), paths, strict=strict, log=log)
     atomic_write(os.path.join(run_dir, "eval.json"), json.dumps(result, indent=1).encode())
     return result

@@ -22,6 +22,8 @@ import torch
 
 from . import checkpoint
 from .config import Config
+from .data import embedded
+from .data.index import data_files
 from .eval import evaluate_run
 from .files import RunLock, atomic_write
 from .model.embed import NonFiniteLoss
@@ -267,8 +269,6 @@ def _train_both(config: Config, resume: bool, force: bool, log) -> dict:
     """Stage 1, stage 2 from its newest checkpoint, then the evaluation of the result into
     ``out/cl/eval.json``: ``data.evaluation``, or on the embedded dataset its held-out split.
     ``resume`` skips a finished stage and continues an unfinished one."""
-    from .data import embedded
-    from .data.index import data_files
     parallel = strategy(config, log)
     with RunLock(config.run.out) if parallel.main else contextlib.nullcontext():
         if resume:
