@@ -11,6 +11,7 @@ FILE``, one table per section), then ``key=value``. ``moca train --help`` lists 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import typing
@@ -292,12 +293,16 @@ def toml_settings(path: str) -> dict:
     return {f"{s}.{k}": v for s, fields in values.items() for k, v in fields.items()}
 
 
+_SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+@functools.cache
 def _hints(section: str) -> dict:
-    return typing.get_type_hints(type(getattr(Config(), section)))
+    return typing.get_type_hints(_SECTION_TYPES[section])
 
 
 def _field(section: str, name: str) -> dataclasses.Field:
-    return {f.name: f for f in dataclasses.fields(type(getattr(Config(), section)))}[name]
+    return {f.name: f for f in dataclasses.fields(_SECTION_TYPES[section])}[name]
 
 
 def targets(key: str) -> list[tuple[str, str]]:

@@ -80,7 +80,7 @@ def check_resume(out: str, config: Config, force: bool, size: int | None = None,
     ``saved_size`` then) when the global batch stays the same; without ``size`` it is not checked."""
     if not os.path.isfile(os.path.join(out, "config.json")):
         return
-    saved = Config.read(out).update({"run.out": config.run.out})  # a run directory may move, or be named otherwise
+    saved = Config.read(out)  # run.out may differ (a moved directory): it is a resumable setting
     per_rank = tuple(f"{stage}.{name}:" for stage, name in PER_RANK.items())
     changed = [d for d in saved.result_differences(config) if not d.startswith(per_rank)]
     for stage, name in PER_RANK.items() if size is not None else ():  # without sizes: the stages check
@@ -276,7 +276,8 @@ def _train_both(config: Config, resume: bool, force: bool, log) -> dict:
         if parallel.main:
             config.write(config.run.out)
         results = {}
-        for stage_config in stage_configs(config):
+        stages = stage_configs(config)
+        for stage_config in stages:
             name, out = stage_config.run.stage, stage_config.run.out
             done = _finished(out, stage_config.stage(name).max_steps) if resume else None
             if done is not None:
@@ -295,5 +296,5 @@ def _train_both(config: Config, resume: bool, force: bool, log) -> dict:
         else:
             log("no evaluation files given (data.evaluation): the evaluation is skipped")
             return results
-        results["eval"] = evaluate_run(stage_configs(config)[1].run.out, files, strict=config.run.strict, log=log)
+        results["eval"] = evaluate_run(stages[1].run.out, files, strict=config.run.strict, log=log)
         return results
