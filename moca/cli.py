@@ -10,6 +10,7 @@
                                                 # cl, cl-causal, mlm+cl, mae+cl, cpt+cl over seeds -> ablation.json
     moca eval --model DIR --data PATH [--out DIR]   # MMEB-style / retrieval scores -> eval.json
     moca encode --model DIR --input IN.jsonl --output OUT.npy [--export DIR]
+    moca data convert INPUT... --output OUT.jsonl [--image-root DIR]   # MMEB / BEIR (ViDoRe) files -> moca's
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import numpy as np
 from .ablate import ablate, table
 from .checkpoint import checkpoints
 from .config import Config, describe, targets, toml_settings
+from .data.convert import FORMATS, convert
 from .data.index import data_files
 from .encoder import Encoder
 from .eval import embed_file, evaluate
@@ -136,6 +138,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
                    "that cannot be embedded gets a row of NaN, named on stderr)")
     n.add_argument("--strict", action="store_true", help="stop at the first bad input line, writing nothing")
     n.add_argument("--export", metavar="DIR", help="also write the model in Hugging Face form to DIR")
+    _data_parser(commands)
     # key=value settings may stand anywhere among the options, not only in one run at the end
     args, rest = parser.parse_known_args(argv)
     stray = [r for r in rest if args.command not in ("train", "ablate") or r.startswith("-") or "=" not in r]
@@ -146,8 +149,49 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     return args, parser
 
 
+def _data_parser(commands) -> None:
+    data = commands.add_parser("data", help="data tools: convert published benchmark files into moca's formats")
+    c = data.add_subparsers(dest="data_command", required=True).add_parser(
+        "convert", help="MMEB evaluation rows -> evaluation records, MMEB training rows -> pairs, a BEIR-style "
+        "retrieval set (ViDoRe) -> retrieval records with graded relevance")
+    c.add_argument("inputs", nargs="+", help="MMEB .parquet/.jsonl files or folders of them (a file's task: its "
+                   "subset folder, or its name), or BEIR folders (corpus, queries, qrels)")
+    c.add_argument("--output", "-o", required=True, help="the .jsonl file to write; embedded images go to "
+                   "<its stem>_images/")
+    c.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="the inputs' layout (default: "
+                   "told by their fields)")
+    c.add_argument("--image-root", help="what image paths are relative to (MMEB: the unzipped images folder; "
+                   "default: each file's folder)")
+    c.add_argument("--task", help="the task name of every record (default: from each file or folder)")
+    c.add_argument("--split", default="test", help="BEIR: the split of the files to read (default test)")
+    c.add_argument("--query-prompt", default="", help="BEIR: text put before each query (its instruction)")
+    c.add_argument("--document-prompt", default="", help="BEIR: text put with each document")
+    c.add_argument("--language", help="BEIR: keep only the queries of this language (multilingual ViDoRe sets)")
+    c.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
+
+
+def _convert(args) -> int:
+    try:
+        done = convert(args.inputs, args.output, args.format, args.image_root, args.task, args.split,
+                       args.query_prompt, args.document_prompt, args.language, args.strict)
+    except (ValueError, OSError) as exc:  # DataError (strict) is a ValueError
+        print(f"moca data convert: {exc}", file=sys.stderr)
+        return 2
+    done.bad.report(lambda line: print(line, file=sys.stderr))
+    tasks = ", ".join(f"{task} {count}" for task, count in sorted(done.tasks.items()))
+    kind = "pairs" if done.format == "mmeb-train" else "evaluation records"
+    print(f"{done.records} {kind} ({done.format}; {tasks}) -> {done.output}")
+    if done.images_written:
+        print(f"{done.images_written} embedded images written beside it")
+    if done.unjudged:
+        print(f"{done.unjudged} queries without a relevant document left out")
+    return 0
+
+
 def main(argv=None) -> int:
     args, parser = parse(argv)
+    if args.command == "data":
+        return _convert(args)
     if args.command == "ablate":
         return _ablate(args)
     if args.command == "eval":
@@ -220,6 +264,9 @@ def _scores(result: dict, prefix: str = "") -> None:
     for task, scores in result.get("tasks", {}).items():
         main = "precision_at_1" if "precision_at_1" in scores else "ndcg_at_5"
         print(f"{prefix}{task}: {main} {scores[main]:.3f} (chance {scores['chance']:.3f}, {scores['n']} queries)")
+    for meta, scores in result.get("meta_tasks", {}).items():
+        print(f"{prefix}MMEB {meta}: precision_at_1 {scores['precision_at_1']:.3f} (chance {scores['chance']:.3f}, "
+              f"mean of {len(scores['tasks'])} tasks)")
 
 
 def _eval(args) -> int:

@@ -4,14 +4,18 @@ Two record kinds, one a line, in JSON Lines files (a side as in the pairs files)
 - MMEB style: ``{"query": side, "candidates": [side, ...], "task": "name"}`` with the positive
   first; a query counts when its positive scores strictly above every other candidate
   (``precision_at_1``).
-- Retrieval: ``{"query": side, "positives": [side, ...], "candidates": [side, ...], "task": ...}``;
-  the pool ranked is positives plus candidates, ties ranked against the positives;
-  ``recall_at_1``, ``recall_at_5`` and ``ndcg_at_5`` (binary relevance).
+- Retrieval: ``{"query": side, "positives": [side, ...], "candidates": [side, ...], "task": ...}``
+  and optionally ``"relevance": [grade, ...]``, one number > 0 per positive (qrels' scores; 1 each
+  when absent); the pool ranked is positives plus candidates, ties ranked against the positives
+  (and, among tied positives, the lower grade first); ``recall_at_1``, ``recall_at_5`` and
+  ``ndcg_at_5``, whose gain is the grade (linear gains, as trec_eval and so MTEB and ViDoRe count).
 
 ``eval.json``: ``{"tasks": {name: {metric: value, ..., "chance": value, "n": count}}, "overall":
 {...}}``, each metric beside its value under a random ranking (``chance`` for the task's main
-metric, ``chance_<metric>`` for each), ``overall`` the unweighted mean over tasks. Identical
-sides are embedded once.
+metric, ``chance_<metric>`` for each), ``overall`` the unweighted mean over tasks. When tasks are
+MMEB's (named as MMEB names them; case, "-" and "_" aside), ``meta_tasks`` holds MMEB's
+per-meta-task averages of Precision@1: ``{"classification" | "vqa" | "retrieval" | "grounding":
+{"precision_at_1", "chance", "tasks": [names]}}``. Identical sides are embedded once.
 
 Bad records (as in training, plus a side whose text is not a string or whose image does not
 decode) are counted and skipped with a warning naming file and line, or fatal under ``strict``.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -36,6 +41,28 @@ from .encoder import Encoder
 from .files import atomic_write
 
 MAIN = {"mmeb": "precision_at_1", "retrieval": "ndcg_at_5"}
+# MMEB's 36 tasks by meta-task, as its paper (arXiv 2410.05160) and VLM2Vec's scoring group them.
+MMEB_META_TASKS = {
+    "classification": ("ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365", "ImageNet-A",
+                       "ImageNet-R", "ObjectNet", "Country211"),
+    "vqa": ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W", "ScienceQA", "VizWiz", "GQA",
+            "TextVQA"),
+    "retrieval": ("VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t", "NIGHTS", "WebQA",
+                  "FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS"),
+    "grounding": ("MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"),
+}
+
+
+def _plain(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+_META_OF = {_plain(task): meta for meta, tasks in MMEB_META_TASKS.items() for task in tasks}
+
+
+def mmeb_meta_task(task: str) -> str | None:
+    """MMEB's meta-task of a task name ("ImageNet-1K", "imagenet_1k", ...), None for another task."""
+    return _META_OF.get(_plain(task))
 
 
 def _record(record) -> dict:
@@ -48,6 +75,11 @@ def _record(record) -> dict:
         raise ValueError('"candidates" must be a list (of at least 2 when the positive is its first)')
     if positives is not None and (not isinstance(positives, list) or not positives):
         raise ValueError('"positives" must be a non-empty list')
+    gains = record.get("relevance")
+    if gains is not None and (positives is None or not isinstance(gains, list) or len(gains) != len(positives)
+                              or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and 0 < g < math.inf
+                                         for g in gains)):
+        raise ValueError('"relevance" goes with "positives": one number > 0 per positive')
     for side in candidates + (positives or []):
         check_side(side, "a candidate")
     task = record.get("task", "default")
@@ -56,7 +88,7 @@ def _record(record) -> dict:
     kind = "mmeb" if positives is None else "retrieval"
     pool = candidates if positives is None else positives + candidates
     return dict(task=task, kind=kind, query=record["query"], pool=pool,
-                relevant=1 if positives is None else len(positives))
+                relevant=1 if positives is None else len(positives), gains=gains)
 
 
 def _usable(side, folder: str, what: str, checked: dict) -> dict:
@@ -118,26 +150,37 @@ def embed_file(encoder, path: str, strict: bool = False, log=print) -> np.ndarra
     return out
 
 
+def positive_ranks(scores: torch.Tensor, gains: list[float]) -> list[int]:
+    """1-based rank of each of the first ``len(gains)`` entries of ``scores`` (the positives, of
+    those grades) when sorted by score; a tie places the other entries first, and among tied
+    positives the lower grade first (a tie never counts as a success)."""
+    values = scores.tolist()
+    grade = gains + [0] * (len(values) - len(gains))
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i < len(gains), grade[i]))
+    rank = {entry: place + 1 for place, entry in enumerate(order)}
+    return [rank[i] for i in range(len(gains))]
+
+
 def ranks_of_relevant(scores: torch.Tensor, relevant: int) -> list[int]:
-    """1-based ranks of the first ``relevant`` entries of ``scores`` when sorted by score, ties
-    placing the other entries first (a tie never counts as a success)."""
-    is_relevant = torch.arange(scores.numel()) < relevant
-    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), bool(is_relevant[i])))
-    return sorted(order.index(i) + 1 for i in range(relevant))
+    """1-based ranks, sorted, of the first ``relevant`` entries of ``scores`` (ties as above)."""
+    return sorted(positive_ranks(scores, [1] * relevant))
 
 
-def metrics(kind: str, scores: torch.Tensor, relevant: int) -> dict:
-    """The record's metrics and their values under a random ranking (``chance_*``)."""
-    n, ranks = scores.numel(), ranks_of_relevant(scores, relevant)
+def metrics(kind: str, scores: torch.Tensor, relevant: int, gains: list[float] | None = None) -> dict:
+    """The record's metrics and their values under a random ranking (``chance_*``); ``gains``:
+    the positives' grades for nDCG (1 each when None)."""
+    gains = [1] * relevant if gains is None else gains
+    n, ranks = scores.numel(), positive_ranks(scores, gains)
     if kind == "mmeb":
         return dict(precision_at_1=float(ranks[0] == 1), chance_precision_at_1=1 / n)
     out = {}
     for k in (1, 5):
         out[f"recall_at_{k}"] = sum(r <= k for r in ranks) / relevant
         out[f"chance_recall_at_{k}"] = min(k, n) / n
-    ideal = sum(1 / math.log2(r + 1) for r in range(1, min(5, relevant) + 1))
-    out["ndcg_at_5"] = sum(1 / math.log2(r + 1) for r in ranks if r <= 5) / ideal
-    out["chance_ndcg_at_5"] = sum(relevant / n / math.log2(r + 1) for r in range(1, min(5, n) + 1)) / ideal
+    ideal = sum(g / math.log2(r + 1) for r, g in enumerate(sorted(gains, reverse=True)[:5], 1))
+    out["ndcg_at_5"] = sum(g / math.log2(r + 1) for r, g in zip(ranks, gains) if r <= 5) / ideal
+    # a random ranking puts the pool's mean grade at every place
+    out["chance_ndcg_at_5"] = sum(sum(gains) / n / math.log2(r + 1) for r in range(1, min(5, n) + 1)) / ideal
     return out
 
 
@@ -165,7 +208,7 @@ def evaluate(encoder, paths: list[str], strict: bool = False, log=print) -> dict
     for record, (query, *pool) in zip(records, places):
         q, pool = embeddings[query], embeddings[pool]
         per_task.setdefault(record["task"], []).append(
-            dict(metrics(record["kind"], pool @ q, record["relevant"]), kind=record["kind"]))
+            dict(metrics(record["kind"], pool @ q, record["relevant"], record["gains"]), kind=record["kind"]))
     tasks = {}
     for task, rows in sorted(per_task.items()):
         if len({r["kind"] for r in rows}) > 1:
@@ -179,7 +222,21 @@ def evaluate(encoder, paths: list[str], strict: bool = False, log=print) -> dict
     overall_keys = sorted({k for t in tasks.values() for k in t if k != "n"})
     overall = {k: round(sum(t[k] for t in tasks.values() if k in t) / sum(k in t for t in tasks.values()), 4)
                for k in overall_keys}
-    return dict(tasks=tasks, overall={**overall, "n": sum(t["n"] for t in tasks.values())})
+    result = dict(tasks=tasks, overall={**overall, "n": sum(t["n"] for t in tasks.values())})
+    meta = meta_task_averages(tasks)
+    return {**result, "meta_tasks": meta} if meta else result
+
+
+def meta_task_averages(tasks: dict) -> dict:
+    """MMEB's per-meta-task means of Precision@1 (and its chance) over the MMEB tasks scored."""
+    groups: dict[str, list[str]] = {}
+    for name, scores in tasks.items():
+        meta = mmeb_meta_task(name)
+        if meta and "precision_at_1" in scores:
+            groups.setdefault(meta, []).append(name)
+    return {meta: {"precision_at_1": round(sum(tasks[t]["precision_at_1"] for t in names) / len(names), 4),
+                   "chance": round(sum(tasks[t]["chance"] for t in names) / len(names), 4), "tasks": names}
+            for meta, names in sorted(groups.items(), key=lambda item: list(MMEB_META_TASKS).index(item[0]))}
 
 
 def evaluate_run(run_dir: str, paths: list[str], strict: bool = False, log=print) -> dict:

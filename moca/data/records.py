@@ -85,7 +85,10 @@ class CptDocument:
 
 
 def _image_source(value, folder: str):
-    """(a path or a BytesIO of the decoded base64, the path tried) of an image's JSON value."""
+    """(a path or a BytesIO of the decoded base64, the path tried) of an image's JSON value; raw
+    bytes (an image embedded in a Parquet row) as a BytesIO of them."""
+    if isinstance(value, bytes) and value:
+        return io.BytesIO(value), ""
     if not isinstance(value, str) or not value:
         raise RecordError(f"an image must be a path or base64 string, got {type(value).__name__}", "bad image")
     path = value if os.path.isabs(value) else os.path.join(folder, value)
@@ -107,8 +110,10 @@ def image_bytes(value, folder: str) -> bytes:
         return f.read()
 
 
-def _shown(value: str) -> str:
-    """An image's JSON value for a message: a path whole, base64 data cut short."""
+def _shown(value: str | bytes) -> str:
+    """An image's JSON value for a message: a path whole, base64 data cut short, bytes counted."""
+    if isinstance(value, bytes):
+        return f"of {len(value):,} bytes"
     return repr(value if len(value) <= 200 else value[:60] + "...")
 
 
@@ -237,12 +242,18 @@ def read_records(path: str, make, bad: BadRecords | None = None, strict: bool = 
                     raise RecordError("blank line", "blank line")
                 item = make(_parse(line), folder, where, start)
             except ValueError as exc:
-                if strict:
-                    raise DataError(f"{where}: {exc}") from None
-                bad.add(where, str(exc), getattr(exc, "kind", "invalid record"))
-                warnings.warn(f"{where}: {exc}; record skipped", stacklevel=3)
+                reject(where, exc, bad, strict)
                 continue
             yield item
+
+
+def reject(where: str, exc: ValueError, bad: BadRecords, strict: bool, stacklevel: int = 3) -> None:
+    """A bad record at ``where`` (``exc`` saying why): DataError under ``strict``, else counted in
+    ``bad`` and warned about; every reader of records handles them here."""
+    if strict:
+        raise DataError(f"{where}: {exc}") from None
+    bad.add(where, str(exc), getattr(exc, "kind", "invalid record"))
+    warnings.warn(f"{where}: {exc}; record skipped", stacklevel=stacklevel)
 
 
 def load_record(path: str, offset: int, where: str, make):
