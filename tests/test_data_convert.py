@@ -215,7 +215,7 @@ def test_mmeb_meta_task_averages_by_hand():
     assert meta["grounding"]["precision_at_1"] == 1.0
 
 
-def test_evaluate_reports_mmeb_meta_tasks(tmp_path):
+def test_evaluate_reports_mmeb_meta_tasks(tmp_path, capsys):
     cls, ret = _mmeb_eval_rows(tmp_path)
     _jsonl(tmp_path / "mmeb" / "ImageNet-1K" / "test-00000-of-00001.jsonl", cls[:1])
     _jsonl(tmp_path / "mmeb" / "VisualNews_t2i" / "test-00000-of-00001.jsonl", ret)
@@ -228,6 +228,8 @@ def test_evaluate_reports_mmeb_meta_tasks(tmp_path):
     assert result["meta_tasks"] == {
         "classification": {"precision_at_1": 1.0, "chance": round(1 / 3, 4), "tasks": ["ImageNet-1K"]},
         "retrieval": {"precision_at_1": 0.0, "chance": round(1 / 3, 4), "tasks": ["VisualNews_t2i"]}}
+    cli._scores(result)  # what moca eval prints
+    assert "MMEB classification: precision_at_1 1.000 (chance 0.333, mean of 1 tasks)" in capsys.readouterr().out
 
 
 def test_vidore_parquet_with_embedded_images(tmp_path, capsys):
