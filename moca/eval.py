@@ -91,11 +91,21 @@ def _record(record) -> dict:
                 relevant=1 if positives is None else len(positives), gains=gains)
 
 
+def side_key(side: dict):
+    """A key equal for equal sides: their items, or (a value not hashable) their JSON. Sides
+    repeat by the hundred thousand in a retrieval file (the corpus in every record): the items are
+    the cheap key."""
+    try:
+        return tuple(sorted(side.items()))
+    except TypeError:
+        return json.dumps(side, sort_keys=True)
+
+
 def _usable(side, folder: str, what: str, checked: dict) -> dict:
     """``side`` with its image path made absolute, after proving that it becomes a document (its
     text a string, its image decoded); ``checked`` remembers each distinct side's verdict."""
     usable = absolute_image(side, folder)
-    key = json.dumps(usable, sort_keys=True)
+    key = side_key(usable)
     if key not in checked:
         try:
             side_document(side, folder, "")
@@ -196,7 +206,7 @@ def evaluate(encoder, paths: list[str], strict: bool = False, log=print) -> dict
     for record in records:
         place = []
         for side in [record["query"]] + record["pool"]:
-            key = json.dumps(side, sort_keys=True)
+            key = side_key(side)
             if key not in keys:
                 keys[key] = len(unique)
                 unique.append(side)
@@ -206,7 +216,7 @@ def evaluate(encoder, paths: list[str], strict: bool = False, log=print) -> dict
     embeddings = encoder.encode(unique)
     per_task: dict[str, list[dict]] = {}
     for record, (query, *pool) in zip(records, places):
-        q, pool = embeddings[query], embeddings[pool]
+        q, pool = embeddings[query], embeddings[torch.tensor(pool)]
         per_task.setdefault(record["task"], []).append(
             dict(metrics(record["kind"], pool @ q, record["relevant"], record["gains"]), kind=record["kind"]))
     tasks = {}

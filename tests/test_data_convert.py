@@ -110,13 +110,15 @@ def test_mmeb_train_rows_become_pairs_that_training_reads(tmp_path):
         {"qry": "<|image_1|> <|image_2|>", "qry_image_path": "MSCOCO_i2t/q.png", "pos_text": "x",
          "pos_image_path": ""},  # bad: two image tokens, one image
         "[1, 2]",  # bad: not an object
+        {"qry": "q", "qry_image_path": "", "pos_text": "p", "pos_image_path": "",  # mined negatives: lists
+         "neg_text": ["n", "<|image_1|>"], "neg_image_path": ["", "NIGHTS/p.png"]},
     ]
     source = _jsonl(tmp_path / "MMEB-train" / "MSCOCO_i2t" / "original-00000-of-00001.jsonl", rows)
     assert task_of(source) == "MSCOCO_i2t"
     out = tmp_path / "pairs.jsonl"
     with pytest.warns(UserWarning):
         done = convert([source], str(out), image_root=str(tmp_path / "images"))
-    assert done.format == "mmeb-train" and done.records == 2 and done.bad.total == 2
+    assert done.format == "mmeb-train" and done.records == 3 and done.bad.total == 2
     assert any(":3" in e and "2 image tokens for 1 images" in e for e in done.bad.examples)
     pairs = _read(out)
     assert pairs[0] == {"query": {"text": "<image>\nFind a caption for the news in the given photo.",
@@ -124,8 +126,10 @@ def test_mmeb_train_rows_become_pairs_that_training_reads(tmp_path):
                         "positive": {"text": "A man rides a horse."}, "negatives": [{"text": "A cat sleeps."}],
                         "task": "MSCOCO_i2t"}
     assert pairs[1]["negatives"] == [] and pairs[1]["positive"]["text"].startswith("<image>")
-    read = list(read_pairs(str(out), 0, BadRecords(), decode=False))  # training reads the pairs
-    assert len(read) == 2 and read[0].negatives[0].text == "A cat sleeps."
+    assert pairs[2]["negatives"] == [{"text": "n"}, {"text": "<image>", "image": "images/NIGHTS/p.png"}]
+    with pytest.warns(UserWarning, match=":2: no negatives"):  # training reads them; K=2 needs negatives
+        read = list(read_pairs(str(out), 2, BadRecords(), decode=False))
+    assert [len(p.negatives) for p in read] == [1, 2] and read[0].negatives[0].text == "A cat sleeps."
 
 
 def _beir_text_set(folder):
