@@ -91,14 +91,16 @@ def _record(record) -> dict:
                 relevant=1 if positives is None else len(positives), gains=gains)
 
 
-def side_key(side: dict):
-    """A key equal for equal sides: their items, or (a value not hashable) their JSON. Sides
-    repeat by the hundred thousand in a retrieval file (the corpus in every record): the items are
-    the cheap key."""
-    try:
-        return tuple(sorted(side.items()))
-    except TypeError:
-        return json.dumps(side, sort_keys=True)
+def side_key(side):
+    """A key equal for equal sides (any JSON value, as read): an object's items, else (not an
+    object, or a value not hashable) its JSON. Sides repeat by the hundred thousand in a retrieval
+    file (the corpus in every record): the items are the cheap key."""
+    if isinstance(side, dict):
+        try:
+            return tuple(sorted(side.items()))
+        except TypeError:
+            pass
+    return json.dumps(side, sort_keys=True)
 
 
 def _usable(side, folder: str, what: str, checked: dict) -> dict:
