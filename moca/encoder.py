@@ -98,7 +98,8 @@ class Encoder:
             raise ValueError("give prompt or prompt_name, not both")
         if prompt_name is not None:
             if prompt_name not in self.prompts:
-                raise ValueError(f"prompt_name {prompt_name!r} is not among this model's prompts {sorted(self.prompts)}")
+                raise ValueError(f"prompt_name {prompt_name!r} is not among this model's prompts "
+                                 f"{sorted(self.prompts)}")
             return self.prompts[prompt_name]
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")

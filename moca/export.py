@@ -75,6 +75,10 @@ def write_export(folder: str, model, tokenizer, *, min_pixels: int, max_pixels: 
     images = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     images.processor_class = "Qwen2_5_VLProcessor"
     images.save_pretrained(folder)
+    with open(os.path.join(folder, "preprocessor_config.json")) as f:
+        settings = json.load(f)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:  # the bounds under their older names too
+        json.dump({**settings, "min_pixels": min_pixels, "max_pixels": max_pixels}, f, indent=1)
     with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
         f.write(CHAT_TEMPLATE)
 
