@@ -182,3 +182,22 @@ def test_mteb_encoder_protocol(export):
         return  # the protocol is structural: the checks above are what mteb calls
     assert isinstance(model, EncoderProtocol)
     assert model.mteb_model_meta.embed_dim == 64
+
+
+def test_cli_encode_prompt_and_export_prompts(export, tmp_path, capsys):
+    from moca import cli
+    encoder, folder = export
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a red circle"}\n{"text": "a blue square"}\n')
+    out = str(tmp_path / "out.npy")
+    assert cli.main(["encode", "--model", folder, "--input", str(inputs), "--output", out,
+                     "--prompt", "Find the shape: "]) == 0
+    np.testing.assert_allclose(np.load(out), encoder.encode(["a red circle", "a blue square"],
+                                                            prompt="Find the shape: ").numpy(), atol=1e-6)
+    again = str(tmp_path / "again")
+    assert cli.main(["encode", "--model", folder, "--export", again, "--query-prompt", "Query: "]) == 0
+    with open(os.path.join(again, "config_sentence_transformers.json")) as f:
+        assert json.load(f)["prompts"] == {**MOCA_PROMPTS, "query": "Query: "}
+    assert cli.main(["encode", "--model", folder, "--input", str(inputs), "--output", out,
+                     "--prompt-name", "passage"]) == 2
+    assert "passage" in capsys.readouterr().err
