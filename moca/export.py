@@ -67,7 +67,6 @@ def write_export(folder: str, model, tokenizer, *, min_pixels: int, max_pixels: 
     check_prompts(prompts)
     text = model.config.text_config
     hf_tokenizer = transformers_tokenizer(tokenizer, text.max_position_embeddings)
-    hf_tokenizer.chat_template = CHAT_TEMPLATE
     hf_tokenizer.save_pretrained(folder)
     # The processor's parts as files, as Qwen2.5-VL checkpoints ship them: built here without the
     # processor object, which transformers only constructs where torchvision is installed (for

@@ -125,11 +125,9 @@ def without_video_processor():
     PROCESSOR_MAPPING._extra_content.pop(Qwen2_5_VLConfig, None)
 
 
-def test_sentence_transformers_gives_the_encoders_embeddings(export, tmp_path, without_video_processor):
+def _sentence_transformers_check(encoder, folder: str, tmp_path, stand_in) -> None:
     pytest.importorskip("sentence_transformers")
     from sentence_transformers import SentenceTransformer
-    encoder, folder = export
-    stand_in = without_video_processor
     if stand_in is not None:  # the same files, naming the stand-in
         import shutil
         shutil.copytree(folder, tmp_path / "m")
@@ -145,6 +143,19 @@ def test_sentence_transformers_gives_the_encoders_embeddings(export, tmp_path, w
     mixed = [{"image": images[0], "text": "what is it?"}, "a text"]  # one padded batch of both kinds
     assert torch.allclose(model.encode(mixed, prompt="Q: ", convert_to_tensor=True),
                           encoder.encode(mixed, prompt="Q: "), atol=1e-5)
+
+
+def test_sentence_transformers_gives_the_encoders_embeddings(export, tmp_path, without_video_processor):
+    _sentence_transformers_check(*export, tmp_path, without_video_processor)
+
+
+def test_sentence_transformers_causal_baseline(tmp_path, without_video_processor):
+    """The paper's causal baseline exports as a causal model with last-token pooling."""
+    torch.manual_seed(1)
+    encoder = Encoder(build("tiny"), ByteTokenizer(), max_doc_tokens=512, device="cpu", attention="causal",
+                      pooling="last", **PIXELS)
+    encoder.save_pretrained(str(tmp_path / "causal"))
+    _sentence_transformers_check(encoder, str(tmp_path / "causal"), tmp_path, without_video_processor)
 
 
 def _mteb_batches(rows: list[dict], batch_size: int):
@@ -201,3 +212,27 @@ def test_cli_encode_prompt_and_export_prompts(export, tmp_path, capsys):
     assert cli.main(["encode", "--model", folder, "--input", str(inputs), "--output", out,
                      "--prompt-name", "passage"]) == 2
     assert "passage" in capsys.readouterr().err
+
+
+def test_mteb_evaluates_it_on_its_own_in_memory_tasks(export):
+    """Where mteb is installed (the `mteb` extra; not in CI's `test`): mteb.evaluate drives the
+    encoder through image-to-text, text-to-image and text retrieval tasks that mteb builds in memory."""
+    mteb = pytest.importorskip("mteb")
+    from mteb.mocks.mock_tasks.retrieval import (
+        MockAny2AnyRetrievalI2TTask,
+        MockAny2AnyRetrievalT2ITask,
+        MockRetrievalTask,
+    )
+
+    from moca.integrations.mteb import MocaEncoder
+    _, folder = export
+    model = MocaEncoder(folder, device="cpu")
+    seen = []
+    encode = model.encoder.encode
+    model.encoder.encode = lambda sides, **kw: seen.extend(sides) or encode(sides, **kw)
+    tasks = [MockAny2AnyRetrievalI2TTask(), MockAny2AnyRetrievalT2ITask(), MockRetrievalTask()]
+    results = mteb.evaluate(model, tasks, cache=None, show_progress_bar=False)
+    scores = {r.task_name: r.get_score() for r in results.task_results}
+    assert set(scores) == {t.metadata.name for t in tasks} and all(0 <= s <= 1 for s in scores.values())
+    assert any("image" in s and s["text"] == DOCUMENT_IMAGE_PROMPT for s in seen)  # image documents, prompted
+    assert any("image" not in s for s in seen)
