@@ -68,6 +68,11 @@ def write_export(folder: str, model, tokenizer, *, min_pixels: int, max_pixels: 
     text = model.config.text_config
     hf_tokenizer = transformers_tokenizer(tokenizer, text.max_position_embeddings)
     hf_tokenizer.save_pretrained(folder)
+    if hf_tokenizer.pad_token is None:  # batches are padded outside moca: any token does (masked everywhere)
+        with open(os.path.join(folder, "tokenizer_config.json")) as f:
+            settings = json.load(f)
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({**settings, "pad_token": hf_tokenizer.eos_token or "<|vision_end|>"}, f, indent=1)
     # The processor's parts as files, as Qwen2.5-VL checkpoints ship them: built here without the
     # processor object, which transformers only constructs where torchvision is installed (for
     # its video part).

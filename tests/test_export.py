@@ -236,3 +236,26 @@ def test_mteb_evaluates_it_on_its_own_in_memory_tasks(export):
     assert set(scores) == {t.metadata.name for t in tasks} and all(0 <= s <= 1 for s in scores.values())
     assert any("image" in s and s["text"] == DOCUMENT_IMAGE_PROMPT for s in seen)  # image documents, prompted
     assert any("image" not in s for s in seen)
+
+
+def test_sentence_transformers_with_a_checkpoints_own_tokenizer(tmp_path, without_video_processor):
+    """A run from a real checkpoint exports its own transformers tokenizer (here a word-level one
+    with Qwen's special tokens at the tiny model's ids), with the same embeddings in sentence-transformers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from moca.data.tokenizer import HFTokenizer
+    words = ["a", "red", "circle", "what", "is", "it?", "text", "What", "the", "shape?", "It", "square", "on", "blue",
+             "background,", "small", "and", "simple.", "Q:"]
+    specials = ByteTokenizer().ids
+    vocab = {w: i for i, w in enumerate(words)} | {"[UNK]": len(words)}
+    vocab.update({name: i for name, i in specials.items() if name != "<|mask|>"})
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", eos_token="<|endoftext|>",
+                            additional_special_tokens=[n for n in specials if n not in ("<|endoftext|>", "<|mask|>")]
+                            ).save_pretrained(tmp_path / "tok")
+    torch.manual_seed(2)
+    encoder = Encoder(build("tiny"), HFTokenizer(str(tmp_path / "tok")), max_doc_tokens=512, device="cpu", **PIXELS)
+    encoder.save_pretrained(str(tmp_path / "export"))
+    _sentence_transformers_check(encoder, str(tmp_path / "export"), tmp_path, without_video_processor)
