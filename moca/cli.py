@@ -9,7 +9,9 @@
     moca ablate [--out DIR] [--seeds N] [--data DOCS pairs=PAIRS evaluation=EVAL] [key=value ...]
                                                 # cl, cl-causal, mlm+cl, mae+cl, cpt+cl over seeds -> ablation.json
     moca eval --model DIR --data PATH [--out DIR]   # MMEB-style / retrieval scores -> eval.json
-    moca encode --model DIR --input IN.jsonl --output OUT.npy [--export DIR]
+    moca encode --model DIR --input IN.jsonl --output OUT.npy [--prompt TEXT | --prompt-name query|document]
+    moca encode --model DIR --export DIR [--query-prompt TEXT] [--document-prompt TEXT]
+                                                # for transformers, sentence-transformers, MTEB (docs/export.md)
     moca data convert INPUT... --output OUT.jsonl [--image-root DIR]   # MMEB / BEIR (ViDoRe) files -> moca's
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -137,7 +140,15 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     n.add_argument("--output", help="the .npy file to write (float32, one normalized row per input line; a line "
                    "that cannot be embedded gets a row of NaN, named on stderr)")
     n.add_argument("--strict", action="store_true", help="stop at the first bad input line, writing nothing")
-    n.add_argument("--export", metavar="DIR", help="also write the model in Hugging Face form to DIR")
+    n.add_argument("--prompt", help="an instruction put before each input's text (after its image when the "
+                   "image comes first), e.g. \"Find an image that matches the caption: \"")
+    n.add_argument("--prompt-name", help="the model's own prompt of this name: query or document (MoCa's document "
+                   "prompt: \"Represent the given document image.\")")
+    n.add_argument("--export", metavar="DIR", help="also write the model to DIR in the form transformers, "
+                   "sentence-transformers and MTEB load (docs/export.md)")
+    n.add_argument("--query-prompt", help="the export's query prompt (default: the model's; MoCa's is none)")
+    n.add_argument("--document-prompt", help="the export's document prompt (default: the model's; MoCa's is "
+                   "\"Represent the given document image.\" and a new line)")
     _data_parser(commands)
     # key=value settings may stand anywhere among the options, not only in one run at the end
     args, rest = parser.parse_known_args(argv)
@@ -290,11 +301,17 @@ def _encode(args, parser) -> int:
         parser.error("encode needs --input and --output (or --export DIR)")
     try:
         encoder = Encoder.from_pretrained(args.model)
+        prompt = encoder.prompt_text(args.prompt, args.prompt_name)
         if args.export:
-            encoder.save_pretrained(args.export)
+            prompts = dict(encoder.prompts)
+            for name, value in (("query", args.query_prompt), ("document", args.document_prompt)):
+                if value is not None:
+                    prompts[name] = value
+            encoder.save_pretrained(args.export, prompts=prompts)
             print(f"exported to {args.export}")
         if args.input:
-            vectors = embed_file(encoder, args.input, args.strict, log=lambda line: print(line, file=sys.stderr))
+            prompted = SimpleNamespace(encode=lambda inputs: encoder.encode(inputs, prompt=prompt))
+            vectors = embed_file(prompted, args.input, args.strict, log=lambda line: print(line, file=sys.stderr))
             np.save(args.output, vectors)
             print(f"{vectors.shape[0]} embeddings of {vectors.shape[1]} values -> {args.output}")
     except (ValueError, OSError) as exc:

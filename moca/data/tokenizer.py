@@ -59,6 +59,63 @@ class ByteTokenizer:
         return b"".join(bytes([i]) if i < 256 else self._spelled.get(i, b"") for i in ids).decode("utf-8",
                                                                                                   errors="replace")
 
+    def to_transformers(self, max_length: int = 32768):
+        """The same tokenizer as a ``transformers.PreTrainedTokenizerFast``, for exports that
+        transformers and sentence-transformers load: text splits into runs of ASCII letters and runs
+        of everything else; a letter run that is one of ``WORDS`` is its word's id, any other run is
+        its UTF-8 bytes (ids 0..255); the special tokens are added tokens with this tokenizer's ids,
+        recognised in text (``encode`` here never reads them from text). ``max_length`` becomes the
+        tokenizer's ``model_max_length``.
+
+        Built on a byte-level BPE without merges that takes a run whole when it is in the vocabulary
+        (``ignore_merges``). The one-letter words ("a", "A") would share their vocabulary entry with
+        their byte, so a normalizer first rewrites such a word, standing alone, to a private-use
+        character that stands for it."""
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        stand_in = _byte_stand_ins()
+        vocab = {stand_in[b]: b for b in range(256)}
+        rewrites, decode_back, private = [], [], 0xE000
+        for word, i in self.words.items():
+            if len(word) == 1:
+                proxy = chr(private)
+                private += 1
+                rewrites.append(normalizers.Replace(Regex(f"(?<![A-Za-z]){word}(?![A-Za-z])"), proxy))
+                decode_back.append(decoders.Replace(proxy, word))
+                vocab["".join(stand_in[b] for b in proxy.encode())] = i
+            else:
+                vocab[word] = i  # ASCII letters are their own byte stand-ins
+        proxies = "".join(chr(c) for c in range(0xE000, private))
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+        if rewrites:
+            tok.normalizer = normalizers.Sequence(rewrites)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(f"[A-Za-z]+|[{proxies}]|[^A-Za-z{proxies}]+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.Sequence([decoders.ByteLevel(), *decode_back])
+        tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in self.NAMES])
+        wrong = {name: tok.token_to_id(name) for name in self.NAMES if tok.token_to_id(name) != self.ids[name]}
+        if wrong:
+            raise RuntimeError(f"special tokens got ids {wrong}, expected {self.ids}")
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                       mask_token=MASK_TOKEN, model_max_length=max_length, padding_side="right")
+
+
+def _byte_stand_ins() -> dict[int, str]:
+    """The printable character that byte-level BPE vocabularies (GPT-2's convention, which
+    ``tokenizers``' ByteLevel steps use) write for each byte: the byte's own character where it is
+    printable Latin-1, else the next unused character from U+0100 on."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(0x100 + extra)
+            extra += 1
+    return out
+
 
 class HFTokenizer:
     """A checkpoint's tokenizer (``AutoTokenizer`` from a local path, offline), with ``<|mask|>``
