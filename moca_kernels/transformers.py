@@ -287,44 +287,41 @@ def set_bidirectional(model, bidirectional: bool = True) -> None:
         layer.self_attn.is_causal = not bidirectional
 
 
-def _patch_instance(model, kind: str, attention: bool, vision: bool, bidirectional: bool, bind: bool = True) -> None:
-    """Configure one model; ``bind`` also rebinds its modules' forwards (not needed where the
-    classes are patched)."""
+def _patch_instance(model, kind: str, attention: bool, vision: bool, bidirectional: bool) -> None:
+    """Patch one model: its config and, on the module instances, the forwards (Liger's instance mode)."""
     inner = _inner(model, kind)
-    text_cls = _classes(kind)[1]
     text = inner.language_model
     if attention:
         for config in {id(c): c for c in (inner.config.text_config, text.config)}.values():
             config._attn_implementation = ATTENTION
-        if bind and getattr(type(text).forward, "_moca_original", None) is None:
-            text.forward = types.MethodType(_packed_text_forward(text_cls.forward), text)
-    if vision and bind:
+        if getattr(text.forward, "_moca_original", None) is None:
+            text.forward = types.MethodType(_packed_text_forward(type(text).forward), text)
+    if vision:
         for block in inner.visual.blocks:
             block.attn.forward = types.MethodType(packed_vision_attention, block.attn)
-    elif not vision and inner.visual.config._attn_implementation == ATTENTION:
+    elif inner.visual.config._attn_implementation == ATTENTION:
         inner.visual.config._attn_implementation = "sdpa"  # its per-window calls carry no boundaries
     set_bidirectional(model, bidirectional)
 
 
 def _apply(kind: str, model, attention: bool, vision: bool, bidirectional: bool) -> None:
+    """Patch ``model``, or with ``model=None`` the ``*Model`` class's ``__init__`` so that every model
+    built afterwards (directly, by ``from_pretrained``, or inside a ForConditionalGeneration) is
+    patched as it is built and stays so after ``revert_class_patches``."""
     register()
     if model is not None:
         if _kind(model) != kind:
             raise TypeError(f"this patch is for {kind}; got a {type(model).__name__}")
         _patch_instance(model, kind, attention, vision, bidirectional)
         return
-    model_cls, text_cls, vision_cls = _classes(kind)
-    if attention:
-        _set_class_attr(text_cls, "forward", _packed_text_forward(text_cls.forward))
-    if vision:
-        _set_class_attr(vision_cls, "forward", packed_vision_attention)
+    model_cls = _classes(kind)[0]
     init = model_cls.__init__
     init = getattr(init, "_moca_original", init)
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        _patch_instance(self, kind, attention, vision, bidirectional, bind=False)
+        _patch_instance(self, kind, attention, vision, bidirectional)
 
     __init__._moca_original = init
     _set_class_attr(model_cls, "__init__", __init__)
