@@ -294,8 +294,10 @@ def _patch_instance(model, kind: str, attention: bool, vision: bool, bidirection
     if attention:
         for config in {id(c): c for c in (inner.config.text_config, text.config)}.values():
             config._attn_implementation = ATTENTION
-        if getattr(text.forward, "_moca_original", None) is None:
-            text.forward = types.MethodType(_packed_text_forward(type(text).forward), text)
+        current = text.forward  # wrap what runs now: another patch may have rebound it on the instance
+        if getattr(current, "_moca_original", None) is None:
+            original = current.__func__ if getattr(current, "__self__", None) is text else type(text).forward
+            text.forward = types.MethodType(_packed_text_forward(original), text)
     if vision:
         for block in inner.visual.blocks:
             block.attn.forward = types.MethodType(packed_vision_attention, block.attn)
