@@ -125,6 +125,11 @@ def test_inputs_without_known_documents_are_refused():
     cu = torch.tensor([0, 7, 14], dtype=torch.int32)
     with pytest.raises(ValueError, match="cu_seq_lens_q/k or a padding attention_mask, not both"):
         model.model(input_ids=ids, attention_mask=holed, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    with torch.no_grad():  # generation: a filled cache
+        out = model.model(input_ids=ids[:1], use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        with pytest.raises(ValueError, match="cannot continue over a filled cache"):
+            model.model(input_ids=ids[:1, :1], cache=cache, use_cache=True)
     # the attention function on its own (a model transformers runs without the patch's forward)
     q = torch.randn(1, 4, 7, 16)
     k = v = torch.randn(1, 2, 7, 16)
