@@ -78,7 +78,9 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
     if cu_q is None and cu_k is None:
         positions = kwargs.get("position_ids")
         if not (isinstance(positions, torch.Tensor) and positions.ndim == 2 and key.shape[2] == length):
-            raise ValueError(f"{ATTENTION} attention cannot tell the documents of this input apart: {_HOW_TO_PACK}")
+            raise ValueError(f"{ATTENTION} attention cannot tell the documents of this input apart: {_HOW_TO_PACK} "
+                             "(a Qwen2-VL / Qwen2.5-VL model patched by moca_kernels.transformers."
+                             "apply_moca_kernels_to_qwen2_5_vl reads them from its input)")
         cu_q = cu_k = _cu_seqlens(_restarts(positions.expand(batch, length)))
     elif cu_q is None or cu_k is None:
         cu_q = cu_k = cu_q if cu_q is not None else cu_k
