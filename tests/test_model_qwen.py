@@ -39,10 +39,16 @@ def test_packed_documents_equal_each_document_alone(model):
         start += doc.shape[1]
 
 
-def test_a_padded_batch_is_refused(model):
+def test_a_mask_the_attention_cannot_honour_is_refused(model):
+    # Right or left padding is honoured (tests/test_hf_patch.py); a row whose real tokens are not
+    # contiguous, or a prebuilt 4-D mask, would be run across documents: refused.
     ids = torch.randint(0, 200, (2, 7))
-    with pytest.raises(ValueError, match="not a padded batch: pack the documents"):
-        model.model(input_ids=ids, attention_mask=torch.ones(2, 7, dtype=torch.long))
+    holed = torch.ones(2, 7, dtype=torch.long)
+    holed[1, 3] = 0
+    with pytest.raises(ValueError, match="ones are not contiguous in each row"):
+        model.model(input_ids=ids, attention_mask=holed)
+    with pytest.raises(ValueError, match=r"2-D \(batch, length\)"):
+        model.model(input_ids=ids, attention_mask=torch.ones(2, 1, 7, 7, dtype=torch.bool))
 
 
 def test_unknown_preset():

@@ -1,23 +1,21 @@
 """Qwen2.5-VL for MoCa: presets with random weights (``tiny`` builds offline on CPU in seconds) or
 a local checkpoint, made bidirectional, and fed packed documents.
 
-The language model's attention goes through transformers' attention interface under the name
-``moca_varlen``: ``moca_kernels.varlen_attention`` over the documents that ``cu_seq_lens_q``
-(the packed batch's ``cu_seqlens``, passed as a model keyword) delimits, bidirectional (MoCa),
-or causal where ``set_causal`` made the model so (the paper's causal baseline). A batch
-that is padded instead of packed (more than one row, or an attention mask) is refused: this
-attention cannot honour padding silently. The vision tower's attention runs every window and
-image of the batch in one ``varlen_attention`` launch over its own ``cu_seqlens``.
+The kernels reach the model through ``moca_kernels.transformers.apply_moca_kernels_to_qwen2_5_vl``:
+the language model's attention is ``moca_varlen`` (``varlen_attention`` over the documents that
+``cu_seq_lens_q``, the packed batch's ``cu_seqlens`` passed as a model keyword, delimits),
+bidirectional (MoCa) or causal where ``set_causal`` made the model so (the paper's causal
+baseline), and the vision tower runs every window and image of the batch in one
+``varlen_attention`` launch per layer.
 """
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from moca.data.tokenizer import ByteTokenizer
-from moca_kernels import varlen_attention
-
-ATTENTION = "moca_varlen"
+from moca_kernels.transformers import ATTENTION, apply_moca_kernels_to_qwen2_5_vl, set_bidirectional
+from moca_kernels.transformers import varlen_attention_forward as varlen_attention_forward  # noqa: F401 (public)
 
 # The tiny preset speaks the project's byte-level tokenizer (moca.data.tokenizer.ByteTokenizer).
 _BYTES = ByteTokenizer()
@@ -61,42 +59,6 @@ PRESETS["3b"] = _qwen_shape(2048, 11008, 36, 16, 2, 151936, tied=True)
 PRESETS["7b"] = _qwen_shape(3584, 18944, 28, 28, 4, 152064, tied=False)
 
 
-def _same_dtype(q, k, v):
-    """Under autocast the rotary embedding leaves q and k in float32 while v keeps the projections'
-    bfloat16: run the kernel in v's dtype, as flash-attn integrations do."""
-    return q.to(v.dtype), k.to(v.dtype), v
-
-
-def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers' attention-interface signature: query (1, Hq, L, D), key/value (1, Hkv, L, D);
-    returns ((1, L, Hq, D), None)."""
-    cu = kwargs.get("cu_seq_lens_q")
-    if query.shape[0] != 1 or attention_mask is not None or (cu is None and kwargs.get("cu_seq_lens_k") is not None):
-        raise ValueError("moca_varlen attention takes one packed row with cu_seq_lens_q (the documents' "
-                         "cu_seqlens), not a padded batch: pack the documents (moca.data) instead of padding them")
-    q, k, v = (x[0].transpose(0, 1) for x in _same_dtype(query, key, value))  # (L, H, D)
-    if cu is None:  # one document: the whole row
-        cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
-    causal = bool(getattr(module, "is_causal", False))  # set_causal's choice; bidirectional without a module
-    out = varlen_attention(q, k, v, cu.to(torch.int32), softmax_scale=scaling, causal=causal)
-    return out.unsqueeze(0), None
-
-
-AttentionInterface.register(ATTENTION, varlen_attention_forward)
-
-
-def _packed_vision_attention(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
-    """Qwen2.5-VL's vision attention over every window (or image) of the batch in one
-    ``varlen_attention`` launch, instead of one attention call per window."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-    length = hidden_states.shape[0]
-    q, k, v = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    cos, sin = position_embeddings
-    q, k, v = _same_dtype(*apply_rotary_pos_emb_vision(q, k, cos, sin), v)
-    out = varlen_attention(q.contiguous(), k.contiguous(), v, cu_seqlens.to(torch.int32), softmax_scale=self.scaling)
-    return self.proj(out.reshape(length, -1))
-
-
 def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dtype = torch.float32,
           device: str | torch.device = "cpu", attention: str = ATTENTION):
     """A bidirectional Qwen2.5-VL: from a local checkpoint ``path``, else from ``preset`` with
@@ -112,19 +74,17 @@ def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dty
         config = Qwen2_5_VLConfig(**PRESETS[preset], attn_implementation=attention)
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
-    set_causal(model, False)
     if attention == ATTENTION:
-        for block in model.model.visual.blocks:
-            block.attn.forward = _packed_vision_attention.__get__(block.attn)
+        apply_moca_kernels_to_qwen2_5_vl(model, bidirectional=True)
+    else:
+        set_causal(model, False)
     return model
 
 
 def set_causal(model, causal: bool) -> None:
     """The language model's attention made causal (stock Qwen) or bidirectional (MoCa), in its
     layers and in its config, which an export carries to transformers."""
-    model.config.text_config.is_causal = causal
-    for layer in model.model.language_model.layers:
-        layer.self_attn.is_causal = causal
+    set_bidirectional(model, not causal)
 
 
 def freeze_lm_head(model) -> None:
