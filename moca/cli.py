@@ -8,7 +8,8 @@
     moca train --resume DIR                     # continue DIR from its newest sound checkpoint
     moca ablate [--out DIR] [--seeds N] [--data DOCS pairs=PAIRS evaluation=EVAL] [key=value ...]
                                                 # cl, cl-causal, mlm+cl, mae+cl, cpt+cl over seeds -> ablation.json
-    moca eval --model DIR --data PATH [--out DIR]   # MMEB-style / retrieval scores -> eval.json
+    moca eval --model DIR --data PATH [--out DIR] [--query-prompt TEXT] [--document-prompt TEXT]
+                                                # MMEB-style / retrieval scores -> eval.json
     moca encode --model DIR --input IN.jsonl --output OUT.npy [--prompt TEXT | --prompt-name query|document]
     moca encode --model DIR --export DIR [--query-prompt TEXT] [--document-prompt TEXT]
                                                 # for transformers, sentence-transformers, MTEB (docs/export.md)
@@ -134,6 +135,9 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     e.add_argument("--data", required=True, nargs="+", help="evaluation .jsonl files or folders of them")
     e.add_argument("--out", help="where eval.json goes (default: the model's folder)")
     e.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    e.add_argument("--query-prompt", help="an instruction put before each query's text (default: none)")
+    e.add_argument("--document-prompt", help="an instruction put before each candidate's text (default: none; "
+                   "MoCa's for page images: \"Represent the given document image.\" and a new line)")
     n = commands.add_parser("encode", help="embed inputs (texts, images, both) into a .npy file")
     n.add_argument("--model", required=True, help="a run directory or an exported model folder")
     n.add_argument("--input", help="a .jsonl file, one side a line: {\"text\": ...} and/or {\"image\": path}")
@@ -283,7 +287,8 @@ def _scores(result: dict, prefix: str = "") -> None:
 def _eval(args) -> int:
     try:
         files = [f for path in args.data for f in data_files(path)]
-        result = evaluate(Encoder.from_pretrained(args.model), files, strict=args.strict)
+        result = evaluate(Encoder.from_pretrained(args.model), files, strict=args.strict,
+                          query_prompt=args.query_prompt, document_prompt=args.document_prompt)
     except (ValueError, OSError) as exc:  # DataError (strict) is a ValueError
         print(f"moca eval: {exc}", file=sys.stderr)
         return 2

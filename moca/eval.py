@@ -196,26 +196,35 @@ def metrics(kind: str, scores: torch.Tensor, relevant: int, gains: list[float] |
     return out
 
 
-def evaluate(encoder, paths: list[str], strict: bool = False, log=print) -> dict:
-    """Scores (the ``eval.json`` object) of ``encoder`` on the evaluation files."""
+def evaluate(encoder, paths: list[str], strict: bool = False, log=print, query_prompt: str | None = None,
+             document_prompt: str | None = None) -> dict:
+    """Scores (the ``eval.json`` object) of ``encoder`` on the evaluation files; ``query_prompt``
+    and ``document_prompt`` go before each query's and each candidate's text (``Encoder.encode``'s
+    ``prompt``), so a side that is both a query and a candidate is then embedded once per role."""
     bad, records = BadRecords(), []
     for path in paths:
         records += read_eval(path, bad, strict)
     bad.report(log)
     if not records:
         raise ValueError(f"no usable evaluation records in {', '.join(paths)}")
-    keys, unique, places = {}, [], []  # identical sides are embedded once
+    prompts = {"query": query_prompt or None, "document": document_prompt or None}
+    split = prompts["query"] != prompts["document"]  # one role per input when the roles' prompts differ
+    keys, unique, places = {}, {"query": [], "document": []}, []  # identical sides are embedded once
     for record in records:
         place = []
-        for side in [record["query"]] + record["pool"]:
-            key = side_key(side)
+        for i, side in enumerate([record["query"]] + record["pool"]):
+            role = "query" if i == 0 and split else "document"
+            key = (role, side_key(side))
             if key not in keys:
-                keys[key] = len(unique)
-                unique.append(side)
+                keys[key] = (role, len(unique[role]))
+                unique[role].append(side)
             place.append(keys[key])
-        places.append(place)  # the query's row in the embeddings, then its pool's
-    log(f"{len(records)} queries, {len(unique)} distinct inputs to embed")
-    embeddings = encoder.encode(unique)
+        places.append(place)  # the query's (role, row), then its pool's
+    log(f"{len(records)} queries, {sum(map(len, unique.values()))} distinct inputs to embed")
+    parts = {role: encoder.encode(sides, prompt=prompts[role]) for role, sides in unique.items() if sides}
+    offset = {"document": 0, "query": len(unique["document"])}
+    embeddings = torch.cat([parts[role] for role in ("document", "query") if role in parts])
+    places = [[offset[role] + row for role, row in place] for place in places]
     per_task: dict[str, list[dict]] = {}
     for record, (query, *pool) in zip(records, places):
         q, pool = embeddings[query], embeddings[torch.tensor(pool)]

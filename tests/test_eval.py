@@ -42,9 +42,9 @@ class _Lookup:
     def __init__(self, table):
         self.table, self.calls = table, []
 
-    def encode(self, sides):
-        self.calls.append(len(sides))
-        return torch.stack([torch.tensor(self.table[s["text"]], dtype=torch.float32) for s in sides])
+    def encode(self, sides, prompt=None):
+        self.calls.append(len(sides) if prompt is None else (len(sides), prompt))
+        return torch.stack([torch.tensor(self.table[(prompt or "") + s["text"]], dtype=torch.float32) for s in sides])
 
 
 def test_evaluate_writes_per_task_scores_beside_chance(tmp_path):
@@ -67,6 +67,25 @@ def test_evaluate_writes_per_task_scores_beside_chance(tmp_path):
     assert cls["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2, abs=1e-4)
     assert ret["recall_at_1"] == 1.0 and ret["ndcg_at_5"] == 1.0 and ret["chance"] < 1
     assert result["overall"]["n"] == 3
+
+
+def test_query_and_document_prompts_reach_their_roles(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    records = [{"query": {"text": "a"}, "candidates": [{"text": "a"}, {"text": "b"}], "task": "cls"},
+               {"query": {"text": "b"}, "candidates": [{"text": "b"}, {"text": "a"}], "task": "cls"}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    # with the query prompt, each query points at the other candidate than its plain text does
+    table = {"a": [1, 0], "b": [0, 1], "Q: a": [0, 1], "Q: b": [1, 0], "D: a": [1, 0], "D: b": [0, 1]}
+    plain = _Lookup(table)
+    assert evaluate(plain, [str(path)], log=lambda *_: None)["overall"]["precision_at_1"] == 1.0
+    assert plain.calls == [2]  # a side that is a query and a candidate is embedded once
+    prompted = _Lookup(table)
+    result = evaluate(prompted, [str(path)], log=lambda *_: None, query_prompt="Q: ", document_prompt="D: ")
+    assert result["overall"]["precision_at_1"] == 0.0
+    assert sorted(prompted.calls) == [(2, "D: "), (2, "Q: ")]  # each role with its own prompt
+    same = _Lookup(table)
+    evaluate(same, [str(path)], log=lambda *_: None, query_prompt="D: ", document_prompt="D: ")
+    assert same.calls == [(2, "D: ")]  # one prompt for both roles: each side once
 
 
 def test_bad_records_are_named(tmp_path):
