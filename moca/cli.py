@@ -179,8 +179,8 @@ def main(argv=None) -> int:
     if both:
         _summary(final["cl"], "stage 2: ")
         _scores(final.get("eval", {}), "evaluation, ")
-        print(f"run directory: {config.run.out} (cpt/ and cl/: config.json, metrics.jsonl, checkpoints/, loss.png; "
-              "cl/eval.json)")
+        print(f"run directory: {config.run.out} (loss.png: both stages and the evaluation; cpt/ and cl/: config.json, "
+              "metrics.jsonl, checkpoints/, loss.png; cl/eval.json)")
     else:
         print(f"done: {json.dumps(final)}\nrun directory: {config.run.out} (config.json, metrics.jsonl, "
               "checkpoints/, loss.png)")

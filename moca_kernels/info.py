@@ -63,11 +63,12 @@ def needs() -> list[str]:
     flash_state = ", ".join([f"torch.nn.attention.varlen {'present' if torch_varlen_available() else 'absent'}",
                              f"flash-attn {flash_attn or 'not installed (pip install flash-attn)'}"])
     return ["backends need:",
-            "  torch   nothing beyond torch (any device): has it",
-            f"  triton  the triton package and a CUDA GPU, or TRITON_INTERPRET=1 on CPU: {triton_state}",
-            f"  cuda    the CUDA library built from csrc/cuda and a CUDA GPU: {cuda_state}",
-            "  flash   a CUDA GPU of compute capability 8.0+, and torch.nn.attention.varlen or the flash-attn package: "
-            f"{flash_state}" + ("" if cuda else "; no CUDA GPU")]
+            "  torch (the references): torch alone, on any device: has it",
+            f"  triton (the Triton kernels): the triton package and a CUDA GPU, or TRITON_INTERPRET=1 on CPU: "
+            f"{triton_state}",
+            f"  cuda (the CUDA library): built from csrc/cuda by setup.py, and a CUDA GPU: {cuda_state}",
+            "  flash (FlashAttention-2, varlen_attention only): a CUDA GPU of compute capability 8.0+, and "
+            f"torch.nn.attention.varlen or the flash-attn package: {flash_state}" + ("" if cuda else "; no CUDA GPU")]
 
 
 def report() -> str:
