@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # config.py imports this module: it stays free of torch
     from .parallel import StepResult
 
-REPORT_TARGETS = ("tensorboard", "wandb")
-EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # the pyproject extra that brings each target
+REPORT_TARGETS = ("tensorboard", "wandb")  # each installed by the pyproject extra of its name
 
 
 def report_targets(value: str | None) -> list[str]:
@@ -94,7 +93,7 @@ def _numbers(row: dict) -> dict[str, float]:
 
 def _missing(target: str, error: ImportError) -> ValueError:
     return ValueError(f"run.report_to={target} needs the {target} package ({error}): pip install "
-                      f"'moca-kernels[{EXTRAS[target]}]', or drop {target} from run.report_to")
+                      f"'moca-kernels[{target}]', or drop {target} from run.report_to")
 
 
 class Reporters:

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import random
+import time
 
 import pytest
 from PIL import Image
@@ -155,8 +156,12 @@ def test_wandb_offline_gets_the_rows_and_a_resume_continues_its_run(tmp_path, mo
         reporters.log(row)
     reporters.close()
     assert wandb.run is None
-    files = glob.glob(os.path.join(out, "wandb", "offline-run-*", f"run-{run_id}.wandb"))
-    history = _wandb_history(files[0])
+    pattern = os.path.join(out, "wandb", "offline-run-*", f"run-{run_id}.wandb")
+    history, waited = [], 0.0
+    while len(history) < len(rows) and waited < 30:  # wandb's service process may still be writing the file
+        time.sleep(0.5 if waited else 0)
+        waited += 0.5
+        history = _wandb_history(glob.glob(pattern)[0]) if glob.glob(pattern) else []
     assert [{k: v for k, v in h.items() if not k.startswith("_")} for h in history] == [
         {f"cl/{k}": v for k, v in row.items() if k not in ("step", "stage")} for row in rows]
     assert [h["_step"] for h in history] == [2, 4]
