@@ -59,6 +59,7 @@ def figure(stages: list[StageSeries], evaluation: dict | None = None):
     axis, and the accuracies beside their chance level; then the evaluation's scores, if given."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
     scores = evaluation_scores(evaluation or {})
     rows = len(stages) + bool(scores)
     fig = Figure(figsize=(11, 3.6 * rows), layout="constrained")
@@ -70,6 +71,7 @@ def figure(stages: list[StageSeries], evaluation: dict | None = None):
             ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=name)
         ax.set(title=f"{stage.name}: losses (mean since the previous line)", xlabel="step", ylabel="loss")
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
         handles, labels = ax.get_legend_handles_labels()
         if stage.lr[0]:
             lr_axis = ax.twinx()
@@ -87,6 +89,7 @@ def figure(stages: list[StageSeries], evaluation: dict | None = None):
                 acc.axhline(stage.chance[name], color=color, linestyle=":", label=f"chance {stage.chance[name]:.3g}")
         acc.set(title=f"{stage.name}: accuracy", xlabel="step", ylabel="accuracy", ylim=(0, 1))
         acc.grid(alpha=0.3)
+        acc.xaxis.set_major_locator(MaxNLocator(integer=True))
         if stage.accuracies:
             acc.legend(loc="upper left", fontsize="small")
     if scores:
