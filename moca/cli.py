@@ -238,8 +238,8 @@ def main(argv=None) -> int:
     if both:
         _summary(final["cl"], "stage 2: ")
         _scores(final.get("eval", {}), "evaluation, ")
-        print(f"run directory: {config.run.out} (cpt/ and cl/: config.json, metrics.jsonl, checkpoints/, loss.png; "
-              "cl/eval.json)")
+        print(f"run directory: {config.run.out} (loss.png: both stages and the evaluation; cpt/ and cl/: config.json, "
+              "metrics.jsonl, checkpoints/, loss.png; cl/eval.json)")
     else:
         print(f"done: {json.dumps(final)}\nrun directory: {config.run.out} (config.json, metrics.jsonl, "
               "checkpoints/, loss.png)")
@@ -267,11 +267,12 @@ def _summary(final: dict, prefix: str) -> None:
     def chance(key, digits):
         return f" (chance {final[key]:.{digits}f})" if key in final else ""
     if final.get("mlm_accuracy") is not None:
-        print(f"{prefix}MLM accuracy {final['mlm_accuracy']:.3f} on the last logged micro-batch"
-              f"{chance('mlm_chance', 4)}; MLM loss {final['mlm_loss']:.3f}, MAE loss {final['mae_loss']:.3f}")
+        print(f"{prefix}MLM accuracy {final['mlm_accuracy']:.3f} on the last logged step"
+              f"{chance('mlm_chance', 4)}; MLM loss {final['mlm_loss']:.3f}, MAE loss {final['mae_loss']:.3f} (means "
+              "since the line before)")
     if final.get("accuracy") is not None:
-        print(f"{prefix}in-batch accuracy {final['accuracy']:.3f} on the last logged batch"
-              f"{chance('accuracy_chance', 3)}; loss {final['loss']:.3f}, temperature {final['temperature']:.4f}")
+        print(f"{prefix}in-batch accuracy {final['accuracy']:.3f}{chance('accuracy_chance', 3)}, loss "
+              f"{final['loss']:.3f} (means over the last logged steps); temperature {final['temperature']:.4f}")
 
 
 def _scores(result: dict, prefix: str = "") -> None:

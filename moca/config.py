@@ -21,6 +21,7 @@ from typing import Literal
 import tomllib
 
 from .files import atomic_write
+from .reporting import report_targets
 
 
 def setting(default, doc: str, *, resumable: bool = False):
@@ -42,7 +43,11 @@ class RunConfig:
     save_every: int = setting(250, "steps between checkpoints (the last step is always saved)", resumable=True)
     keep_checkpoints: int = setting(2, "checkpoints kept; older ones are deleted once a newer one is complete",
                                     resumable=True)
-    log_every: int = setting(25, "steps between lines of metrics.jsonl", resumable=True)
+    log_every: int = setting(25, "steps between lines of metrics.jsonl (each loss and accuracy: its mean over "
+                             "those steps)", resumable=True)
+    report_to: str | None = setting(None, "where metrics.jsonl's rows also go: tensorboard (event files in "
+                                    "out/tensorboard), wandb (Weights & Biases; WANDB_MODE=offline needs no "
+                                    "network), both comma-separated (a list in TOML), or none", resumable=True)
     profile_steps: str | None = setting(None, "A:B: cudaProfilerStart before step A, Stop after step B (Nsight)",
                                         resumable=True)
     strict: bool = setting(False, "stop at the first bad record instead of skipping it", resumable=True)
@@ -207,6 +212,7 @@ class Config:
         r = self.run
         if r.save_every < 1 or r.log_every < 1 or r.keep_checkpoints < 1:
             raise ValueError("save_every, log_every and keep_checkpoints must be >= 1")
+        report_targets(r.report_to)
         if r.profile_steps is not None:
             parts = r.profile_steps.split(":")
             if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) > int(parts[1]):
@@ -333,6 +339,8 @@ def _convert(section: str, name: str, raw):
         return None
     if typing.get_origin(kind) is Literal:
         return str(raw)
+    if kind is str and isinstance(raw, list | tuple):  # a TOML list of names: report_to
+        return ",".join(str(item) for item in raw)
     if kind is bool:
         if isinstance(raw, bool):
             return raw

@@ -1,25 +1,135 @@
-"""``loss.png``: a run's logged losses against the step."""
+"""``loss.png``: a run's logged losses, learning rate and accuracies against the step, and for
+``--stage both`` the evaluation's scores beside chance, drawn with matplotlib (Agg, no display).
+
+``stage_series`` picks the series out of ``metrics.jsonl`` rows; ``figure`` draws them (one row
+of panels per stage: the losses with the learning rate on a second axis, then the accuracy with
+its chance level; then a panel of each evaluation task's main score beside its chance level);
+``plot_metrics`` and ``plot_both`` write the PNG.
+"""
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
 
-def plot_metrics(metrics: list[dict], path: str) -> None:
-    """loss.png: the logged losses against the step (drawn with Pillow, no plotting package)."""
-    from PIL import Image, ImageDraw
-    series = {k: [(m["step"], m[k]) for m in metrics if m.get(k) is not None] for k in ("loss", "mlm_loss", "mae_loss")}
-    points = [p for s in series.values() for p in s]
-    if not points:
-        return
-    width, height, pad = 640, 400, 40
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points) or 1
-    y0, y1 = 0.0, max(p[1] for p in points) or 1.0
-    sx = lambda x: pad + (x - x0) / max(1e-9, x1 - x0) * (width - 2 * pad)  # noqa: E731
-    sy = lambda y: height - pad - (y - y0) / max(1e-9, y1 - y0) * (height - 2 * pad)  # noqa: E731
-    draw.rectangle((pad, pad, width - pad, height - pad), outline="gray")
-    for (name, s), color in zip(series.items(), ("black", "blue", "red")):
-        if len(s) > 1:
-            draw.line([(sx(x), sy(y)) for x, y in s], fill=color, width=2)
-        draw.text((pad + 10, pad + 10 + 14 * ("loss", "mlm_loss", "mae_loss").index(name)), name, fill=color)
-    draw.text((pad, height - pad + 8), f"step {x0} .. {x1}; loss 0 .. {y1:.2f}", fill="black")
-    image.save(path)
+LOSSES = ("loss", "mlm_loss", "mae_loss")
+ACCURACIES = ("mlm_accuracy", "accuracy")
+CHANCE_KEYS = {"mlm_accuracy": "mlm_chance", "accuracy": "accuracy_chance"}  # a stage's summary() names
+MAIN_SCORES = ("precision_at_1", "ndcg_at_5")  # an evaluation task's main metric, as eval.json holds it
+
+
+@dataclass
+class StageSeries:
+    """One stage's logged series: name -> (steps, values), and the chance level of each accuracy."""
+    name: str
+    losses: dict[str, tuple[list[int], list[float]]]
+    lr: tuple[list[int], list[float]]
+    accuracies: dict[str, tuple[list[int], list[float]]]
+    chance: dict[str, float] = field(default_factory=dict)
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], float(r[key])) for r in rows if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def stage_series(rows: list[dict], name: str, summary: dict | None = None) -> StageSeries:
+    """The series of one stage's ``metrics.jsonl`` rows; ``summary``: the stage's summary (its
+    accuracies' chance levels, ``mlm_chance`` and ``accuracy_chance``), if known."""
+    summary = summary or {}
+    losses = {k: s for k in LOSSES if (s := _series(rows, k))[0]}
+    accuracies = {k: s for k in ACCURACIES if (s := _series(rows, k))[0]}
+    chance = {k: float(summary[CHANCE_KEYS[k]]) for k in accuracies if summary.get(CHANCE_KEYS[k]) is not None}
+    return StageSeries(name, losses, _series(rows, "lr"), accuracies, chance)
+
+
+def evaluation_scores(result: dict) -> list[tuple[str, str, float, float]]:
+    """(task, metric, score, chance) of each task of an ``eval.json`` object, by its main metric."""
+    scores = []
+    for task, values in result.get("tasks", {}).items():
+        metric = next((m for m in MAIN_SCORES if m in values), None)
+        if metric is not None and "chance" in values:
+            scores.append((task, metric, float(values[metric]), float(values["chance"])))
+    return scores
+
+
+def figure(stages: list[StageSeries], evaluation: dict | None = None):
+    """A matplotlib Figure (Agg canvas): per stage, losses with the learning rate on a second
+    axis, and the accuracies beside their chance level; then the evaluation's scores, if given."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+    scores = evaluation_scores(evaluation or {})
+    rows = len(stages) + bool(scores)
+    fig = Figure(figsize=(11, 3.6 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(rows, 2)
+    for i, stage in enumerate(stages):
+        ax = fig.add_subplot(grid[i, 0])
+        for name, (steps, values) in stage.losses.items():
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=name)
+        ax.set(title=f"{stage.name}: losses (mean since the previous line)", xlabel="step", ylabel="loss")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
+        handles, labels = ax.get_legend_handles_labels()
+        if stage.lr[0]:
+            lr_axis = ax.twinx()
+            line, = lr_axis.plot(*stage.lr, color="gray", linestyle="--", label="learning rate")
+            lr_axis.set_ylabel("learning rate")
+            lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+            handles, labels = handles + [line], labels + ["learning rate"]
+        if handles:
+            ax.legend(handles, labels, loc="upper right", fontsize="small")
+        acc = fig.add_subplot(grid[i, 1])
+        for j, (name, (steps, values)) in enumerate(stage.accuracies.items()):
+            color = f"C{j}"
+            acc.plot(steps, values, color=color, marker="." if len(steps) < 30 else None, label=name)
+            if name in stage.chance:
+                acc.axhline(stage.chance[name], color=color, linestyle=":", label=f"chance {stage.chance[name]:.3g}")
+        acc.set(title=f"{stage.name}: accuracy", xlabel="step", ylabel="accuracy", ylim=(0, 1))
+        acc.grid(alpha=0.3)
+        acc.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if stage.accuracies:
+            acc.legend(loc="upper left", fontsize="small")
+    if scores:
+        ax = fig.add_subplot(grid[rows - 1, :])
+        places = range(len(scores))
+        bars = ax.bar(places, [s[2] for s in scores], width=0.6, color="C0", label="score")
+        ax.bar_label(bars, fmt="%.3f", fontsize="small")
+        ax.scatter(places, [s[3] for s in scores], marker="_", s=900, linewidths=2.5, color="C3", zorder=3,
+                   label="chance")
+        ax.set_xticks(list(places), [f"{s[0]}\n{s[1]}" for s in scores], fontsize="small")
+        ax.set(title="evaluation: each task's score beside chance", ylabel="score", ylim=(0, 1.05))
+        ax.legend(loc="upper right", fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl``."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _can_draw(path: str, log) -> bool:
+    """Whether matplotlib is importable; a run that finished is not failed for want of its plot
+    (an install made with ``--no-deps`` can lack it): ``log`` says what to install."""
+    if importlib.util.find_spec("matplotlib") is None:
+        log(f"{path} not drawn: matplotlib is not installed (pip install matplotlib)")
+        return False
+    return True
+
+
+def plot_metrics(metrics: list[dict], path: str, summary: dict | None = None, log=print) -> None:
+    """``path`` (a PNG): one stage's logged rows; ``summary``: its chance levels, if known."""
+    if metrics and _can_draw(path, log):
+        figure([stage_series(metrics, str(metrics[0].get("stage", "")), summary)]).savefig(path, dpi=110)
+
+
+def plot_both(stages: list[tuple[str, str, dict | None]], evaluation: dict | None, path: str, log=print) -> None:
+    """``path``: the stages of a ``--stage both`` run ((name, run directory, summary) each) and
+    its evaluation (an ``eval.json`` object, or None)."""
+    if _can_draw(path, log):
+        series = [stage_series(read_metrics(run_dir), name, summary) for name, run_dir, summary in stages]
+        figure(series, evaluation).savefig(path, dpi=110)

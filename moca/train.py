@@ -30,8 +30,9 @@ from .model.embed import NonFiniteLoss
 from .model.flops import peak_bf16
 from .model.qwen import enable_checkpointing
 from .parallel import StepResult, strategy
-from .plot import plot_metrics
+from .plot import plot_both, plot_metrics
 from .profiling import CaptureRange, nvtx
+from .reporting import MetricWindow, Reporters, check_available, report_targets
 from .stages import STAGES
 
 
@@ -147,6 +148,7 @@ def train(config: Config, resume: bool = False, force: bool = False, stop_at: in
 
 def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | None, termination, log) -> dict:
     run, schedule, device = config.run, config.stage(config.run.stage), parallel.device
+    check_available(report_targets(run.report_to))  # before the model is built
     start = _starting_point(config, resume, force, parallel.size, log)
     if parallel.main:
         config.write(run.out)
@@ -162,11 +164,12 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, schedule.max_steps, schedule.warmup_ratio, schedule.warmup))
-    step, epoch, position = 0, 0, 0
+    step, epoch, position, window = 0, 0, 0, MetricWindow()
     if start is not None:
         state = checkpoint.load(start, stage.module, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
+        window = MetricWindow.from_state(state.get("window"))  # the steps since the last line before it
         log(f"resumed {run.out} at step {step} from {start}")
     stage.start(step, epoch, position)
     metrics_path = os.path.join(run.out, "metrics.jsonl")
@@ -182,10 +185,13 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
 
     def save() -> str:
         trainer = dict(step=step, epoch=stage.epoch, position=stage.position, scheduler=scheduler.state_dict(),
-                       world_size=parallel.size)
+                       world_size=parallel.size, window=window.state())
         return checkpoint.save(run.out, step, stage.module, optimizer, trainer, keep=run.keep_checkpoints)
 
+    reporters = None
     try:
+        if parallel.main:
+            reporters = Reporters(report_targets(run.report_to), run.out, run.stage, config.to_dict(), step)
         while step < min(schedule.max_steps, stop_at if stop_at is not None else schedule.max_steps):
             capture.before(step)
             started = time.perf_counter()
@@ -207,6 +213,9 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
             step += 1
             capture.after(step)
             bar.update(1)
+            window.add(result)
+            if measure:  # the logged losses and accuracies: means over the steps since the last line
+                result = window.take(result)
             if parallel.main and measure:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -214,6 +223,7 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
                                 time.perf_counter() - started, device, peak)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
+                reporters.log(last)
                 bar.set_postfix(loss=f"{result.losses['loss']:.3f}", **result.extras)
             if step % run.save_every == 0 or step == schedule.max_steps:
                 save()
@@ -225,11 +235,13 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
     finally:
         bar.close()
         stage.close()
+        if reporters is not None:
+            reporters.close()
     parallel.barrier()  # the last checkpoint is written before any rank moves on
     if step < schedule.max_steps or not parallel.main:  # stopped early (stop_at), or not the rank that logs
         return last
     with open(metrics_path) as f:
-        plot_metrics([json.loads(line) for line in f], os.path.join(run.out, "loss.png"))
+        plot_metrics([json.loads(line) for line in f], os.path.join(run.out, "loss.png"), stage.summary(), log)
     return {**last, **stage.summary()}
 
 
@@ -295,6 +307,9 @@ def _train_both(config: Config, resume: bool, force: bool, log) -> dict:
             files = data_files(d.evaluation, "evaluation")
         else:
             log("no evaluation files given (data.evaluation): the evaluation is skipped")
-            return results
-        results["eval"] = evaluate_run(stages[1].run.out, files, strict=config.run.strict, log=log)
+            files = []
+        if files:
+            results["eval"] = evaluate_run(stages[1].run.out, files, strict=config.run.strict, log=log)
+        plot_both([(c.run.stage, c.run.out, results[c.run.stage]) for c in stages], results.get("eval"),
+                  os.path.join(config.run.out, "loss.png"), log)
         return results

@@ -14,6 +14,6 @@ from .linear_cross_entropy import linear_cross_entropy
 from .mae_loss import mae_loss
 from .varlen_attention import varlen_attention
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the distribution's version (pyproject.toml reads it; moca.__version__ is it)
 __all__ = ["all_gather_with_grad", "info_nce", "linear_cross_entropy", "mae_loss", "varlen", "varlen_attention",
            "__version__"]

@@ -1,26 +1,78 @@
-"""``python -m moca_kernels.info``: each op's backends, and for each one not usable here, why."""
+"""``python -m moca_kernels.info``: the versions this machine runs, what each backend needs and
+whether it has it, then each op's backends and, for each one not usable here, why."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 
 import torch
 
 import moca_kernels
-from moca_kernels._registry import ENV_VAR, REGISTRY, triton_import_error
+from moca_kernels import _cuda
+from moca_kernels._registry import ENV_VAR, REGISTRY, triton_import_error, triton_interpret
+from moca_kernels.varlen_attention.flash import flash_attn_available, torch_varlen_available
+
+CUDA_BUILD = ("python -m pip install -e . --no-build-isolation (nvcc on PATH or CUDA_HOME, a CUDA build of torch; "
+              "MOCA_BUILD_CUDA=1 makes a missing nvcc an error)")
 
 
-def report() -> str:
-    lines = [f"moca_kernels {moca_kernels.__version__}  torch {torch.__version__}  python {platform.python_version()}"]
+def _distribution_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> list[str]:
+    """One line each: this package, Python, torch (and the CUDA it was built with), triton, the GPU."""
+    lines = [f"moca_kernels {moca_kernels.__version__}  python {platform.python_version()}  torch {torch.__version__} "
+             f"(CUDA {torch.version.cuda or 'none: a CPU build'})"]
     if triton_import_error():
         lines.append(f"triton: unavailable ({triton_import_error()})")
     else:
         import triton
         lines.append(f"triton {triton.__version__}")
     if torch.cuda.is_available():
-        lines.append(f"CUDA device: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})")
+        lines.append(f"GPU: {torch.cuda.get_device_name()} (compute capability "
+                     f"{'.'.join(map(str, torch.cuda.get_device_capability()))}, {torch.cuda.device_count()} visible)")
     else:
-        lines.append(f"CUDA device: none (torch built with CUDA: {torch.version.cuda or 'no'})")
+        lines.append("GPU: none visible to torch")
+    return lines
+
+
+def needs() -> list[str]:
+    """What each backend needs, and whether this machine has it."""
+    cuda = torch.cuda.is_available()
+    if triton_import_error():
+        triton_state = f"missing: {triton_import_error()}"
+    elif cuda:
+        triton_state = "has it (a CUDA GPU)"
+    elif triton_interpret():
+        triton_state = "has TRITON_INTERPRET=1 (CPU tensors, slow: for tests)"
+    else:
+        triton_state = "missing: no CUDA GPU, and TRITON_INTERPRET is not set"
+    library = _cuda.library_path()
+    if library is None:
+        cuda_state = f"not built; build it with {CUDA_BUILD}"
+    elif _cuda.unavailable_reason():
+        cuda_state = f"built but not loadable: {_cuda.unavailable_reason()}"
+    else:
+        cuda_state = f"built: {library}" + ("" if cuda else " (no CUDA GPU to run it on)")
+    flash_attn = _distribution_version("flash-attn") or ("installed" if flash_attn_available() else None)
+    flash_state = ", ".join([f"torch.nn.attention.varlen {'present' if torch_varlen_available() else 'absent'}",
+                             f"flash-attn {flash_attn or 'not installed (pip install flash-attn)'}"])
+    return ["backends need:",
+            "  torch (the references): torch alone, on any device: has it",
+            f"  triton (the Triton kernels): the triton package and a CUDA GPU, or TRITON_INTERPRET=1 on CPU: "
+            f"{triton_state}",
+            f"  cuda (the CUDA library): built from csrc/cuda by setup.py, and a CUDA GPU: {cuda_state}",
+            "  flash (FlashAttention-2, varlen_attention only): a CUDA GPU of compute capability 8.0+, and "
+            f"torch.nn.attention.varlen or the flash-attn package: {flash_state}" + ("" if cuda else "; no CUDA GPU")]
+
+
+def report() -> str:
+    lines = versions() + [""] + needs() + [""]
     for name in (ENV_VAR, "MOCA_KERNELS_TMA", "MOCA_KERNELS_AUTOTUNE", "MOCA_KERNELS_ATTENTION_FWD",
                  "MOCA_KERNELS_ATTENTION_BWD", "TRITON_INTERPRET"):
         lines.append(f"{name}={os.environ.get(name, '')!r}")

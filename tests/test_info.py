@@ -1,4 +1,5 @@
 """`python -m moca_kernels.info` tells the truth about this machine."""
+import functools
 import os
 import subprocess
 import sys
@@ -14,8 +15,19 @@ def _info(env_extra):
                           check=True).stdout
 
 
+@functools.cache
+def _plain() -> str:
+    """The report without TRITON_INTERPRET (one subprocess for the tests that read it)."""
+    return _info({})
+
+
+@functools.cache
+def _interpreted() -> str:
+    return _info({"TRITON_INTERPRET": "1"})
+
+
 def test_info_lists_every_backend_with_reasons():
-    out = _info({})
+    out = _plain()
     assert "varlen_attention:" in out
     assert "info_nce:\n" in out and "mae_loss:\n" in out
     assert "torch   available" in out
@@ -25,10 +37,36 @@ def test_info_lists_every_backend_with_reasons():
     else:
         # every op with a Triton backend says why it cannot run here
         assert out.count("triton  not usable: no CUDA device") == out.count("\n  triton  ") >= 3
-        assert "CUDA device: none" in out
+        assert "GPU: none visible to torch" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter note is for machines without CUDA")
 def test_info_under_interpreter():
-    out = _info({"TRITON_INTERPRET": "1"})
+    out = _interpreted()
     assert "triton  available on CPU tensors through the Triton interpreter (never picked automatically)" in out
+
+
+def test_info_prints_versions_and_what_each_backend_needs():
+    import triton
+
+    import moca_kernels
+    out = _plain()
+    assert out.startswith(f"moca_kernels {moca_kernels.__version__}  python ")
+    assert f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none: a CPU build'})" in out
+    assert f"\ntriton {triton.__version__}\n" in out
+    needs = out.split("backends need:\n")[1].split("\n\n")[0].splitlines()
+    assert [line.split(" (")[0].strip() for line in needs] == ["torch", "triton", "cuda", "flash"]
+    from moca_kernels import _cuda
+    if _cuda.library_path() is None:
+        assert "not built; build it with python -m pip install -e . --no-build-isolation" in needs[2]
+    else:
+        assert f"built: {_cuda.library_path()}" in needs[2]
+    import importlib.util
+    flash_attn = importlib.util.find_spec("flash_attn") is not None
+    assert ("flash-attn not installed (pip install flash-attn)" in needs[3]) is not flash_attn
+    if torch.cuda.is_available():
+        assert f"GPU: {torch.cuda.get_device_name()}" in out and needs[1].endswith("has it (a CUDA GPU)")
+    else:
+        assert "GPU: none visible to torch" in out
+        assert needs[1].endswith("missing: no CUDA GPU, and TRITON_INTERPRET is not set")
+        assert "has TRITON_INTERPRET=1 (CPU tensors, slow: for tests)" in _interpreted()

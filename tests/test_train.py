@@ -44,15 +44,18 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 
 def test_resume_continues_exactly(tmp_path):
-    whole = train(_config(tmp_path / "whole"), log=lambda *_: None)
-    train(_config(tmp_path / "cut"), stop_at=10, log=lambda *_: None)  # killed after step 10: checkpoint at 6
+    # lines every 4 steps, checkpoints every 6: the checkpoint at 6 falls inside the window of the
+    # line at step 8, whose means need steps 5 and 6 from before the cut
+    whole = train(_config(tmp_path / "whole", log_every=4), log=lambda *_: None)
+    train(_config(tmp_path / "cut", log_every=4), stop_at=10, log=lambda *_: None)  # killed after step 10
     assert _newest(tmp_path / "cut") == "step-0000006"
     resumed = train(Config.read(str(tmp_path / "cut")), resume=True, log=lambda *_: None)
     timed = ("tokens_per_s", "model_tflops")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timed} for r in rows]  # noqa: E731
     assert strip([resumed]) == strip([whole]) and whole["mlm_chance"] == 1 / ByteTokenizer().vocab_size
-    # the same losses at every logged step: 3 and 6 before the cut, 9 (logged again) and 12 after
+    # the same losses at every logged step: 4 and 8 before the cut, 8 (logged again) and 12 after
     # the resume from step 6
+    assert [r["step"] for r in _metrics(tmp_path / "cut")] == [4, 8, 12]
     assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "whole"))
 
 
@@ -278,8 +281,12 @@ def test_cli_runs_stage_two(tmp_path, capsys):
     assert "cpt.max_steps sets stage cpt, which --stage cl does not run" in capsys.readouterr().err
 
 
-def test_the_embedded_default_runs_both_stages_and_the_evaluation(tmp_path, capsys):
+def test_the_embedded_default_runs_both_stages_and_the_evaluation(tmp_path, capsys, monkeypatch):
     # moca train with no stage: stage 1, stage 2 from its checkpoint, the held-out evaluation (reduced size)
+    import moca.train
+    plotted = []
+    original = moca.train.plot_both
+    monkeypatch.setattr(moca.train, "plot_both", lambda *a, **k: plotted.append(a) or original(*a, **k))
     run = tmp_path / "both"
     assert cli.main(["train", "--out", str(run), "--max-steps", "4", "cl.max_steps=3", "pairs_per_batch=4",
                      "save_every=2", "log_every=2"]) == 0
@@ -290,6 +297,12 @@ def test_the_embedded_default_runs_both_stages_and_the_evaluation(tmp_path, caps
     assert _newest(run / "cl") == "step-0000003"
     scores = json.loads((run / "cl" / "eval.json").read_text())
     assert set(scores["tasks"]) == {"text-to-image", "image-to-text", "retrieval"} and scores["overall"]["n"] == 240
+    # run/loss.png: both stages' logged rows, with their accuracies' chance levels, and the scores
+    assert len(plotted) == 1
+    stages, evaluation, path = plotted[0][:3]
+    assert [(name, folder) for name, folder, _ in stages] == [("cpt", str(run / "cpt")), ("cl", str(run / "cl"))]
+    assert stages[0][2]["mlm_chance"] > 0 and stages[1][2]["accuracy_chance"] == 1 / (4 + 2)
+    assert evaluation == scores and path == str(run / "loss.png") and (run / "loss.png").stat().st_size > 20_000
     # resuming a finished run does nothing again; a user's CPT data without pairs is refused
     assert cli.main(["train", "--resume", str(run)]) == 0
     out = capsys.readouterr().out
