@@ -16,6 +16,8 @@ import moca_kernels
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_PARTY = {"moca", "moca_kernels"}
 KERNEL_DEPENDENCIES = {"torch", "triton"}  # all that moca_kernels may import when it is imported
+# moca_kernels' integrations with other libraries: each imports its library (from the extra named)
+INTEGRATIONS = {"moca_kernels/transformers.py": "hf"}
 # import name -> distribution name, where they differ beyond - and _
 DISTRIBUTIONS = {"PIL": "pillow", "flash_attn": "flash-attn", "nvidia": "nvidia-dali", "yaml": "pyyaml"}
 
@@ -45,6 +47,19 @@ def imports(source: str) -> list[tuple[str, bool]]:
     return found
 
 
+def optional(source: str) -> set[str]:
+    """Top-level modules that ``source`` only tries: imported inside a try block, or named in a
+    ``pytest.importorskip`` call (a test that skips where they are missing)."""
+    tree, found = ast.parse(source), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try):
+            found |= {m for statement in node.body for m, _ in imports(ast.unparse(statement))}
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "importorskip"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            found.add(node.args[0].value.split(".")[0])
+    return found
+
+
 def distribution(module: str, declared: set[str]) -> str | None:
     """The declared distribution that provides ``module``, or None."""
     name = _normal(DISTRIBUTIONS.get(module, module))
@@ -60,11 +75,14 @@ def problems(files: dict[str, str], groups: dict[str, set[str]], local: frozense
     everything = set().union(*groups.values())
     found = []
     for path, source in sorted(files.items()):
+        tried = optional(source) if path.startswith("tests/") else set()
         for module, eager in dict.fromkeys(imports(source)):
-            if module in sys.stdlib_module_names or module in FIRST_PARTY | local or module == "__future__":
+            if module in sys.stdlib_module_names or module in FIRST_PARTY | local | tried or module == "__future__":
                 continue
             if distribution(module, everything) is None:
                 found.append(f"{path}: imports {module}, which no requirement in pyproject.toml provides")
+            elif path in INTEGRATIONS and distribution(module, groups[INTEGRATIONS[path]]):
+                continue
             elif path.startswith("moca_kernels") and eager and module not in KERNEL_DEPENDENCIES:
                 found.append(f"{path}: imports {module} on import; moca_kernels needs torch and triton alone")
             elif path.startswith("moca/") and eager and distribution(module, groups[""]) is None:
@@ -106,7 +124,9 @@ def test_the_import_check_finds_what_is_missing():
     files = {"moca/a.py": "import tqdm\nfrom PIL import Image\n\ndef f():\n    import wandb\n",
              "moca/b.py": "import wandb\n",
              "moca_kernels/c.py": "import torch\nimport PIL\n\ndef f():\n    import flash_attn\n",
-             "tests/test_d.py": "import pytest\nimport hypothesis\n"}
+             "tests/test_d.py": "import pytest\nimport hypothesis\n",
+             "tests/test_e.py": "import pytest\ntry:\n    import vision\nexcept ImportError:\n    pass\n\n"
+                                "def test():\n    pytest.importorskip('bench.sub')\n    from bench.sub import x\n"}
     assert problems(files, groups) == [
         "moca/a.py: imports tqdm, which no requirement in pyproject.toml provides",
         "moca/b.py: imports wandb on import, but only an extra provides it",
@@ -117,7 +137,8 @@ def test_the_import_check_finds_what_is_missing():
 
 def test_moca_kernels_imports_with_torch_and_triton_alone():
     """Every third-party module that moca imports (numpy too: torch and triton import without it)
-    is made unimportable, then every module of moca_kernels is imported."""
+    is made unimportable, then every module of moca_kernels is imported (but the integrations,
+    which import their own library)."""
     blocked = sorted({m for m, _ in imports("\n".join(_sources("moca").values()))
                       if m not in sys.stdlib_module_names and m not in FIRST_PARTY | KERNEL_DEPENDENCIES}
                      | {"moca", "numpy", "transformers", "PIL", "tqdm", "matplotlib"})
@@ -126,7 +147,8 @@ def test_moca_kernels_imports_with_torch_and_triton_alone():
         for name in {blocked!r}:
             sys.modules[name] = None  # import raises ModuleNotFoundError; importlib.util.find_spec says None
         import moca_kernels
-        names = [m.name for m in pkgutil.walk_packages(moca_kernels.__path__, "moca_kernels.")]
+        names = [m.name for m in pkgutil.walk_packages(moca_kernels.__path__, "moca_kernels.")
+                 if m.name.replace(".", "/") + ".py" not in {sorted(INTEGRATIONS)!r}]
         for name in names:
             importlib.import_module(name)
         print(len(names), "modules")
