@@ -179,7 +179,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         block_d = triton.next_power_of_2(half)
         _rotary_kernel[(t,)](q, k, cos, sin, qo, ko, q.stride(0), q.stride(1), k.stride(0), k.stride(1), *planes,
                              HQ=hq, HK=hk, HALF=half, S0=s0, S1=s1, BLOCK_HQ=triton.next_power_of_2(hq),
-                             BLOCK_HK=triton.next_power_of_2(hk), BLOCK_D=block_d, TRANSPOSE=transpose,
+                             BLOCK_HK=max(1, triton.next_power_of_2(hk)), BLOCK_D=block_d, TRANSPOSE=transpose,
                              num_warps=4 if triton.next_power_of_2(hq) * block_d <= 1024 else 8)
     return qo, ko
 
