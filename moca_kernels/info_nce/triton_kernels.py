@@ -7,13 +7,15 @@ once (8 * B * M * d FLOPs in all).
 the backward of the normalization is applied to the O((B + M) d) results. Hard negatives (B*K*d,
 private to their query) are scored in float32 PyTorch, a row chunk at a time. Temporaries stay
 within ``SCRATCH_FRACTION`` of the inputs plus their gradients, so that peak memory stays near
-1.1x of that floor at every batch size.
+1.1x of that floor at every batch size. Score matrices within ``_dense_lse.DENSE_MAX_BYTES``
+take the dense engine instead (one cuBLAS product each way, a few launches in all).
 """
 from __future__ import annotations
 
 import torch
 
-from .._tiled_lse import _remove_radial, _row_chunks, backward_products, forward_lse, scratch_budget
+from .. import _dense_lse, _tiled_lse
+from .._tiled_lse import _remove_radial, _row_chunks, scratch_budget
 
 # Temporaries (partial LSEs, E, float32 accumulators) may take this fraction of the bytes of the
 # inputs plus their gradients. Tests lower it to force many chunks on small problems.
@@ -45,7 +47,8 @@ def forward(q, docs, hard, labels, inv_t, symmetric: bool, normalize: bool):
     budget = scratch_budget(SCRATCH_FRACTION, q, docs, hard)
     rq, rk = inverse_norms(q, normalize, budget), inverse_norms(docs, normalize, budget)
     rh = inverse_norms(hard, normalize, budget)
-    row_lse, pos, col_lse = forward_lse(q, docs, rq, rk, None, labels, inv_t, symmetric, budget)
+    engine = _dense_lse if _dense_lse.fits(batch, docs.shape[0]) else _tiled_lse
+    row_lse, pos, col_lse = engine.forward_lse(q, docs, rq, rk, None, labels, inv_t, symmetric, budget)
     if hard.shape[1]:
         per_row = 4 * hard.shape[1] * dim * 2 + 4 * dim
         for r0, r1 in _row_chunks(batch, max(1, budget // per_row)):
@@ -67,8 +70,9 @@ def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, s
     if symmetric:
         col_w.index_add_(0, labels, row_w)
     budget = scratch_budget(SCRATCH_FRACTION, q, docs, hard)
-    dq, ddocs, _, part = backward_products(q, docs, rq, rk, None, labels, inv_t, row_lse, row_w, grad, col_lse,
-                                           col_w, symmetric, normalize, budget)
+    engine = _dense_lse if _dense_lse.fits(batch, m) else _tiled_lse
+    dq, ddocs, _, part = engine.backward_products(q, docs, rq, rk, None, labels, inv_t, row_lse, row_w, grad,
+                                                  col_lse, col_w, symmetric, normalize, budget)
     dinv_t = part / inv_t.reshape(())
     dhard = torch.empty_like(hard)
     if k:  # the hard negatives' share of the query gradient, and theirs
