@@ -106,6 +106,6 @@ def test_a_call_reads_nothing_on_the_host(engine, monkeypatch):
     for call in (loss_overhead.info_nce_call(24, 64, 2), loss_overhead.linear_ce_call(24, 32, 500)):
         work = loss_overhead.host_work(call)
         assert work["host_reads"] == 0, work["reads"]
-        assert work["triton_launches"] == (2 if engine == "tiled" else 0)
+        assert (work["triton_launches"] >= 2) if engine == "tiled" else work["triton_launches"] == 0
         if engine == "dense":  # a bounded number of launches whatever the size (the tiled engine chunks)
             assert 0 < work["torch_ops"] < 150, work
