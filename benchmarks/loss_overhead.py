@@ -2,7 +2,7 @@
 linear_cross_entropy on a micro-batch's masked rows.
 
     python benchmarks/loss_overhead.py --count                # CPU: host work per call, no GPU needed
-    python benchmarks/loss_overhead.py --out results/         # GPU: timings against dense torch and peers
+    python benchmarks/loss_overhead.py --out results/         # GPU: results/bench_loss_{info_nce,linear_ce}/
 
 ``--count`` runs each path once (forward and backward) on CPU tensors and reports what a call
 costs the host: tensor values read on the host (``.item()``, ``.tolist()``, ``bool()``,
@@ -195,7 +195,7 @@ def main(argv=None):
         for hard in (0, 2):
             spec = dict(batch=b, dim=2048, hard=hard, symmetric=False)
             cases.append(bench_infonce.make_case(f"nce-b{b}" + ("-h2" if hard else ""), torch.bfloat16, spec=spec))
-    out = os.path.join(args.out, "info_nce") if args.out else None
+    out = os.path.join(args.out, "bench_loss_info_nce") if args.out else None
     harness.run("InfoNCE fixed cost", cases, harness.usable({x.name: x for x in nce_providers},
                                                              [x.name for x in nce_providers]),
                 ["fwd", "fwd+bwd"], out, bench_infonce.FLOP_CONVENTION, graph=True)
@@ -204,7 +204,7 @@ def main(argv=None):
     ce_providers = [ce[n] for n in names] + [_tiled(ce["moca"])]
     cases = [bench_linear_ce.make_case(f"ce-n{n}-3b", torch.bfloat16, spec=dict(rows=n, hidden=2048, vocab=151936))
              for n in LINEAR_CE_ROWS]
-    out = os.path.join(args.out, "linear_cross_entropy") if args.out else None
+    out = os.path.join(args.out, "bench_loss_linear_ce") if args.out else None
     harness.run("linear_cross_entropy fixed cost", cases, harness.usable({x.name: x for x in ce_providers},
                                                                          [x.name for x in ce_providers]),
                 ["fwd", "fwd+bwd"], out, "6 * N * V * H useful FLOPs for fwd+bwd", graph=True)
