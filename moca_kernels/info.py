@@ -22,7 +22,7 @@ def report() -> str:
     else:
         lines.append(f"CUDA device: none (torch built with CUDA: {torch.version.cuda or 'no'})")
     for name in (ENV_VAR, "MOCA_KERNELS_TMA", "MOCA_KERNELS_AUTOTUNE", "MOCA_KERNELS_ATTENTION_FWD",
-                 "MOCA_KERNELS_ATTENTION_BWD", "TRITON_INTERPRET"):
+                 "MOCA_KERNELS_ATTENTION_BWD", "MOCA_KERNELS_DENSE_MAX_BYTES", "TRITON_INTERPRET"):
         lines.append(f"{name}={os.environ.get(name, '')!r}")
     for name, entry in REGISTRY.items():
         lines.append("")
