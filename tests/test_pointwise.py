@@ -247,3 +247,37 @@ def test_bf16_at_the_3b_shapes_on_gpu():
            theirs, [q, k], "rotary bf16")
     gate, up = _leaf(gen, 1024, 11008, **kw, scale=3.0), _leaf(gen, 1024, 11008, **kw)
     _check(lambda g, u: swiglu(g, u), lambda g, u: ACT2FN["silu"](g) * u, [gate, up], "swiglu bf16")
+
+
+def test_ops_stay_single_nodes_under_torch_compile(device, monkeypatch):
+    # Custom ops with fake implementations: dynamo traces through the wrappers without a break
+    # and keeps each op as one call.
+    monkeypatch.setenv("MOCA_KERNELS_BACKEND", "triton")
+
+    def block(x, w, r, q, k, cos, sin, gate, up):
+        y, s = rms_norm(x, w, 1e-6, residual=r)
+        qo, ko = rotary_embedding(q, k, cos, sin, [2, 1, 1])
+        return y.sum() + s.sum() + qo.sum() + ko.sum() + swiglu(gate, up).sum()
+
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(*shape, generator=gen).to(device) for shape in
+            ((3, 10), (10,), (3, 10), (4, 2, 8), (4, 1, 8), (3, 4, 8), (3, 4, 8), (2, 9), (2, 9))]
+    explained = torch._dynamo.explain(block)(*args)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    ops = [str(node.target) for graph in explained.graphs for node in graph.graph.nodes if node.op == "call_function"]
+    assert sum("moca.rms_norm_fwd" in op for op in ops) == 1 and sum("moca.rotary_embedding" in op for op in ops) == 1
+    assert sum("moca.swiglu_fwd" in op for op in ops) == 1
+    torch.testing.assert_close(torch.compile(block, backend="aot_eager")(*args), block(*args))
+
+
+def test_the_trainer_setting_patches_the_model():
+    from moca.checkpoint import model_and_tokenizer
+    from moca.config import Config
+    config = Config()
+    config.model.fused_pointwise = True
+    model, _ = model_and_tokenizer(config, log=lambda *a: None)
+    kinds = {getattr(type(m), "_moca_fused", None) for m in model.modules()}
+    assert {"rms_norm", "swiglu", "rope"} <= kinds
+    config.model.fused_pointwise = False
+    model, _ = model_and_tokenizer(config, log=lambda *a: None)
+    assert not any(getattr(type(m), "_moca_fused", None) for m in model.modules())
