@@ -34,9 +34,12 @@ def _plan(batch: int, m: int, budget: int):
 def inverse_norms(x: torch.Tensor, normalize: bool, budget: int) -> torch.Tensor:
     """float32 1/||x|| over the last dimension (ones when not normalizing), a chunk at a time."""
     flat = x.reshape(-1, x.shape[-1])
+    rows = max(1, budget // max(1, 4 * x.shape[-1]))
+    if normalize and rows >= flat.shape[0]:  # one chunk: three launches, no copy
+        norm = torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32)
+        return norm.clamp_min_(1e-12).reciprocal_().reshape(x.shape[:-1])  # normalize's eps
     out = torch.ones(flat.shape[0], dtype=torch.float32, device=x.device)
     if normalize:
-        rows = max(1, budget // max(1, 4 * x.shape[-1]))
         for r0, r1 in _row_chunks(flat.shape[0], rows):
             norm = torch.linalg.vector_norm(flat[r0:r1].float(), dim=-1)
             out[r0:r1] = 1.0 / norm.clamp_min(1e-12)  # torch.nn.functional.normalize's eps
