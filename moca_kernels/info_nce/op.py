@@ -143,7 +143,7 @@ def _check_values(docs, labels, temperature) -> None:
 def info_nce(query: torch.Tensor, docs: torch.Tensor, *, temperature: float | torch.Tensor = 0.03,
              labels: torch.Tensor | None = None, hard_negatives: torch.Tensor | None = None, symmetric: bool = False,
              normalize: bool = True, reduction: str = "mean", backend: str | None = None) -> torch.Tensor:
-    """InfoNCE with in-batch and hard negatives, never holding the (B, M) score matrix.
+    """InfoNCE with in-batch and hard negatives, holding the (B, M) score matrix only where it is small.
 
     Args:
         query: ``(B, d)``. docs: ``(M, d)`` candidates shared by every query.
