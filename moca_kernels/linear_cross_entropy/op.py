@@ -110,8 +110,8 @@ def _check_labels(labels, vocab: int, ignore_index: int) -> None:
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          backend: str | None = None) -> torch.Tensor:
-    """Cross-entropy of the logits ``hidden @ weight.T (+ bias)`` against ``labels``, without ever
-    holding the ``(N, V)`` logits.
+    """Cross-entropy of the logits ``hidden @ weight.T (+ bias)`` against ``labels``, holding the
+    ``(N, V)`` logits only where they are small (a few rows).
 
     Args:
         hidden: ``(N, H)``. weight: ``(V, H)``, the LM head (it may be tied to the input
