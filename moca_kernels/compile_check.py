@@ -137,8 +137,8 @@ def pointwise_variants(quick: bool) -> list[dict]:
     for dtype in ("bf16",) if quick else ("bf16", "fp32"):
         dt = "*" + dtype
         common = dict(module="moca_kernels.pointwise.triton_kernels", dtype=dtype, dots=False, stages=1)
-        for hidden, flag in itertools.product((2048, 1280), (False, True)):
-            block = triton.next_power_of_2(hidden)
+        blocks = sorted({triton.next_power_of_2(hidden) for hidden in (2048, 1280)})  # one kernel serves both
+        for block, flag in itertools.product(blocks, (False, True)):
             out.append(dict(kernel="_rms_norm_fwd_kernel", warps=pk._warps(block), **common,
                             pointers=dict(X=dt, R=dt, W=dt, Y=dt, S=dt, RSTD="*fp32"),
                             constexprs=dict(HAS_RESIDUAL=flag, BLOCK_N=block)))
