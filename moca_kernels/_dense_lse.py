@@ -48,8 +48,8 @@ def _scores(q, k, rq, rk, bias, inv_t) -> torch.Tensor:
 
 def _label_index(labels: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels clamped into [0, M) for gathering, whether each label is inside [0, M))."""
-    inside = (labels >= 0) & (labels < m)
-    return labels.clamp(0, m - 1)[:, None], inside
+    index = labels.clamp(0, m - 1)
+    return index[:, None], index == labels
 
 
 def forward_lse(q, k, rq, rk, bias, labels, inv_t, symmetric: bool, budget: int = 0):
