@@ -102,12 +102,12 @@ step attention_designs 390 python benchmarks/bench_attention.py --out "$OUT/benc
     --providers moca moca-fwd-wide moca-fwd-short moca-tma moca-bwd-atomic moca-bwd-split moca-flash \
     varlen-attn flash-attn flex
 step tests_attention 60 python -m pytest -q tests/test_varlen_attention.py -m gpu
-# Issue 16: the fused pointwise ops (RMSNorm, rotary, SwiGLU) at the 3B shape against eager transformers code,
+# The fused pointwise ops (RMSNorm, rotary, SwiGLU) at the 3B shape against eager transformers code,
 # torch.compile and Liger-Kernel (wheel in .whl/), GB/s forward and backward; then their bf16 GPU test.
 # ONLY="pointwise tests_pointwise" (about 3 minutes; torch.compile builds once per case).
 step pointwise 180 python benchmarks/bench_pointwise.py --out "$OUT/bench_pointwise"
 step tests_pointwise 45 python -m pytest -q tests/test_pointwise.py -m gpu
-# Issue 16: the losses' fixed cost at the sizes a step uses: info_nce at B = 24, 256, 1,024 (with and without hard
+# The losses' fixed cost at the sizes a step uses: info_nce at B = 24, 256, 1,024 (with and without hard
 # negatives) and linear_cross_entropy at 256 to 4,096 rows of the 3B head; moca (dense engine), moca-tiled, dense
 # torch, compiled, Inf-CL, Liger, CCE; CUDA-graph replay beside each eager call. ONLY="loss_overhead tests_loss_overhead".
 step loss_overhead 240 python benchmarks/loss_overhead.py --out "$OUT"
