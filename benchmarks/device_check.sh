@@ -4,7 +4,7 @@
 # GPU tests of each.
 # Writes under $OUT (default ./device_check_out): one NAME.txt per step, bench*/results.{json,md}
 # (rewritten after every measured row) and summary.json (rewritten after every step: exit status
-# and seconds). A failing step does not stop the later ones; the limits sum to 1935 seconds; ONLY="STEP ..." runs some.
+# and seconds). A failing step does not stop the later ones; the limits sum to 2460 seconds; ONLY="STEP ..." runs some.
 # Usage: OUT=/some/dir bash benchmarks/device_check.sh
 #        OUT=/some/dir ONLY="bench_linear_ce tests_linear_ce" bash benchmarks/device_check.sh   # some steps
 set -uo pipefail
@@ -102,6 +102,16 @@ step attention_designs 390 python benchmarks/bench_attention.py --out "$OUT/benc
     --providers moca moca-fwd-wide moca-fwd-short moca-tma moca-bwd-atomic moca-bwd-split moca-flash \
     varlen-attn flash-attn flex
 step tests_attention 60 python -m pytest -q tests/test_varlen_attention.py -m gpu
+# The fused pointwise ops (RMSNorm, rotary, SwiGLU) at the 3B shape against eager transformers code,
+# torch.compile and Liger-Kernel (wheel in .whl/), GB/s forward and backward; then their bf16 GPU test.
+# ONLY="pointwise tests_pointwise" (about 3 minutes; torch.compile builds once per case).
+step pointwise 180 python benchmarks/bench_pointwise.py --out "$OUT/bench_pointwise"
+step tests_pointwise 45 python -m pytest -q tests/test_pointwise.py -m gpu
+# The losses' fixed cost at the sizes a step uses: info_nce at B = 24, 256, 1,024 (with and without hard
+# negatives) and linear_cross_entropy at 256 to 4,096 rows of the 3B head; moca (dense engine), moca-tiled, dense
+# torch, compiled, Inf-CL, Liger, CCE; CUDA-graph replay beside each eager call. ONLY="loss_overhead tests_loss_overhead".
+step loss_overhead 240 python benchmarks/loss_overhead.py --out "$OUT"
+step tests_loss_overhead 60 python -m pytest -q tests/test_loss_fixed_cost.py -m gpu
 
 cat "$OUT/summary.json"
 for table in "$OUT"/bench*/results.md; do

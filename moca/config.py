@@ -79,6 +79,8 @@ class ModelConfig:
                                "(else the preset with random weights)")
     preset: str = setting("tiny", "shape with random weights when no path is given: tiny (byte tokenizer), 3b, 7b")
     gradient_checkpointing: bool = setting(False, "recompute each decoder layer's activations in the backward")
+    fused_pointwise: bool = setting(False, "RMSNorm, rotary embedding and SwiGLU through moca's fused Triton kernels "
+                                    "(moca_kernels.pointwise; off until a GPU run shows them ahead)")
 
 
 @dataclass

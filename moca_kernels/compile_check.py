@@ -41,6 +41,7 @@ MAX_MMA_RATIO = 1.05
 
 
 INFO_NCE_INTS = ("n_rows", "n_cols", "dim", "cols_per_split", "col_offset", "size_class")
+POINTWISE_INTS = ("rows_per_program", "n")
 
 
 def _signature(kernel, pointers: dict[str, str]) -> dict[str, str]:
@@ -49,9 +50,9 @@ def _signature(kernel, pointers: dict[str, str]) -> dict[str, str]:
     for name in kernel.arg_names:
         if name in pointers:
             sig[name] = pointers[name]
-        elif name.startswith("stride") or name == "total" or name in INFO_NCE_INTS:
+        elif name.startswith("stride") or name == "total" or name in INFO_NCE_INTS + POINTWISE_INTS:
             sig[name] = "i32"
-        elif name.endswith("scale"):
+        elif name.endswith("scale") or name == "eps":
             sig[name] = "fp32"
         else:
             sig[name] = "constexpr"
@@ -120,6 +121,38 @@ def variants(quick: bool) -> list[dict]:
                                             BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_DLSE=True),
                             warps=4, stages=1, dtype=dtype, dots=False))
     out += info_nce_variants(quick)
+    out += pointwise_variants(quick)
+    return out
+
+
+def pointwise_variants(quick: bool) -> list[dict]:
+    """The fused pointwise kernels (``moca_kernels.pointwise``) at the Qwen2.5-VL-3B shapes as the
+    launchers configure them: RMSNorm over 2,048 (language) and 1,280 (vision) columns, with and
+    without the residual, rotary embedding of 16 query and 2 key heads of dim 128 with M-RoPE
+    sections [16, 24, 24] (forward and transposed), SwiGLU; bf16, and in full mode float32."""
+    import triton
+
+    from .pointwise import triton_kernels as pk
+    out = []
+    for dtype in ("bf16",) if quick else ("bf16", "fp32"):
+        dt = "*" + dtype
+        common = dict(module="moca_kernels.pointwise.triton_kernels", dtype=dtype, dots=False, stages=1)
+        blocks = sorted({triton.next_power_of_2(hidden) for hidden in (2048, 1280)})  # one kernel serves both
+        for block, flag in itertools.product(blocks, (False, True)):
+            out.append(dict(kernel="_rms_norm_fwd_kernel", warps=pk._warps(block), **common,
+                            pointers=dict(X=dt, R=dt, W=dt, Y=dt, S=dt, RSTD="*fp32"),
+                            constexprs=dict(HAS_RESIDUAL=flag, BLOCK_N=block)))
+            out.append(dict(kernel="_rms_norm_bwd_kernel", warps=pk._warps(block), **common,
+                            pointers=dict(DY=dt, DS=dt, S=dt, W=dt, RSTD="*fp32", DX=dt, DW_PART="*fp32"),
+                            constexprs=dict(HAS_DS=flag, BLOCK_N=block)))
+        for transpose in (False, True):
+            out.append(dict(kernel="_rotary_kernel", warps=4, **common,
+                            pointers=dict(Q=dt, K=dt, COS=dt, SIN=dt, QO=dt, KO=dt),
+                            constexprs=dict(HQ=16, HK=2, HALF=64, S0=16, S1=24, BLOCK_HQ=16, BLOCK_HK=2, BLOCK_D=64,
+                                            TRANSPOSE=transpose)))
+        for kernel, pointers in (("_swiglu_fwd_kernel", dict(GATE=dt, UP=dt, OUT=dt)),
+                                 ("_swiglu_bwd_kernel", dict(DOUT=dt, GATE=dt, UP=dt, DGATE=dt, DUP=dt))):
+            out.append(dict(kernel=kernel, warps=8, pointers=pointers, constexprs=dict(BLOCK=2048), **common))
     return out
 
 

@@ -74,7 +74,7 @@ def needs() -> list[str]:
 def report() -> str:
     lines = versions() + [""] + needs() + [""]
     for name in (ENV_VAR, "MOCA_KERNELS_TMA", "MOCA_KERNELS_AUTOTUNE", "MOCA_KERNELS_ATTENTION_FWD",
-                 "MOCA_KERNELS_ATTENTION_BWD", "TRITON_INTERPRET"):
+                 "MOCA_KERNELS_ATTENTION_BWD", "MOCA_KERNELS_DENSE_MAX_BYTES", "TRITON_INTERPRET"):
         lines.append(f"{name}={os.environ.get(name, '')!r}")
     for name, entry in REGISTRY.items():
         lines.append("")

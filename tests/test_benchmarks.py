@@ -315,3 +315,36 @@ def test_train_step_benchmark_compares_like_with_like(tmp_path):
             assert rows[0]["real_tokens"] == rows[1]["real_tokens"]
         else:
             assert rows[0]["real_tokens"] == rows[1]["real_tokens"] and rows[1]["padded_tokens"] > 0
+
+
+def test_pointwise_list_shows_cases_and_providers():
+    import bench_pointwise
+    result = _bench("--list", script="bench_pointwise.py")
+    assert result.returncode == 0, result.stderr
+    for name in bench_pointwise.CASES + list(bench_pointwise.PROVIDERS):
+        assert name in result.stdout
+    # 12,800 x 11,008 bf16: gate and up read, the product written (forward)
+    assert "case swiglu-3b: {'op': 'swiglu', 'tokens': 12800, 'intermediate': 11008}, forward moves 806 MiB" \
+        in result.stdout
+
+
+@pytest.mark.parametrize("spec", [dict(op="rmsnorm", tokens=7, hidden=24, residual=False),
+                                  dict(op="rmsnorm", tokens=7, hidden=24, residual=True),
+                                  dict(op="rope", tokens=5, heads=3, head_dim=8),
+                                  dict(op="swiglu", tokens=3, intermediate=20)])
+def test_pointwise_providers_compute_the_same(spec, device, monkeypatch):
+    import bench_pointwise
+    monkeypatch.setenv("MOCA_KERNELS_BACKEND", "triton")  # moca's kernels (the interpreter on CPU)
+    x = bench_pointwise.make_case("tiny", torch.float32, str(device), spec).inputs()
+    results = []
+    for provider in ("moca", "eager"):
+        forward, leaves = bench_pointwise.PROVIDERS[provider].setup(x)
+        out = forward()
+        if spec["op"] == "rope" and provider == "eager":  # the (1, H, L, D) view the attention hands over
+            out = out[0].transpose(0, 1)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out) * torch.arange(out.shape[-1]).to(out))
+        results.append((out, grads))
+    (out, grads), (want, want_grads) = results
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

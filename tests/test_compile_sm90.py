@@ -46,3 +46,5 @@ def test_kernels_compile_for_sm90():
         assert ratio <= compile_check.MAX_MMA_RATIO and "HMMA" not in line, line
         if ", default]" in line:  # the candidate used without autotuning
             assert " 0 B spilled" in line, line
+    pointwise = [line for line in lines if re.match(r"_(rms_norm|rotary|swiglu)_", line)]
+    assert len(pointwise) == 8 and all(" 0 B spilled" in line for line in pointwise), pointwise

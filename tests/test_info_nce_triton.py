@@ -11,6 +11,12 @@ from moca_kernels.info_nce import op as info_nce_op
 from moca_kernels.info_nce import triton_kernels as tk
 
 
+@pytest.fixture(autouse=True)
+def tiled(monkeypatch):
+    """These tests are about the tiled kernels: small problems must not take the dense engine
+    (tests/test_loss_fixed_cost.py checks that one)."""
+    monkeypatch.setenv("MOCA_KERNELS_DENSE_MAX_BYTES", "0")
+
 def make(batch, m, k, dim, seed, dtype, device, duplicate_labels=False):
     gen = torch.Generator().manual_seed(seed)
     leaf = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_()  # noqa: E731

@@ -14,6 +14,13 @@ def dense(hidden, weight, labels, bias, reduction, ignore_index=-100):
     return torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
 
+
+@pytest.fixture(autouse=True)
+def tiled(monkeypatch):
+    """These tests are about the tiled kernels: small problems must not take the dense engine
+    (tests/test_loss_fixed_cost.py checks that one)."""
+    monkeypatch.setenv("MOCA_KERNELS_DENSE_MAX_BYTES", "0")
+
 def make(n, v, h, dtype, device, seed, with_bias=True, ignored_every=5):
     gen = torch.Generator().manual_seed(seed)
     leaf = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(device, dtype).requires_grad_()  # noqa: E731,E501

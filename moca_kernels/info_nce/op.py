@@ -77,19 +77,25 @@ info_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _info_nce_triton(query, docs, labels, temperature, hard, symmetric, normalize, reduction):
+    """The Triton path without a host synchronization: labels and a tensor temperature are checked
+    on the device, a bad one turning the losses it touches into NaN (never an out-of-range read)."""
     if hard is None:
         hard = query.new_empty(query.shape[0], 0, query.shape[1])
     if isinstance(temperature, torch.Tensor):
-        inv_t = 1.0 / temperature.to(device=query.device, dtype=torch.float32)
-    else:
-        inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32, device=query.device)
-    losses = info_nce_fwd(query, docs, hard, labels, inv_t, symmetric, normalize)[0]
+        t = temperature.to(device=query.device, dtype=torch.float32)
+        inv_t = torch.where(t > 0, 1.0 / t, float("nan"))
+    else:  # a fill, not a copy from host memory (which would wait for the stream)
+        inv_t = torch.full((), 1.0 / temperature, dtype=torch.float32, device=query.device)
+    safe = labels.clamp(0, docs.shape[0] - 1)
+    losses = info_nce_fwd(query, docs, hard, safe, inv_t, symmetric, normalize)[0]
+    losses = losses.masked_fill(safe != labels, float("nan"))
     if reduction == "none":
         return losses
     return losses.sum() if reduction == "sum" else losses.mean()
 
 
 def _check(query, docs, labels, hard_negatives, temperature, reduction) -> None:
+    """Shapes, dtypes, devices, and a float temperature: checks that read no tensor's values."""
     check_float_matrix("query", query)
     check_float_matrix("docs", docs)
     batch, dim = query.shape
@@ -114,25 +120,30 @@ def _check(query, docs, labels, hard_negatives, temperature, reduction) -> None:
         raise ValueError(f"labels must be int64 of shape ({batch},), got {got}")
     if labels.device != query.device:
         raise ValueError(f"labels is on {labels.device} but query is on {query.device}")
-    if bool(((labels < 0) | (labels >= docs.shape[0])).any()):
-        raise ValueError(f"labels must index docs (0 <= label < {docs.shape[0]})")
     if isinstance(temperature, torch.Tensor):
         if temperature.dim() != 0 or not temperature.dtype.is_floating_point:
             raise ValueError(f"temperature must be a float or a 0-dim floating tensor, got {tuple(temperature.shape)} "
                              f"{temperature.dtype}")
-        value = float(temperature.detach())
-    else:
-        value = float(temperature)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"temperature must be positive and finite, got {value}")
+    elif not (float(temperature) > 0 and math.isfinite(float(temperature))):
+        raise ValueError(f"temperature must be positive and finite, got {float(temperature)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_values(docs, labels, temperature) -> None:
+    """The checks that read tensor values (a host synchronization on a GPU): the torch backend's."""
+    if bool(((labels < 0) | (labels >= docs.shape[0])).any()):
+        raise ValueError(f"labels must index docs (0 <= label < {docs.shape[0]})")
+    if isinstance(temperature, torch.Tensor):
+        value = float(temperature.detach())
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"temperature must be positive and finite, got {value}")
 
 
 def info_nce(query: torch.Tensor, docs: torch.Tensor, *, temperature: float | torch.Tensor = 0.03,
              labels: torch.Tensor | None = None, hard_negatives: torch.Tensor | None = None, symmetric: bool = False,
              normalize: bool = True, reduction: str = "mean", backend: str | None = None) -> torch.Tensor:
-    """InfoNCE with in-batch and hard negatives, never holding the (B, M) score matrix.
+    """InfoNCE with in-batch and hard negatives, holding the (B, M) score matrix only where it is small.
 
     Args:
         query: ``(B, d)``. docs: ``(M, d)`` candidates shared by every query.
@@ -147,6 +158,12 @@ def info_nce(query: torch.Tensor, docs: torch.Tensor, *, temperature: float | to
 
     The loss of query i is ``logsumexp(s(i, docs) ++ s(i, hard_negatives[i])) - s(i, docs[labels[i]])``
     with ``s = score / temperature``. Differentiable in every tensor input.
+
+    The Triton backend reads no tensor value on the host (no synchronization): a label outside
+    ``[0, M)`` makes that query's loss NaN, and a tensor temperature that is not positive makes
+    every loss NaN, where the torch backend raises ``ValueError``. It computes score matrices of
+    up to ``moca_kernels._dense_lse.DENSE_MAX_BYTES`` (64 MiB of float32) densely with cuBLAS, the
+    larger ones tile by tile.
     """
     if labels is None and isinstance(query, torch.Tensor) and isinstance(docs, torch.Tensor) \
             and query.dim() == 2 and docs.dim() == 2:
@@ -157,4 +174,5 @@ def info_nce(query: torch.Tensor, docs: torch.Tensor, *, temperature: float | to
     _check(query, docs, labels, hard_negatives, temperature, reduction)
     if select_backend(OP, backend, query.device, query.dtype) == "triton":
         return _info_nce_triton(query, docs, labels, temperature, hard_negatives, symmetric, normalize, reduction)
+    _check_values(docs, labels, temperature)
     return info_nce_reference(query, docs, labels, temperature, hard_negatives, symmetric, normalize, reduction)

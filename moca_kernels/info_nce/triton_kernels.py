@@ -7,25 +7,39 @@ once (8 * B * M * d FLOPs in all).
 the backward of the normalization is applied to the O((B + M) d) results. Hard negatives (B*K*d,
 private to their query) are scored in float32 PyTorch, a row chunk at a time. Temporaries stay
 within ``SCRATCH_FRACTION`` of the inputs plus their gradients, so that peak memory stays near
-1.1x of that floor at every batch size.
+1.1x of that floor at every batch size. Score matrices within ``_dense_lse.DENSE_MAX_BYTES``
+take the dense engine instead (one cuBLAS product each way, a few launches in all).
 """
 from __future__ import annotations
 
 import torch
 
-from .._tiled_lse import _remove_radial, _row_chunks, backward_products, forward_lse, scratch_budget
+from .. import _dense_lse, _tiled_lse
+from .._tiled_lse import _remove_radial, _row_chunks, scratch_budget
 
 # Temporaries (partial LSEs, E, float32 accumulators) may take this fraction of the bytes of the
 # inputs plus their gradients. Tests lower it to force many chunks on small problems.
 SCRATCH_FRACTION = 0.1
 
 
+def _plan(batch: int, m: int, budget: int):
+    """(engine, bytes for the O(rows * d) temporaries of the row loops: inverse norms, hard
+    negatives, the normalization's backward). A problem the dense engine takes is small by
+    definition: its row loops run in one chunk instead of many tiny ones of a few launches each."""
+    if _dense_lse.fits(batch, m):
+        return _dense_lse, 1 << 62
+    return _tiled_lse, budget
+
+
 def inverse_norms(x: torch.Tensor, normalize: bool, budget: int) -> torch.Tensor:
     """float32 1/||x|| over the last dimension (ones when not normalizing), a chunk at a time."""
     flat = x.reshape(-1, x.shape[-1])
+    rows = max(1, budget // max(1, 4 * x.shape[-1]))
+    if normalize and rows >= flat.shape[0]:  # one chunk: three launches, no copy
+        norm = torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32)
+        return norm.clamp_min_(1e-12).reciprocal_().reshape(x.shape[:-1])  # normalize's eps
     out = torch.ones(flat.shape[0], dtype=torch.float32, device=x.device)
     if normalize:
-        rows = max(1, budget // max(1, 4 * x.shape[-1]))
         for r0, r1 in _row_chunks(flat.shape[0], rows):
             norm = torch.linalg.vector_norm(flat[r0:r1].float(), dim=-1)
             out[r0:r1] = 1.0 / norm.clamp_min(1e-12)  # torch.nn.functional.normalize's eps
@@ -43,12 +57,13 @@ def forward(q, docs, hard, labels, inv_t, symmetric: bool, normalize: bool):
     (M,) (empty unless symmetric) and the inverse norms of q, docs and hard."""
     batch, dim = q.shape
     budget = scratch_budget(SCRATCH_FRACTION, q, docs, hard)
-    rq, rk = inverse_norms(q, normalize, budget), inverse_norms(docs, normalize, budget)
-    rh = inverse_norms(hard, normalize, budget)
-    row_lse, pos, col_lse = forward_lse(q, docs, rq, rk, None, labels, inv_t, symmetric, budget)
+    engine, rows_budget = _plan(batch, docs.shape[0], budget)
+    rq, rk = inverse_norms(q, normalize, rows_budget), inverse_norms(docs, normalize, rows_budget)
+    rh = inverse_norms(hard, normalize, rows_budget)
+    row_lse, pos, col_lse = engine.forward_lse(q, docs, rq, rk, None, labels, inv_t, symmetric, budget)
     if hard.shape[1]:
         per_row = 4 * hard.shape[1] * dim * 2 + 4 * dim
-        for r0, r1 in _row_chunks(batch, max(1, budget // per_row)):
+        for r0, r1 in _row_chunks(batch, max(1, rows_budget // per_row)):
             scores = _hard_scores(q[r0:r1], hard[r0:r1], rq[r0:r1], rh[r0:r1], inv_t)
             row_lse[r0:r1] = torch.logaddexp(row_lse[r0:r1], torch.logsumexp(scores, 1))
     loss = row_lse - pos
@@ -67,12 +82,14 @@ def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, s
     if symmetric:
         col_w.index_add_(0, labels, row_w)
     budget = scratch_budget(SCRATCH_FRACTION, q, docs, hard)
-    dq, ddocs, _, part = backward_products(q, docs, rq, rk, None, labels, inv_t, row_lse, row_w, grad, col_lse,
-                                           col_w, symmetric, normalize, budget)
+    engine, rows_budget = _plan(batch, m, budget)
+    dq, ddocs, _, part = engine.backward_products(q, docs, rq, rk, None, labels, inv_t, row_lse, row_w, grad,
+                                                  col_lse, col_w, symmetric, normalize, budget)
     dinv_t = part / inv_t.reshape(())
     dhard = torch.empty_like(hard)
     if k:  # the hard negatives' share of the query gradient, and theirs
-        for r0, r1 in _row_chunks(batch, max(1, budget // (4 * dim * (4 + 5 * k)))):  # float32 temporaries
+        per_row = 4 * dim * (4 + 5 * k)  # float32 temporaries
+        for r0, r1 in _row_chunks(batch, max(1, rows_budget // per_row)):
             unit_q = q[r0:r1].to(torch.float32, copy=True)
             unit_q *= rq[r0:r1, None]
             unit_h = hard[r0:r1].to(torch.float32, copy=True)
@@ -90,5 +107,5 @@ def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, s
             dhard[r0:r1] = grad_h
             del unit_q, unit_h, grad_q, grad_h  # before the next chunk allocates its own
     if normalize:
-        _remove_radial(dq, q, rq, budget // (8 * dim))
+        _remove_radial(dq, q, rq, rows_budget // (8 * dim))
     return dq.to(q.dtype), ddocs, dhard, dinv_t.reshape(inv_t.shape)

@@ -21,8 +21,9 @@ def _triton_impl():
 @torch.library.custom_op("moca::linear_cross_entropy_fwd", mutates_args=())
 def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: (per-row losses (N,), row log-sum-exp (N,)), float32. Every label indexes
-    the vocabulary (ignored rows are dropped before)."""
+    """Triton forward: (per-row losses (N,), row log-sum-exp (N,)), float32. A label of -1 (an
+    ignored row) matches no column: the row's loss is its log-sum-exp, and it receives no gradient
+    where its upstream gradient is 0."""
     hidden, weight = last_dim_contiguous(hidden), last_dim_contiguous(weight)
     with torch.cuda.device_of(hidden):
         return _triton_impl().forward(hidden, weight, bias.contiguous() if bias is not None else None, labels)
@@ -70,6 +71,7 @@ linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_conte
 
 
 def _check(hidden, weight, labels, bias, ignore_index, reduction) -> None:
+    """Shapes, dtypes and devices: checks that read no tensor's values."""
     check_float_matrix("hidden", hidden)
     check_float_matrix("weight", weight)
     n, h = hidden.shape
@@ -93,19 +95,23 @@ def _check(hidden, weight, labels, bias, ignore_index, reduction) -> None:
         raise ValueError(f"labels must be int64 of shape ({n},), got {got}")
     if labels.device != hidden.device:
         raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
-    bad = ((labels < 0) | (labels >= weight.shape[0])) & (labels != ignore_index)
-    if bool(bad.any()):
-        raise ValueError(f"labels must index the vocabulary (0 <= label < {weight.shape[0]}) or equal "
-                         f"ignore_index={ignore_index}; found {int(labels[bad][0])}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_labels(labels, vocab: int, ignore_index: int) -> None:
+    """The torch backend's check of the label values (a host synchronization on a GPU)."""
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(bad.any()):
+        raise ValueError(f"labels must index the vocabulary (0 <= label < {vocab}) or equal "
+                         f"ignore_index={ignore_index}; found {int(labels[bad][0])}")
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          backend: str | None = None) -> torch.Tensor:
-    """Cross-entropy of the logits ``hidden @ weight.T (+ bias)`` against ``labels``, without ever
-    holding the ``(N, V)`` logits.
+    """Cross-entropy of the logits ``hidden @ weight.T (+ bias)`` against ``labels``, holding the
+    ``(N, V)`` logits only where they are small (a few rows).
 
     Args:
         hidden: ``(N, H)``. weight: ``(V, H)``, the LM head (it may be tied to the input
@@ -115,21 +121,24 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             ignored), "sum", or "none" (``(N,)``, 0 for ignored rows).
 
     Returns float32 (float64 for float64 inputs on the torch backend); differentiable in hidden,
-    weight and bias. Ignored rows are dropped before the kernels run (one host sync).
+    weight and bias.
+
+    The Triton backend reads no tensor value on the host (no synchronization): ignored rows are
+    computed with the others and dropped from the result (callers with many ignored rows select
+    the counted rows first, as MoCa's MLM head does), and a label that is neither a vocabulary
+    index nor ``ignore_index`` makes its row's loss NaN, where the torch backend raises
+    ``ValueError``. Rows whose float32 logits fit ``moca_kernels._dense_lse.DENSE_MAX_BYTES`` are
+    computed densely with cuBLAS, larger ones tile by tile.
     """
     _check(hidden, weight, labels, bias, ignore_index, reduction)
     if select_backend(OP, backend, hidden.device, hidden.dtype) == "torch":
+        _check_labels(labels, weight.shape[0], ignore_index)
         return linear_cross_entropy_reference(hidden, weight, labels, bias, ignore_index, reduction)
     valid = labels != ignore_index
-    if bool(valid.all()):
-        index, rows, kept = None, hidden, labels
-    else:
-        index = valid.nonzero().squeeze(1)
-        rows, kept = hidden.index_select(0, index), labels[index]
-    losses = linear_cross_entropy_fwd(rows, weight, bias, kept)[0]
+    ok = valid & (labels.clamp(0, weight.shape[0] - 1) == labels)
+    losses = linear_cross_entropy_fwd(hidden, weight, bias, torch.where(ok, labels, -1))[0]  # -1 matches no column
+    losses = torch.where(ok, losses, torch.where(valid, float("nan"), 0.0))
     if reduction == "none":
-        if index is None:
-            return losses
-        return torch.zeros(hidden.shape[0], dtype=losses.dtype, device=hidden.device).index_put((index,), losses)
+        return losses
     total = losses.sum()
-    return total if reduction == "sum" else total / max(1, kept.numel())
+    return total if reduction == "sum" else total / valid.sum().clamp_min(1)

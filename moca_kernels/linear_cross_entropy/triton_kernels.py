@@ -5,12 +5,14 @@ logits never stored; the backward recomputes each tile once into dLoss/dlogits a
 products give the gradients. The weight gradient accumulates in float32 over all rows of a
 vocabulary chunk before it is written; the hidden gradient in float32 where it fits half the
 scratch budget (N * H * 4 bytes), else in the input dtype with one rounding per vocabulary chunk.
+A few rows whose (N, V) float32 logits fit ``_dense_lse.DENSE_MAX_BYTES`` take the dense engine.
 """
 from __future__ import annotations
 
 import torch
 
-from .._tiled_lse import backward_products, forward_lse, scratch_budget
+from .. import _dense_lse, _tiled_lse
+from .._tiled_lse import scratch_budget
 
 # Temporaries may take this fraction of the bytes of hidden and weight plus their gradients.
 SCRATCH_FRACTION = 0.1
@@ -24,8 +26,9 @@ def forward(hidden, weight, bias, labels):
     """(per-row losses (N,) float32, row log-sum-exp (N,) float32). Every label indexes weight."""
     budget = scratch_budget(SCRATCH_FRACTION, hidden, weight)
     one = torch.ones((), dtype=torch.float32, device=hidden.device)
-    lse, target, _ = forward_lse(hidden, weight, _ones(hidden.shape[0], hidden.device),
-                                 _ones(weight.shape[0], hidden.device), bias, labels, one, False, budget)
+    engine = _dense_lse if _dense_lse.fits(hidden.shape[0], weight.shape[0]) else _tiled_lse
+    lse, target, _ = engine.forward_lse(hidden, weight, _ones(hidden.shape[0], hidden.device),
+                                        _ones(weight.shape[0], hidden.device), bias, labels, one, False, budget)
     return lse - target, lse
 
 
@@ -38,7 +41,8 @@ def backward(grad, hidden, weight, bias, labels, lse):
     budget = scratch_budget(SCRATCH_FRACTION, hidden, weight)
     one = torch.ones((), dtype=torch.float32, device=hidden.device)
     no_columns = torch.zeros(v, dtype=torch.float32, device=hidden.device)
-    dh, dw, db, _ = backward_products(hidden, weight, _ones(n, hidden.device), _ones(v, hidden.device), bias, labels,
-                                      one, lse, grad, grad, no_columns, no_columns, False, False, budget,
-                                      want_bias_grad=bias is not None)
+    engine = _dense_lse if _dense_lse.fits(n, v) else _tiled_lse
+    dh, dw, db, _ = engine.backward_products(hidden, weight, _ones(n, hidden.device), _ones(v, hidden.device), bias,
+                                             labels, one, lse, grad, grad, no_columns, no_columns, False, False,
+                                             budget, want_bias_grad=bias is not None)
     return dh.to(hidden.dtype), dw, db.to(bias.dtype) if bias is not None else None
