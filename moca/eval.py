@@ -221,7 +221,8 @@ def evaluate(encoder, paths: list[str], strict: bool = False, log=print, query_p
             place.append(keys[key])
         places.append(place)  # the query's (role, row), then its pool's
     log(f"{len(records)} queries, {sum(map(len, unique.values()))} distinct inputs to embed")
-    parts = {role: encoder.encode(sides, prompt=prompts[role]) for role, sides in unique.items() if sides}
+    parts = {role: encoder.encode(sides, **({"prompt": prompts[role]} if prompts[role] else {}))
+             for role, sides in unique.items() if sides}
     offset = {"document": 0, "query": len(unique["document"])}
     embeddings = torch.cat([parts[role] for role in ("document", "query") if role in parts])
     places = [[offset[role] + row for role, row in place] for place in places]
