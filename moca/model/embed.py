@@ -29,6 +29,7 @@ from moca_kernels import info_nce
 from moca_kernels.info_nce.distributed import all_gather_with_grad
 from moca_kernels.varlen import segment_mean
 
+from ..profiling import nvtx
 from .qwen import freeze_lm_head, packed_hidden, set_causal
 
 ATTENTIONS, POOLINGS = ("bidirectional", "causal"), ("mean", "last")
@@ -146,24 +147,29 @@ def contrastive_step(embedder: MocaEmbedder, queries: list[Encoded], positives: 
         return emb[:b], emb[b:2 * b], emb[2 * b:].reshape(b, k, -1) if k else None
 
     if not grad_cache:
-        q, p, n = split(embed_documents(embedder, docs, image_token_id, token_budget, device, autocast))
-        loss = embedder.loss(q, p, n)
+        with nvtx("forward"):
+            q, p, n = split(embed_documents(embedder, docs, image_token_id, token_budget, device, autocast))
+            loss = embedder.loss(q, p, n)
         check_finite(loss)
-        loss.backward()
+        with nvtx("backward"):
+            loss.backward()
     else:
         plan = _plan(embedder, docs, token_budget, device)  # the same rows for both passes
-        with torch.no_grad():
+        with nvtx("forward"), torch.no_grad():
             cached = embed_documents(embedder, docs, image_token_id, token_budget, device, autocast, plan)
         cached.requires_grad_(True)
         q, p, n = split(cached)
-        loss = embedder.loss(q, p, n)
+        with nvtx("forward"):
+            loss = embedder.loss(q, p, n)
         check_finite(loss)
-        loss.backward()  # the gradient of every embedding (and of the temperature)
-        rows, _, padding = plan
-        for row in rows:  # again with a graph, one packed row at a time
-            _embed_row(embedder, [docs[i] for i in row], image_token_id, device, autocast).backward(cached.grad[row])
-        for _ in range(padding):
-            _padding_row(embedder, device, autocast).backward()
+        with nvtx("backward"):  # the second pass's forwards count here: they run for the backward
+            loss.backward()  # the gradient of every embedding (and of the temperature)
+            rows, _, padding = plan
+            for row in rows:  # again with a graph, one packed row at a time
+                _embed_row(embedder, [docs[i] for i in row], image_token_id, device, autocast).backward(
+                    cached.grad[row])
+            for _ in range(padding):
+                _padding_row(embedder, device, autocast).backward()
     accuracy = embedder.accuracy(q.detach(), p.detach(), None if n is None else n.detach())
     return dict(loss=loss.detach(), accuracy=accuracy,
                 temperature=embedder.temperature().item())
