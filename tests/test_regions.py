@@ -261,3 +261,18 @@ def test_the_3b_shape_at_the_authors_budget():
 def test_bad_recompute_settings_are_refused(bad):
     with pytest.raises(ValueError, match="model.recompute"):
         regions.parse_recompute(bad)
+
+
+def test_prepare_prints_its_choice_and_the_settings_are_checked(cpt):
+    from moca.config import Config
+    lines = []
+    module, cpu = copy.deepcopy(cpt), torch.device("cpu")
+    assert regions.prepare(module, module.model.config, "auto", False, 1024, cpu, lines.append) == "none"
+    assert lines == ["recompute=auto -> no device memory limit known (CPU): no recomputation"]
+    assert regions.prepare(module, module.model.config, "every-3", False, 1024, cpu, lines.append) == "every-3"
+    assert lines[-1] == "recompute=every-3: 1 regions recompute in the backward"
+    Config().update({"recompute": "selective", "compile": "true"}).validate()
+    with pytest.raises(ValueError, match="model.recompute must be one of"):
+        Config().update({"recompute": "every-x"}).validate()
+    with pytest.raises(ValueError, match="gradient_checkpointing=true means recompute=full"):
+        Config().update({"gradient_checkpointing": True, "recompute": "selective"}).validate()

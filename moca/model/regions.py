@@ -225,14 +225,12 @@ def choose_recompute(shape: Shape, tokens: int, memory: int | None, state: int, 
     if memory is None:
         return "none", "no device memory limit known (CPU): no recomputation"
     free = headroom * memory - state
-    for mode in ("none", "selective", "full"):
-        need = activation_bytes(shape, tokens, mode, image_share)
-        if need <= free or mode == "full":
-            fits = "fits" if need <= free else "does not fit either; the largest saving"
-            return mode, (f"{mode}: estimated activations {need / 2**30:.1f} GiB for {tokens} tokens {fits} in "
-                          f"{free / 2**30:.1f} GiB ({headroom:.0%} of {memory / 2**30:.0f} GiB less "
-                          f"{state / 2**30:.1f} GiB of weights, gradients and AdamW state)")
-    raise AssertionError("unreachable")
+    mode = next((m for m in ("none", "selective") if activation_bytes(shape, tokens, m, image_share) <= free), "full")
+    need = activation_bytes(shape, tokens, mode, image_share)
+    fits = "fits" if need <= free else "does not fit either; the largest saving"
+    return mode, (f"{mode}: estimated activations {need / 2**30:.1f} GiB for {tokens} tokens {fits} in "
+                  f"{free / 2**30:.1f} GiB ({headroom:.0%} of {memory / 2**30:.0f} GiB less {state / 2**30:.1f} GiB "
+                  "of weights, gradients and AdamW state)")
 
 
 def prepare(module: nn.Module, model_config, recompute: str, compile: bool, token_budget: int,
