@@ -115,8 +115,9 @@ def _walk(event) -> Iterator:
 def summarize(events, cuda: bool, step_wall_ms: float, top: int = 15) -> dict:
     """The breakdown of one profiled step's ``events`` (``profile.events()``); ``step_wall_ms``:
     the step's wall time."""
-    roots = [e for e in events if e.cpu_parent is None]
-    total = sum(_device_self(e, cuda) for e in events if e.device_type != torch.autograd.DeviceType.CUDA) / 1e3
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]  # kernels count through them
+    roots = [e for e in host if e.cpu_parent is None]
+    total = sum(_device_self(e, cuda) for e in host) / 1e3
     phases = defaultdict(lambda: dict(host_ms=0.0, device_ms=0.0))
     classes = defaultdict(float)
     by_sequence: dict[tuple[int, int], str] = {}
@@ -159,7 +160,7 @@ def summarize(events, cuda: bool, step_wall_ms: float, top: int = 15) -> dict:
             for k in e.kernels:
                 kernels[k.name][0] += k.duration / 1e3
                 kernels[k.name][1] += 1
-        elif e.device_type != torch.autograd.DeviceType.CUDA and not e.name.startswith(_PREFIX) \
+        elif e.device_type == torch.autograd.DeviceType.CPU and not e.name.startswith(_PREFIX) \
                 and e.name not in PHASES and not e.name.startswith("autograd::engine") and e.self_cpu_time_total:
             kernels[e.name][0] += e.self_cpu_time_total / 1e3
             kernels[e.name][1] += 1

@@ -59,9 +59,12 @@ def test_a_backward_counts_with_its_forward_module_class_and_shares_sum_to_one()
     assert sum(p["share"] for p in phases.values()) == pytest.approx(1, abs=0.01)
     assert list(classes) == list(breakdown.CLASSES)
     assert sum(c["share"] for c in classes.values()) == pytest.approx(1, abs=0.01)
-    # the MLP's two products dominate, and its time exceeds the whole forward's: its backward
-    # (two more products per layer) counts with it, not in "other"
-    assert classes["mlp"]["share"] > 0.5 and classes["mlp"]["device_ms"] > phases["forward"]["device_ms"]
+    # the MLP's products dominate the forward and the backward, and its backward (two more
+    # products per layer) counts with it: nearly all of both phases is the MLP's; the
+    # optimizer's work (outside every module) is "other"
+    passes = phases["forward"]["device_ms"] + phases["backward"]["device_ms"]
+    assert classes["mlp"]["device_ms"] > 0.8 * passes and classes["mlp"]["device_ms"] > phases["forward"]["device_ms"]
+    assert classes["other"]["device_ms"] >= 0.95 * phases["optimizer"]["device_ms"]
     assert 0 < classes["attention"]["device_ms"] < classes["mlp"]["device_ms"] / 10
     kernels = [k["ms"] for k in found["top_kernels"]]
     assert kernels == sorted(kernels, reverse=True) and found["top_kernels"][0]["name"] in ("aten::mm", "aten::addmm")
