@@ -135,8 +135,12 @@ class ClStage:
                                    self.config.data.token_budget, self.parallel.device, self.config.cl.grad_cache,
                                    autocast)
         tokens = sum(d.ids.numel() for d in queries + positives + [n for per in negatives for n in per])
-        extras = dict(accuracy=round(out["accuracy"], 4), temperature=round(out["temperature"], 6))
-        return StepResult(dict(loss=out["loss"].item()), tokens, None, extras)
+        # one host sync a step: the loss (for the NaN guard and the log) with the logged extras
+        names = ("loss", "accuracy", "temperature")
+        loss, accuracy, temperature = torch.stack([out[k].float() for k in names]).tolist()
+        check_finite_values(dict(loss=loss))
+        extras = dict(accuracy=round(accuracy, 4), temperature=round(temperature, 6))
+        return StepResult(dict(loss=loss), tokens, None, extras)
 
     def close(self) -> None:
         self.stream.close()
