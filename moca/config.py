@@ -46,8 +46,8 @@ class RunConfig:
     profile_steps: str | None = setting(None, "A:B: cudaProfilerStart before step A, Stop after step B (Nsight)",
                                         resumable=True)
     strict: bool = setting(False, "stop at the first bad record instead of skipping it", resumable=True)
-    breakdown: bool = setting(False, "profile one logged step (the second) and print where its time went: phases, "
-                              "module classes, top kernels (moca.breakdown); also written to out/breakdown.json",
+    breakdown: bool = setting(False, "profile the second step this process runs and print where its time went: "
+                              "phases, module classes, top kernels (moca.breakdown); also out/breakdown.json",
                               resumable=True)
 
 
