@@ -24,8 +24,16 @@ the same FLOP count for both (moca.model.flops), peak memory, and the losses (bo
 positive, ``--hard-negatives`` such negatives), in pairs per second: moca's ``contrastive_step``
 (every side packed) against the authors' three padded forwards (queries, positives, negatives),
 mean pooling over the mask, dense logits and cross-entropy (``measure_cl``).
+moca's variants (``--providers``): ``moca`` (eager), ``moca-compiled`` (each decoder layer, vision
+block and the MAE decoder compiled: ``moca.model.regions``), ``moca-selective`` (selective
+recomputation instead of ``--recompute``, full by default) and ``moca-compiled-selective``.
+``--breakdown`` runs one more step under the profiler and reports where its time went (phases,
+module classes, top kernels: ``moca.breakdown``), in the table and in results.json.
+
 Usage:
     python benchmarks/bench_train_step.py --shape 3b --out DIR
+    python benchmarks/bench_train_step.py --shape 3b --docs 48 --providers moca moca-compiled \
+        moca-compiled-selective --breakdown --out DIR
     python benchmarks/bench_train_step.py --stage cl --shape 3b --pairs 24 --out DIR
     python benchmarks/bench_train_step.py --shape tiny --docs 16 --image-tokens 4 16 \
         --text-tokens 8 64 --max-doc-tokens 128 --token-budget 512     # a CPU smoke run
@@ -46,16 +54,23 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
+from moca import breakdown  # noqa: E402
 from moca.data.cpt import Encoded, collate, document_positions  # noqa: E402
 from moca.data.images import ROW  # noqa: E402
 from moca.data.masking import IGNORE, ROWS_PER_TOKEN  # noqa: E402
 from moca.data.packing import pack  # noqa: E402
 from moca.data.tokenizer import ByteTokenizer, Specials  # noqa: E402
+from moca.model import regions  # noqa: E402
 from moca.model.flops import cpt_step_flops, peak_bf16  # noqa: E402
 from moca.model.heads import MocaCPT  # noqa: E402
 from moca.model.qwen import PRESETS, QWEN_MASK_ID, QWEN_SPECIALS, build, enable_checkpointing  # noqa: E402
+from moca.profiling import nvtx  # noqa: E402
 
-PROVIDERS = ("moca", "authors")
+# moca's variants: eager, compiled regions (moca.model.regions), selective recomputation, both;
+# each with --recompute unless it names its own.
+VARIANTS = {"moca": (False, None), "moca-compiled": (True, None), "moca-selective": (False, "selective"),
+            "moca-compiled-selective": (True, "selective")}
+PROVIDERS = (*VARIANTS, "authors")
 PAD_TO = 32
 MAE_WEIGHT = 0.5
 
@@ -198,10 +213,28 @@ def _model(provider: str, args, device):
     """The shape with seeded random weights (bf16 on a GPU), on moca's attention or the authors'."""
     torch.manual_seed(0)
     model = build(args.shape, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device,
-                  attention="moca_varlen" if provider == "moca" else args.authors_attention)
-    if args.checkpointing:
+                  attention="moca_varlen" if provider in VARIANTS else args.authors_attention)
+    if args.checkpointing and provider == "authors":
         enable_checkpointing(model)
     return model
+
+
+def _prepare(provider: str, module, args, device) -> dict:
+    """moca's variant of ``provider`` applied to its stage module (recomputation, then compiled
+    regions); the settings it ran with, for its row."""
+    if provider not in VARIANTS:
+        return {}
+    compiled, recompute = VARIANTS[provider]
+    recompute = (recompute or args.recompute) if args.checkpointing else "none"
+    used = regions.prepare(module, module.model.config, recompute, compiled, args.token_budget, device)
+    return dict(recompute=used, compiled=compiled)
+
+
+def _breakdown(row: dict, step, module, device) -> None:
+    """One more step under the profiler (``moca.breakdown``): its table printed, the numbers in the row."""
+    found, _ = breakdown.measure(step, module, device)
+    row["breakdown"] = found
+    print(f"{row['provider']}:\n{breakdown.table(found)}", flush=True)
 
 
 def _timed(warm_up, step, repeats: int, device):
@@ -222,30 +255,35 @@ def _timed(warm_up, step, repeats: int, device):
 
 
 def measure(provider: str, args, docs, specials, device) -> dict:
-    if provider == "moca":
+    if provider in VARIANTS:
         batches = moca_batches(docs, specials, args.token_budget)
     else:
         batches = authors_batches(docs, specials, args.token_budget, args.max_doc_tokens)
     model = _model(provider, args, device)
-    module = (MocaCPT(model, MAE_WEIGHT) if provider == "moca" else AuthorsCPT(model)).to(device, model.dtype)
+    module = (MocaCPT(model, MAE_WEIGHT) if provider in VARIANTS else AuthorsCPT(model)).to(device, model.dtype)
+    variant = _prepare(provider, module, args, device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6, fused=device.type == "cuda")
     batches = [_to(b, device) for b in batches]
 
     def step(chosen):
         sums = defaultdict(float)
         for b in chosen:
-            out = module(b)
-            out["loss"].backward()
+            with nvtx("forward"):
+                out = module(b)
+            with nvtx("backward"):
+                out["loss"].backward()
             for k in ("loss", "mlm_loss", "mae_loss"):
                 sums[k] += out[k].detach()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with nvtx("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return {k: float(v) / len(chosen) for k, v in sums.items()}
 
     seconds, times, losses = _timed(lambda: step(batches[:2]), lambda: step(batches), args.repeats, device)
     tokens = sum(d.ids.numel() for d in docs)
     slots = sum(b["input_ids"].numel() for b in batches)
-    row = dict(provider=provider, micro_batches=len(batches), real_tokens=tokens, padded_tokens=slots - tokens,
+    row = dict(provider=provider, **variant, micro_batches=len(batches), real_tokens=tokens,
+               padded_tokens=slots - tokens,
                step_s=round(seconds, 4), step_s_all=[round(t, 4) for t in times],
                tokens_per_s=round(tokens / seconds, 1), docs_per_s=round(len(docs) / seconds, 2),
                **{k: round(v, 4) for k, v in losses.items()})
@@ -262,6 +300,8 @@ def measure(provider: str, args, docs, specials, device) -> dict:
     if provider == "authors":
         row["lm_head"] = module.head
         row["attention"] = args.authors_attention
+    if args.breakdown:
+        _breakdown(row, lambda: step(batches), module, device)
     return row  # the model, optimizer and batches go with this frame; main() frees the memory
 
 
@@ -310,6 +350,7 @@ def measure_cl(provider: str, args, pairs, specials, device) -> dict:
     from moca.model.embed import MocaEmbedder, contrastive_step
     queries, positives, negatives = pairs
     embedder = MocaEmbedder(_model(provider, args, device)).to(device)
+    variant = _prepare(provider, embedder, args, device)
     optimizer = torch.optim.AdamW(embedder.parameters(), lr=1e-6, fused=device.type == "cuda")
     k = args.hard_negatives
     if provider == "authors":
@@ -317,7 +358,7 @@ def measure_cl(provider: str, args, pairs, specials, device) -> dict:
         groups = [_to(_padded(g, specials), device) for g in sides]
 
     def step(count):
-        if provider == "moca":
+        if provider in VARIANTS:
             out = contrastive_step(embedder, queries[:count], positives[:count], negatives[:count], specials.image,
                                    args.token_budget, device)
             loss = out["loss"]
@@ -332,28 +373,34 @@ def measure_cl(provider: str, args, pairs, specials, device) -> dict:
             logits = torch.cat([q @ p.T, torch.einsum("bd,bkd->bk", q, n)], 1) / 0.03
             loss = torch.nn.functional.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
             loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with nvtx("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     seconds, times, loss = _timed(lambda: step(2), lambda: step(len(queries)), args.repeats, device)
     docs = queries + positives + [n for per in negatives for n in per]
     tokens = sum(d.ids.numel() for d in docs)
-    row = dict(provider=provider, pairs=len(queries), hard_negatives=k, real_tokens=tokens, step_s=round(seconds, 4),
-               step_s_all=[round(t, 4) for t in times], pairs_per_s=round(len(queries) / seconds, 2),
-               tokens_per_s=round(tokens / seconds, 1), loss=round(loss, 4))
+    row = dict(provider=provider, **variant, pairs=len(queries), hard_negatives=k, real_tokens=tokens,
+               step_s=round(seconds, 4), step_s_all=[round(t, 4) for t in times],
+               pairs_per_s=round(len(queries) / seconds, 2), tokens_per_s=round(tokens / seconds, 1),
+               loss=round(loss, 4))
     if provider == "authors":
         slots = sum(g["input_ids"].numel() for g in groups)
         row.update(padded_tokens=slots - tokens, attention=args.authors_attention)
     if device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.breakdown:
+        _breakdown(row, lambda: step(len(queries)), embedder, device)
     return row
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="3b", choices=sorted(PRESETS), help="model shape, random weights (default 3b)")
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--providers", nargs="+", default=["moca", "authors"], choices=PROVIDERS,
+                   help="moca (eager), moca-compiled, moca-selective, moca-compiled-selective, authors "
+                   "(default: moca authors)")
     p.add_argument("--docs", type=int, default=128, help="documents in the global batch (default 128)")
     p.add_argument("--token-budget", type=int, default=12800,
                    help="tokens per packed micro-batch, and the authors' padded micro-batch budget (default 12800)")
@@ -372,6 +419,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="timed steps per provider (the fastest counts)")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="turn activation checkpointing off (on by default, as in the authors' runs)")
+    p.add_argument("--recompute", default="full", help=f"moca's recomputation unless its variant names one: "
+                   f"{regions.RECOMPUTE_HELP} (default full, the authors' checkpointing)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="after the timed steps, one more under the profiler: phases, module classes, top kernels")
     p.add_argument("--authors-attention", default="sdpa", help="transformers attention for the authors' path")
     p.add_argument("--out", default=None, help="folder for results.json and results.md")
     args = p.parse_args(argv)
@@ -405,9 +456,10 @@ def main(argv=None):
         if args.out:
             write(args, env, rows)
     done = {r["provider"]: r for r in rows if "skipped" not in r}
-    if "moca" in done and "authors" in done:
-        rate = "tokens_per_s" if args.stage == "cpt" else "pairs_per_s"
-        print(f"moca / authors {rate}: {done['moca'][rate] / done['authors'][rate]:.2f}x")
+    rate = "tokens_per_s" if args.stage == "cpt" else "pairs_per_s"
+    for name in VARIANTS:
+        if name in done and "authors" in done:
+            print(f"{name} / authors {rate}: {done[name][rate] / done['authors'][rate]:.2f}x")
 
 
 def write(args, env: dict, rows: list[dict]) -> None:
@@ -418,11 +470,12 @@ def write(args, env: dict, rows: list[dict]) -> None:
         json.dump({"title": title, "environment": env, "settings": settings, "rows": rows}, f, indent=1)
     if args.stage == "cpt":
         head = f"# CPT step: shape {args.shape}, {args.docs} documents"
-        columns = ("provider", "micro_batches", "padded_tokens", "step_s", "tokens_per_s", "docs_per_s", "model_tflops",
-                   "mfu", "peak_mem_gib", "mlm_loss", "mae_loss")
+        columns = ("provider", "recompute", "compiled", "micro_batches", "padded_tokens", "step_s", "tokens_per_s",
+                   "docs_per_s", "model_tflops", "mfu", "peak_mem_gib", "mlm_loss", "mae_loss")
     else:
         head = f"# CL step: shape {args.shape}, {args.pairs} pairs, {args.hard_negatives} hard negatives each"
-        columns = ("provider", "padded_tokens", "step_s", "pairs_per_s", "tokens_per_s", "peak_mem_gib", "loss")
+        columns = ("provider", "recompute", "compiled", "padded_tokens", "step_s", "pairs_per_s", "tokens_per_s",
+                   "peak_mem_gib", "loss")
     lines = [head, "", f"{env['gpu']}; torch {env['torch']}; triton {env['triton']}; commit {env['commit']} "
              f"(sources {env.get('source_sha1')}); {env['date']}", "", f"settings: {json.dumps(settings)}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -431,6 +484,9 @@ def write(args, env: dict, rows: list[dict]) -> None:
             lines.append(f"| {r['provider']} | skipped: {r['skipped']} |" + "|" * (len(columns) - 2))
             continue
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
+    for r in rows:
+        if "breakdown" in r:
+            lines += ["", f"## Breakdown: {r['provider']}", "", breakdown.table(r["breakdown"])]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

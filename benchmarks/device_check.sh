@@ -4,7 +4,7 @@
 # GPU tests of each.
 # Writes under $OUT (default ./device_check_out): one NAME.txt per step, bench*/results.{json,md}
 # (rewritten after every measured row) and summary.json (rewritten after every step: exit status
-# and seconds). A failing step does not stop the later ones; the limits sum to 2460 seconds; ONLY="STEP ..." runs some.
+# and seconds). A failing step does not stop the later ones; the limits sum to 3180 seconds; ONLY="STEP ..." runs some.
 # Usage: OUT=/some/dir bash benchmarks/device_check.sh
 #        OUT=/some/dir ONLY="bench_linear_ce tests_linear_ce" bash benchmarks/device_check.sh   # some steps
 set -uo pipefail
@@ -65,6 +65,19 @@ step bench_train_step 240 python benchmarks/bench_train_step.py --shape 3b --doc
 # their per-GPU batch of 24 pairs (on an H100: moca about 12 s a step, the authors' 84 s).
 step bench_train_step_cl 330 python benchmarks/bench_train_step.py --stage cl --shape 3b --pairs 24 \
     --out "$OUT/bench_train_step_cl"
+# Issue 16, one call of about 8 minutes: ONLY="train_breakdown train_breakdown_cl". The 3B stage-1 step
+# (48 documents, 12,800-token rows) eager (full recomputation, as today), with compiled regions, and
+# compiled with selective recomputation: tokens/s, MFU, peak memory, and each one's breakdown
+# (phases, module classes, top kernels) in results.json and results.md; rows are written as they
+# come, so a cut run keeps the first (each compiled provider spends a minute or two compiling in its
+# warm-up). Then the stage-2 step at the authors' 24 pairs, eager, with its breakdown; its compiled
+# variant is a step of its own (another ~3 minutes).
+step train_breakdown 390 python benchmarks/bench_train_step.py --shape 3b --docs 48 --breakdown \
+    --providers moca moca-compiled moca-compiled-selective --out "$OUT/train_breakdown"
+step train_breakdown_cl 90 python benchmarks/bench_train_step.py --stage cl --shape 3b --pairs 24 --breakdown \
+    --providers moca --repeats 1 --out "$OUT/train_breakdown_cl"
+step train_breakdown_cl_compiled 210 python benchmarks/bench_train_step.py --stage cl --shape 3b --pairs 24 \
+    --breakdown --providers moca-compiled moca-compiled-selective --repeats 1 --out "$OUT/train_breakdown_cl_compiled"
 # Stage 2 under torchrun on the NCCL backend with FSDP2 (one rank: the card is alone), then resumed
 # (on a cold machine the first step compiles the Triton kernels: about 40 s or more).
 step train_cl_fsdp 180 bash -c "torchrun --standalone --nproc_per_node 1 -m moca.cli train --stage cl \

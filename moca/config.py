@@ -51,6 +51,9 @@ class RunConfig:
     profile_steps: str | None = setting(None, "A:B: cudaProfilerStart before step A, Stop after step B (Nsight)",
                                         resumable=True)
     strict: bool = setting(False, "stop at the first bad record instead of skipping it", resumable=True)
+    breakdown: bool = setting(False, "profile the second step this process runs and print where its time went: "
+                              "phases, module classes, top kernels (moca.breakdown); also out/breakdown.json",
+                              resumable=True)
 
 
 @dataclass
@@ -78,7 +81,15 @@ class ModelConfig:
     path: str | None = setting(None, "a local Qwen2-VL / Qwen2.5-VL checkpoint folder with its tokenizer "
                                "(else the preset with random weights)")
     preset: str = setting("tiny", "shape with random weights when no path is given: tiny (byte tokenizer), 3b, 7b")
-    gradient_checkpointing: bool = setting(False, "recompute each decoder layer's activations in the backward")
+    gradient_checkpointing: bool = setting(False, "recompute each decoder layer's activations in the backward "
+                                           "(recompute=full, kept as the shorter name)", resumable=True)
+    recompute: str = setting(
+        "none", "activation recomputation per region (decoder layer, vision block, MAE decoder): none; full (keep "
+        "each region's input); selective (keep matrix-product and attention outputs, recompute the pointwise work); "
+        "every-K (full on every K-th region); auto (the least that the token budget fits in the card's memory, by "
+        "moca.model.regions.activation_bytes; printed)", resumable=True)
+    compile: bool = setting(False, "torch.compile each region (decoder layer, vision block, MAE decoder), the token "
+                            "dimension dynamic", resumable=True)
     fused_pointwise: bool = setting(False, "RMSNorm, rotary embedding and SwiGLU through moca's fused Triton kernels "
                                     "(moca_kernels.pointwise; off until a GPU run shows them ahead)")
 
@@ -226,6 +237,11 @@ class Config:
             raise ValueError("cpt: use_mlm and use_mae are both false: stage 1 would have nothing to learn")
         if self.cl.hard_negatives < 0 or self.cl.pairs_per_batch < 1 or self.cl.temperature <= 0:
             raise ValueError("cl: hard_negatives >= 0, pairs_per_batch >= 1 and temperature > 0 are required")
+        from .model.regions import parse_recompute  # the one parser of the setting
+        kind, _ = parse_recompute(self.model.recompute)
+        if self.model.gradient_checkpointing and kind not in ("none", "full"):
+            raise ValueError(f"gradient_checkpointing=true means recompute=full; it contradicts "
+                             f"recompute={self.model.recompute}: set one of them")
         if self.model.path is None and self.model.preset != "tiny":
             raise ValueError(f"preset {self.model.preset!r} uses Qwen's token ids, and only a checkpoint brings that "
                              "tokenizer: give --model PATH (the tiny preset runs on the built-in byte tokenizer)")

@@ -1,19 +1,22 @@
-"""NVTX ranges for Nsight Systems, and the capture range of ``profile_steps``; no-ops without CUDA."""
+"""Named ranges for Nsight Systems (NVTX, with CUDA) and the torch profiler (always: what
+``moca.breakdown`` reads its phases from), and the capture range of ``profile_steps``."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
+from torch.autograd.profiler import record_function
 
 
 @contextlib.contextmanager
 def nvtx(name: str):
-    """One named range on the timeline (``step N``, ``forward``, ``load``, ...)."""
+    """One named range on the timeline (``step N``, ``data``, ``forward``, ...)."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.nvtx.range_push(name)
     try:
-        yield
+        with record_function(name):
+            yield
     finally:
         if cuda:
             torch.cuda.nvtx.range_pop()

@@ -7,6 +7,7 @@ its step.
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -14,7 +15,8 @@ import torch
 from .config import Config
 from .data import loader
 from .data.index import default_documents, default_pairs, index_documents, index_pairs
-from .model.embed import MocaEmbedder, check_finite, contrastive_step
+from .data.masking import IGNORE
+from .model.embed import MocaEmbedder, NonFiniteLoss, contrastive_step
 from .model.heads import MocaCPT
 from .parallel import Single, StepResult
 from .profiling import nvtx
@@ -66,25 +68,31 @@ class CptStage:
 
     def step(self, autocast, measure: bool) -> StepResult:
         accum, device = self.config.cpt.grad_accum, self.parallel.device
-        sums, tokens, flops, accuracies = {"loss": 0.0, "mlm_loss": 0.0, "mae_loss": 0.0}, 0, 0.0, []
+        names, sums, tokens, flops, accuracies = ("loss", "mlm_loss", "mae_loss"), [], 0, 0.0, []
         for micro in range(accum):
-            batch, batch_flops, self.epoch, self.position = next(self.stream)
+            with nvtx("data"):
+                batch, batch_flops, self.epoch, self.position = next(self.stream)
+                # the MLM rows found on the host, where the labels are: no device sync for their count
+                batch["mlm_rows"] = (batch["labels"] != IGNORE).nonzero().squeeze(1)
+                batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                         for k, v in batch.items()}
             flops += batch_flops
-            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             tokens += batch["input_ids"].numel()
             last = micro == accum - 1
             with self.parallel.micro_batch(self.runner, last):  # DDP communicates in the last backward only
                 with nvtx("forward"), autocast:
                     out = self.runner(batch, accuracy=measure)  # an extra LM-head product: logging steps only
-                check_finite(out["loss"])
                 with nvtx("backward"):
                     (out["loss"] / accum).backward()
-            for k in sums:
-                sums[k] += out[k].item() / accum
+            sums.append(torch.stack([out[k].detach().float() for k in names]))
             if out.get("mlm_accuracy") is not None:
                 accuracies.append(out["mlm_accuracy"])
+        # one host sync a step: the losses, read together; a NaN stops the run before the optimizer
+        # applies anything (the NaN guard needs their values)
+        values = (torch.stack(sums).sum(0) / accum).tolist()
+        check_finite_values(dict(zip(names, values)))
         extras = {"mlm_accuracy": sum(accuracies) / len(accuracies)} if accuracies else {}
-        return StepResult(sums, tokens, flops, extras)
+        return StepResult(dict(zip(names, values)), tokens, flops, extras)
 
     def close(self) -> None:
         self.stream.close()
@@ -121,21 +129,33 @@ class ClStage:
         self.epoch, self.position = epoch, position
 
     def step(self, autocast, measure: bool) -> StepResult:
-        chosen, self.epoch, self.position = next(self.stream)
+        with nvtx("data"):
+            chosen, self.epoch, self.position = next(self.stream)
         queries, positives, negatives = (list(x) for x in zip(*chosen))
         with nvtx("contrastive step"):
             out = contrastive_step(self.module, queries, positives, negatives, self.tokenizer.specials.image,
                                    self.config.data.token_budget, self.parallel.device, self.config.cl.grad_cache,
                                    autocast)
         tokens = sum(d.ids.numel() for d in queries + positives + [n for per in negatives for n in per])
-        extras = dict(accuracy=round(out["accuracy"], 4), temperature=round(out["temperature"], 6))
-        return StepResult(dict(loss=out["loss"].item()), tokens, None, extras)
+        # one host sync a step: the loss (for the NaN guard and the log) with the logged extras
+        names = ("loss", "accuracy", "temperature")
+        loss, accuracy, temperature = torch.stack([out[k].float() for k in names]).tolist()
+        check_finite_values(dict(loss=loss))
+        extras = dict(accuracy=round(accuracy, 4), temperature=round(temperature, 6))
+        return StepResult(dict(loss=loss), tokens, None, extras)
 
     def close(self) -> None:
         self.stream.close()
 
     def summary(self) -> dict:
         return dict(accuracy_chance=1 / (self.config.cl.pairs_per_batch + self.config.cl.hard_negatives))
+
+
+def check_finite_values(losses: dict[str, float]) -> None:
+    """NonFiniteLoss unless every value of ``losses`` (read from the device once) is finite."""
+    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+    if bad:
+        raise NonFiniteLoss(f"the loss became {bad.get('loss', next(iter(bad.values())))}")
 
 
 STAGES: dict[str, type] = {"cpt": CptStage, "cl": ClStage}

@@ -20,15 +20,15 @@ import time
 
 import torch
 
-from . import checkpoint
+from . import breakdown, checkpoint
 from .config import Config
 from .data import embedded
 from .data.index import data_files
 from .eval import evaluate_run
 from .files import RunLock, atomic_write
+from .model import regions
 from .model.embed import NonFiniteLoss
 from .model.flops import peak_bf16
-from .model.qwen import enable_checkpointing
 from .parallel import StepResult, strategy
 from .plot import plot_both, plot_metrics
 from .profiling import CaptureRange, nvtx
@@ -156,12 +156,13 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
     model, tokenizer = checkpoint.model_and_tokenizer(config, log)
     if run.stage == "cl" and config.cl.init and start is None:
         checkpoint.load_backbone(model, config.cl.init, log)
-    if config.model.gradient_checkpointing:
-        enable_checkpointing(model)
     stage = STAGES[run.stage](config, model, tokenizer, parallel, log)
+    recompute = "full" if config.model.gradient_checkpointing else config.model.recompute
+    regions.prepare(stage.module, model.config, recompute, config.model.compile, config.data.token_budget, device, log)
     trained = [p for p in stage.module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=schedule.lr, weight_decay=schedule.weight_decay,
-                                  fused=device.type == "cuda")
+    cuda = device.type == "cuda"  # one fused kernel over all tensors on a GPU; multi-tensor loops elsewhere
+    optimizer = torch.optim.AdamW(trained, lr=schedule.lr, weight_decay=schedule.weight_decay, fused=cuda,
+                                  foreach=not cuda)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, schedule.max_steps, schedule.warmup_ratio, schedule.warmup))
     step, epoch, position, window = 0, 0, 0, MetricWindow()
@@ -189,6 +190,7 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
         return checkpoint.save(run.out, step, stage.module, optimizer, trainer, keep=run.keep_checkpoints)
 
     reporters = None
+    profiled = min(step + 1, schedule.max_steps - 1) if run.breakdown else -1  # this process's second step
     try:
         if parallel.main:
             reporters = Reporters(report_targets(run.report_to), run.out, run.stage, config.to_dict(), step)
@@ -196,20 +198,29 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
             capture.before(step)
             started = time.perf_counter()
             measure = (step + 1) % run.log_every == 0 or step + 1 == schedule.max_steps
-            with nvtx(f"step {step}"):  # one range a step in Nsight Systems, the stage's ranges inside
-                optimizer.zero_grad(set_to_none=True)
-                try:
-                    result = stage.step(autocast, measure)
-                except NonFiniteLoss as exc:
-                    good = checkpoint.find(run.out, log) or "none (none was saved yet)"
-                    raise FloatingPointError(f"{exc} at step {step}; stopped. The last good checkpoint is "
-                                             f"{good}") from None
-                with nvtx("all-reduce"):
-                    result = parallel.reduce(stage.module, result)
-                with nvtx("optimizer"):
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trained, schedule.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
+
+            def one_step(step: int = step, measure: bool = measure):  # this step's values, bound now
+                with nvtx(f"step {step}"):  # one range a step in Nsight Systems, the stage's ranges inside
+                    optimizer.zero_grad(set_to_none=True)
+                    try:
+                        result = stage.step(autocast, measure)
+                    except NonFiniteLoss as exc:
+                        good = checkpoint.find(run.out, log) or "none (none was saved yet)"
+                        raise FloatingPointError(f"{exc} at step {step}; stopped. The last good checkpoint is "
+                                                 f"{good}") from None
+                    with nvtx("all-reduce"):
+                        result = parallel.reduce(stage.module, result)
+                    with nvtx("optimizer"):
+                        grad_norm = torch.nn.utils.clip_grad_norm_(trained, schedule.grad_clip)
+                        optimizer.step()
+                        scheduler.step()
+                return result, grad_norm
+
+            if step == profiled:  # after a warm-up step when there is one
+                found, (result, grad_norm) = breakdown.measure(one_step, stage.module, device)
+                _report_breakdown(found, run.out if parallel.main else None, log)
+            else:
+                result, grad_norm = one_step()
             step += 1
             capture.after(step)
             bar.update(1)
@@ -243,6 +254,13 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
     with open(metrics_path) as f:
         plot_metrics([json.loads(line) for line in f], os.path.join(run.out, "loss.png"), stage.summary(), log)
     return {**last, **stage.summary()}
+
+
+def _report_breakdown(found: dict, out: str | None, log) -> None:
+    """Print a step's breakdown (``moca.breakdown``) and write it to ``out/breakdown.json``."""
+    log(breakdown.table(found))
+    if out is not None:
+        atomic_write(os.path.join(out, "breakdown.json"), json.dumps(found, indent=1).encode())
 
 
 def _metrics(stage: str, step: int, result: StepResult, grad_norm, lr: float, epoch: int, seconds: float,

@@ -303,7 +303,8 @@ def test_train_step_benchmark_compares_like_with_like(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_train_step.py")
     small = ["--shape", "tiny", "--image-tokens", "4", "16", "--text-tokens", "8", "32", "--max-doc-tokens", "128",
              "--token-budget", "512", "--repeats", "1"]
-    for stage, extra in (("cl", ["--pairs", "5", "--query-tokens", "8", "24"]), ("cpt", ["--docs", "12"])):
+    for stage, extra in (("cl", ["--pairs", "5", "--query-tokens", "8", "24"]),
+                         ("cpt", ["--docs", "12", "--breakdown"])):
         out = tmp_path / stage
         result = subprocess.run([sys.executable, script, "--stage", stage, *small, *extra, "--out", str(out)],
                                 capture_output=True, text=True, timeout=600)
@@ -315,6 +316,13 @@ def test_train_step_benchmark_compares_like_with_like(tmp_path):
             assert rows[0]["real_tokens"] == rows[1]["real_tokens"]
         else:
             assert rows[0]["real_tokens"] == rows[1]["real_tokens"] and rows[1]["padded_tokens"] > 0
+            for row in rows:  # the breakdown of each provider's step (moca.breakdown)
+                classes, phases = row["breakdown"]["classes"], row["breakdown"]["phases"]
+                assert sum(c["share"] for c in classes.values()) == pytest.approx(1, abs=0.01)
+                assert sum(p["share"] for p in phases.values()) == pytest.approx(1, abs=0.02)
+                assert all(classes[c]["device_ms"] > 0 for c in ("attention", "mlp", "norms", "vision", "heads"))
+                assert phases["forward"]["host_ms"] > 0 and phases["backward"]["host_ms"] > 0
+            assert rows[0]["recompute"] == "full" and "## Breakdown: moca" in (out / "results.md").read_text()
 
 
 def test_pointwise_list_shows_cases_and_providers():

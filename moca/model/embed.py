@@ -29,6 +29,7 @@ from moca_kernels import info_nce
 from moca_kernels.info_nce.distributed import all_gather_with_grad
 from moca_kernels.varlen import segment_mean
 
+from ..profiling import nvtx
 from .qwen import freeze_lm_head, packed_hidden, set_causal
 
 ATTENTIONS, POOLINGS = ("bidirectional", "causal"), ("mean", "last")
@@ -81,14 +82,14 @@ class MocaEmbedder(nn.Module):
         return total * world / docs.shape[0]
 
     @torch.no_grad()
-    def accuracy(self, query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None) -> float:
+    def accuracy(self, query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None) -> torch.Tensor:
         """Share of this rank's queries whose best score (over this rank's positives and their own
-        negatives) is their positive."""
+        negatives) is their positive: a 0-dim tensor, left on the device (reading it syncs)."""
         scores = query @ positive.T
         best_in_batch = scores.max(1).values
         if negatives is not None and negatives.shape[1]:
             best_in_batch = torch.maximum(best_in_batch, torch.einsum("bd,bkd->bk", query, negatives).max(1).values)
-        return (scores.diagonal() >= best_in_batch).float().mean().item()
+        return (scores.diagonal() >= best_in_batch).float().mean()
 
 
 def _plan(embedder: MocaEmbedder, docs: list[Encoded], token_budget: int,
@@ -137,8 +138,9 @@ def contrastive_step(embedder: MocaEmbedder, queries: list[Encoded], positives: 
                      negatives: list[list[Encoded]], image_token_id: int, token_budget: int, device,
                      grad_cache: bool = False, autocast=None) -> dict:
     """Forward and backward of one contrastive batch on this rank (``negatives``: K per query, K
-    may be 0); returns ``loss`` (a detached tensor), ``accuracy`` and ``temperature``. The caller
-    zeroes gradients before and steps the optimizer after."""
+    may be 0); returns ``loss``, ``accuracy`` and ``temperature`` as detached 0-dim tensors, left
+    on the device so that the caller reads them together (one host sync). The caller zeroes
+    gradients before, checks that the loss is finite and steps the optimizer after."""
     b, k = len(queries), len(negatives[0]) if negatives else 0
     docs = queries + positives + [n for per_query in negatives for n in per_query]
 
@@ -146,34 +148,30 @@ def contrastive_step(embedder: MocaEmbedder, queries: list[Encoded], positives: 
         return emb[:b], emb[b:2 * b], emb[2 * b:].reshape(b, k, -1) if k else None
 
     if not grad_cache:
-        q, p, n = split(embed_documents(embedder, docs, image_token_id, token_budget, device, autocast))
-        loss = embedder.loss(q, p, n)
-        check_finite(loss)
-        loss.backward()
+        with nvtx("forward"):
+            q, p, n = split(embed_documents(embedder, docs, image_token_id, token_budget, device, autocast))
+            loss = embedder.loss(q, p, n)
+        with nvtx("backward"):
+            loss.backward()
     else:
         plan = _plan(embedder, docs, token_budget, device)  # the same rows for both passes
-        with torch.no_grad():
+        with nvtx("forward"), torch.no_grad():
             cached = embed_documents(embedder, docs, image_token_id, token_budget, device, autocast, plan)
         cached.requires_grad_(True)
         q, p, n = split(cached)
-        loss = embedder.loss(q, p, n)
-        check_finite(loss)
-        loss.backward()  # the gradient of every embedding (and of the temperature)
-        rows, _, padding = plan
-        for row in rows:  # again with a graph, one packed row at a time
-            _embed_row(embedder, [docs[i] for i in row], image_token_id, device, autocast).backward(cached.grad[row])
-        for _ in range(padding):
-            _padding_row(embedder, device, autocast).backward()
+        with nvtx("forward"):
+            loss = embedder.loss(q, p, n)
+        with nvtx("backward"):  # the second pass's forwards count here: they run for the backward
+            loss.backward()  # the gradient of every embedding (and of the temperature)
+            rows, _, padding = plan
+            for row in rows:  # again with a graph, one packed row at a time
+                _embed_row(embedder, [docs[i] for i in row], image_token_id, device, autocast).backward(
+                    cached.grad[row])
+            for _ in range(padding):
+                _padding_row(embedder, device, autocast).backward()
     accuracy = embedder.accuracy(q.detach(), p.detach(), None if n is None else n.detach())
-    return dict(loss=loss.detach(), accuracy=accuracy,
-                temperature=embedder.temperature().item())
+    return dict(loss=loss.detach(), accuracy=accuracy, temperature=embedder.temperature().detach())
 
 
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite (raised before any gradient is applied)."""
-
-
-def check_finite(loss: torch.Tensor) -> None:
-    """NonFiniteLoss unless ``loss`` is finite (the NaN guard of both stages)."""
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"the loss became {loss.item()}")

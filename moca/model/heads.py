@@ -48,7 +48,8 @@ class MocaCPT(nn.Module):
         mlm = mae = zero
         if self.use_mlm:
             labels = batch["labels"]
-            rows = (labels != -100).nonzero().squeeze(1)
+            rows = batch.get("mlm_rows")  # found on the host by the stage (no device sync), else here
+            rows = (labels != -100).nonzero().squeeze(1) if rows is None else rows
             mlm = linear_cross_entropy(hidden[rows], self.model.lm_head.weight, labels[rows])
         uniform = getattr(self.model, "uniform_collectives", False)  # sharded: the decoder runs every step
         if self.use_mae and (batch["mae_positions"].numel() or uniform):

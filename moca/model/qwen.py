@@ -124,6 +124,7 @@ def packed_hidden(model, batch: dict) -> torch.Tensor:
     out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                       pixel_values=batch["pixel_values"] if images else None,
                       image_grid_thw=batch["image_grid_thw"] if images else None,
+                      use_cache=False,  # training: no key/value cache (recomputation would append to it)
                       **packed_kwargs(batch))
     hidden = out.last_hidden_state[0]
     return hidden if hidden.shape[0] == length else hidden[:length] + 0.0 * hidden[length:].sum()

@@ -69,8 +69,10 @@ class Documents:
 def _documents(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> Documents:
     """Validate the values of ``cu_seqlens_*`` (cached with their tile lists)."""
     def check():
-        return Documents(check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q"),
-                         check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k"))
+        longest_q = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+        if cu_seqlens_k is cu_seqlens_q and k.shape[0] == q.shape[0]:  # self-attention: one read of the values
+            return Documents(longest_q, longest_q)
+        return Documents(longest_q, check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k"))
     return _CACHE.get((cu_seqlens_q, cu_seqlens_k), ("documents", q.shape[0], k.shape[0]), check)
 
 
