@@ -4,23 +4,14 @@ the export."""
 import json
 
 import torch
+from documents import random_document
 
-from moca.data.cpt import Encoded, document_positions, pack_documents
+from moca.data.cpt import document_positions, pack_documents
 from moca.model.embed import MocaEmbedder
 from moca.model.qwen import PRESETS, TINY_SPECIALS, build, packed_hidden
 
 IMAGE = TINY_SPECIALS["image_token_id"]
 
-
-def _doc(n_text, seed, image=False):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 200, (n_text,), generator=gen)
-    rows, grids = torch.zeros(0, 1176), torch.zeros(0, 3, dtype=torch.long)
-    if image:
-        ids = torch.cat([ids[:2], torch.tensor([TINY_SPECIALS["vision_start_token_id"]]), torch.full((4,), IMAGE),
-                         torch.tensor([TINY_SPECIALS["vision_end_token_id"]]), ids[2:]])
-        rows, grids = torch.randn(16, 1176, generator=gen), torch.tensor([[1, 4, 4]])
-    return Encoded(ids, rows, grids, f"doc{seed}")
 
 
 def test_a_causal_model_equals_the_stock_causal_qwen_forward():
@@ -31,7 +22,7 @@ def test_a_causal_model_equals_the_stock_causal_qwen_forward():
     stock.load_state_dict(embedder.model.state_dict())
     assert all(layer.self_attn.is_causal for layer in stock.model.language_model.layers)  # stock Qwen is causal
     causal = {}
-    for doc in (_doc(11, 1), _doc(9, 2, image=True)):
+    for doc in (random_document(11, 1), random_document(9, 2, grid=(1, 4, 4), at=2)):
         with torch.no_grad():
             causal[doc.where] = packed_hidden(embedder.model, pack_documents([doc], IMAGE))
             # M-RoPE positions as get_rope_index gives them (tests/test_model_qwen.py checks that)
@@ -43,14 +34,15 @@ def test_a_causal_model_equals_the_stock_causal_qwen_forward():
     # made bidirectional again (MoCa), the first token sees the later ones
     bidirectional = MocaEmbedder(embedder.model).eval()
     with torch.no_grad():
-        moca = packed_hidden(bidirectional.model, pack_documents([_doc(11, 1)], IMAGE))
+        moca = packed_hidden(bidirectional.model, pack_documents([random_document(11, 1)], IMAGE))
     assert (moca[0] - causal["doc1"][0]).abs().max() > 1e-3
 
 
 def test_last_token_pooling_takes_each_packed_documents_last_token():
     torch.manual_seed(1)
     embedder = MocaEmbedder(build("tiny"), attention="causal", pooling="last").eval()
-    docs = [_doc(7, 3), _doc(12, 4, image=True), _doc(1, 5), _doc(5, 6)]
+    docs = [random_document(7, 3), random_document(12, 4, grid=(1, 4, 4), at=2), random_document(1, 5),
+            random_document(5, 6)]
     with torch.no_grad():
         batch = pack_documents(docs, IMAGE)
         packed = embedder(batch)

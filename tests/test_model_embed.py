@@ -4,24 +4,14 @@ import math
 
 import pytest
 import torch
+from documents import random_document
 
-from moca.data.cpt import Encoded, pack_documents
+from moca.data.cpt import pack_documents
 from moca.model.embed import MocaEmbedder, contrastive_step
 from moca.model.qwen import TINY_SPECIALS, build
 
 IMAGE = TINY_SPECIALS["image_token_id"]
 
-
-def _doc(n_text, seed, image_grid=None):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 200, (n_text,), generator=gen)
-    rows, grids = torch.zeros(0, 1176), torch.zeros(0, 3, dtype=torch.long)
-    if image_grid:
-        t, h, w = image_grid
-        ids = torch.cat([torch.tensor([TINY_SPECIALS["vision_start_token_id"]]), torch.full((t * h * w // 4,), IMAGE),
-                         torch.tensor([TINY_SPECIALS["vision_end_token_id"]]), ids])
-        rows, grids = torch.randn(t * h * w, 1176, generator=gen), torch.tensor([image_grid])
-    return Encoded(ids, rows, grids, f"doc{seed}")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +21,7 @@ def embedder():
 
 
 def test_embeddings_are_the_normalized_mean_and_packing_does_not_change_them(embedder):
-    docs = [_doc(7, 1), _doc(12, 2, (1, 4, 4)), _doc(3, 3)]
+    docs = [random_document(7, 1), random_document(12, 2, (1, 4, 4)), random_document(3, 3)]
     with torch.no_grad():
         packed = embedder(pack_documents(docs, IMAGE))
         alone = torch.cat([embedder(pack_documents([d], IMAGE)) for d in docs])
@@ -56,7 +46,7 @@ def test_loss_is_moca_infonce_against_a_dense_computation():
 
 
 def test_grad_cache_gives_the_gradients_of_the_plain_batch():
-    docs = [_doc(5 + i, 10 + i, (1, 4, 4) if i % 3 == 0 else None) for i in range(12)]
+    docs = [random_document(5 + i, 10 + i, (1, 4, 4) if i % 3 == 0 else None) for i in range(12)]
     queries, positives = docs[:4], docs[4:8]
     negatives = [[docs[8 + i], docs[(9 + i) % 4 + 8]] for i in range(4)]
     grads = []
@@ -75,6 +65,6 @@ def test_grad_cache_gives_the_gradients_of_the_plain_batch():
 
 
 def test_a_step_without_hard_negatives(embedder):
-    docs = [_doc(4 + i, 30 + i) for i in range(6)]
+    docs = [random_document(4 + i, 30 + i) for i in range(6)]
     out = contrastive_step(embedder, docs[:3], docs[3:], [[] for _ in range(3)], IMAGE, token_budget=64, device="cpu")
     assert torch.isfinite(out["loss"]) and 0 <= out["accuracy"] <= 1

@@ -12,8 +12,9 @@ import copy
 import pytest
 import torch
 import torch._dynamo.testing
+from documents import random_document
 
-from moca.data.cpt import Encoded, collate
+from moca.data.cpt import collate
 from moca.data.tokenizer import ByteTokenizer
 from moca.model import qwen, regions
 from moca.model.embed import MocaEmbedder, contrastive_step
@@ -97,20 +98,9 @@ def stand_in_attention(monkeypatch):
     torch._dynamo.reset()
 
 
-def _doc(n_text: int, seed: int, grid=None) -> Encoded:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 200, (n_text,), generator=gen)
-    rows, grids = torch.zeros(0, 1176), torch.zeros(0, 3, dtype=torch.long)
-    if grid:
-        t, h, w = grid
-        ids = torch.cat([torch.tensor([TINY_SPECIALS["vision_start_token_id"]]), torch.full((t * h * w // 4,), IMAGE),
-                         torch.tensor([TINY_SPECIALS["vision_end_token_id"]]), ids])
-        rows, grids = torch.randn(t * h * w, 1176, generator=gen), torch.tensor([grid])
-    return Encoded(ids, rows, grids, f"doc{seed}")
-
 
 def _batch(lengths, grids, seed: int) -> dict:
-    docs = [_doc(n, seed + i, g) for i, (n, g) in enumerate(zip(lengths, grids))]
+    docs = [random_document(n, seed + i, g) for i, (n, g) in enumerate(zip(lengths, grids))]
     return collate(docs, ByteTokenizer().specials, 0.4, 0.5, torch.Generator().manual_seed(seed))
 
 
@@ -220,9 +210,9 @@ def test_compiled_stage_two_step_matches_eager(stand_in_attention):
     eager = MocaEmbedder(build("tiny"))
     compiled = copy.deepcopy(eager)
     regions.compile_regions(compiled, backend="aot_eager")
-    queries = [_doc(6 + i, i) for i in range(3)]
-    positives = [_doc(5, 10 + i, (1, 4, 4)) for i in range(3)]
-    negatives = [[_doc(7, 20 + i)] for i in range(3)]
+    queries = [random_document(6 + i, i) for i in range(3)]
+    positives = [random_document(5, 10 + i, (1, 4, 4)) for i in range(3)]
+    negatives = [[random_document(7, 20 + i)] for i in range(3)]
     results = []
     for module in (eager, compiled):
         module.zero_grad(set_to_none=True)
