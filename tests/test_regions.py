@@ -14,9 +14,10 @@ import torch
 import torch._dynamo.testing
 from documents import random_document
 
+import moca_kernels.transformers
 from moca.data.cpt import collate
 from moca.data.tokenizer import ByteTokenizer
-from moca.model import qwen, regions
+from moca.model import regions
 from moca.model.embed import MocaEmbedder, contrastive_step
 from moca.model.heads import MocaCPT
 from moca.model.qwen import PRESETS, TINY_SPECIALS, build
@@ -89,10 +90,10 @@ def stand_in_attention(monkeypatch):
     """The model's attention as a custom op with moca's contract (one opaque node with a fake
     implementation, forward and backward) over the reference: what the compiled graph sees of
     moca's op, at the reference's speed instead of the Triton interpreter's."""
-    def attention(q, k, v, cu, softmax_scale=None, causal=False):
-        assert not causal
+    def attention(q, k, v, cu, cu_k=None, softmax_scale=None, causal=False):
+        assert not causal and (cu_k is None or cu_k is cu or torch.equal(cu_k, cu))
         return _attention_fwd(q, k, v, cu, softmax_scale or q.shape[-1] ** -0.5)
-    monkeypatch.setattr(qwen, "varlen_attention", attention)
+    monkeypatch.setattr(moca_kernels.transformers, "varlen_attention", attention)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
