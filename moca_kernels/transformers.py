@@ -32,6 +32,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .pointwise.hf import apply_fused_pointwise
 from .varlen_attention import varlen_attention
 
 ATTENTION = "moca_varlen"  # kept free of "flash": transformers 5 reads such names as hub kernels
@@ -289,7 +290,8 @@ def set_bidirectional(model, bidirectional: bool = True) -> None:
         layer.self_attn.is_causal = not bidirectional
 
 
-def _patch_instance(model, kind: str, attention: bool, vision: bool, bidirectional: bool) -> None:
+def _patch_instance(model, kind: str, attention: bool, vision: bool, bidirectional: bool,
+                    pointwise: bool = False) -> None:
     """Patch one model: its config and, on the module instances, the forwards (Liger's instance mode)."""
     inner = _inner(model, kind)
     text = inner.language_model
@@ -306,9 +308,11 @@ def _patch_instance(model, kind: str, attention: bool, vision: bool, bidirection
     elif inner.visual.config._attn_implementation == ATTENTION:
         inner.visual.config._attn_implementation = "sdpa"  # its per-window calls carry no boundaries
     set_bidirectional(model, bidirectional)
+    if pointwise:
+        apply_fused_pointwise(model)
 
 
-def _apply(kind: str, model, attention: bool, vision: bool, bidirectional: bool) -> None:
+def _apply(kind: str, model, attention: bool, vision: bool, bidirectional: bool, pointwise: bool = False) -> None:
     """Patch ``model``, or with ``model=None`` the ``*Model`` class's ``__init__`` so that every model
     built afterwards (directly, by ``from_pretrained``, or inside a ForConditionalGeneration) is
     patched as it is built and stays so after ``revert_class_patches``."""
@@ -316,7 +320,7 @@ def _apply(kind: str, model, attention: bool, vision: bool, bidirectional: bool)
     if model is not None:
         if _kind(model) != kind:
             raise TypeError(f"this patch is for {kind}; got a {type(model).__name__}")
-        _patch_instance(model, kind, attention, vision, bidirectional)
+        _patch_instance(model, kind, attention, vision, bidirectional, pointwise)
         return
     model_cls = _classes(kind)[0]
     init = model_cls.__init__
@@ -325,22 +329,25 @@ def _apply(kind: str, model, attention: bool, vision: bool, bidirectional: bool)
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        _patch_instance(self, kind, attention, vision, bidirectional)
+        _patch_instance(self, kind, attention, vision, bidirectional, pointwise)
 
     __init__._moca_original = init
     _set_class_attr(model_cls, "__init__", __init__)
 
 
 def apply_moca_kernels_to_qwen2_5_vl(model=None, *, attention: bool = True, vision: bool = True,
-                                     bidirectional: bool = True) -> None:
+                                     bidirectional: bool = True, pointwise: bool = False) -> None:
     """Put moca_kernels into a Qwen2.5-VL model: ``model`` (a ``Qwen2_5_VLForConditionalGeneration``
     or ``Qwen2_5_VLModel``) is patched in place; with ``model=None`` transformers' classes are, so
     that every Qwen2.5-VL built afterwards (``from_pretrained`` included) comes patched.
 
     attention      the language model on ``moca_varlen`` (packed documents, no dense mask)
     vision         the vision tower's windows in one ``varlen_attention`` launch per layer
-    bidirectional  every token sees its whole document (MoCa); False keeps causal attention"""
-    _apply("qwen2_5_vl", model, attention, vision, bidirectional)
+    bidirectional  every token sees its whole document (MoCa); False keeps causal attention
+    pointwise      RMSNorm, the rotary embedding and SwiGLU through moca's fused kernels
+                   (``moca_kernels.pointwise``; off by default until GPU measurements show them
+                   ahead of torch.compile's code)"""
+    _apply("qwen2_5_vl", model, attention, vision, bidirectional, pointwise)
 
 
 def apply_moca_kernels_to_qwen2_vl(model=None, *, attention: bool = True, vision: bool = True,

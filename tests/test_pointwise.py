@@ -281,3 +281,12 @@ def test_the_trainer_setting_patches_the_model():
     config.model.fused_pointwise = False
     model, _ = model_and_tokenizer(config, log=lambda *a: None)
     assert not any(getattr(type(m), "_moca_fused", None) for m in model.modules())
+
+
+def test_the_hugging_face_patch_takes_the_fused_ops_on_request():
+    from moca.model.qwen import build
+    from moca_kernels.transformers import apply_moca_kernels_to_qwen2_5_vl
+    model = build("tiny")  # already on moca's attention, not on the fused ops
+    assert apply_fused_pointwise(copy.deepcopy(model))["rms_norm"] == 10
+    apply_moca_kernels_to_qwen2_5_vl(model, pointwise=True)
+    assert apply_fused_pointwise(model) == {"rms_norm": 0, "swiglu": 0, "rope": 0}  # all were fused already
