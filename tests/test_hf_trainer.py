@@ -6,7 +6,7 @@ side is ``MocaCPT`` (the final hidden states of its packed row through ``linear_
 the masked positions, no shift); the Trainer's side is the plain cross-entropy of the model's
 logits at the labelled positions, given as ``compute_loss_func``. The Trainer gets the documents
 one by one through ``DataCollatorWithFlattening`` (one row, ``position_ids`` restarting at 0, no
-flash keywords: the form that used to run as one document), moca gets them from its own
+flash keywords: the form a patch that ignores position_ids runs as one document), moca gets them from its own
 ``collate`` (``cu_seqlens``). Same weights, AdamW with the same settings, constant learning rate:
 the losses of every step and the final weights must agree."""
 import copy
