@@ -98,6 +98,17 @@ def check_float_matrix(name: str, x, layout: str = "") -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the CUDA ``device`` (read once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself when its last dimension is contiguous (the kernels take any row stride), else a copy."""
     return x if x.stride(-1) == 1 else x.contiguous()

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._registry import autotune_off, bench_unless_disabled, triton_interpret
+from ._registry import autotune_off, bench_unless_disabled, sm_count, triton_interpret
 
 # E is kept near 1 (not near g * p / B, which underflows float16 at large batches).
 E_RANGE = 1024.0
@@ -182,16 +182,8 @@ def _even_k(dim: int) -> bool:
     return dim % (32 if triton_interpret() else 128) == 0  # every candidate's BLOCK_K divides 128
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+    return sm_count(device) if device.type == "cuda" else 4
 
 
 def scratch_budget(fraction: float, *tensors: torch.Tensor) -> int:

@@ -17,24 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .._registry import triton_interpret
+from .._registry import sm_count, triton_interpret
 
 
 def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
 def _programs(device: torch.device) -> int:
     """Programs of the RMSNorm backward: a few per SM, so that the weight-gradient partials stay few."""
-    if device.type != "cuda":
-        return 3
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 * _SM_COUNT[index]
+    return 4 * sm_count(device) if device.type == "cuda" else 3
 
 
 @triton.jit
