@@ -21,12 +21,18 @@ def _bench(*args, script="bench_attention.py"):
     return subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True)
 
 
-def test_list_shows_cases_and_providers():
-    result = _bench("--list")
+def _listed(module) -> str:
+    """What ``--list`` of the benchmark script ``module`` prints, checked to name every case and provider."""
+    result = _bench("--list", script=os.path.basename(module.__file__))
     assert result.returncode == 0, result.stderr
-    for name in list(bench_attention.CASES) + list(bench_attention.PROVIDERS):
+    for name in list(module.CASES) + list(module.PROVIDERS):
         assert name in result.stdout
-    assert "case moca-64k: {'docs': " in result.stdout and "'tokens': 65536" in result.stdout
+    return result.stdout
+
+
+def test_list_shows_cases_and_providers():
+    stdout = _listed(bench_attention)
+    assert "case moca-64k: {'docs': " in stdout and "'tokens': 65536" in stdout
 
 
 def _device_step(name: str) -> list[str]:
@@ -120,13 +126,10 @@ def test_design_providers_force_their_design(device, monkeypatch):
 
 
 def test_infonce_list_shows_cases_and_providers():
-    result = _bench("--list", script="bench_infonce.py")
-    assert result.returncode == 0, result.stderr
-    for name in bench_infonce.CASES + list(bench_infonce.PROVIDERS):
-        assert name in result.stdout
+    stdout = _listed(bench_infonce)
     # B = M = 65,536, d = 2,048: 8 * B * M * d FLOPs forward and backward, 512 MiB of bf16 inputs
     assert "case b64k-d2048: {'batch': 65536, 'dim': 2048, 'hard': 0, 'symmetric': False}, fwd+bwd 70.4 TFLOP, " \
-        "inputs 512 MiB" in result.stdout
+        "inputs 512 MiB" in stdout
 
 
 @pytest.mark.parametrize("spec", [dict(batch=37, dim=24, hard=0, symmetric=False),
@@ -147,12 +150,9 @@ def test_infonce_provider_computes_the_same_loss(provider, spec, device):
 
 
 def test_mae_list_shows_cases_and_providers():
-    result = _bench("--list", script="bench_mae.py")
-    assert result.returncode == 0, result.stderr
-    for name in bench_mae.CASES + list(bench_mae.PROVIDERS):
-        assert name in result.stdout
+    stdout = _listed(bench_mae)
     # 16,384 rows of 4,704: bf16 pred read and gradient written, float32 target read
-    assert "case n16k: {'rows': 16384, 'masked': False, 'norm_pix': False}, forward moves 588 MiB" in result.stdout
+    assert "case n16k: {'rows': 16384, 'masked': False, 'norm_pix': False}, forward moves 588 MiB" in stdout
 
 
 @pytest.mark.parametrize("spec", [dict(rows=37, masked=False, norm_pix=False),
@@ -172,13 +172,10 @@ def test_mae_provider_computes_the_same_loss(provider, spec, device):
 
 
 def test_linear_ce_list_shows_cases_and_providers():
-    result = _bench("--list", script="bench_linear_ce.py")
-    assert result.returncode == 0, result.stderr
-    for name in bench_linear_ce.CASES + list(bench_linear_ce.PROVIDERS):
-        assert name in result.stdout
+    stdout = _listed(bench_linear_ce)
     # 16,384 rows through Qwen2.5-VL-3B's head: 6 * N * V * H useful FLOPs, bf16 hidden + weight
     assert "case n16k-3b: {'rows': 16384, 'hidden': 2048, 'vocab': 151936}, fwd+bwd 30.6 TFLOP useful, " \
-        "inputs 658 MiB" in result.stdout
+        "inputs 658 MiB" in stdout
 
 
 @pytest.mark.parametrize("provider", ["moca", "eager"])
@@ -327,13 +324,10 @@ def test_train_step_benchmark_compares_like_with_like(tmp_path):
 
 def test_pointwise_list_shows_cases_and_providers():
     import bench_pointwise
-    result = _bench("--list", script="bench_pointwise.py")
-    assert result.returncode == 0, result.stderr
-    for name in bench_pointwise.CASES + list(bench_pointwise.PROVIDERS):
-        assert name in result.stdout
+    stdout = _listed(bench_pointwise)
     # 12,800 x 11,008 bf16: gate and up read, the product written (forward)
     assert "case swiglu-3b: {'op': 'swiglu', 'tokens': 12800, 'intermediate': 11008}, forward moves 806 MiB" \
-        in result.stdout
+        in stdout
 
 
 @pytest.mark.parametrize("spec", [dict(op="rmsnorm", tokens=7, hidden=24, residual=False),
