@@ -17,7 +17,7 @@ class _Layer(nn.Module):
     def __init__(self):
         super().__init__()
         self.self_attn = nn.Linear(8, 8)
-        self.mlp = nn.Sequential(nn.Linear(384, 384), nn.Linear(384, 384))
+        self.mlp = nn.Sequential(nn.Linear(768, 768), nn.Linear(768, 768))  # products far above the rest's time
 
     def forward(self, x, y):
         return self.mlp(x).sum() + self.self_attn(y).sum()
@@ -36,7 +36,7 @@ def test_a_backward_counts_with_its_forward_module_class_and_shares_sum_to_one()
     torch.manual_seed(0)
     toy = _Toy()
     optimizer = torch.optim.AdamW(toy.parameters(), foreach=True)
-    x, y = torch.randn(512, 384), torch.randn(4, 8)
+    x, y = torch.randn(1024, 768), torch.randn(4, 8)
 
     def step():
         with nvtx("data"):
