@@ -106,12 +106,6 @@ def _device_self(event, cuda: bool) -> float:
     return event.self_device_time_total if cuda else event.self_cpu_time_total
 
 
-def _walk(event) -> Iterator:
-    yield event
-    for child in event.cpu_children:
-        yield from _walk(child)
-
-
 def summarize(events, cuda: bool, step_wall_ms: float, top: int = 15) -> dict:
     """The breakdown of one profiled step's ``events`` (``profile.events()``); ``step_wall_ms``:
     the step's wall time."""

@@ -30,7 +30,7 @@ from .model import regions
 from .model.embed import NonFiniteLoss
 from .model.flops import peak_bf16
 from .parallel import StepResult, strategy
-from .plot import plot_both, plot_metrics
+from .plot import plot_both, plot_metrics, read_metrics
 from .profiling import CaptureRange, nvtx
 from .reporting import MetricWindow, Reporters, check_available, report_targets
 from .stages import STAGES
@@ -251,8 +251,7 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
     parallel.barrier()  # the last checkpoint is written before any rank moves on
     if step < schedule.max_steps or not parallel.main:  # stopped early (stop_at), or not the rank that logs
         return last
-    with open(metrics_path) as f:
-        plot_metrics([json.loads(line) for line in f], os.path.join(run.out, "loss.png"), stage.summary(), log)
+    plot_metrics(read_metrics(run.out), os.path.join(run.out, "loss.png"), stage.summary(), log)
     return {**last, **stage.summary()}
 
 

@@ -49,6 +49,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from ..files import atomic_write
 from .records import IMAGE_PLACEHOLDER, BadRecords, RecordError, open_image, read_records, reject
 
 FORMATS = ("mmeb-eval", "mmeb-train", "beir")
@@ -202,11 +203,7 @@ class Images:
         ext = os.path.splitext(name)[1].lower() if isinstance(name, str) else ""
         path = os.path.join(self.folder, digest + (ext or verdict))
         if not os.path.isfile(path):
-            os.makedirs(self.folder, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            atomic_write(path, data)
             self.written += 1
         return path
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from moca.encoder import Encoder
-from moca.export import DOCUMENT_IMAGE_PROMPT
+from moca.export import DOCUMENT_IMAGE_PROMPT, check_prompts
 
 IMAGE_QUESTION_PROMPT = "Represent the given image with the following question: "
 
@@ -37,8 +37,7 @@ class MocaEncoder:
         self.model_name, self.revision = model_name, revision
         self.encoder = encoder if encoder is not None else Encoder.from_pretrained(model_name, device=device)
         self.prompts = dict(prompts or {})
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.prompts.items()):
-            raise ValueError(f"prompts must map names to texts, got {prompts!r}")
+        check_prompts(self.prompts)
 
     def task_prompt(self, task_metadata, prompt_type) -> str | None:
         """The prompt of ``self.prompts`` for this task and input kind, most specific first; None if none."""
