@@ -59,13 +59,12 @@ class MetricWindow:
     def add(self, result: StepResult) -> None:
         values = {**result.losses, **{k: v for k, v in result.extras.items() if _averaged(k)}}
         for name, value in values.items():
-            if value is not None:  # a device tensor is summed where it is: no host sync a step
-                value = value.detach() if hasattr(value, "detach") else float(value)
-                self.sums[name] = self.sums.get(name, 0.0) + value
+            if value is not None:
+                self.sums[name] = self.sums.get(name, 0.0) + float(value)
                 self.counts[name] = self.counts.get(name, 0) + 1
 
     def means(self) -> dict[str, float]:
-        return {name: float(self.sums[name]) / self.counts[name] for name in self.sums}
+        return {name: self.sums[name] / self.counts[name] for name in self.sums}
 
     def take(self, result: StepResult) -> StepResult:
         """``result`` (the logging step's) with each loss and accuracy replaced by its mean over the
@@ -79,7 +78,7 @@ class MetricWindow:
 
     def state(self) -> dict:
         """JSON values for the checkpoint's trainer state."""
-        return dict(sums={name: float(value) for name, value in self.sums.items()}, counts=self.counts)
+        return dict(sums=self.sums, counts=self.counts)
 
     @classmethod
     def from_state(cls, state: dict | None) -> MetricWindow:
