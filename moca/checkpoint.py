@@ -31,8 +31,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from moca_kernels.pointwise.hf import apply_fused_pointwise
-
 from .config import Config
 from .data.tokenizer import ByteTokenizer, HFTokenizer
 from .files import atomic_write, fsync_dir
@@ -264,9 +262,7 @@ def model_and_tokenizer(config, log=print):
     embedding table grown when the tokenizer's ids reach past it (``config``: a Config)."""
     path = config.model.path
     tokenizer = HFTokenizer(path) if path else ByteTokenizer()
-    model = build(None if path else config.model.preset, path)
-    if config.model.fused_pointwise:
-        apply_fused_pointwise(model)
+    model = build(None if path else config.model.preset, path, pointwise=config.model.fused_pointwise)
     rows, top = model.get_input_embeddings().num_embeddings, max(tokenizer.specials.all)
     if top >= rows:  # e.g. <|mask|> appended past the embedding table
         model.resize_token_embeddings(top + 1)

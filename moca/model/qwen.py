@@ -60,11 +60,12 @@ PRESETS["7b"] = _qwen_shape(3584, 18944, 28, 28, 4, 152064, tied=False)
 
 
 def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dtype = torch.float32,
-          device: str | torch.device = "cpu", attention: str = ATTENTION):
+          device: str | torch.device = "cpu", attention: str = ATTENTION, pointwise: bool = False):
     """A bidirectional Qwen2.5-VL: from a local checkpoint ``path``, else from ``preset`` with
     random weights (seeded by the caller; built directly on ``device``). ``attention`` is moca's
     packed attention (the default, language model and vision tower) or a transformers
-    implementation such as ``"sdpa"`` for padded batches (the authors' approach; benchmarks)."""
+    implementation such as ``"sdpa"`` for padded batches (the authors' approach; benchmarks).
+    ``pointwise``: RMSNorm, rotary embedding and SwiGLU through moca's fused kernels."""
     if path is not None:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                                    attn_implementation=attention).to(device)
@@ -74,10 +75,8 @@ def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dty
         config = Qwen2_5_VLConfig(**PRESETS[preset], attn_implementation=attention)
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
-    if attention == ATTENTION:
-        apply_moca_kernels_to_qwen2_5_vl(model, bidirectional=True)
-    else:
-        set_causal(model, False)
+    ours = attention == ATTENTION
+    apply_moca_kernels_to_qwen2_5_vl(model, attention=ours, vision=ours, bidirectional=True, pointwise=pointwise)
     return model
 
 
