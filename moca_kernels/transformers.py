@@ -82,7 +82,7 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
             raise ValueError(f"{ATTENTION} attention cannot tell the documents of this input apart: {_HOW_TO_PACK} "
                              "(a Qwen2-VL / Qwen2.5-VL model patched by moca_kernels.transformers."
                              "apply_moca_kernels_to_qwen2_5_vl reads them from its input)")
-        cu_q = cu_k = _cu_seqlens(_restarts(positions.expand(batch, length)))
+        cu_q = cu_k = document_boundaries(batch, length, positions)
     elif cu_q is None or cu_k is None:
         cu_q = cu_k = cu_q if cu_q is not None else cu_k
     q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], dim) for x in _same_dtype(query, key, value))
@@ -111,13 +111,6 @@ register()
 
 
 # --- document boundaries -------------------------------------------------------------------------
-
-def _restarts(positions: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: True where a document begins, i.e. where the position is 0, and at each row's start."""
-    starts = positions == 0
-    starts[:, 0] = True
-    return starts
-
 
 def document_boundaries(batch: int, length: int, position_ids: torch.Tensor | None = None,
                         attention_mask: torch.Tensor | None = None, device=None) -> torch.Tensor:
@@ -150,8 +143,6 @@ def document_boundaries(batch: int, length: int, position_ids: torch.Tensor | No
         device = starts.device
     else:
         starts = torch.zeros(batch, length, dtype=torch.bool, device=device)
-    if length:
-        starts[:, 0] = True
     if attention_mask is not None:
         if attention_mask.ndim != 2 or tuple(attention_mask.shape) != (batch, length):
             raise ValueError(f"{ATTENTION} attention takes a 2-D (batch, length) = ({batch}, {length}) padding "
@@ -163,8 +154,8 @@ def document_boundaries(batch: int, length: int, position_ids: torch.Tensor | No
                              f"in each row: {_HOW_TO_PACK}")
         starts = (starts & real)  # restarts inside padding mean nothing
         starts[:, 1:] |= real[:, 1:] != real[:, :-1]
-        if length:
-            starts[:, 0] = True
+    if length:
+        starts[:, 0] = True
     return _cu_seqlens(starts)
 
 
@@ -190,6 +181,9 @@ def _packed_text_forward(original: Callable) -> Callable:
             if attention_mask is not None:
                 raise ValueError(f"{ATTENTION} attention takes cu_seq_lens_q/k or a padding attention_mask, "
                                  "not both")
+            for name in ("cu_seq_lens_q", "cu_seq_lens_k"):  # int32 once here, not once per layer
+                if isinstance(kwargs.get(name), torch.Tensor):
+                    kwargs[name] = kwargs[name].to(torch.int32)
         else:
             embeds = kwargs.get("inputs_embeds")
             batch, length = (embeds.shape[:2] if embeds is not None else input_ids.shape)
