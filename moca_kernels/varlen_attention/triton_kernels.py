@@ -18,6 +18,7 @@ natural log, ``-inf`` for rows that see no key.
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -553,9 +554,10 @@ def candidates(kernel: str, design: str, head_dim: int) -> list[tuple[int, int, 
     return [c for c in every if wgmma_shapes_ok(kernel, design, c[0], head_dim)]
 
 
+@functools.cache
 def offered(kind: str, head_dim: int) -> tuple[str, ...]:
     """The designs of ``kind`` ("fwd", "bwd") that serve this head dim: those with candidates for
-    each of their kernels."""
+    each of their kernels (fixed tables: worked out once per head dim, not on every call)."""
     cls = head_dim_class(head_dim)
     return tuple(d for d in DESIGNS[kind]
                  if all(cls in spec["grid_block"] and candidates(kernel, d, head_dim)
