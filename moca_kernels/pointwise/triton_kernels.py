@@ -211,7 +211,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n = gate.numel()
     if n:
         block = _swiglu_block()
-        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=8 if block > 1024 else 4)
+        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=_warps(block))
     return out
 
 
@@ -221,5 +221,5 @@ def swiglu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) ->
     if n:
         block = _swiglu_block()
         _swiglu_bwd_kernel[(triton.cdiv(n, block),)](dout, gate, up, dgate, dup, n, BLOCK=block,
-                                                     num_warps=8 if block > 1024 else 4)
+                                                     num_warps=_warps(block))
     return dgate, dup
