@@ -9,8 +9,11 @@ Rows, each trained and evaluated once per seed (``run.seed`` 0, 1, ...), from th
 Every row of one seed sees the same data and evaluation files. ``out/ablation.json`` holds
 ``{"rows": {row: {metric: {"mean", "std", "values"}}}, "chance": {metric: value}, ...}``, with the
 metrics of ``eval.json``'s ``overall``; ``ablation.md`` the table and ``ablation.png`` the main
-metrics per row. A run whose ``eval.json`` exists is not trained again (if its settings are the
-row's) and an unfinished one is resumed, so an interrupted ablation continues where it stopped.
+metrics per row. On the embedded data, each row whose stage 1 has MLM is also probed for whether it
+learned to read the pictures (``moca.probe.picture_reading``: masked color, shape and background
+words with the pictures and with noise), under ``"reading"`` in ``ablation.json`` and as a second
+table. A run whose ``eval.json`` exists is not trained again (if its settings are the row's) and an
+unfinished one is resumed, so an interrupted ablation continues where it stopped.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from .config import Config
 from .data import embedded
 from .data.index import data_files
 from .eval import evaluate_run
+from .probe import picture_reading
 from .train import train
 
 ROWS: dict[str, dict] = {
@@ -70,13 +74,19 @@ def ablate(base: Config, out: str, seeds: int = 3, rows: list[str] | None = None
         raise ValueError("on your own data the ablation needs all three: --data DOCUMENTS, pairs=PAIRS and "
                          "evaluation=EVAL")
     scores: dict[str, list[dict]] = {name: [] for name in names}
+    reading: dict[str, list[dict]] = {}
     for seed in range(seeds):
         for name in names:
             config = base.update({**ROWS[name], "run.seed": seed,
                                   "run.out": os.path.join(out, name, f"seed-{seed}")}).validate()
             log(f"ablation: {name}, seed {seed} -> {config.run.out}")
             scores[name].append(run_row(config, log=lambda *_: None)["overall"])
+            if config.run.stage == "both" and config.cpt.use_mlm and not d.documents:
+                reading.setdefault(name, []).append(
+                    picture_reading(os.path.join(config.run.out, "cpt"), seed=seed, log=lambda *_: None))
     result = summarize(scores)
+    if reading:
+        result["reading"] = summarize_reading(reading)
     result["settings"] = base.to_dict()
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "ablation.json"), "w") as f:
@@ -104,6 +114,22 @@ def summarize(scores: dict[str, list[dict]]) -> dict:
     return dict(rows=rows, chance=chance, seeds=len(next(iter(scores.values()))))
 
 
+def summarize_reading(probes: dict[str, list[dict]]) -> dict:
+    """``{row: {class: {"pictures": {"mean", "std", "values"}, "noise": ..., "chance"}}}`` from each
+    row's ``picture_reading`` per seed."""
+    out = {}
+    for name, per_seed in probes.items():
+        out[name] = {}
+        for cls, first in per_seed[0].items():
+            out[name][cls] = {"chance": first["chance"]}
+            for shown in ("pictures", "noise"):
+                values = [p[cls][shown] for p in per_seed]
+                out[name][cls][shown] = dict(mean=round(statistics.fmean(values), 4),
+                                             std=round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+                                             values=values)
+    return out
+
+
 def table(result: dict) -> str:
     """The markdown table: one row per ablation row, each metric as mean ± std over the seeds."""
     metrics = list(next(iter(result["rows"].values())))
@@ -113,7 +139,19 @@ def table(result: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("| chance | " + " | ".join(f"{result['chance'][m]:.3f}" if m in result["chance"] else "" for m in
                                            metrics) + " |")
-    return "\n".join(lines) + f"\n\n{result['seeds']} seed(s) a row; mean ± sample standard deviation across seeds."
+    text = "\n".join(lines) + f"\n\n{result['seeds']} seed(s) a row; mean ± sample standard deviation across seeds."
+    if result.get("reading"):
+        classes = list(next(iter(result["reading"].values())))
+        lines = ["", "Does stage 1 read the pictures? Masked-word accuracy on new documents, with the pictures / with "
+                 "noise instead (moca.probe):", "", "| row | " + " | ".join(classes) + " |",
+                 "|---" * (len(classes) + 1) + "|"]
+        for name, row in result["reading"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[c]['pictures']['mean']:.3f} / {row[c]['noise']['mean']:.3f}"
+                                                   for c in classes) + " |")
+        first = next(iter(result["reading"].values()))
+        lines.append("| chance | " + " | ".join(f"{first[c]['chance']:.3f}" for c in classes) + " |")
+        text += "\n" + "\n".join(lines)
+    return text
 
 
 def plot(result: dict, path: str) -> None:

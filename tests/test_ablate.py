@@ -6,7 +6,7 @@ import statistics
 from PIL import Image
 
 from moca import cli
-from moca.ablate import ROWS, summarize, table
+from moca.ablate import ROWS, summarize, summarize_reading, table
 from moca.config import Config
 
 
@@ -22,6 +22,7 @@ def test_the_ablation_end_to_end_on_user_files(tmp_path, capsys):
     printed = capsys.readouterr().out
     result = json.loads((out / "ablation.json").read_text())
     assert list(result["rows"]) == list(ROWS) and result["seeds"] == 2
+    assert "reading" not in result  # the picture probe knows only the embedded data's words
     for name in ROWS:
         runs = [out / name / f"seed-{s}" for s in range(2)]
         stage_two = [r / "cl" if ROWS[name]["run.stage"] == "both" else r for r in runs]
@@ -70,3 +71,28 @@ def test_summary_of_one_seed_has_no_spread():
     result = summarize({"cl": [{"precision_at_1": 0.5, "chance_precision_at_1": 0.25, "chance": 0.25, "n": 4}]})
     assert result == {"rows": {"cl": {"precision_at_1": {"mean": 0.5, "std": 0.0, "values": [0.5]}}},
                       "chance": {"precision_at_1": 0.25}, "seeds": 1}
+
+
+def test_on_the_embedded_data_rows_with_mlm_are_probed_for_reading_the_pictures(tmp_path):
+    out = tmp_path / "ablation"
+    argv = ["ablate", "--out", str(out), "--seeds", "1", "--rows", "cl,mae+cl,cpt+cl", "max_steps=2",
+            "pairs_per_batch=4", "token_budget=512", "log_every=1"]
+    assert cli.main(argv) == 0
+    result = json.loads((out / "ablation.json").read_text())
+    assert list(result["reading"]) == ["cpt+cl"]  # cl has no stage 1, mae+cl no MLM head to ask
+    color = result["reading"]["cpt+cl"]["color"]
+    assert color["chance"] == round(1 / 6, 4) and len(color["pictures"]["values"]) == 1
+    assert (out / "cpt+cl" / "seed-0" / "cpt" / "probe-data" / "cpt.jsonl").is_file()
+    assert "| cpt+cl | " in (out / "ablation.md").read_text().split("Does stage 1 read the pictures?")[1]
+
+
+def test_reading_summary_and_its_table():
+    per_seed = [{"color": {"pictures": 0.5, "noise": 0.2, "chance": 0.1667, "n": 10}},
+                {"color": {"pictures": 0.3, "noise": 0.1, "chance": 0.1667, "n": 9}}]
+    reading = summarize_reading({"cpt+cl": per_seed})
+    assert reading == {"cpt+cl": {"color": {"chance": 0.1667,
+                                            "pictures": {"mean": 0.4, "std": 0.1414, "values": [0.5, 0.3]},
+                                            "noise": {"mean": 0.15, "std": 0.0707, "values": [0.2, 0.1]}}}}
+    result = summarize({"cpt+cl": [{"precision_at_1": 0.5, "chance_precision_at_1": 0.25, "n": 4}] * 2})
+    text = table({**result, "reading": reading})
+    assert "| cpt+cl | 0.400 / 0.150 |" in text and "| chance | 0.167 |" in text
