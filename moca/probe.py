@@ -4,7 +4,8 @@ documents, with the pictures shown and with every picture replaced by noise.
 On the embedded dataset a masked color, shape or background word can only be predicted from the
 picture the caption follows (text alone gives chance). ``picture_reading`` masks the run's share of
 caption words (``cpt.mlm_ratio``) in documents drawn with a seed no training run uses, and counts
-how often the top prediction is the masked word, per class. Accuracy with pictures well above the
+how often the masked word is the class's top-scoring word (a color among the colors, so that
+chance is one over the class's size). Accuracy with pictures well above the
 accuracy with noise means stage 1 learned to read them; both at chance means it did not, whatever
 the overall MLM accuracy says (the captions' fixed wording is easy to predict).
 """
@@ -51,10 +52,11 @@ def picture_reading(run_dir: str, documents: int = 200, seed: int = 0, log=print
             batch = collate(docs[start:start + DOCS_PER_ROW], tokenizer.specials, config.cpt.mlm_ratio, noise_ratio,
                             generator)
             labels = batch["labels"]
-            predicted = model.lm_head(packed_hidden(model, batch)).argmax(-1)
+            hidden = packed_hidden(model, batch)
             for name, class_ids in ids.items():
                 chosen = torch.isin(labels, class_ids)
-                hits[name][0] += int((predicted[chosen] == labels[chosen]).sum())
+                predicted = class_ids[model.lm_head(hidden[chosen])[:, class_ids].argmax(-1)]
+                hits[name][0] += int((predicted == labels[chosen]).sum())
                 hits[name][1] += int(chosen.sum())
         for name, (right, total) in hits.items():
             entry = result.setdefault(name, {"chance": round(1 / len(CLASSES[name]), 4), "n": total})
