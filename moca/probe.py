@@ -5,9 +5,9 @@ On the embedded dataset a masked color, shape or background word can only be pre
 picture the caption follows (text alone gives chance). ``picture_reading`` masks the run's share of
 caption words (``cpt.mlm_ratio``) in documents drawn with a seed no training run uses, and counts
 how often the masked word is the class's top-scoring word (a color among the colors, so that
-chance is one over the class's size). Accuracy with pictures well above the
-accuracy with noise means stage 1 learned to read them; both at chance means it did not, whatever
-the overall MLM accuracy says (the captions' fixed wording is easy to predict).
+chance is one over the class's size). Accuracy with pictures well above the accuracy with noise
+means stage 1 learned to read them; both at chance means it did not, whatever the overall MLM
+accuracy says (the captions' fixed wording is easy to predict).
 """
 from __future__ import annotations
 
@@ -23,15 +23,15 @@ from .model.qwen import packed_hidden
 
 CLASSES = {"color": embedded.INKS, "shape": embedded.SHAPES, "background": embedded.BACKGROUNDS}
 PROBE_SEED = 20_000  # new pictures: embedded.write's seeds for training runs are the run seeds
-DOCS_PER_ROW = 16
+DOCS_PER_ROW = 16  # documents packed into one forward
 
 
 @torch.no_grad()
 def picture_reading(run_dir: str, documents: int = 200, seed: int = 0, log=print) -> dict:
     """``{class: {"pictures": accuracy, "noise": accuracy, "chance": 1 / words, "n": masked words}}``
     of the stage-1 run in ``run_dir`` (its newest checkpoint), on ``documents`` new embedded
-    documents written under ``run_dir/probe-data``. Needs the tiny preset's tokenizer, which has
-    one token for each of these words."""
+    documents written under ``run_dir/probe-data`` (``seed`` picks them and the masks). Needs the
+    tiny preset's tokenizer, which has one token for each of these words."""
     config, model, tokenizer = load_run(run_dir, log=lambda *_: None)
     words = getattr(tokenizer, "words", {})
     missing = [w for names in CLASSES.values() for w in names if w not in words]
