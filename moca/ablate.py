@@ -106,12 +106,16 @@ def summarize(scores: dict[str, list[dict]]) -> dict:
         metrics = [k for k in per_seed[0] if k != "n" and not k.startswith("chance")]
         rows[name] = {}
         for metric in metrics:
-            values = [s[metric] for s in per_seed]
-            rows[name][metric] = dict(mean=round(statistics.fmean(values), 4),
-                                      std=round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-                                      values=values)
+            rows[name][metric] = _spread([s[metric] for s in per_seed])
         chance.update({k.removeprefix("chance_"): v for k, v in per_seed[0].items() if k.startswith("chance_")})
     return dict(rows=rows, chance=chance, seeds=len(next(iter(scores.values()))))
+
+
+def _spread(values: list[float]) -> dict:
+    """``{"mean", "std", "values"}`` of one metric over the seeds (``std``: the sample standard
+    deviation, 0 for one seed)."""
+    return dict(mean=round(statistics.fmean(values), 4),
+                std=round(statistics.stdev(values), 4) if len(values) > 1 else 0.0, values=values)
 
 
 def summarize_reading(probes: dict[str, list[dict]]) -> dict:
@@ -123,10 +127,7 @@ def summarize_reading(probes: dict[str, list[dict]]) -> dict:
         for cls, first in per_seed[0].items():
             out[name][cls] = {"chance": first["chance"]}
             for shown in ("pictures", "noise"):
-                values = [p[cls][shown] for p in per_seed]
-                out[name][cls][shown] = dict(mean=round(statistics.fmean(values), 4),
-                                             std=round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-                                             values=values)
+                out[name][cls][shown] = _spread([p[cls][shown] for p in per_seed])
     return out
 
 
