@@ -23,8 +23,8 @@ import statistics
 
 from .config import Config
 from .data import embedded
-from .data.index import data_files
 from .eval import evaluate_run
+from .files import data_files
 from .probe import picture_reading
 from .train import train
 

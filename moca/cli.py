@@ -29,9 +29,9 @@ from .ablate import ablate, table
 from .checkpoint import checkpoints
 from .config import Config, describe, targets, toml_settings
 from .data.convert import FORMATS, convert
-from .data.index import data_files
 from .encoder import Encoder
 from .eval import embed_file, evaluate
+from .files import data_files
 from .parallel import leave
 from .train import Preempted, train
 

@@ -1,10 +1,27 @@
-"""Files that survive a crash or a second process: atomic writes and the run-directory lock."""
+"""Files: the data files a path names, and files that survive a crash or a second process (atomic
+writes and the run-directory lock)."""
 from __future__ import annotations
 
 import contextlib
 import glob
 import os
 import socket
+
+
+def data_files(path: str, what: str = "--data", suffixes: tuple[str, ...] = (".jsonl",),
+               recursive: bool = False) -> list[str]:
+    """``path`` itself, or the files ending in one of ``suffixes`` in the folder ``path`` (and in
+    its subfolders where ``recursive``), sorted. ``what`` names the argument in the errors."""
+    if os.path.isdir(path):
+        pattern = os.path.join(glob.escape(path), "**", "*") if recursive else os.path.join(glob.escape(path), "*")
+        files = sorted(f for f in glob.glob(pattern, recursive=recursive) if f.endswith(suffixes) and os.path.isfile(f))
+        if not files:
+            where = "under" if recursive else "in"
+            raise ValueError(f"{what} {path}: no {' or '.join(suffixes)} files {where} the folder".lstrip())
+        return files
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path}: no such file or folder".lstrip())
+    return [path]
 
 
 def fsync_dir(path: str) -> None:

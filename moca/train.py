@@ -23,9 +23,8 @@ import torch
 from . import breakdown, checkpoint
 from .config import Config
 from .data import embedded
-from .data.index import data_files
 from .eval import evaluate_run
-from .files import RunLock, atomic_write
+from .files import RunLock, atomic_write, data_files
 from .model import regions
 from .model.embed import NonFiniteLoss
 from .model.flops import peak_bf16

@@ -23,6 +23,7 @@ from moca.data.images import MAX_IMAGE_PIXELS
 from moca.data.pairs import load_pair, read_pairs
 from moca.data.records import BadRecords, DataError, load_cpt, read_cpt
 from moca.eval import embed_file, evaluate, read_eval
+from moca.files import data_files
 
 
 @pytest.fixture(autouse=True)
@@ -602,3 +603,24 @@ def test_training_skips_every_kind_of_bad_document_or_stops_under_strict(tmp_pat
     code = cli.main(["train", "--stage", "cpt", "--data", str(path), "--out", str(tmp_path / "strict"), "--strict",
                      "--max-steps", "2"])
     assert code == 2 and f"{path}:{min(faults)}: " in capsys.readouterr().err
+
+
+def test_data_files_names_the_argument_and_reads_folders_literally(tmp_path):
+    """A folder whose name holds glob characters is listed, not taken as a pattern; an empty
+    folder or a missing path is an error naming the argument; ``recursive`` reaches subfolders
+    and the suffixes choose the files."""
+    folder = tmp_path / "shard[0]"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.jsonl", "a.jsonl", "notes.txt", "sub/c.parquet", "sub/d.jsonl"):
+        (folder / name).write_text("{}\n")
+    assert data_files(str(folder)) == [str(folder / "a.jsonl"), str(folder / "b.jsonl")]
+    assert data_files(str(folder), "", (".jsonl", ".parquet"), recursive=True) == [
+        str(folder / n) for n in ("a.jsonl", "b.jsonl", "sub/c.parquet", "sub/d.jsonl")]
+    assert data_files(str(folder / "notes.txt")) == [str(folder / "notes.txt")]  # a file is taken as given
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^evaluation .*empty: no \.jsonl files in the folder$"):
+        data_files(str(tmp_path / "empty"), "evaluation")
+    with pytest.raises(ValueError, match=r"^--data .*gone: no such file or folder$"):
+        data_files(str(tmp_path / "gone"))
+    with pytest.raises(ValueError, match=r"^\S*sub: no \.tsv files under the folder$"):
+        data_files(str(folder / "sub"), "", (".tsv",), recursive=True)

@@ -49,7 +49,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ..files import atomic_write
+from ..files import atomic_write, data_files
 from .records import IMAGE_PLACEHOLDER, BadRecords, RecordError, open_image, read_records, reject
 
 FORMATS = ("mmeb-eval", "mmeb-train", "beir")
@@ -120,19 +120,6 @@ def _tsv_rows(path: str) -> Iterator[tuple[str, dict]]:
                              f"got {reader.fieldnames}")
         for row in reader:
             yield f"{path}:{reader.line_num}", row
-
-
-def row_files(path: str) -> list[str]:
-    """``path`` itself, or the .parquet and .jsonl files under the folder ``path``, sorted."""
-    if os.path.isdir(path):
-        files = sorted(f for f in glob.glob(os.path.join(glob.escape(path), "**", "*"), recursive=True)
-                       if f.endswith(ROW_FILES))
-        if not files:
-            raise ValueError(f"{path}: no .parquet or .jsonl files under the folder")
-        return files
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file or folder")
-    return [path]
 
 
 def task_of(path: str) -> str:
@@ -408,7 +395,7 @@ def detect(inputs: list[str]) -> str:
     fields of the first row)."""
     if all(is_beir(p) for p in inputs):
         return "beir"
-    first = row_files(inputs[0])[0]
+    first = data_files(inputs[0], "", ROW_FILES, recursive=True)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bad rows are reported by the conversion itself
         row = next((r for _, r in read_rows(first, BadRecords(), False)), None)
@@ -442,7 +429,7 @@ def convert(inputs: list[str], output: str, fmt: str = "auto", image_root: str |
             if not is_beir(folder):
                 raise ValueError(f"{folder}: not a BEIR-style folder (corpus, queries and qrels)")
     else:
-        sources = [f for path in inputs for f in row_files(path)]
+        sources = [f for path in inputs for f in data_files(path, "", ROW_FILES, recursive=True)]
         if os.path.abspath(output) in map(os.path.abspath, sources):
             raise ValueError(f"{output}: the output is one of the inputs")
 

@@ -9,12 +9,12 @@ scan it again. Bad records are counted and reported, from the cache too.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 
+from ..files import data_files
 from . import embedded
 from .cpt import layout
 from .pairs import read_pairs
@@ -37,18 +37,6 @@ class PairEntry:
     offset: int
     where: str
     task: str
-
-
-def data_files(path: str, what: str = "--data") -> list[str]:
-    """``path`` itself, or the .jsonl files of the folder ``path``, sorted."""
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.jsonl")))
-        if not files:
-            raise ValueError(f"{what} {path}: no .jsonl files in the folder")
-        return files
-    if not os.path.isfile(path):
-        raise ValueError(f"{what} {path}: no such file or folder")
-    return [path]
 
 
 def embedded_file(write, folder: str, name: str, seed: int, main: bool, barrier) -> str:
