@@ -42,10 +42,26 @@ def test_switches(use_mlm, use_mae):
     tok = ByteTokenizer()
     torch.manual_seed(0)
     heads = MocaCPT(build("tiny"), use_mlm=use_mlm, use_mae=use_mae)
-    out = heads(collate(_docs(tok), tok.specials, 0.4, 0.5, torch.Generator().manual_seed(3)))
+    out = heads(collate(_docs(tok), tok.specials, 0.4, 0.5, torch.Generator().manual_seed(3)), accuracy=True)
     assert (out["mlm_loss"] > 0) == use_mlm and (out["mae_loss"] > 0) == use_mae
+    assert ("mlm_accuracy" in out) == use_mlm  # no accuracy of a head that is not trained
     with pytest.raises(ValueError, match="at least one of MLM and MAE"):
         MocaCPT(build("tiny"), use_mlm=False, use_mae=False)
+
+
+@pytest.mark.parametrize("use_mlm,use_mae,mlm_ratio", [(False, True, 0.4), (True, True, 0.0), (True, False, 0.0)])
+def test_a_micro_batch_with_nothing_to_learn_backpropagates_zero(use_mlm, use_mae, mlm_ratio):
+    """Text only under MAE alone (nothing masked to reconstruct), or no masked token under MLM:
+    the loss is a zero whose backward runs and leaves every gradient zero."""
+    tok = ByteTokenizer()
+    torch.manual_seed(0)
+    heads = MocaCPT(build("tiny"), use_mlm=use_mlm, use_mae=use_mae)
+    docs = _docs(tok)[1:]  # the text-only document
+    out = heads(collate(docs, tok.specials, mlm_ratio, 0.5, torch.Generator().manual_seed(3)))
+    assert out["loss"].item() == 0.0
+    out["loss"].backward()
+    grads = [p.grad for p in heads.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(float(g.abs().max()) == 0.0 for g in grads)
 
 
 def test_loss_falls_over_a_few_dozen_steps():

@@ -40,9 +40,9 @@ class MocaCPT(nn.Module):
     def forward(self, batch: dict, accuracy: bool = False) -> dict:
         """Losses of one packed micro-batch from ``moca.data.cpt.collate``: ``loss`` (the sum to
         optimize), ``mlm_loss``, ``mae_loss`` (detached, for logging; 0 when off or empty), and
-        with ``accuracy`` ``mlm_accuracy`` (the share of masked tokens whose top prediction is
-        right; None without any), computed here where the LM head's weight is whole even when
-        sharded."""
+        with ``accuracy`` and MLM on, ``mlm_accuracy`` (the share of masked tokens whose top
+        prediction is right; None without any), computed here where the LM head's weight is whole
+        even when sharded."""
         hidden = packed_hidden(self.model, batch)  # (L, H), after the final norm
         zero = hidden.new_zeros((), dtype=torch.float32)
         mlm = mae = zero
@@ -64,8 +64,10 @@ class MocaCPT(nn.Module):
             else:  # no masked image token: a zero that still reaches the decoder's backward
                 mae = 0.0 * decoded.float().sum()
         loss = (mlm if self.use_mlm else zero) + (self.mae_weight * mae if self.use_mae else zero)
+        if hidden.requires_grad and not loss.requires_grad:  # nothing to learn here (MAE only, no picture): a zero
+            loss = 0.0 * hidden.float().sum()  # that still has a backward, as every micro-batch must
         out = dict(loss=loss, mlm_loss=mlm.detach(), mae_loss=mae.detach())
-        if accuracy:
+        if accuracy and self.use_mlm:
             out["mlm_accuracy"] = _mlm_accuracy(hidden, self.model.lm_head.weight, batch["labels"])
         return out
 
