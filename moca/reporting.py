@@ -96,6 +96,18 @@ def _missing(target: str, error: ImportError) -> ValueError:
                       f"'moca-kernels[{target}]', or drop {target} from run.report_to")
 
 
+def score_row(scores: dict, step: int) -> dict:
+    """An evaluation's scores (``moca.eval.evaluate``'s result) as one row for ``Reporters.log``:
+    each overall metric by its name, each task's as ``task/metric``; chance levels and counts left
+    out (they are in eval.json)."""
+    def measured(metrics: dict) -> dict:
+        return {k: v for k, v in metrics.items() if k != "n" and not k.startswith("chance")}
+    row = {"step": step, **measured(scores["overall"])}
+    for task, metrics in scores["tasks"].items():
+        row.update({f"{task}/{k}": v for k, v in measured(metrics).items()})
+    return row
+
+
 class Reporters:
     """The run's ``report_to`` targets, open on ``out`` (the run directory) for ``stage``.
     ``start``: the step the run starts from; TensorBoard hides the events a stopped run logged
@@ -127,6 +139,18 @@ class Reporters:
             self.writer.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({f"{self.stage}/{k}": v for k, v in numbers.items()}, step=step)
+
+    def log_summary(self, row: dict) -> None:
+        """Numbers that describe the whole run (the evaluation's scores) under ``stage/name``:
+        TensorBoard scalars at the row's step; in W&B the run's summary, which a resumed run's
+        step counter cannot reject."""
+        numbers, step = _numbers(row), int(row["step"])
+        if self.writer is not None:
+            for name, value in numbers.items():
+                self.writer.add_scalar(f"{self.stage}/{name}", value, global_step=step)
+            self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({f"{self.stage}/{k}": v for k, v in numbers.items()})
 
     def close(self) -> None:
         if self.writer is not None:

@@ -31,7 +31,7 @@ from .model.flops import peak_bf16
 from .parallel import StepResult, strategy
 from .plot import plot_both, plot_metrics, read_metrics
 from .profiling import CaptureRange, nvtx
-from .reporting import MetricWindow, Reporters, check_available, report_targets
+from .reporting import MetricWindow, Reporters, check_available, report_targets, score_row
 from .stages import STAGES
 
 
@@ -293,6 +293,18 @@ def _finished(run_dir: str, max_steps: int) -> dict | None:
         return json.loads(f.readlines()[-1])
 
 
+def _report_scores(stage2: Config, scores: dict) -> None:
+    """The evaluation's scores to the run's ``report_to`` targets, under ``eval/``: in stage 2's
+    TensorBoard folder at its last step, and in its W&B run's summary."""
+    targets = report_targets(stage2.run.report_to)
+    if targets:
+        reporters = Reporters(targets, stage2.run.out, "eval", stage2.to_dict())
+        try:
+            reporters.log_summary(score_row(scores, stage2.cl.max_steps))
+        finally:
+            reporters.close()
+
+
 def _train_both(config: Config, resume: bool, force: bool, log) -> dict:
     """Stage 1, stage 2 from its newest checkpoint, then the evaluation of the result into
     ``out/cl/eval.json``: ``data.evaluation``, or on the embedded dataset its held-out split.
@@ -326,6 +338,7 @@ def _train_both(config: Config, resume: bool, force: bool, log) -> dict:
             files = []
         if files:
             results["eval"] = evaluate_run(stages[1].run.out, files, strict=config.run.strict, log=log)
+            _report_scores(stages[1], results["eval"])
         plot_both([(c.run.stage, c.run.out, results[c.run.stage]) for c in stages], results.get("eval"),
                   os.path.join(config.run.out, "loss.png"), log)
         return results

@@ -114,16 +114,16 @@ def test_missing_reporter_package_is_named_before_the_model_loads(tmp_path, monk
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def _wandb_history(path: str) -> list[dict]:
-    """The history rows of an offline W&B run file: a 7-byte file header, then records in
-    LevelDB's log framing (32 KiB blocks; each chunk: checksum, length, kind: 1 whole, 2 first,
-    3 middle, 4 last), each record a protobuf ``Record``."""
+def _wandb_records(path: str, wanted: str) -> list[dict]:
+    """The ``wanted`` records (history rows, or summary updates) of an offline W&B run file: a
+    7-byte file header, then records in LevelDB's log framing (32 KiB blocks; each chunk:
+    checksum, length, kind: 1 whole, 2 first, 3 middle, 4 last), each a protobuf ``Record``."""
     import struct
 
     from wandb.proto import wandb_internal_pb2
     with open(path, "rb") as f:
         data = f.read()
-    position, block, pending, history = 7, 1 << 15, b"", []
+    position, block, pending, found = 7, 1 << 15, b"", []
     while position + 7 <= len(data):
         left = block - position % block
         _, length, kind = struct.unpack("<IHB", data[position:position + 7]) if left >= 7 else (0, 0, 0)
@@ -136,10 +136,11 @@ def _wandb_history(path: str) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
-            if record.WhichOneof("record_type") == "history":
-                history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                                for item in record.history.item})  # "a/b" keys come nested
-    return history
+            if record.WhichOneof("record_type") == wanted:
+                items = record.history.item if wanted == "history" else record.summary.update
+                found.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                for item in items})  # "a/b" keys come nested
+    return found
 
 
 def test_wandb_offline_gets_the_rows_and_a_resume_continues_its_run(tmp_path, monkeypatch):
@@ -161,13 +162,48 @@ def test_wandb_offline_gets_the_rows_and_a_resume_continues_its_run(tmp_path, mo
     while len(history) < len(rows) and waited < 30:  # wandb's service process may still be writing the file
         time.sleep(0.5 if waited else 0)
         waited += 0.5
-        history = _wandb_history(glob.glob(pattern)[0]) if glob.glob(pattern) else []
+        history = _wandb_records(glob.glob(pattern)[0], "history") if glob.glob(pattern) else []
     assert [{k: v for k, v in h.items() if not k.startswith("_")} for h in history] == [
         {f"cl/{k}": v for k, v in row.items() if k not in ("step", "stage")} for row in rows]
     assert [h["_step"] for h in history] == [2, 4]
     again = Reporters(["wandb"], out, "cl", {}, start=4)
     assert again.wandb_run.id == run_id  # the resumed run continues the same W&B run
     again.close()
+
+
+def test_the_evaluation_reaches_tensorboard_and_the_wandb_summary(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from moca import cli
+    from moca.data import embedded
+    folder = tmp_path / "user"
+    documents = embedded.write(str(folder / "cpt"), documents=16)
+    pairs = embedded.write_pairs(str(folder / "pairs"), pairs=16)
+    evaluation = embedded.write_eval(str(folder / "eval"), queries=6)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--stage", "both", "--data", documents, f"pairs={pairs}", f"evaluation={evaluation}",
+                     "--out", str(run), "--max-steps", "2", "pairs_per_batch=4", "log_every=1",
+                     "report_to=tensorboard,wandb"]) == 0
+    scores = json.loads((run / "cl" / "eval.json").read_text())
+    expected = {"eval/ndcg_at_5": scores["overall"]["ndcg_at_5"],
+                "eval/retrieval/recall_at_1": scores["tasks"]["retrieval"]["recall_at_1"],
+                "eval/text-to-image/precision_at_1": scores["tasks"]["text-to-image"]["precision_at_1"]}
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "cl" / "tensorboard"))
+    events.Reload()
+    assert "eval/n" not in events.Tags()["scalars"] and "eval/chance" not in events.Tags()["scalars"]
+    for tag, value in expected.items():
+        assert [(s.step, s.value) for s in events.Scalars(tag)] == [(2, pytest.approx(value, rel=1e-6))], tag
+
+    files = glob.glob(os.path.join(run, "cl", "wandb", "offline-run-*", "run-*.wandb"))  # training's, evaluation's
+    summary, waited = {}, 0.0
+    while not set(expected) <= set(summary) and waited < 30:  # wandb's service process may still be writing
+        time.sleep(0.5 if waited else 0)
+        waited += 0.5
+        summary = {k: v for file in files for update in _wandb_records(file, "summary") for k, v in update.items()}
+    assert {k: summary.get(k) for k in expected} == expected
 
 
 def _cpt_rows(steps):
