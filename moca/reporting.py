@@ -132,25 +132,26 @@ class Reporters:
 
     def log(self, row: dict) -> None:
         """One ``metrics.jsonl`` row: each number under ``stage/name`` at the row's step."""
-        numbers, step = _numbers(row), int(row["step"])
-        if self.writer is not None:
-            for name, value in numbers.items():
-                self.writer.add_scalar(f"{self.stage}/{name}", value, global_step=step)
-            self.writer.flush()
+        named, step = self._named(row)
         if self.wandb_run is not None:
-            self.wandb_run.log({f"{self.stage}/{k}": v for k, v in numbers.items()}, step=step)
+            self.wandb_run.log(named, step=step)
 
     def log_summary(self, row: dict) -> None:
         """Numbers that describe the whole run (the evaluation's scores) under ``stage/name``:
         TensorBoard scalars at the row's step; in W&B the run's summary, which a resumed run's
         step counter cannot reject."""
-        numbers, step = _numbers(row), int(row["step"])
-        if self.writer is not None:
-            for name, value in numbers.items():
-                self.writer.add_scalar(f"{self.stage}/{name}", value, global_step=step)
-            self.writer.flush()
+        named, _ = self._named(row)
         if self.wandb_run is not None:
-            self.wandb_run.summary.update({f"{self.stage}/{k}": v for k, v in numbers.items()})
+            self.wandb_run.summary.update(named)
+
+    def _named(self, row: dict) -> tuple[dict[str, float], int]:
+        """(the row's numbers under ``stage/name``, its step), already written to TensorBoard."""
+        named, step = {f"{self.stage}/{k}": v for k, v in _numbers(row).items()}, int(row["step"])
+        if self.writer is not None:
+            for name, value in named.items():
+                self.writer.add_scalar(name, value, global_step=step)
+            self.writer.flush()
+        return named, step
 
     def close(self) -> None:
         if self.writer is not None:
