@@ -149,6 +149,7 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
     run, schedule, device = config.run, config.stage(config.run.stage), parallel.device
     check_available(report_targets(run.report_to))  # before the model is built
     start = _starting_point(config, resume, force, parallel.size, log)
+    parallel.barrier()  # every rank has compared its settings with the saved ones before they are replaced
     if parallel.main:
         config.write(run.out)
     torch.manual_seed(run.seed)
