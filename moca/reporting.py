@@ -97,7 +97,7 @@ def _missing(target: str, error: ImportError) -> ValueError:
 
 
 def score_row(scores: dict, step: int) -> dict:
-    """An evaluation's scores (``moca.eval.evaluate``'s result) as one row for ``Reporters.log``:
+    """An evaluation's scores (``moca.eval.evaluate``'s result) as one row for ``Reporters.log_summary``:
     each overall metric by its name, each task's as ``task/metric``; chance levels and counts left
     out (they are in eval.json)."""
     def measured(metrics: dict) -> dict:
