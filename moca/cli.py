@@ -23,17 +23,12 @@ import os
 import sys
 from types import SimpleNamespace
 
-import numpy as np
-
-from .ablate import ablate, table
-from .checkpoint import checkpoints
 from .config import Config, describe, targets, toml_settings
 from .data.convert import FORMATS, convert
-from .encoder import Encoder
-from .eval import embed_file, evaluate
 from .files import data_files
-from .parallel import leave
-from .train import Preempted, train
+
+# torch, transformers and the model load on first use (inside the commands that need them), so
+# that --help and --print-config answer in a moment.
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -86,8 +81,11 @@ def train_config(args) -> Config:
     saved = bool(args.resume) and os.path.isfile(os.path.join(args.resume, "config.json"))
     if args.resume and not os.path.isdir(args.resume):
         raise ValueError(f"--resume {args.resume}: no such directory; start a new run with --out {args.resume}")
-    if args.resume and not saved and checkpoints(args.resume):
-        raise ValueError(f"--resume {args.resume}: checkpoints without the config.json that says how they were made")
+    if args.resume and not saved:
+        from .checkpoint import checkpoints
+        if checkpoints(args.resume):
+            raise ValueError(f"--resume {args.resume}: checkpoints without the config.json that says how they were "
+                             "made")
     if saved and (args.config or getattr(args, "recipe", None)):
         raise ValueError("--config or --recipe with --resume: a resumed run keeps its settings; change some with "
                          "key=value")
@@ -218,6 +216,12 @@ def main(argv=None) -> int:
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=1))
             return 0
+    except (ValueError, OSError) as exc:
+        print(f"moca train: {exc}", file=sys.stderr)
+        return 2
+    from .parallel import leave
+    from .train import Preempted, train
+    try:
         if int(os.environ.get("RANK", "0")) == 0:
             changed = config.recipe_differences()
             print(f"recipe {config.run.recipe}" + (f"; settings that differ from it: {'; '.join(changed)}" if changed
@@ -247,6 +251,8 @@ def main(argv=None) -> int:
 
 
 def _ablate(args) -> int:
+    from .ablate import ablate, table
+    from .parallel import leave
     try:
         given = _overrides(args.settings)
         if args.data:
@@ -286,6 +292,8 @@ def _scores(result: dict, prefix: str = "") -> None:
 
 
 def _eval(args) -> int:
+    from .encoder import Encoder
+    from .eval import evaluate
     try:
         files = [f for path in args.data for f in data_files(path)]
         result = evaluate(Encoder.from_pretrained(args.model), files, strict=args.strict,
@@ -305,6 +313,10 @@ def _eval(args) -> int:
 def _encode(args, parser) -> int:
     if not args.export and not (args.input and args.output):
         parser.error("encode needs --input and --output (or --export DIR)")
+    import numpy as np
+
+    from .encoder import Encoder
+    from .eval import embed_file
     try:
         encoder = Encoder.from_pretrained(args.model)
         prompt = encoder.prompt_text(args.prompt, args.prompt_name)

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,6 +23,20 @@ import tomllib
 
 from .files import atomic_write
 from .reporting import report_targets
+
+RECOMPUTE_HELP = "none, full, selective, every-K (K >= 2: full recomputation of every K-th region) or auto"
+_EVERY = re.compile(r"every-(\d+)$")
+
+
+def parse_recompute(mode: str) -> tuple[str, int]:
+    """(kind, k) of a ``recompute`` setting; k is the period of ``every-K`` (else 0). ValueError
+    names the setting when it is none of ``RECOMPUTE_HELP``."""
+    if mode in ("none", "full", "selective", "auto"):
+        return mode, 0
+    found = _EVERY.match(mode)
+    if found and int(found.group(1)) >= 2:
+        return "every", int(found.group(1))
+    raise ValueError(f"model.recompute must be one of {RECOMPUTE_HELP}, got {mode!r}")
 
 
 def setting(default, doc: str, *, resumable: bool = False):
@@ -237,7 +252,6 @@ class Config:
             raise ValueError("cpt: use_mlm and use_mae are both false: stage 1 would have nothing to learn")
         if self.cl.hard_negatives < 0 or self.cl.pairs_per_batch < 1 or self.cl.temperature <= 0:
             raise ValueError("cl: hard_negatives >= 0, pairs_per_batch >= 1 and temperature > 0 are required")
-        from .model.regions import parse_recompute  # the one parser of the setting
         kind, _ = parse_recompute(self.model.recompute)
         if self.model.gradient_checkpointing and kind not in ("none", "full"):
             raise ValueError(f"gradient_checkpointing=true means recompute=full; it contradicts "

@@ -101,3 +101,23 @@ def test_a_run_records_its_recipe_and_resume_keeps_it(tmp_path, capsys):
     assert "recipe tiny; settings that differ from it: run.stage: 'both' -> 'cpt'" in capsys.readouterr().out
     saved = json.loads((out / "config.json").read_text())
     assert saved["run"]["recipe"] == "tiny" and saved["cpt"]["mlm_ratio"] == 0.3 and saved["cpt"]["max_steps"] == 2
+
+
+def test_help_and_print_config_load_neither_torch_nor_a_model():
+    """``--print-config`` and ``--help`` answer without importing torch or transformers (seconds
+    on a cold start), whatever the recipe."""
+    import subprocess
+    import sys
+    code = ("import sys, contextlib, io\n"
+            "from moca import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert cli.main(['train', '--model', '/models/Qwen2.5-VL-3B-Instruct', '--print-config']) == 0\n"
+            "    assert cli.main(['train', '--print-config', 'recompute=every-2']) == 0\n"
+            "    try:\n"
+            "        cli.main(['train', '--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

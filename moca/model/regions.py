@@ -22,7 +22,6 @@ all-gather) stay outside the compiled code.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -30,8 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-RECOMPUTE_HELP = "none, full, selective, every-K (K >= 2: full recomputation of every K-th region) or auto"
-_EVERY = re.compile(r"every-(\d+)$")
+from ..config import parse_recompute
 
 
 def regions(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -46,17 +44,6 @@ def regions(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     mae = getattr(module, "mae_decoder", None)
     if mae is not None:
         yield "decoder", mae
-
-
-def parse_recompute(mode: str) -> tuple[str, int]:
-    """(kind, k) of a ``recompute`` setting; k is the period of ``every-K`` (else 0). ValueError
-    names the setting when it is none of ``RECOMPUTE_HELP``."""
-    if mode in ("none", "full", "selective", "auto"):
-        return mode, 0
-    found = _EVERY.match(mode)
-    if found and int(found.group(1)) >= 2:
-        return "every", int(found.group(1))
-    raise ValueError(f"model.recompute must be one of {RECOMPUTE_HELP}, got {mode!r}")
 
 
 # The ops whose outputs selective recomputation keeps: matrix products and attention, the work
