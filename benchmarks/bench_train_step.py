@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 from moca import breakdown  # noqa: E402
+from moca.config import RECOMPUTE_HELP  # noqa: E402
 from moca.data.cpt import Encoded, collate, document_positions  # noqa: E402
 from moca.data.images import ROW  # noqa: E402
 from moca.data.masking import IGNORE, ROWS_PER_TOKEN  # noqa: E402
@@ -420,7 +421,7 @@ def main(argv=None):
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="turn activation checkpointing off (on by default, as in the authors' runs)")
     p.add_argument("--recompute", default="full", help=f"moca's recomputation unless its variant names one: "
-                   f"{regions.RECOMPUTE_HELP} (default full, the authors' checkpointing)")
+                   f"{RECOMPUTE_HELP} (default full, the authors' checkpointing)")
     p.add_argument("--breakdown", action="store_true",
                    help="after the timed steps, one more under the profiler: phases, module classes, top kernels")
     p.add_argument("--authors-attention", default="sdpa", help="transformers attention for the authors' path")
