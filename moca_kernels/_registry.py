@@ -88,12 +88,16 @@ def bench_unless_disabled(fn, quantiles):
     return triton.testing.do_bench(fn, quantiles=quantiles)
 
 
+def described(x) -> str:
+    """What an argument is, for an error message: a tensor's dtype, shape and device, else its type."""
+    return f"{x.dtype} {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def check_float_matrix(name: str, x, layout: str = "") -> None:
     """ValueError naming ``name`` unless ``x`` is a 2-D floating-point tensor (``layout``, e.g.
     " (N, P)", completes the message)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D tensor{layout}, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        raise ValueError(f"{name} must be a 2-D tensor{layout}, got {described(x)}")
     if not x.dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
 

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .._registry import TORCH, TRITON, check_float_matrix, last_dim_contiguous, register_op, select_backend
+from .._registry import TORCH, TRITON, check_float_matrix, described, last_dim_contiguous, register_op, select_backend
 from .reference import info_nce_reference
 
 OP = "info_nce"
@@ -116,8 +116,7 @@ def _check(query, docs, labels, hard_negatives, temperature, reduction) -> None:
         if x.device != query.device:
             raise ValueError(f"{name} is on {x.device} but query is on {query.device}")
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (batch,):
-        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels must be int64 of shape ({batch},), got {got}")
+        raise ValueError(f"labels must be int64 of shape ({batch},), got {described(labels)}")
     if labels.device != query.device:
         raise ValueError(f"labels is on {labels.device} but query is on {query.device}")
     if isinstance(temperature, torch.Tensor):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._registry import TORCH, TRITON, check_float_matrix, last_dim_contiguous, register_op, select_backend
+from .._registry import TORCH, TRITON, check_float_matrix, described, last_dim_contiguous, register_op, select_backend
 from .reference import linear_cross_entropy_reference
 
 OP = "linear_cross_entropy"
@@ -82,8 +82,7 @@ def _check(hidden, weight, labels, bias, ignore_index, reduction) -> None:
     named = [("weight", weight)]
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
-            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {got}")
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {described(bias)}")
         named.append(("bias", bias))
     for name, x in named:
         if x.dtype != hidden.dtype:
@@ -91,8 +90,7 @@ def _check(hidden, weight, labels, bias, ignore_index, reduction) -> None:
         if x.device != hidden.device:
             raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (n,):
-        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels must be int64 of shape ({n},), got {got}")
+        raise ValueError(f"labels must be int64 of shape ({n},), got {described(labels)}")
     if labels.device != hidden.device:
         raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
     if reduction not in REDUCTIONS:

@@ -7,7 +7,16 @@ import os
 import torch
 
 from .. import _cuda
-from .._registry import TORCH, TRITON, Backend, check_float_matrix, last_dim_contiguous, register_op, select_backend
+from .._registry import (
+    TORCH,
+    TRITON,
+    Backend,
+    check_float_matrix,
+    described,
+    last_dim_contiguous,
+    register_op,
+    select_backend,
+)
 from .reference import mae_loss_reference
 
 OP = "mae_loss"
@@ -79,8 +88,7 @@ def _check(pred, target, mask, norm_pix, eps, reduction) -> None:
         raise ValueError(f"target is on {target.device} but pred is on {pred.device}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (pred.shape[0],):
-            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be a bool tensor of shape ({pred.shape[0]},), got {got}")
+            raise ValueError(f"mask must be a bool tensor of shape ({pred.shape[0]},), got {described(mask)}")
         if mask.device != pred.device:
             raise ValueError(f"mask is on {mask.device} but pred is on {pred.device}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .._registry import TORCH, TRITON, last_dim_contiguous, register_op, select_backend
+from .._registry import TORCH, TRITON, described, last_dim_contiguous, register_op, select_backend
 from .reference import rms_norm_reference, rotary_embedding_reference, swiglu_reference
 
 register_op("rms_norm", [TRITON, TORCH])
@@ -77,21 +77,16 @@ def _rms_backward(ctx, dy, dtotal, _drstd):
 rms_norm_fwd.register_autograd(_rms_backward, setup_context=_rms_setup)
 
 
-def _described(x) -> str:
-    """What an argument is, for an error: a tensor's shape, dtype and device, else its type."""
-    return f"{tuple(x.shape)} {x.dtype} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
 def _check_rms(x, weight, residual, eps) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.dtype.is_floating_point:
-        raise ValueError(f"x must be a floating-point tensor (..., H), got {_described(x)}")
+        raise ValueError(f"x must be a floating-point tensor (..., H), got {described(x)}")
     if not isinstance(weight, torch.Tensor) or weight.shape != (x.shape[-1],):
-        raise ValueError(f"weight must have shape ({x.shape[-1]},), the last dimension of x; got {_described(weight)}")
+        raise ValueError(f"weight must have shape ({x.shape[-1]},), the last dimension of x; got {described(weight)}")
     if not weight.dtype.is_floating_point or weight.device != x.device:
-        raise ValueError(f"weight must be a floating-point tensor on {x.device}, got {_described(weight)}")
+        raise ValueError(f"weight must be a floating-point tensor on {x.device}, got {described(weight)}")
     if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != x.shape
                                  or residual.dtype != x.dtype or residual.device != x.device):
-        raise ValueError(f"residual must match x ({_described(x)}), got {_described(residual)}")
+        raise ValueError(f"residual must match x ({described(x)}), got {described(residual)}")
     if not eps >= 0:
         raise ValueError(f"eps must be non-negative, got {eps}")
 
@@ -164,11 +159,11 @@ rotary_embedding_op.register_autograd(_rotary_backward, setup_context=_rotary_se
 def _check_rotary(q, k, cos, sin, mrope_section) -> None:
     for name, x in (("q", q), ("k", k)):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor (T, heads, D), got {_described(x)}")
+            raise ValueError(f"{name} must be a floating-point tensor (T, heads, D), got {described(x)}")
     tokens, _, dim = q.shape
     if k.shape[0] != tokens or k.shape[2] != dim or k.dtype != q.dtype or k.device != q.device:
         raise ValueError(f"k must have q's tokens, head dim, dtype and device ({tokens}, *, {dim}) {q.dtype} "
-                         f"on {q.device}; got {_described(k)}")
+                         f"on {q.device}; got {described(k)}")
     if dim % 2:
         raise ValueError(f"the head dim of q must be even (rotate_half splits it), got {dim}")
     planes = () if mrope_section is None else (3,)
@@ -177,7 +172,7 @@ def _check_rotary(q, k, cos, sin, mrope_section) -> None:
                 or x.device != q.device:
             want = "(3, T, D) with mrope_section" if planes else "(T, D) without mrope_section"
             raise ValueError(f"{name} must be a floating-point tensor {want} = {(*planes, tokens, dim)} on {q.device}, "
-                             f"got {_described(x)}")
+                             f"got {described(x)}")
     if mrope_section is not None and (len(mrope_section) != 3 or sum(mrope_section) != dim // 2
                                       or min(mrope_section) < 0):
         raise ValueError(f"mrope_section must be 3 non-negative ints summing to half the head dim ({dim // 2}), "
@@ -252,9 +247,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     Differentiable in both; ``backend`` as for every op."""
     for name, x in (("gate", gate), ("up", up)):
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor, got {_described(x)}")
+            raise ValueError(f"{name} must be a floating-point tensor, got {described(x)}")
     if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device:
-        raise ValueError(f"up must match gate ({_described(gate)}), got {_described(up)}")
+        raise ValueError(f"up must match gate ({described(gate)}), got {described(up)}")
     if select_backend("swiglu", backend, gate.device, gate.dtype) == "torch":
         return swiglu_reference(gate, up)
     return swiglu_fwd(gate, up)
