@@ -1,5 +1,6 @@
 """Stage-1 masking as the authors do it: adding ``<|mask|>`` keeps every other special token out of
-MLM, and MAE's per-token Bernoulli draw has the right statistics."""
+MAE's per-token Bernoulli draw has the right statistics, and an objective that is off corrupts
+nothing."""
 import math
 
 import pytest
@@ -78,3 +79,27 @@ def test_the_setting_reaches_the_micro_batch(tmp_path):
     assert set(masked) == {0, 1} and 60 < sum(masked) < 140
     assert all(collate([doc], sp, 0.4, 0.5, torch.Generator().manual_seed(s))["mae_positions"].numel() == 0
                for s in range(20))
+
+
+@pytest.mark.parametrize("off", ["use_mlm", "use_mae"])
+def test_an_objective_that_is_off_corrupts_nothing(tmp_path, off):
+    # The ablation's MLM-only row must read whole pictures and its MAE-only row whole text: a
+    # corruption that no loss asks to undo only hides what the other objective reads.
+    from moca.config import Config
+    from moca.data import embedded, loader
+    from moca.data.cpt import pack_documents
+    from moca.data.index import index_documents
+    from moca.data.tokenizer import ByteTokenizer
+    from moca.model.qwen import build
+    config = Config().update({"run.stage": "cpt", "out": str(tmp_path / "run"), "token_budget": 512,
+                              f"cpt.{off}": "false"})
+    tok, path = ByteTokenizer(), embedded.write(str(tmp_path / "data"), documents=12)
+    entries = index_documents(config, tok, path, log=lambda *_: None)
+    docs = loader.documents(entries, config, tok, log=lambda *_: None)
+    stream = loader.micro_batch_stream(entries, docs, tok, build("tiny").config, config, 0, 0, 0, 0, 1)
+    batch, _, _, _ = next(stream)
+    whole = pack_documents(docs.get(loader.micro_batches(entries, 512, config.run.seed, 0)[0]), tok.specials.image)
+    text_whole = torch.equal(batch["input_ids"], whole["input_ids"])
+    pictures_whole = torch.equal(batch["pixel_values"], whole["pixel_values"])
+    assert (text_whole, pictures_whole) == ((True, False) if off == "use_mlm" else (False, True))
+    assert (batch["labels"] != -100).any() == (off == "use_mae")

@@ -112,8 +112,12 @@ def micro_batch_stream(entries, docs: Cache, tokenizer, model_config, config, st
     """This rank's micro-batches from (step, epoch, position) on: (batch, its model FLOPs, epoch,
     position after it). Each round takes the next ``size`` micro-batches of the epoch, this rank's
     being ``position + rank`` (an epoch's remainder that cannot serve every rank is left out).
-    Masks come from a generator seeded by (seed, step, micro-batch of the step across ranks)."""
+    Masks come from a generator seeded by (seed, step, micro-batch of the step across ranks). An
+    objective that is off corrupts nothing: without MLM the text is whole, without MAE the
+    pictures (a corruption that no loss asks to undo would only hide what the other objective
+    reads)."""
     c, seed, budget = config.cpt, config.run.seed, config.data.token_budget
+    mlm_ratio, mae_ratio = c.mlm_ratio if c.use_mlm else 0.0, c.mae_ratio if c.use_mae else 0.0
     batches = micro_batches(entries, budget, seed, epoch)
     while True:
         for micro in range(c.grad_accum):
@@ -130,7 +134,7 @@ def micro_batch_stream(entries, docs: Cache, tokenizer, model_config, config, st
                                  "(see the warnings above)")
             generator = torch.Generator().manual_seed(hash((seed, step, micro * size + rank)) % 2**63)
             with nvtx("collate"):
-                batch = collate(chosen, tokenizer.specials, c.mlm_ratio, c.mae_ratio, generator, c.mae_sampling)
+                batch = collate(chosen, tokenizer.specials, mlm_ratio, mae_ratio, generator, c.mae_sampling)
             flops = cpt_step_flops(model_config, batch["lengths"], batch["image_grid_thw"].tolist(),
                                    int((batch["labels"] != -100).sum()) if c.use_mlm else 0,
                                    batch["mae_positions"].numel() if c.use_mae else 0, c.use_mae)
