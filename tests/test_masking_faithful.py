@@ -1,5 +1,5 @@
 """Stage-1 masking as the authors do it: adding ``<|mask|>`` keeps every other special token out of
-MAE's per-token Bernoulli draw has the right statistics, and an objective that is off corrupts
+MLM, MAE's per-token Bernoulli draw has the right statistics, and an objective that is off corrupts
 nothing."""
 import math
 
