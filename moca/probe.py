@@ -55,7 +55,7 @@ def picture_reading(run_dir: str, documents: int = 200, seed: int = 0, log=print
             hidden = packed_hidden(model, batch)
             for name, class_ids in ids.items():
                 chosen = torch.isin(labels, class_ids)
-                predicted = class_ids[model.lm_head(hidden[chosen])[:, class_ids].argmax(-1)]
+                predicted = class_ids[(hidden[chosen] @ model.lm_head.weight[class_ids].T).argmax(-1)]
                 hits[name][0] += int((predicted == labels[chosen]).sum())
                 hits[name][1] += int(chosen.sum())
         for name, (right, total) in hits.items():
