@@ -136,8 +136,7 @@ def micro_batch_stream(entries, docs: Cache, tokenizer, model_config, config, st
             with nvtx("collate"):
                 batch = collate(chosen, tokenizer.specials, mlm_ratio, mae_ratio, generator, c.mae_sampling)
             flops = cpt_step_flops(model_config, batch["lengths"], batch["image_grid_thw"].tolist(),
-                                   int((batch["labels"] != -100).sum()) if c.use_mlm else 0,
-                                   batch["mae_positions"].numel() if c.use_mae else 0, c.use_mae)
+                                   int((batch["labels"] != -100).sum()), batch["mae_positions"].numel(), c.use_mae)
             if pin:  # page-locked, so that the copy to the GPU does not wait on the host
                 batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             yield batch, flops, epoch, position
