@@ -6,6 +6,11 @@ Rows, each trained and evaluated once per seed (``run.seed`` 0, 1, ...), from th
 - ``cl-causal``: stage 2 alone with causal attention and last-token pooling (stock Qwen);
 - ``mlm+cl``, ``mae+cl``, ``cpt+cl``: stage 1 with MLM only, MAE only, or both, then stage 2 from it.
 
+Every row of the paper starts from the same pre-trained causal model (Qwen2.5-VL). On the tiny
+preset, which has random weights, the ablation first makes one: ``out/base``, a run of causal
+next-token prediction on the stage-1 documents (``BASE``), and every row starts from it
+(``model.init``). With ``--model`` or ``model.init`` given, the rows start from that instead.
+
 Every row of one seed sees the same data and evaluation files. ``out/ablation.json`` holds
 ``{"rows": {row: {metric: {"mean", "std", "values"}}}, "chance": {metric: value}, ...}``, with the
 metrics of ``eval.json``'s ``overall``; ``ablation.md`` the table and ``ablation.png`` the main
@@ -26,7 +31,7 @@ from .data import embedded
 from .eval import evaluate_run
 from .files import data_files
 from .probe import picture_reading
-from .train import train
+from .train import finished, train
 
 ROWS: dict[str, dict] = {
     "cl": {"run.stage": "cl"},
@@ -36,6 +41,27 @@ ROWS: dict[str, dict] = {
     "cpt+cl": {"run.stage": "both"},
 }
 SHOWN = ("precision_at_1", "ndcg_at_5")  # the plot's metrics: MMEB's and ViDoRe's
+# the tiny base: as many steps as stage 1, at the learning rate of a model's own pre-training (10x
+# stage 1's), on documents of its own (the rows' seeds are 0, 1, ...)
+BASE = {"run.stage": "cpt", "cpt.objective": "next-token", "cpt.lr": 3e-3, "run.seed": 10_000}
+NOT_IN_BASE = ("run.out:", "cl.", "cpt.use_", "cpt.mlm_", "cpt.mae_")  # settings a next-token run does not read
+
+
+def pretrain_base(config: Config, log=print) -> str:
+    """Train (or reuse, or resume) the causal base that ``config``'s rows start from, in
+    ``config.run.out``; returns that folder."""
+    out = config.run.out
+    if os.path.isfile(os.path.join(out, "config.json")):
+        changed = [d for d in Config.read(out).result_differences(config) if not d.startswith(NOT_IN_BASE)]
+        if changed:
+            raise ValueError(f"{out} holds a base trained with other settings ({'; '.join(changed)}): choose "
+                             "another --out")
+        if finished(out, config.cpt.max_steps) is not None:
+            log(f"{out}: base already trained")
+            return out
+    log(f"ablation: the causal base every row starts from -> {out}")
+    train(config, resume=os.path.isfile(os.path.join(out, "config.json")), log=lambda *_: None)
+    return out
 
 
 def run_row(config: Config, log=print) -> dict:
@@ -73,6 +99,9 @@ def ablate(base: Config, out: str, seeds: int = 3, rows: list[str] | None = None
     if (d.documents or d.pairs) and not (d.documents and d.pairs and d.evaluation):
         raise ValueError("on your own data the ablation needs all three: --data DOCUMENTS, pairs=PAIRS and "
                          "evaluation=EVAL")
+    if base.model.path is None and base.model.init is None:
+        start = base.update({**BASE, "run.out": os.path.join(out, "base")}).validate()
+        base = base.update({"model.init": pretrain_base(start, log)})
     scores: dict[str, list[dict]] = {name: [] for name in names}
     reading: dict[str, list[dict]] = {}
     for seed in range(seeds):

@@ -105,6 +105,9 @@ class ModelConfig:
         "moca.model.regions.activation_bytes; printed)", resumable=True)
     compile: bool = setting(False, "torch.compile each region (decoder layer, vision block, MAE decoder), the token "
                             "dimension dynamic", resumable=True)
+    init: str | None = setting(None, "start from this run's newest backbone (a run of either stage, or a "
+                               "cpt.objective=next-token base) instead of the preset's random weights or model.path's; "
+                               "stage 2 of --stage both starts from stage 1 instead", resumable=True)  # step 0 only
     fused_pointwise: bool = setting(False, "RMSNorm, rotary embedding and SwiGLU through moca's fused Triton kernels "
                                     "(moca_kernels.pointwise; off until a GPU run shows them ahead)")
 
@@ -123,6 +126,11 @@ class Schedule:
 
 @dataclass
 class CptConfig(Schedule):
+    lr: float = setting(3e-4, "peak learning rate (below stage 2's, as the paper's 2e-6 against 2e-5)")
+    objective: Literal["moca", "next-token"] = setting(
+        "moca", "moca: MLM and MAE (use_mlm, use_mae) under bidirectional attention; next-token: causal attention, "
+        "every text token predicts the next, nothing corrupted (the causal pre-training a real model comes with: how "
+        "moca ablate makes the tiny preset a base to start from)")
     grad_accum: int = setting(1, "packed micro-batches per optimizer step")
     mlm_ratio: float = setting(0.4, "share of non-special text tokens masked for MLM")
     mae_ratio: float = setting(0.5, "share of each document's image tokens masked for MAE")
@@ -248,7 +256,7 @@ class Config:
         c = self.cpt
         if c.grad_accum < 1 or not 0 <= c.mlm_ratio <= 1 or not 0 <= c.mae_ratio <= 1 or c.mae_weight < 0:
             raise ValueError("cpt: grad_accum >= 1, mlm_ratio and mae_ratio in [0, 1] and mae_weight >= 0 are required")
-        if not (c.use_mlm or c.use_mae):
+        if c.objective == "moca" and not (c.use_mlm or c.use_mae):
             raise ValueError("cpt: use_mlm and use_mae are both false: stage 1 would have nothing to learn")
         if self.cl.hard_negatives < 0 or self.cl.pairs_per_batch < 1 or self.cl.temperature <= 0:
             raise ValueError("cl: hard_negatives >= 0, pairs_per_batch >= 1 and temperature > 0 are required")

@@ -26,6 +26,11 @@ PROBE_SEED = 20_000  # new pictures: embedded.write's seeds for training runs ar
 DOCS_PER_ROW = 16  # documents packed into one forward
 
 
+def class_ids(words: dict[str, int], names) -> list[int]:
+    """The token ids of a class's words as captions use them: after a space ("a red circle")."""
+    return [words[" " + name] for name in names]
+
+
 @torch.no_grad()
 def picture_reading(run_dir: str, documents: int = 200, seed: int = 0, log=print) -> dict:
     """``{class: {"pictures": accuracy, "noise": accuracy, "chance": 1 / words, "n": masked words}}``
@@ -34,7 +39,7 @@ def picture_reading(run_dir: str, documents: int = 200, seed: int = 0, log=print
     tiny preset's tokenizer, which has one token for each of these words."""
     config, model, tokenizer = load_run(run_dir, log=lambda *_: None)
     words = getattr(tokenizer, "words", {})
-    missing = [w for names in CLASSES.values() for w in names if w not in words]
+    missing = [w for names in CLASSES.values() for w in names if " " + w not in words]
     if missing:
         raise ValueError(f"{run_dir}: the probe needs one token per color, shape and background word; this run's "
                          f"tokenizer has none for {missing[:3]} (it reads the embedded dataset on the tiny preset)")
@@ -43,7 +48,7 @@ def picture_reading(run_dir: str, documents: int = 200, seed: int = 0, log=print
     d = config.data
     docs = [encode(doc, tokenizer, d.max_doc_tokens, d.min_pixels, d.max_pixels) for doc in read_cpt(path)]
     docs = [doc for doc in docs if doc.grids.numel()]  # captioned pictures only
-    ids = {name: torch.tensor([words[w] for w in names]) for name, names in CLASSES.items()}
+    ids = {name: torch.tensor(class_ids(words, names)) for name, names in CLASSES.items()}
     result = {}
     for shown, noise_ratio in (("pictures", 0.0), ("noise", 1.0)):
         generator = torch.Generator().manual_seed(seed)  # the same masks for both: only the pixels differ
@@ -53,9 +58,9 @@ def picture_reading(run_dir: str, documents: int = 200, seed: int = 0, log=print
                             generator)
             labels = batch["labels"]
             hidden = packed_hidden(model, batch)
-            for name, class_ids in ids.items():
-                chosen = torch.isin(labels, class_ids)
-                predicted = class_ids[(hidden[chosen] @ model.lm_head.weight[class_ids].T).argmax(-1)]
+            for name, members in ids.items():
+                chosen = torch.isin(labels, members)
+                predicted = members[(hidden[chosen] @ model.lm_head.weight[members].T).argmax(-1)]
                 hits[name][0] += int((predicted == labels[chosen]).sum())
                 hits[name][1] += int(chosen.sum())
         for name, (right, total) in hits.items():

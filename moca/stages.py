@@ -2,7 +2,8 @@
 its step.
 
 ``CptStage`` (stage 1): ``grad_accum`` packed, corrupted micro-batches per step through
-``MocaCPT`` (MLM + MAE). ``ClStage`` (stage 2): one contrastive batch of pairs per step through
+``MocaCPT`` (MLM + MAE; or, with ``cpt.objective=next-token``, causal next-token prediction, which
+makes a base for the tiny preset). ``ClStage`` (stage 2): one contrastive batch of pairs per step through
 ``MocaEmbedder`` (in-batch and hard negatives, optionally GradCache).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .data.index import default_documents, default_pairs, index_documents, index
 from .data.masking import IGNORE
 from .model.embed import MocaEmbedder, NonFiniteLoss, contrastive_step
 from .model.heads import MocaCPT
+from .model.qwen import set_causal
 from .parallel import Single, StepResult
 from .profiling import nvtx
 
@@ -49,7 +51,11 @@ class CptStage:
     def __init__(self, config: Config, model, tokenizer, parallel: Single, log):
         self.config, self.tokenizer, self.parallel, self.log = config, tokenizer, parallel, log
         c = config.cpt
-        self.module = MocaCPT(model, c.mae_weight, c.use_mlm, c.use_mae).to(parallel.device)
+        if c.objective == "next-token":  # a causal base: the LM head on every text token, no MAE
+            set_causal(model, True)
+            self.module = MocaCPT(model, use_mlm=True, use_mae=False).to(parallel.device)
+        else:
+            self.module = MocaCPT(model, c.mae_weight, c.use_mlm, c.use_mae).to(parallel.device)
         self.runner = parallel.wrap(self.module, one_forward=True)
         self.epoch = self.position = 0
 

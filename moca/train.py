@@ -154,8 +154,9 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
         config.write(run.out)
     torch.manual_seed(run.seed)
     model, tokenizer = checkpoint.model_and_tokenizer(config, log)
-    if run.stage == "cl" and config.cl.init and start is None:
-        checkpoint.load_backbone(model, config.cl.init, log)
+    init = config.cl.init if run.stage == "cl" and config.cl.init else config.model.init
+    if init and start is None:
+        checkpoint.load_backbone(model, init, log)
     stage = STAGES[run.stage](config, model, tokenizer, parallel, log)
     recompute = "full" if config.model.gradient_checkpointing else config.model.recompute
     regions.prepare(stage.module, model.config, recompute, config.model.compile, config.data.token_budget, device, log)
@@ -285,7 +286,7 @@ def stage_configs(config: Config) -> tuple[Config, Config]:
     return first, second
 
 
-def _finished(run_dir: str, max_steps: int) -> dict | None:
+def finished(run_dir: str, max_steps: int) -> dict | None:
     """The last logged metrics of a run in ``run_dir`` that reached ``max_steps``, else None."""
     found = checkpoint.find(run_dir, log=lambda *_: None)
     if found is None or checkpoint.trainer_state(found)["step"] != max_steps:
@@ -320,7 +321,7 @@ def _train_both(config: Config, resume: bool, force: bool, log) -> dict:
         stages = stage_configs(config)
         for stage_config in stages:
             name, out = stage_config.run.stage, stage_config.run.out
-            done = _finished(out, stage_config.stage(name).max_steps) if resume else None
+            done = finished(out, stage_config.stage(name).max_steps) if resume else None
             if done is not None:
                 log(f"stage {name} already finished in {out}")
                 results[name] = done

@@ -46,15 +46,19 @@ def test_the_ablation_end_to_end_on_user_files(tmp_path, capsys):
             assert configs[0].cl.init == str(runs[0] / "cpt")
         else:
             assert configs[0].cl.init is None and not (runs[0] / "cpt").exists()
+        # every row starts from the one causal base the ablation trained first
+        assert {c.model.init for c in configs} == {str(out / "base")}
+    base = Config.read(str(out / "base"))
+    assert (base.run.stage, base.cpt.objective, base.cpt.lr, base.run.seed) == ("cpt", "next-token", 3e-3, 10_000)
     assert result["chance"]["precision_at_1"] == 0.25
     markdown = (out / "ablation.md").read_text()
     assert markdown.startswith("| row | ") and "| cpt+cl | " in markdown and "| chance | " in markdown
     assert table(result) in printed
     assert Image.open(out / "ablation.png").size[0] > 600
     # run again: every row is already evaluated, nothing is trained again, the same summary
-    before = (out / "cl" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns
+    before = [(out / d / "metrics.jsonl").stat().st_mtime_ns for d in ("base", "cl/seed-0")]
     assert cli.main(argv) == 0 and json.loads((out / "ablation.json").read_text())["rows"] == result["rows"]
-    assert (out / "cl" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns == before
+    assert [(out / d / "metrics.jsonl").stat().st_mtime_ns for d in ("base", "cl/seed-0")] == before
     # with other settings, the runs there are not taken for the row's
     assert cli.main(argv[:-1] + ["log_every=1", "cl.lr=1e-4"]) == 2
     assert "was evaluated with other settings (cl.lr: 0.001 -> 0.0001)" in capsys.readouterr().err

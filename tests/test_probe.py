@@ -39,7 +39,7 @@ def test_an_oracle_that_reads_real_pictures_scores_one_and_falls_to_its_guess_on
         weight = model.lm_head.weight
         hidden = torch.zeros(labels.numel(), weight.shape[1])
         for words in probe.CLASSES.values():
-            class_ids = torch.tensor([tokenizer_words[w] for w in words])
+            class_ids = torch.tensor(probe.class_ids(tokenizer_words, words))
             chosen = torch.isin(labels, class_ids)
             answer = labels[chosen] if not noise else class_ids[:1].expand(int(chosen.sum()))
             hidden[chosen] = weight[answer] * 100  # its own row wins the argmax by far
@@ -48,8 +48,8 @@ def test_an_oracle_that_reads_real_pictures_scores_one_and_falls_to_its_guess_on
     tokenizer_words = ByteTokenizer().words
     class_words = [w for words in probe.CLASSES.values() for w in words]
     weight = torch.zeros(ByteTokenizer().vocab_size, 64)  # each class word its own axis: its row is its argmax
-    for axis, word in enumerate(class_words):
-        weight[tokenizer_words[word], axis] = 1.0
+    for axis, token in enumerate(probe.class_ids(tokenizer_words, class_words)):
+        weight[token, axis] = 1.0
     monkeypatch.setattr(probe, "packed_hidden", oracle)
     real_load = probe.load_run
 
@@ -63,7 +63,7 @@ def test_an_oracle_that_reads_real_pictures_scores_one_and_falls_to_its_guess_on
     assert all(torch.equal(a, b) for a, b in zip(masks[:half], masks[half:]))  # same masks in both passes
     labels = torch.cat(masks[:half])
     for cls, words in probe.CLASSES.items():
-        ids = [tokenizer_words[w] for w in words]
+        ids = probe.class_ids(tokenizer_words, words)
         chosen = labels[torch.isin(labels, torch.tensor(ids))]
         assert result[cls]["n"] == chosen.numel() > 0
         assert result[cls]["pictures"] == 1.0

@@ -16,7 +16,7 @@ import torch
 from moca_kernels.varlen import lengths_to_cu_seqlens
 
 from .images import MAX_PIXELS, MIN_PIXELS, PATCH, ROW, fitted_size, image_rows, merged_tokens
-from .masking import ROWS_PER_TOKEN, choose_image_tokens, corrupt_rows, mask_tokens
+from .masking import ROWS_PER_TOKEN, choose_image_tokens, corrupt_rows, mask_tokens, next_token_labels
 from .records import IMAGE_PLACEHOLDER, CptDocument, image_bytes
 from .tokenizer import Specials, maskable
 
@@ -107,15 +107,20 @@ def pack_documents(docs: list[Encoded], image_token_id: int) -> dict:
 
 
 def collate(docs: list[Encoded], specials: Specials, mlm_ratio: float, mae_ratio: float,
-            generator: torch.Generator, mae_sampling: str = "count") -> dict:
+            generator: torch.Generator, mae_sampling: str = "count", next_token: bool = False) -> dict:
     """One packed micro-batch (``pack_documents``) corrupted for stage 1: ``input_ids`` with MLM
     masks applied, ``labels`` (L,), ``pixel_values`` with the MAE-masked tokens' rows replaced by
     one shared Gaussian row, ``mae_positions`` (the masked image tokens' places in the row, in
     order) and ``mae_targets`` (their 4 original rows each, in the same order). ``mae_sampling``:
-``moca.data.masking.choose_image_tokens``'s."""
+    ``moca.data.masking.choose_image_tokens``'s. ``next_token``: the text is left whole and
+    ``labels`` are each position's next token instead (``moca.data.masking.next_token_labels``)."""
     batch = pack_documents(docs, specials.image)
     ids = batch["input_ids"][0]
-    inputs, labels = mask_tokens(ids, maskable(ids, specials), specials.mask, mlm_ratio, generator)
+    text = maskable(ids, specials)
+    if next_token:  # nothing masked: each text token is the target of the position before it
+        inputs, labels = ids, next_token_labels(ids, batch["cu_seqlens"], text)
+    else:
+        inputs, labels = mask_tokens(ids, text, specials.mask, mlm_ratio, generator)
     token_mask = torch.cat([choose_image_tokens(d.rows.shape[0] // ROWS_PER_TOKEN, mae_ratio, generator,
                                                 mae_sampling) for d in docs])
     noise = torch.randn(ROW, generator=generator)

@@ -2,11 +2,12 @@
 Lines format as user data, so that ``moca train`` with nothing else runs the whole method, and
 ``moca ablate`` can measure what stage 1 adds.
 
-A picture is one or two colored shapes (6 colors, 4 shapes) on a white or black background; its
-description names them ("a red circle and a blue diamond on a black background"). A fixed quarter
-of all descriptions (chosen by a hash of the text, whatever the seed) is held out: only the
-evaluation uses them, so it scores pictures and descriptions that no training data contains, made
-of colors and shapes that the training data does contain.
+A picture is one large colored shape (6 colors, 4 shapes) on a white or black background; its
+description names them ("a red circle on a black background"). A fixed quarter of the 48
+descriptions (chosen by a hash of the text, whatever the seed) is held out: only the evaluation
+uses them, so it scores pictures and descriptions that no training data contains, made of colors,
+shapes and backgrounds that the training data does contain. The shape fills most of the picture,
+so that its color and outline reach several of the picture's merged tokens.
 
 - Stage 1 (``write``): a large interleaved corpus, documents of one to three pictures, each
   followed by its description, and a few text-only documents. Masked color and shape words are
@@ -41,12 +42,13 @@ POOL = 16  # pictures drawn at least, so that a small file still finds its negat
 
 @dataclass(frozen=True)
 class Scene:
-    objects: tuple[tuple[str, str], ...]  # (color, shape), drawn left to right
+    color: str
+    shape: str
     background: str
 
     @property
     def text(self) -> str:
-        return " and ".join(f"a {c} {s}" for c, s in self.objects) + f" on a {self.background} background"
+        return f"a {self.color} {self.shape} on a {self.background} background"
 
     def held_out(self) -> bool:
         """Whether this description belongs to the evaluation (fixed by the text, not by a seed)."""
@@ -55,8 +57,7 @@ class Scene:
 
 def _scene(rng: random.Random, held_out: bool) -> Scene:
     while True:
-        scene = Scene(tuple((rng.choice(INKS), rng.choice(SHAPES)) for _ in range(rng.randint(1, 2))),
-                      rng.choice(BACKGROUNDS))
+        scene = Scene(rng.choice(INKS), rng.choice(SHAPES), rng.choice(BACKGROUNDS))
         if scene.held_out() == held_out:
             return scene
 
@@ -64,18 +65,16 @@ def _scene(rng: random.Random, held_out: bool) -> Scene:
 def _draw(scene: Scene, size: int, rng: random.Random) -> Image.Image:
     image = Image.new("RGB", (size, size), COLORS[scene.background])
     draw = ImageDraw.Draw(image)
-    r = size // 6
-    for k, (color, shape) in enumerate(scene.objects):
-        cx = size // 4 + k * size // 2 + rng.randint(-3, 3)
-        cy = size // 2 + rng.randint(-size // 5, size // 5)
-        if shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLORS[color])
-        elif shape == "square":
-            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=COLORS[color])
-        elif shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy), (cx, cy + r), (cx + r, cy)], fill=COLORS[color])
+    r, fill = size // 3, COLORS[scene.color]
+    cx, cy = size // 2 + rng.randint(-3, 3), size // 2 + rng.randint(-3, 3)
+    if scene.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif scene.shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif scene.shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy), (cx, cy + r), (cx + r, cy)], fill=fill)
     return image
 
 

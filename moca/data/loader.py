@@ -115,9 +115,12 @@ def micro_batch_stream(entries, docs: Cache, tokenizer, model_config, config, st
     Masks come from a generator seeded by (seed, step, micro-batch of the step across ranks). An
     objective that is off corrupts nothing: without MLM the text is whole, without MAE the
     pictures (a corruption that no loss asks to undo would only hide what the other objective
-    reads)."""
+    reads). The next-token objective corrupts nothing and labels every text token's predecessor."""
     c, seed, budget = config.cpt, config.run.seed, config.data.token_budget
-    mlm_ratio, mae_ratio = c.mlm_ratio if c.use_mlm else 0.0, c.mae_ratio if c.use_mae else 0.0
+    next_token = c.objective == "next-token"
+    use_mae = c.use_mae and not next_token
+    mlm_ratio = c.mlm_ratio if c.use_mlm and not next_token else 0.0
+    mae_ratio = c.mae_ratio if use_mae else 0.0
     batches = micro_batches(entries, budget, seed, epoch)
     while True:
         for micro in range(c.grad_accum):
@@ -134,9 +137,10 @@ def micro_batch_stream(entries, docs: Cache, tokenizer, model_config, config, st
                                  "(see the warnings above)")
             generator = torch.Generator().manual_seed(hash((seed, step, micro * size + rank)) % 2**63)
             with nvtx("collate"):
-                batch = collate(chosen, tokenizer.specials, mlm_ratio, mae_ratio, generator, c.mae_sampling)
+                batch = collate(chosen, tokenizer.specials, mlm_ratio, mae_ratio, generator, c.mae_sampling,
+                                next_token)
             flops = cpt_step_flops(model_config, batch["lengths"], batch["image_grid_thw"].tolist(),
-                                   int((batch["labels"] != -100).sum()), batch["mae_positions"].numel(), c.use_mae)
+                                   int((batch["labels"] != -100).sum()), batch["mae_positions"].numel(), use_mae)
             if pin:  # page-locked, so that the copy to the GPU does not wait on the host
                 batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             yield batch, flops, epoch, position

@@ -27,6 +27,16 @@ def mask_tokens(ids: torch.Tensor, maskable: torch.Tensor, mask_id: int, ratio: 
     return torch.where(chosen, mask_id, ids), torch.where(chosen, ids, IGNORE)
 
 
+def next_token_labels(ids: torch.Tensor, cu_seqlens: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
+    """Labels for next-token prediction over a packed row: at each position the id of the next
+    token of the same document where that token is ``maskable`` (not special), -100 elsewhere."""
+    labels = torch.full_like(ids, IGNORE)
+    follows = maskable[1:].clone()
+    follows[cu_seqlens[1:-1].long() - 1] = False  # a document's last token has no next token
+    labels[:-1] = torch.where(follows, ids[1:], IGNORE)
+    return labels
+
+
 def choose_image_tokens(n_tokens: int, ratio: float, generator: torch.Generator,
                         sampling: Literal["count", "bernoulli"] = "count") -> torch.Tensor:
     """A bool mask over ``n_tokens`` merged image tokens: exactly round(ratio * n) chosen

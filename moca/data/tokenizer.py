@@ -26,9 +26,13 @@ class Specials:
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, then one id for each of a small set of common English words
-    (``WORDS``: as a real tokenizer has one token for a common word, so that MLM masks a whole
-    word, which the bytes of a word would give away), then the special tokens. The embedded
-    default's tokenizer (the ``tiny`` preset's vocabulary)."""
+    (``WORDS``), then one for each of them with a leading space (" red"), then the special tokens.
+    The embedded default's tokenizer (the ``tiny`` preset's vocabulary).
+
+    As in a real (BPE) tokenizer, a common word is one token, so that MLM masks a whole word
+    (which its bytes would give away), and the space before a word belongs to the word's token:
+    with separate space tokens, four in ten of the MLM targets would be spaces, which a small
+    model learns first and which keep it from learning the content words."""
 
     NAMES = ("<|endoftext|>", VISION_START, VISION_END, IMAGE_PAD, MASK_TOKEN, "<|video_pad|>", "<|im_start|>",
              "<|im_end|>")
@@ -36,13 +40,14 @@ class ByteTokenizer:
              "What", "Find", "Here", "Look", "picture", "image", "drawing", "scene", "small", "simple", "background",
              "red", "green", "blue", "yellow", "purple", "orange", "black", "white",
              "circle", "square", "triangle", "diamond")
-    _PIECES = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
+    _PIECES = re.compile(r" ?[A-Za-z]+|[^A-Za-z ]+| ")  # a word with the space before it; other runs; a space
 
     def __init__(self):
-        self.words = {word: 256 + i for i, word in enumerate(self.WORDS)}
-        ids = {name: 256 + len(self.WORDS) + i for i, name in enumerate(self.NAMES)}
-        self.vocab_size = 256 + len(self.WORDS) + len(self.NAMES)
-        self.fingerprint = f"bytes+words:{self.vocab_size}"  # what an index of token counts depends on
+        spelled = [*self.WORDS, *(" " + word for word in self.WORDS)]
+        self.words = {word: 256 + i for i, word in enumerate(spelled)}
+        ids = {name: 256 + len(spelled) + i for i, name in enumerate(self.NAMES)}
+        self.vocab_size = 256 + len(spelled) + len(self.NAMES)
+        self.fingerprint = f"bytes+spaced-words:{self.vocab_size}"  # what an index of token counts depends on
         self.specials = Specials(mask=ids[MASK_TOKEN], image=ids[IMAGE_PAD], vision_start=ids[VISION_START],
                                  vision_end=ids[VISION_END], eos=ids["<|endoftext|>"], all=frozenset(ids.values()))
         self.ids = ids
@@ -61,16 +66,16 @@ class ByteTokenizer:
 
     def to_transformers(self, max_length: int = 32768):
         """The same tokenizer as a ``transformers.PreTrainedTokenizerFast``, for exports that
-        transformers and sentence-transformers load: text splits into runs of ASCII letters and runs
-        of everything else; a letter run that is one of ``WORDS`` is its word's id, any other run is
-        its UTF-8 bytes (ids 0..255); the special tokens are added tokens with this tokenizer's ids,
-        recognised in text (``encode`` here never reads them from text). ``max_length`` becomes the
-        tokenizer's ``model_max_length``.
+        transformers and sentence-transformers load: text splits into runs of ASCII letters (with
+        the space before them, if any), single spaces and runs of everything else; a run that is in
+        ``words`` is its word's id, any other run is its UTF-8 bytes (ids 0..255); the special
+        tokens are added tokens with this tokenizer's ids, recognised in text (``encode`` here
+        never reads them from text). ``max_length`` becomes the tokenizer's ``model_max_length``.
 
         Built on a byte-level BPE without merges that takes a run whole when it is in the vocabulary
-        (``ignore_merges``). The one-letter words ("a", "A") would share their vocabulary entry with
-        their byte, so a normalizer first rewrites such a word, standing alone, to a private-use
-        character that stands for it."""
+        (``ignore_merges``). The one-letter words without a space ("a", "A") would share their
+        vocabulary entry with their byte, so a normalizer first rewrites such a word, standing
+        alone and not after a space, to a private-use character that stands for it."""
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
         from transformers import PreTrainedTokenizerFast
 
@@ -81,17 +86,17 @@ class ByteTokenizer:
             if len(word) == 1:
                 proxy = chr(private)
                 private += 1
-                rewrites.append(normalizers.Replace(Regex(f"(?<![A-Za-z]){word}(?![A-Za-z])"), proxy))
+                rewrites.append(normalizers.Replace(Regex(f"(?<![A-Za-z ]){word}(?![A-Za-z])"), proxy))
                 decode_back.append(decoders.Replace(proxy, word))
                 vocab["".join(stand_in[b] for b in proxy.encode())] = i
             else:
-                vocab[word] = i  # ASCII letters are their own byte stand-ins
+                vocab["".join(stand_in[b] for b in word.encode())] = i  # letters stand for themselves
         proxies = "".join(chr(c) for c in range(0xE000, private))
         tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
         if rewrites:
             tok.normalizer = normalizers.Sequence(rewrites)
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(f"[A-Za-z]+|[{proxies}]|[^A-Za-z{proxies}]+"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(f" ?[A-Za-z]+|[{proxies}]|[^A-Za-z {proxies}]+| "), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.Sequence([decoders.ByteLevel(), *decode_back])
         tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in self.NAMES])
