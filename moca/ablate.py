@@ -41,8 +41,8 @@ ROWS: dict[str, dict] = {
     "cpt+cl": {"run.stage": "both"},
 }
 SHOWN = ("precision_at_1", "ndcg_at_5")  # the plot's metrics: MMEB's and ViDoRe's
-# the tiny base: as many steps as stage 1, at the learning rate of a model's own pre-training (10x
-# stage 1's), on documents of its own (the rows' seeds are 0, 1, ...)
+# the tiny base: as many steps as stage 1, at a pre-training learning rate (10x the tiny recipe's
+# stage 1), on documents of its own (the rows' seeds are 0, 1, ...)
 BASE = {"run.stage": "cpt", "cpt.objective": "next-token", "cpt.lr": 3e-3, "run.seed": 10_000}
 NOT_IN_BASE = ("run.out:", "cl.", "cpt.use_", "cpt.mlm_", "cpt.mae_")  # settings a next-token run does not read
 
@@ -82,7 +82,7 @@ def run_row(config: Config, log=print) -> dict:
             return json.load(f)
     d = config.data
     files = data_files(d.evaluation, "evaluation") if d.evaluation else \
-        [embedded.write_eval(os.path.join(out, "eval-data"), seed=config.run.seed + 1000)]
+        [embedded.write_eval(os.path.join(out, "eval-data"))]
     return evaluate_run(out, files, strict=config.run.strict, log=log)
 
 

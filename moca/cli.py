@@ -120,7 +120,8 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     commands = parser.add_subparsers(dest="command", required=True)
     _train_parser(commands)
     a = commands.add_parser("ablate", help="the paper's ablation: stage 2 alone (bidirectional or causal) against "
-                            "stage 1 (MLM, MAE, both) then stage 2, over seeds, on the held-out evaluation")
+                            "stage 1 (MLM, MAE, both) then stage 2, over seeds, on the held-out evaluation; on the "
+                            "tiny preset every row starts from a causal base trained first (out/base)")
     a.add_argument("--out", default="runs/ablation", help="where the runs, ablation.json, ablation.md and "
                    "ablation.png go (default runs/ablation)")
     a.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")

@@ -332,7 +332,7 @@ def _train_both(config: Config, resume: bool, force: bool, log) -> dict:
             return results
         d = config.data
         if d.evaluation is None and d.documents is None and d.pairs is None:
-            files = [embedded.write_eval(os.path.join(config.run.out, "eval-data"), seed=config.run.seed + 1000)]
+            files = [embedded.write_eval(os.path.join(config.run.out, "eval-data"))]
         elif d.evaluation is not None:
             files = data_files(d.evaluation, "evaluation")
         else:

@@ -1,5 +1,6 @@
-"""``moca ablate`` end to end at a reduced size: every row over two seeds, each trained as its row
-says, summarized from each run's eval.json, written as JSON, a table and a plot."""
+"""``moca ablate`` end to end at a reduced size: the causal base trained first, then every row from
+it over two seeds, each trained as its row says, summarized from each run's eval.json, written as
+JSON, a table and a plot."""
 import json
 import statistics
 

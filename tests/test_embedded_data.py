@@ -29,7 +29,8 @@ def test_the_evaluation_is_disjoint_from_training_and_fair(tmp_path):
     for record in evaluation:
         for side in [record["query"], *record.get("positives", []), *record["candidates"]]:
             held |= _described(side.get("text", ""))
-    every = {embedded.Scene(c, s, bg).text for c in embedded.INKS for s in embedded.SHAPES for bg in embedded.BACKGROUNDS}
+    every = {embedded.Scene(c, s, bg).text
+             for c in embedded.INKS for s in embedded.SHAPES for bg in embedded.BACKGROUNDS}
     assert trained | held == every and len(held) >= 8 and not trained & held  # 8: a retrieval query's pool
     # no negative has its positive's description, and no two candidates share one
     for record in evaluation:

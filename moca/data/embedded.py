@@ -12,8 +12,8 @@ so that its color and outline reach several of the picture's merged tokens.
 - Stage 1 (``write``): a large interleaved corpus, documents of one to three pictures, each
   followed by its description, and a few text-only documents. Masked color and shape words are
   predictable from the pictures, and masked picture patches from the descriptions.
-- Stage 2 (``write_pairs``): a small labelled set of description-picture pairs, too few to teach
-  a randomly initialized vision tower its colors and shapes on their own.
+- Stage 2 (``write_pairs``): a small labelled set of description-picture pairs (64 by default,
+  against some 1,000 captioned pictures in stage 1).
 - Evaluation (``write_eval``): held-out descriptions only; every negative has another description
   than its positive.
 """
@@ -158,7 +158,8 @@ def write_eval(folder: str, queries: int = 240, seed: int = 1000, image_size: in
     """Write held-out evaluation records (held-out descriptions, new pictures) under ``folder``:
     two MMEB-style tasks with 4 candidates, the positive first (text to image, image to text), and
     one retrieval task (a description against 8 pictures, one of them its own), a third of the
-    queries each. Returns the .jsonl path."""
+    queries each. Returns the .jsonl path. Training runs of every seed are scored on the default
+    seed's set, as on a benchmark: what differs between seeds is then the training alone."""
     pictures = _pictures(folder, max(queries, POOL), seed, image_size, held_out=True, prefix="eval")
     rng = random.Random(seed + 1)
 
