@@ -3,8 +3,8 @@ its step.
 
 ``CptStage`` (stage 1): ``grad_accum`` packed, corrupted micro-batches per step through
 ``MocaCPT`` (MLM + MAE; or, with ``cpt.objective=next-token``, causal next-token prediction, which
-makes a base for the tiny preset). ``ClStage`` (stage 2): one contrastive batch of pairs per step through
-``MocaEmbedder`` (in-batch and hard negatives, optionally GradCache).
+makes a base for the tiny preset). ``ClStage`` (stage 2): one contrastive batch of pairs per step
+through ``MocaEmbedder`` (in-batch and hard negatives, optionally GradCache).
 """
 from __future__ import annotations
 
