@@ -47,15 +47,21 @@ BASE = {"run.stage": "cpt", "cpt.objective": "next-token", "cpt.lr": 3e-3, "run.
 NOT_IN_BASE = ("run.out:", "cl.", "cpt.use_", "cpt.mlm_", "cpt.mae_")  # settings a next-token run does not read
 
 
+def _other_settings(out: str, config: Config, ignored: tuple[str, ...] = ("run.out:",)) -> str:
+    """The result-changing settings in which the run saved in ``out`` differs from ``config``
+    (``Config.result_differences``, less those starting with one of ``ignored``), joined for a
+    message; empty when there are none."""
+    return "; ".join(d for d in Config.read(out).result_differences(config) if not d.startswith(ignored))
+
+
 def pretrain_base(config: Config, log=print) -> str:
     """Train (or reuse, or resume) the causal base that ``config``'s rows start from, in
     ``config.run.out``; returns that folder."""
     out = config.run.out
     if os.path.isfile(os.path.join(out, "config.json")):
-        changed = [d for d in Config.read(out).result_differences(config) if not d.startswith(NOT_IN_BASE)]
+        changed = _other_settings(out, config, NOT_IN_BASE)
         if changed:
-            raise ValueError(f"{out} holds a base trained with other settings ({'; '.join(changed)}): choose "
-                             "another --out")
+            raise ValueError(f"{out} holds a base trained with other settings ({changed}): choose another --out")
         if finished(out, config.cpt.max_steps) is not None:
             log(f"{out}: base already trained")
             return out
@@ -70,9 +76,9 @@ def run_row(config: Config, log=print) -> dict:
     out = config.run.out
     scored = os.path.join(out, "cl", "eval.json") if config.run.stage == "both" else os.path.join(out, "eval.json")
     if os.path.isfile(scored):
-        changed = [d for d in Config.read(out).result_differences(config) if not d.startswith("run.out:")]
+        changed = _other_settings(out, config)
         if changed:
-            raise ValueError(f"{out} was evaluated with other settings ({'; '.join(changed)}): choose another --out")
+            raise ValueError(f"{out} was evaluated with other settings ({changed}): choose another --out")
         log(f"{out}: already evaluated")
         with open(scored) as f:
             return json.load(f)
