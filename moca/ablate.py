@@ -8,12 +8,16 @@ Rows, each trained and evaluated once per seed (``run.seed`` 0, 1, ...), from th
 
 Every row of the paper starts from the same pre-trained causal model (Qwen2.5-VL). On the tiny
 preset, which has random weights, the ablation first makes one: ``out/base``, a run of causal
-next-token prediction on the stage-1 documents (``BASE``), and every row starts from it
+next-token prediction on stage-1 documents of its own draw (``BASE``), and every row starts from it
 (``model.init``). With ``--model`` or ``model.init`` given, the rows start from that instead.
 
-Every row of one seed sees the same data and evaluation files. ``out/ablation.json`` holds
+Every row and every seed trains on the same data (on the embedded dataset, ``data.embedded_seed``'s
+draw) and is scored on the same evaluation files: seeds differ in training alone (batch order,
+masks, newly initialized parts), as in a paper's runs on one dataset, so
+that the spread across seeds is the training's. ``out/ablation.json`` holds
 ``{"rows": {row: {metric: {"mean", "std", "values"}}}, "chance": {metric: value}, ...}``, with the
-metrics of ``eval.json``'s ``overall``; ``ablation.md`` the table and ``ablation.png`` the main
+metrics of ``eval.json``'s ``overall``, and under ``"against_cl"`` each row's difference from
+``cl`` beside the spread (``against``); ``ablation.md`` the tables and ``ablation.png`` the main
 metrics per row. On the embedded data, each row whose stage 1 has MLM is also probed for whether it
 learned to read the pictures (``moca.probe.picture_reading``: masked color, shape and background
 words with the pictures and with noise), under ``"reading"`` in ``ablation.json`` and as a second
@@ -42,8 +46,9 @@ ROWS: dict[str, dict] = {
 }
 SHOWN = ("precision_at_1", "ndcg_at_5")  # the plot's metrics: MMEB's and ViDoRe's
 # the tiny base: as many steps as stage 1, at a pre-training learning rate (10x the tiny recipe's
-# stage 1), on documents of its own (the rows' seeds are 0, 1, ...)
-BASE = {"run.stage": "cpt", "cpt.objective": "next-token", "cpt.lr": 3e-3, "run.seed": 10_000}
+# stage 1), on documents of its own (the rows train on data.embedded_seed's, 0 by default)
+BASE = {"run.stage": "cpt", "cpt.objective": "next-token", "cpt.lr": 3e-3, "run.seed": 10_000,
+        "data.embedded_seed": 10_000}
 NOT_IN_BASE = ("run.out:", "cl.", "cpt.use_", "cpt.mlm_", "cpt.mae_")  # settings a next-token run does not read
 
 
@@ -92,7 +97,7 @@ def run_row(config: Config, log=print) -> dict:
     return evaluate_run(out, files, strict=config.run.strict, log=log)
 
 
-def ablate(base: Config, out: str, seeds: int = 3, rows: list[str] | None = None, log=print) -> dict:
+def ablate(base: Config, out: str, seeds: int = 5, rows: list[str] | None = None, log=print) -> dict:
     """Every row of ``ROWS`` (or ``rows``) over ``seeds`` seeds from ``base``'s settings, in
     ``out/ROW/seed-N``; writes and returns ``ablation.json``'s content."""
     if seeds < 1:
@@ -120,6 +125,8 @@ def ablate(base: Config, out: str, seeds: int = 3, rows: list[str] | None = None
                 reading.setdefault(name, []).append(
                     picture_reading(os.path.join(config.run.out, "cpt"), seed=seed, log=lambda *_: None))
     result = summarize(scores)
+    if "cl" in scores and len(scores) > 1:
+        result["against_cl"] = against(result["rows"], "cl")
     if reading:
         result["reading"] = summarize_reading(reading)
     result["settings"] = base.to_dict()
@@ -144,6 +151,23 @@ def summarize(scores: dict[str, list[dict]]) -> dict:
             rows[name][metric] = _spread([s[metric] for s in per_seed])
         chance.update({k.removeprefix("chance_"): v for k, v in per_seed[0].items() if k.startswith("chance_")})
     return dict(rows=rows, chance=chance, seeds=len(next(iter(scores.values()))))
+
+
+def against(rows: dict, baseline: str) -> dict:
+    """``{row: {metric: {"difference", "spread", "beyond"}}}`` for every row but ``baseline`` and the
+    metrics of ``SHOWN``: the difference of the means (row minus baseline), the larger of the two
+    rows' standard deviations, and whether the difference exceeds it (the paper's claim for
+    ``cpt+cl`` against ``cl``: better by more than the spread across seeds)."""
+    out = {}
+    for name, row in rows.items():
+        if name == baseline:
+            continue
+        out[name] = {}
+        for metric in (m for m in SHOWN if m in row):
+            difference = round(row[metric]["mean"] - rows[baseline][metric]["mean"], 4)
+            spread = max(row[metric]["std"], rows[baseline][metric]["std"])
+            out[name][metric] = dict(difference=difference, spread=spread, beyond=difference > spread)
+    return out
 
 
 def _spread(values: list[float]) -> dict:
@@ -176,6 +200,15 @@ def table(result: dict) -> str:
     lines.append("| chance | " + " | ".join(f"{result['chance'][m]:.3f}" if m in result["chance"] else "" for m in
                                            metrics) + " |")
     text = "\n".join(lines) + f"\n\n{result['seeds']} seed(s) a row; mean ± sample standard deviation across seeds."
+    if result.get("against_cl"):
+        shown = list(next(iter(result["against_cl"].values())))
+        lines = ["", "Against stage 2 alone: each row's mean minus cl's, beside the larger of the two standard "
+                 "deviations:", "", "| row | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
+        for name, row in result["against_cl"].items():
+            cells = [f"{row[m]['difference']:+.3f} ({'more' if row[m]['beyond'] else 'not more'} than "
+                     f"{row[m]['spread']:.3f})" for m in shown]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        text += "\n" + "\n".join(lines)
     if result.get("reading"):
         classes = list(next(iter(result["reading"].values())))
         lines = ["", "Does stage 1 read the pictures? Masked-word accuracy on new documents, with the pictures / with "

@@ -78,6 +78,9 @@ class DataConfig:
     pairs: str | None = setting(None, "stage-2 pairs: a .jsonl file or a folder (default: the embedded pairs)")
     evaluation: str | None = setting(None, "evaluation files for --stage both (default on embedded data: its "
                                      "held-out split)")
+    embedded_seed: int = setting(0, "which draw of the embedded dataset (stage-1 documents, stage-2 pairs) a run "
+                                 "without data files trains on; apart from run.seed, so that runs of several seeds "
+                                 "train on the same data and differ in training alone")
     token_budget: int = setting(1024, "tokens per packed row (micro-batch)")
     max_doc_tokens: int = setting(512, "longer documents are truncated (never inside an image)")
     min_pixels: int = setting(56 * 56, "images smaller than this are scaled up (pixels)")

@@ -22,7 +22,7 @@ from .data.records import read_cpt
 from .model.qwen import packed_hidden
 
 CLASSES = {"color": embedded.INKS, "shape": embedded.SHAPES, "background": embedded.BACKGROUNDS}
-PROBE_SEED = 20_000  # new pictures: embedded.write's seeds for training runs are the run seeds
+PROBE_SEED = 20_000  # new pictures: training runs draw theirs with data.embedded_seed (0, the ablation's base 10,000)
 DOCS_PER_ROW = 16  # documents packed into one forward
 
 

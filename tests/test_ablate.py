@@ -7,7 +7,7 @@ import statistics
 from PIL import Image
 
 from moca import cli
-from moca.ablate import ROWS, summarize, summarize_reading, table
+from moca.ablate import ROWS, against, summarize, summarize_reading, table
 from moca.config import Config
 
 
@@ -52,6 +52,10 @@ def test_the_ablation_end_to_end_on_user_files(tmp_path, capsys):
     base = Config.read(str(out / "base"))
     assert (base.run.stage, base.cpt.objective, base.cpt.lr, base.run.seed) == ("cpt", "next-token", 3e-3, 10_000)
     assert result["chance"]["precision_at_1"] == 0.25
+    assert set(result["against_cl"]) == set(ROWS) - {"cl"}
+    p1 = result["against_cl"]["cpt+cl"]["precision_at_1"]
+    assert p1["difference"] == round(result["rows"]["cpt+cl"]["precision_at_1"]["mean"] -
+                                     result["rows"]["cl"]["precision_at_1"]["mean"], 4)
     markdown = (out / "ablation.md").read_text()
     assert markdown.startswith("| row | ") and "| cpt+cl | " in markdown and "| chance | " in markdown
     assert table(result) in printed
@@ -80,13 +84,19 @@ def test_summary_of_one_seed_has_no_spread():
 
 def test_on_the_embedded_data_rows_with_mlm_are_probed_for_reading_the_pictures(tmp_path):
     out = tmp_path / "ablation"
-    argv = ["ablate", "--out", str(out), "--seeds", "1", "--rows", "cl,mae+cl,cpt+cl", "max_steps=2",
+    argv = ["ablate", "--out", str(out), "--seeds", "2", "--rows", "cl,mae+cl,cpt+cl", "max_steps=2",
             "pairs_per_batch=4", "token_budget=512", "log_every=1"]
     assert cli.main(argv) == 0
     result = json.loads((out / "ablation.json").read_text())
     assert list(result["reading"]) == ["cpt+cl"]  # cl has no stage 1, mae+cl no MLM head to ask
     color = result["reading"]["cpt+cl"]["color"]
-    assert color["chance"] == round(1 / 6, 4) and len(color["pictures"]["values"]) == 1
+    assert color["chance"] == round(1 / 6, 4) and len(color["pictures"]["values"]) == 2
+    # every seed trains on the same draw of the embedded data; the base on a draw of its own
+    documents = {(out / "cpt+cl" / f"seed-{s}" / "cpt" / "data" / "cpt.jsonl").read_text() for s in range(2)}
+    pairs = {(out / "cl" / f"seed-{s}" / "data" / "pairs.jsonl").read_text() for s in range(2)}
+    assert len(documents) == 1 and len(pairs) == 1
+    assert (out / "base" / "data" / "cpt.jsonl").read_text() not in documents
+    assert Config.read(str(out / "base")).data.embedded_seed == 10_000
     assert (out / "cpt+cl" / "seed-0" / "cpt" / "probe-data" / "cpt.jsonl").is_file()
     assert "| cpt+cl | " in (out / "ablation.md").read_text().split("Does stage 1 read the pictures?")[1]
 
@@ -101,3 +111,14 @@ def test_reading_summary_and_its_table():
     result = summarize({"cpt+cl": [{"precision_at_1": 0.5, "chance_precision_at_1": 0.25, "n": 4}] * 2})
     text = table({**result, "reading": reading})
     assert "| cpt+cl | 0.400 / 0.150 |" in text and "| chance | 0.167 |" in text
+
+
+def test_rows_against_stage_two_alone():
+    rows = summarize({"cl": [{"precision_at_1": p, "ndcg_at_5": p, "n": 4} for p in (0.5, 0.7)],
+                      "cpt+cl": [{"precision_at_1": p, "ndcg_at_5": q, "n": 4} for p, q in ((0.9, 0.6), (0.9, 0.8))]})
+    compared = against(rows["rows"], "cl")
+    # P@1: +0.3 against spreads 0.1414 and 0; nDCG@5: +0.1 against 0.1414 each
+    assert compared == {"cpt+cl": {"precision_at_1": {"difference": 0.3, "spread": 0.1414, "beyond": True},
+                                   "ndcg_at_5": {"difference": 0.1, "spread": 0.1414, "beyond": False}}}
+    text = table({**rows, "against_cl": compared})
+    assert "| cpt+cl | +0.300 (more than 0.141) | +0.100 (not more than 0.141) |" in text

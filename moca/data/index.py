@@ -121,10 +121,10 @@ def _cache_dir(config) -> str:
 def default_documents(config, main: bool, barrier) -> str:
     """The run's stage-1 documents: ``data.documents``, else the embedded dataset (written once)."""
     return config.data.documents or embedded_file(embedded.write, os.path.join(config.run.out, "data"), "cpt.jsonl",
-                                                  config.run.seed, main, barrier)
+                                                  config.data.embedded_seed, main, barrier)
 
 
 def default_pairs(config, main: bool, barrier) -> str:
     """The run's stage-2 pairs: ``data.pairs``, else the embedded pairs (written once)."""
     return config.data.pairs or embedded_file(embedded.write_pairs, os.path.join(config.run.out, "data"),
-                                              "pairs.jsonl", config.run.seed, main, barrier)
+                                              "pairs.jsonl", config.data.embedded_seed, main, barrier)
