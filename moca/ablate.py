@@ -13,8 +13,8 @@ next-token prediction on stage-1 documents of its own draw (``BASE``), and every
 
 Every row and every seed trains on the same data (on the embedded dataset, ``data.embedded_seed``'s
 draw) and is scored on the same evaluation files: seeds differ in training alone (batch order,
-masks, newly initialized parts), as in a paper's runs on one dataset, so
-that the spread across seeds is the training's. ``out/ablation.json`` holds
+masks, newly initialized parts), as a paper's runs on one dataset do, so that the spread across
+seeds is the training's. ``out/ablation.json`` holds
 ``{"rows": {row: {metric: {"mean", "std", "values"}}}, "chance": {metric: value}, ...}``, with the
 metrics of ``eval.json``'s ``overall``, and under ``"against_cl"`` each row's difference from
 ``cl`` beside the spread (``against``); ``ablation.md`` the tables and ``ablation.png`` the main
