@@ -190,35 +190,36 @@ def summarize_reading(probes: dict[str, list[dict]]) -> dict:
     return out
 
 
+def _markdown(columns: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
+    """A markdown table's lines: a ``row`` column of names, then ``columns``, one line per (name, cells)."""
+    return ["| row | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"] + \
+        [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
+
+
 def table(result: dict) -> str:
-    """The markdown table: one row per ablation row, each metric as mean ± std over the seeds."""
+    """The markdown table: one row per ablation row, each metric as mean ± std over the seeds; then
+    each row against ``cl`` and the picture-reading probe, where ``result`` has them."""
     metrics = list(next(iter(result["rows"].values())))
-    lines = ["| row | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for name, row in result["rows"].items():
-        cells = [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in metrics]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("| chance | " + " | ".join(f"{result['chance'][m]:.3f}" if m in result["chance"] else "" for m in
-                                           metrics) + " |")
-    text = "\n".join(lines) + f"\n\n{result['seeds']} seed(s) a row; mean ± sample standard deviation across seeds."
+    rows = [(name, [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in metrics])
+            for name, row in result["rows"].items()]
+    rows.append(("chance", [f"{result['chance'][m]:.3f}" if m in result["chance"] else "" for m in metrics]))
+    text = "\n".join(_markdown(metrics, rows))
+    text += f"\n\n{result['seeds']} seed(s) a row; mean ± sample standard deviation across seeds."
     if result.get("against_cl"):
         shown = list(next(iter(result["against_cl"].values())))
+        rows = [(name, [f"{row[m]['difference']:+.3f} ({'more' if row[m]['beyond'] else 'not more'} than "
+                        f"{row[m]['spread']:.3f})" for m in shown]) for name, row in result["against_cl"].items()]
         lines = ["", "Against stage 2 alone: each row's mean minus cl's, beside the larger of the two standard "
-                 "deviations:", "", "| row | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
-        for name, row in result["against_cl"].items():
-            cells = [f"{row[m]['difference']:+.3f} ({'more' if row[m]['beyond'] else 'not more'} than "
-                     f"{row[m]['spread']:.3f})" for m in shown]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+                 "deviations:", ""] + _markdown(shown, rows)
         text += "\n" + "\n".join(lines)
     if result.get("reading"):
-        classes = list(next(iter(result["reading"].values())))
-        lines = ["", "Does stage 1 read the pictures? Masked-word accuracy on new documents, with the pictures / with "
-                 "noise instead (moca.probe):", "", "| row | " + " | ".join(classes) + " |",
-                 "|---" * (len(classes) + 1) + "|"]
-        for name, row in result["reading"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{row[c]['pictures']['mean']:.3f} / {row[c]['noise']['mean']:.3f}"
-                                                   for c in classes) + " |")
         first = next(iter(result["reading"].values()))
-        lines.append("| chance | " + " | ".join(f"{first[c]['chance']:.3f}" for c in classes) + " |")
+        classes = list(first)
+        rows = [(name, [f"{row[c]['pictures']['mean']:.3f} / {row[c]['noise']['mean']:.3f}" for c in classes])
+                for name, row in result["reading"].items()]
+        rows.append(("chance", [f"{first[c]['chance']:.3f}" for c in classes]))
+        lines = ["", "Does stage 1 read the pictures? Masked-word accuracy on new documents, with the pictures / with "
+                 "noise instead (moca.probe):", ""] + _markdown(classes, rows)
         text += "\n" + "\n".join(lines)
     return text
 
