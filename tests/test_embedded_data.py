@@ -58,3 +58,16 @@ def test_the_held_out_split_does_not_depend_on_the_seed(tmp_path):
     assert held and trained and not held & trained
     scenes = [embedded.Scene(c, s, bg) for c in embedded.INKS for s in embedded.SHAPES for bg in embedded.BACKGROUNDS]
     assert 0 < sum(s.held_out() for s in scenes) < len(scenes)
+
+
+def test_the_labelled_pairs_cover_every_training_description_evenly(tmp_path):
+    training = [embedded.Scene(c, s, bg).text for c in embedded.INKS for s in embedded.SHAPES
+                for bg in embedded.BACKGROUNDS if not embedded.Scene(c, s, bg).held_out()]
+    for seed, count in [(0, 64), (3, 50)]:
+        pairs = _lines(embedded.write_pairs(str(tmp_path / f"pairs-{seed}"), pairs=count, seed=seed))
+        named = [_described(p["query"]["text"]).pop() if p["task"] == "text-to-image" else p["positive"]["text"]
+                 for p in pairs]
+        # every description before any comes again, so counts differ by one at most
+        assert sorted(named[:len(training)]) == sorted(training)
+        counts = [named.count(t) for t in training]
+        assert max(counts) - min(counts) <= 1 and sum(counts) == count

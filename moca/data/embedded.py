@@ -13,7 +13,9 @@ so that its color and outline reach several of the picture's merged tokens.
   followed by its description, and a few text-only documents. Masked color and shape words are
   predictable from the pictures, and masked picture patches from the descriptions.
 - Stage 2 (``write_pairs``): a small labelled set of description-picture pairs (64 by default,
-  against some 1,000 captioned pictures in stage 1).
+  against some 1,000 captioned pictures in stage 1) that names every training description once
+  before any twice, so that which pairs a draw holds changes little (independent draws left some
+  descriptions out and moved stage 2 alone by as much as stage 1 adds).
 - Evaluation (``write_eval``): held-out descriptions only; every negative has another description
   than its positive.
 """
@@ -78,15 +80,27 @@ def _draw(scene: Scene, size: int, rng: random.Random) -> Image.Image:
     return image
 
 
+def _balanced(rng: random.Random, count: int, held_out: bool) -> list[Scene]:
+    """``count`` scenes that go through every description (held out or training) in a shuffled
+    order before any comes again, so that a small set covers them all evenly."""
+    every = [Scene(c, s, b) for c in INKS for s in SHAPES for b in BACKGROUNDS]
+    every = [scene for scene in every if scene.held_out() == held_out]
+    scenes = []
+    while len(scenes) < count:
+        scenes += rng.sample(every, len(every))
+    return scenes[:count]
+
+
 def _pictures(folder: str, count: int, seed: int, image_size: int, held_out: bool,
-              prefix: str) -> list[tuple[str, Scene]]:
+              prefix: str, balanced: bool = False) -> list[tuple[str, Scene]]:
     """``count`` rendered pictures under ``folder/images``: (path, scene), of held-out or of
-    training descriptions."""
+    training descriptions, drawn independently or ``balanced`` (see ``_balanced``)."""
     rng = random.Random(seed)
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    scenes = _balanced(rng, count, held_out) if balanced else None
     out = []
     for i in range(count):
-        scene = _scene(rng, held_out)
+        scene = scenes[i] if balanced else _scene(rng, held_out)
         name = f"images/{prefix}-{seed}-{i:04d}.png"
         _draw(scene, image_size, rng).save(os.path.join(folder, name))
         out.append((name, scene))
@@ -138,7 +152,8 @@ def write_pairs(folder: str, pairs: int = 64, seed: int = 0, image_size: int = 5
     picture a description names (text to image), and describe a picture (image to text), each
     with two pictures of other descriptions as hard negatives (training descriptions only).
     Returns the .jsonl path; deterministic."""
-    pictures = _pictures(folder, max(pairs, POOL), seed + 1, image_size, held_out=False, prefix="pair")
+    pictures = _pictures(folder, max(pairs, POOL), seed + 1, image_size, held_out=False, prefix="pair",
+                         balanced=True)
     rng = random.Random(seed + 2)
 
     def records():
