@@ -144,6 +144,21 @@ class CptConfig(Schedule):
     use_mlm: bool = setting(True, "train the masked-LM objective")
     use_mae: bool = setting(True, "train the masked-autoencoding objective")
 
+    @property
+    def next_token(self) -> bool:
+        """Whether stage 1 is causal next-token prediction (a base) rather than MoCa's objectives."""
+        return self.objective == "next-token"
+
+    @property
+    def trains_mlm(self) -> bool:
+        """Whether text tokens are masked and predicted (next-token prediction masks nothing)."""
+        return self.use_mlm and not self.next_token
+
+    @property
+    def trains_mae(self) -> bool:
+        """Whether image tokens are masked and reconstructed (never under next-token prediction)."""
+        return self.use_mae and not self.next_token
+
 
 @dataclass
 class ClConfig(Schedule):

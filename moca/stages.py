@@ -51,11 +51,9 @@ class CptStage:
     def __init__(self, config: Config, model, tokenizer, parallel: Single, log):
         self.config, self.tokenizer, self.parallel, self.log = config, tokenizer, parallel, log
         c = config.cpt
-        if c.objective == "next-token":  # a causal base: the LM head on every text token, no MAE
+        if c.next_token:  # a causal base: the LM head on every text token
             set_causal(model, True)
-            self.module = MocaCPT(model, use_mlm=True, use_mae=False).to(parallel.device)
-        else:
-            self.module = MocaCPT(model, c.mae_weight, c.use_mlm, c.use_mae).to(parallel.device)
+        self.module = MocaCPT(model, c.mae_weight, c.use_mlm or c.next_token, c.trains_mae).to(parallel.device)
         self.runner = parallel.wrap(self.module, one_forward=True)
         self.epoch = self.position = 0
 

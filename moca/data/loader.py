@@ -117,10 +117,8 @@ def micro_batch_stream(entries, docs: Cache, tokenizer, model_config, config, st
     pictures (a corruption that no loss asks to undo would only hide what the other objective
     reads). The next-token objective corrupts nothing and labels every text token's predecessor."""
     c, seed, budget = config.cpt, config.run.seed, config.data.token_budget
-    next_token = c.objective == "next-token"
-    use_mae = c.use_mae and not next_token
-    mlm_ratio = c.mlm_ratio if c.use_mlm and not next_token else 0.0
-    mae_ratio = c.mae_ratio if use_mae else 0.0
+    mlm_ratio = c.mlm_ratio if c.trains_mlm else 0.0
+    mae_ratio = c.mae_ratio if c.trains_mae else 0.0
     batches = micro_batches(entries, budget, seed, epoch)
     while True:
         for micro in range(c.grad_accum):
@@ -138,9 +136,9 @@ def micro_batch_stream(entries, docs: Cache, tokenizer, model_config, config, st
             generator = torch.Generator().manual_seed(hash((seed, step, micro * size + rank)) % 2**63)
             with nvtx("collate"):
                 batch = collate(chosen, tokenizer.specials, mlm_ratio, mae_ratio, generator, c.mae_sampling,
-                                next_token)
+                                c.next_token)
             flops = cpt_step_flops(model_config, batch["lengths"], batch["image_grid_thw"].tolist(),
-                                   int((batch["labels"] != -100).sum()), batch["mae_positions"].numel(), use_mae)
+                                   int((batch["labels"] != -100).sum()), batch["mae_positions"].numel(), c.trains_mae)
             if pin:  # page-locked, so that the copy to the GPU does not wait on the host
                 batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             yield batch, flops, epoch, position
