@@ -166,7 +166,7 @@ class ClConfig(Schedule):
     lr: float = setting(1e-3, "peak learning rate")
     init: str | None = setting(None, "start from this stage-1 run's newest checkpoint (its backbone; the MAE head "
                                "is left out)", resumable=True)  # read at step 0 only
-    pairs_per_batch: int = setting(16, "pairs per contrastive batch on each rank")
+    pairs_per_batch: int = setting(32, "pairs per contrastive batch on each rank")
     hard_negatives: int = setting(2, "hard negatives per query (fewer in a record are repeated in turn)")
     temperature: float = setting(0.03, "InfoNCE temperature")
     learn_temperature: bool = setting(False, "train the temperature too")
