@@ -124,8 +124,8 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
                             "tiny preset every row starts from a causal base trained first (out/base)")
     a.add_argument("--out", default="runs/ablation", help="where the runs, ablation.json, ablation.md and "
                    "ablation.png go (default runs/ablation)")
-    a.add_argument("--seeds", type=int, default=5, help="seeds per row (default 5); a row's lead over stage 2 alone counts "
-                   "when it exceeds the spread across them")
+    a.add_argument("--seeds", type=int, default=5, help="seeds per row (default 5); a row's lead over stage 2 "
+                   "alone counts when it exceeds the spread across them")
     a.add_argument("--data", help="stage-1 documents (with pairs=PAIRS and evaluation=EVAL; default: the embedded "
                    "dataset and its held-out split)")
     a.add_argument("--rows", help="comma-separated subset of the rows: cl,cl-causal,mlm+cl,mae+cl,cpt+cl")
