@@ -14,8 +14,8 @@ so that its color and outline reach several of the picture's merged tokens.
   predictable from the pictures, and masked picture patches from the descriptions.
 - Stage 2 (``write_pairs``): a small labelled set of description-picture pairs (64 by default,
   against some 1,000 captioned pictures in stage 1) that names every training description once
-  before any twice, so that which pairs a draw holds changes little (independent draws left some
-  descriptions out and moved stage 2 alone by as much as stage 1 adds).
+  before any twice: 64 pairs drawn at random leave some descriptions out, and which ones moves
+  stage 2 alone by as much as stage 1 adds.
 - Evaluation (``write_eval``): held-out descriptions only; every negative has another description
   than its positive.
 """
