@@ -274,7 +274,7 @@ class Config:
         c = self.cpt
         if c.grad_accum < 1 or not 0 <= c.mlm_ratio <= 1 or not 0 <= c.mae_ratio <= 1 or c.mae_weight < 0:
             raise ValueError("cpt: grad_accum >= 1, mlm_ratio and mae_ratio in [0, 1] and mae_weight >= 0 are required")
-        if c.objective == "moca" and not (c.use_mlm or c.use_mae):
+        if not c.next_token and not (c.use_mlm or c.use_mae):
             raise ValueError("cpt: use_mlm and use_mae are both false: stage 1 would have nothing to learn")
         if self.cl.hard_negatives < 0 or self.cl.pairs_per_batch < 1 or self.cl.temperature <= 0:
             raise ValueError("cl: hard_negatives >= 0, pairs_per_batch >= 1 and temperature > 0 are required")
