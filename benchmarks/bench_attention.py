@@ -10,6 +10,8 @@ Providers get the same documents in their own input layout, built outside the ti
 - moca-fwd-wide, moca-fwd-short (forward only), moca-bwd-atomic, moca-bwd-split (backward only):
   each design forced (MOCA_KERNELS_ATTENTION_FWD / _BWD), so every candidate is timed;
 - moca-tma: moca with its experimental TMA loads of K/V (MOCA_KERNELS_TMA=1); forward only;
+- moca-bwd-atomic-tma: the atomic backward with MOCA_KERNELS_TMA=1, dQ added by TMA bulk
+  reduce-add instead of per-element atomics; backward only;
 - moca-flash: varlen_attention(backend="flash"), FlashAttention-2 behind the op;
 - sdpa-padded: scaled_dot_product_attention on a padded batch with a key-padding mask (K/V heads
   repeated: with a mask, GQA would leave only the math kernel);
@@ -106,6 +108,18 @@ def setup_moca_tma(x):
     d0, d1 = triton_kernels.head_dim_split(x["q"].shape[2])
     if triton_kernels._tma_descriptors(x["k"], d0, d1) is None:
         raise Unavailable("TMA cannot read these K/V tensors; moca-tma would be moca")
+    return _moca_forward(x)
+
+
+def setup_moca_dq_tma(x):
+    """The atomic backward with MOCA_KERNELS_TMA=1; refused where the launcher could not add dQ
+    through TMA (float32 inputs, a head width the descriptors cannot address)."""
+    from moca_kernels.varlen_attention import triton_kernels
+    q = x["q"]
+    d0, d1 = triton_kernels.head_dim_split(q.shape[2])
+    dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # the launcher's dQ buffer
+    if q.dtype == torch.float32 or triton_kernels._tma_descriptors(dq, d0, d1, reduce=True) is None:
+        raise Unavailable("TMA cannot add this dQ; moca-bwd-atomic-tma would be moca-bwd-atomic")
     return _moca_forward(x)
 
 
@@ -242,6 +256,9 @@ def _moca_providers() -> dict:
     out["moca-tma"] = Provider("moca-tma", setup_moca_tma,
                                "moca, K/V loaded through TMA descriptors (MOCA_KERNELS_TMA=1)",
                                modes=("fwd",), env={TMA_ENV: "1"}, **base)
+    out["moca-bwd-atomic-tma"] = Provider(
+        "moca-bwd-atomic-tma", setup_moca_dq_tma, "moca, bwd design 'atomic', dQ added by TMA bulk reduce-add "
+        "(MOCA_KERNELS_TMA=1)", modes=("bwd",), env={TMA_ENV: "1", **_design_env("bwd", "atomic")}, **base)
     out["moca-flash"] = Provider("moca-flash", setup_moca_flash, "varlen_attention(backend='flash'): FlashAttention-2",
                                  _flash_unavailable)
     return out

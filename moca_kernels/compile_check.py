@@ -99,14 +99,20 @@ def variants(quick: bool) -> list[dict]:
                                         warps=warps, stages=stages, **common))
                 for design in tk.offered("bwd", head_dim):
                     atomic = design == "atomic"
-                    for (block, warps, stages), default in configs("bwd", design):
+                    dq = "*fp32" if atomic else dt
+                    for ((block, warps, stages), default), tma in itertools.product(
+                            configs("bwd", design), tmas if atomic else (False,)):
+                        dq_tma = dict.fromkeys(("DQ_TMA0", "DQ_TMA1"), dq)
+                        if tma:
+                            dq_tma = {f"DQ_TMA{i}": f"tensordesc<fp32[{block},{piece or d0}]>"
+                                      for i, piece in enumerate((d0, d1))}
                         out.append(dict(kernel="_varlen_attention_bwd_kernel", design=design, default=default,
                                         pointers=dict(Q=dt, K=dt, V=dt, DO=dt, DK=dt, DV=dt, LSE="*fp32",
-                                                      DELTA="*fp32", DQ="*fp32" if atomic else dt),
+                                                      DELTA="*fp32", DQ=dq, **dq_tma),
                                         constexprs=dict(HKV=2, GROUP=8, BLOCK_M=block,
                                                         BLOCK_N=tk.grid_block("bwd", design, head_dim),
-                                                        CAUSAL=causal, ATOMIC_DQ=atomic, **dims),
-                                        warps=warps, stages=stages, **common))
+                                                        CAUSAL=causal, ATOMIC_DQ=atomic, DQ_TMA=tma, **dims),
+                                        warps=warps, stages=stages, bulk_reduce=tma, **common))
                     if atomic:
                         continue
                     for (block, warps, stages), default in configs("bwd_dq", design):
@@ -269,6 +275,8 @@ def compile_one(variant: dict) -> dict:
         result["problems"].append("nvdisasm gave no SASS")
     if result["spill_bytes"]:
         result["warnings"].append(f"spills {result['spill_bytes']} bytes")
+    if variant.get("bulk_reduce") and "cp.reduce.async.bulk.tensor" not in ptx:
+        result["problems"].append("its TMA reduce-add did not compile to cp.reduce.async.bulk.tensor")
     if result["shared"] > SM90_MAX_SHARED:
         result["problems"].append(f"needs {result['shared']} bytes of shared memory (sm_90 max {SM90_MAX_SHARED})")
     if variant["dots"]:

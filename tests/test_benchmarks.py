@@ -71,7 +71,7 @@ def test_run_without_gpu_says_why():
 
 
 ATTENTION_ON_CPU = ["moca", "moca-fwd-wide", "moca-fwd-short", "moca-bwd-atomic", "moca-bwd-split", "moca-tma",
-                    "sdpa-padded", "sdpa-njt"]
+                    "moca-bwd-atomic-tma", "sdpa-padded", "sdpa-njt"]
 
 
 @pytest.mark.parametrize("provider", ATTENTION_ON_CPU)
@@ -80,7 +80,7 @@ def test_provider_computes_the_same_attention(provider, device):
     # the benchmark's error check against a float32 computation.
     import harness
     spec = dict(lengths=("random", 150, 5, 70), hq=4, hkv=2, dim=64)
-    dtype = torch.float16 if provider == "moca-tma" else torch.float32  # float32 never takes TMA
+    dtype = torch.float16 if provider.endswith("tma") else torch.float32  # float32 never takes TMA
     case = bench_attention.make_case("tiny", dtype, str(device), spec)
     x = case.inputs()
     expected = varlen_attention(x["q"], x["k"], x["v"], x["cu"], backend="torch")

@@ -44,7 +44,10 @@ def test_kernels_compile_for_sm90():
     for line in hot:
         ratio = float(re.search(r"executed/useful MMA ([0-9.]+)", line).group(1))
         assert ratio <= compile_check.MAX_MMA_RATIO and "HMMA" not in line, line
-        if ", default]" in line:  # the candidate used without autotuning
-            assert " 0 B spilled" in line, line
+        assert " 0 B spilled" in line, line
+    # The TMA dQ path of the atomic backward is compiled at every hot head dim (and, by the exit
+    # status, reached cp.reduce.async.bulk.tensor in each).
+    tma_dq = {re.search(r"HEAD_DIM=(\d+)", line).group(1) for line in hot if "DQ_TMA=True" in line}
+    assert tma_dq == {"64", "80", "128"}
     pointwise = [line for line in lines if re.match(r"_(rms_norm|rotary|swiglu)_", line)]
     assert len(pointwise) == 8 and all(" 0 B spilled" in line for line in pointwise), pointwise

@@ -172,6 +172,12 @@ def test_designs_on_offer():
     assert triton_kernels.offered("bwd", 128) == ("atomic", "split")
     assert triton_kernels.offered("bwd", 136) == ("split",)
     assert [c[0] for c in triton_kernels.candidates("bwd", "atomic", 80)] == [64]
+    # 64-row backward steps spill at hdim 96 and 128: those take 32-row steps, and hdim 96 (whose
+    # second piece of 32 columns is too narrow for the dQ^T product) has no atomic backward.
+    assert {c[0] for c in triton_kernels.candidates("bwd", "atomic", 128)} == {32}
+    assert {c[0] for c in triton_kernels.candidates("bwd", "split", 128)} == {32}
+    assert {c[0] for c in triton_kernels.candidates("bwd", "split", 96)} == {32}
+    assert triton_kernels.offered("bwd", 96) == ("split",)
 
 
 @pytest.mark.parametrize("dim", [8, 40, 96, 136, 200, 256])
@@ -324,18 +330,29 @@ def test_cache_entries_go_with_their_tensors(device):
     assert len(_CACHE) == before
 
 
+def spy_tma(monkeypatch) -> dict[str, list]:
+    """Turn TMA on and record what each request for descriptors got: K/V loads, the dQ reduce."""
+    monkeypatch.setenv(triton_kernels.TMA_ENV, "1")
+    used = {"load": [], "reduce": []}
+    original = triton_kernels._tma_descriptors
+
+    def spy(*args, **kwargs):
+        used["reduce" if kwargs.get("reduce") else "load"].append(original(*args, **kwargs))
+        return used["reduce" if kwargs.get("reduce") else "load"][-1]
+
+    monkeypatch.setattr(triton_kernels, "_tma_descriptors", spy)
+    return used
+
+
 @pytest.mark.parametrize("dim,heads", [(64, (4, 1)), (80, (4, 2)), (72, (2, 1)), (128, (2, 2))])
 @pytest.mark.parametrize("causal", [False, True])
 def test_tma_forward(dim, heads, causal, device, monkeypatch):
     # Opt-in TMA loads of K/V: blocks past a document read the next one's rows (or zeros past the
     # end); they must still get probability 0. 72 pads its second piece into the next head.
-    monkeypatch.setenv(triton_kernels.TMA_ENV, "1")
-    used = []
-    original = triton_kernels._tma_descriptors
-    monkeypatch.setattr(triton_kernels, "_tma_descriptors", lambda *a: used.append(original(*a)) or used[-1])
+    used = spy_tma(monkeypatch)
     check_against_reference([0, 1, 17, 129, 60], [3, 1, 17, 129, 0], *heads, dim, torch.float16, device, causal,
                             seed=dim)
-    assert used and all(d is not None for d in used), "the TMA path was not taken"
+    assert used["load"] and all(d is not None for d in used["load"]), "the TMA path was not taken"
 
 
 def test_tma_keeps_non_finite_values_in_their_document_and_head(device, monkeypatch):
@@ -352,6 +369,38 @@ def test_tma_keeps_non_finite_values_in_their_document_and_head(device, monkeypa
     assert clean[:30].all() and clean[30:, :2].all() and not clean[30:, 2:].any()
     assert torch.isfinite(out[clean]).all()
     assert_close(out[clean], ref[clean], torch.float16, "out")
+
+
+@pytest.mark.parametrize("dim,heads", [(64, (4, 1)), (80, (4, 2)), (72, (2, 1)), (128, (2, 2))])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tma_dq_reduce(dim, heads, causal, device, monkeypatch):
+    # The atomic backward adds dQ by TMA bulk reduce-add of whole boxes: rows past a document
+    # and (hdim 72) padding columns land in the next document's rows and the next head's columns.
+    # hdim 128 runs 32-row query steps (the dQ^T product, transposed into the box), the others 64.
+    use_designs(monkeypatch, "wide", "atomic")
+    used = spy_tma(monkeypatch)
+    check_against_reference([0, 1, 17, 129, 60], [3, 1, 17, 129, 0], *heads, dim, torch.float16, device, causal,
+                            seed=dim + 1)
+    assert used["reduce"] and all(d is not None for d in used["reduce"]), "dQ did not go through TMA"
+
+
+def test_tma_dq_keeps_non_finite_values_in_their_document_and_head(device, monkeypatch):
+    # NaN in document 1's keys of KV head 0 (query heads 0 and 1): the dQ boxes of its key blocks
+    # cover document 2's first rows, and head 1's padding columns (hdim 72 = 64 + 16) are head 2's
+    # first columns. Those, and everything else outside document 1's heads 0-1, stay finite and right.
+    monkeypatch.setenv(triton_kernels.TMA_ENV, "1")
+    use_designs(monkeypatch, "wide", "atomic")
+    q, k, v, cu, _, dout, _ = make_problem([30, 50, 40], [30, 50, 40], 4, 2, 72, torch.float16, device, seed=16)
+    k = k.detach().clone()
+    k[30:80, 0] = float("nan")
+    k.requires_grad_()
+    dq = torch.autograd.grad((varlen_attention(q, k, v, cu, backend="triton") * dout).sum(), q)[0]
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = torch.autograd.grad((varlen_attention(qd, kd, vd, cu, backend="torch") * dout.double()).sum(), qd)[0]
+    clean = torch.isfinite(ref)
+    assert not clean[30:80, :2].any() and clean[:30].all() and clean[80:].all() and clean[:, 2:].all()
+    assert torch.isfinite(dq[clean]).all()
+    assert_close(dq[clean], ref[clean], torch.float16, "dq")
 
 
 def test_tma_falls_back_where_rows_are_not_aligned(device, monkeypatch):

@@ -1,5 +1,6 @@
 """Triton kernels of ``varlen_attention``: forward, backward (delta preprocess, dK/dV main loop with
-fp32 dQ accumulated by atomics, or a separate dQ kernel), in the designs described above ``DESIGNS``.
+fp32 dQ accumulated by atomics or TMA bulk reduce-adds, or a separate dQ kernel), in the designs
+described above ``DESIGNS``.
 
 Scheduling. The grid is a flat list of (document, block) tiles, longest document first, times the
 heads (tile-major, so query heads that share a KV head run side by side and share it in L2). Each
@@ -27,9 +28,13 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from .._interpreter import add_descriptor_reduce
 from .._registry import autotune_off, bench_unless_disabled, triton_interpret
 
 LOG2E = 1.4426950408889634  # the kernels spell it, and ln 2, as literals
+
+if triton_interpret():
+    add_descriptor_reduce()  # the TMA dQ path (MOCA_KERNELS_TMA=1) runs in the CPU tests too
 
 
 def head_dim_split(head_dim: int) -> tuple[int, int]:
@@ -339,38 +344,57 @@ def _varlen_attention_bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, total, stri
 
 
 @triton.jit
-def _add_dq_piece(dq_base, offs_m, stride_dqt, row_ok, dsT, k, cols, sm_scale, HEAD_DIM: tl.constexpr,
-                  BLOCK_M: tl.constexpr, CHECK_COLS: tl.constexpr, PRECISION: tl.constexpr):
+def _add_dq_piece(dq_base, dq_desc, dq_row, dq_col, offs_m, stride_dqt, row_ok, dsT, k, cols, sm_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CHECK_COLS: tl.constexpr, PRECISION: tl.constexpr,
+                  DQ_TMA: tl.constexpr):
     if BLOCK_M >= 64:  # dQ = dS K: BLOCK_M rows fill a wgmma
         dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION) * sm_scale
     else:  # too few query rows for a wgmma: dQ^T = K^T dS^T, whose M side is this head-dim piece
         dq = tl.dot(tl.trans(k), dsT, input_precision=PRECISION) * sm_scale
-    _store_tile(dq_base, offs_m, stride_dqt, cols, row_ok, dq, HEAD_DIM, CHECK_COLS, True, BLOCK_M < 64)
+    if DQ_TMA:
+        # One bulk reduce-add of the whole (BLOCK_M, piece) box at (dq_row, dq_col) of the
+        # (total, H * D) buffer. The box's rows past the document are the next document's and its
+        # padding columns the next head's: they get exact zeros (NaN or inf in this document's K
+        # must not reach them); TMA itself drops what lies past the buffer's end.
+        if BLOCK_M < 64:
+            dq = tl.trans(dq)
+        keep = row_ok[:, None]
+        if CHECK_COLS:
+            keep = keep & (cols[None, :] < HEAD_DIM)
+        dq_desc.atomic_add([dq_row, dq_col], tl.where(keep, dq, 0.0))
+    else:
+        _store_tile(dq_base, offs_m, stride_dqt, cols, row_ok, dq, HEAD_DIM, CHECK_COLS, True, BLOCK_M < 64)
 
 
 @triton.jit
-def _add_dq(dq_base, offs_m, stride_dqt, row_ok, dsT, k0, k1, sm_scale, HEAD_DIM: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, PRECISION: tl.constexpr):
-    """Add this key block's share of dQ (float32, relaxed atomics: only the sum matters)."""
-    _add_dq_piece(dq_base, offs_m, stride_dqt, row_ok, dsT, k0, tl.arange(0, BLOCK_D0), sm_scale, HEAD_DIM,
-                  BLOCK_M, BLOCK_D0 > HEAD_DIM, PRECISION)
+def _add_dq(dq_base, dq_desc0, dq_desc1, dq_row, dq_col, offs_m, stride_dqt, row_ok, dsT, k0, k1, sm_scale,
+            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+            PRECISION: tl.constexpr, DQ_TMA: tl.constexpr):
+    """Add this key block's share of dQ to the float32 buffer: relaxed atomics (only the sum
+    matters), or with ``DQ_TMA`` a TMA bulk reduce-add per head-dim piece through the descriptors
+    dq_desc0/1 (``cp.reduce.async.bulk.tensor``: one instruction per box instead of one atomic per
+    element, issued asynchronously from shared memory)."""
+    _add_dq_piece(dq_base, dq_desc0, dq_row, dq_col, offs_m, stride_dqt, row_ok, dsT, k0, tl.arange(0, BLOCK_D0),
+                  sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D0 > HEAD_DIM, PRECISION, DQ_TMA)
     if BLOCK_D1 > 0:
-        _add_dq_piece(dq_base, offs_m, stride_dqt, row_ok, dsT, k1, BLOCK_D0 + tl.arange(0, BLOCK_D1), sm_scale,
-                      HEAD_DIM, BLOCK_M, BLOCK_D0 + BLOCK_D1 != HEAD_DIM, PRECISION)
+        _add_dq_piece(dq_base, dq_desc1, dq_row, dq_col + BLOCK_D0, offs_m, stride_dqt, row_ok, dsT, k1,
+                      BLOCK_D0 + tl.arange(0, BLOCK_D1), sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D0 + BLOCK_D1 != HEAD_DIM,
+                      PRECISION, DQ_TMA)
 
 
 @triton.jit
 def _varlen_attention_bwd_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
+        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, TILE_DOC, TILE_BLOCK, DQ_TMA0, DQ_TMA1,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
         qk_scale, sm_scale,
         HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
+        CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, DQ_TMA: tl.constexpr):
     """One program per (key block of a document, KV head): dK and dV of that block, summed over the
     GROUP query heads that share the KV head (so no atomics on dK/dV); with ``ATOMIC_DQ`` it also
-    adds its share of dQ to the float32 buffer DQ."""
+    adds its share of dQ to the float32 buffer DQ, through the TMA descriptors DQ_TMA0/1 over it
+    with ``DQ_TMA`` (otherwise those arguments are unused)."""
     pid = tl.program_id(0)
     tile = pid // HKV
     kv_head = (pid % HKV).to(tl.int64)
@@ -423,8 +447,9 @@ def _varlen_attention_bwd_kernel(
             dk1 += tl.dot(dsT.to(q1.dtype), q1, input_precision=PRECISION)
         if ATOMIC_DQ:
             dq_base = DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh
-            _add_dq(dq_base, offs_m, stride_dqt, row_ok, dsT.to(k0.dtype), k0, k1, sm_scale, HEAD_DIM, BLOCK_M,
-                    BLOCK_D0, BLOCK_D1, PRECISION)
+            _add_dq(dq_base, DQ_TMA0, DQ_TMA1, q_start + start_m, head.to(tl.int32) * HEAD_DIM, offs_m, stride_dqt,
+                    row_ok, dsT.to(k0.dtype), k0, k1, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, PRECISION,
+                    DQ_TMA)
 
     dk_base = DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh
     dv_base = DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh
@@ -500,8 +525,9 @@ def _varlen_attention_bwd_dq_kernel(
 #   of their own, unmasked. "short": 64-row query blocks, 4 warps, 3 stages, one masked loop; two
 #   programs fit an SM, and a short document wastes less of its last block.
 # Backward. "atomic": 128-key blocks, 8 warps, query steps of 32 or 64 rows, dQ added to a float32
-#   buffer by atomics (FlashAttention-2's scheme). "split": the same dK/dV loop without dQ, then a
-#   dQ kernel over 128-query blocks; no atomics, hence deterministic.
+#   buffer by atomics (FlashAttention-2's scheme; with MOCA_KERNELS_TMA=1 by TMA bulk reduce-adds).
+#   "split": the same dK/dV loop without dQ, then a dQ kernel over 128-query blocks; no atomics,
+#   hence deterministic.
 
 DESIGNS = {"fwd": ("wide", "short"), "bwd": ("atomic", "split")}
 DESIGN_ENV = {"fwd": "MOCA_KERNELS_ATTENTION_FWD", "bwd": "MOCA_KERNELS_ATTENTION_BWD"}
@@ -548,10 +574,24 @@ def wgmma_shapes_ok(kernel: str, design: str, inner_block: int, head_dim: int) -
     return d0 >= 64 and (d1 == 0 or d1 >= 64)
 
 
+# The dK/dV kernel keeps dK and dV (BLOCK_N x D each) and the step's two score tiles (BLOCK_N x
+# BLOCK_M) in float32 registers. With 64-row query steps over 128 keys this fits 255 registers a
+# thread up to a head dim of 80 (245 registers); at 96 and 128 it spills (64 to 108 bytes, by
+# compile_check), so those head dims take 32-row steps.
+MAX_HEAD_DIM_WIDE_BWD_STEP = 80
+
+
+def registers_ok(kernel: str, inner_block: int, head_dim: int) -> bool:
+    """Whether a dK/dV candidate fits in registers (see MAX_HEAD_DIM_WIDE_BWD_STEP)."""
+    return kernel != "bwd" or inner_block < 64 or sum(head_dim_split(head_dim)) <= MAX_HEAD_DIM_WIDE_BWD_STEP
+
+
 def candidates(kernel: str, design: str, head_dim: int) -> list[tuple[int, int, int]]:
-    """(inner block, warps, stages) candidates of a kernel in a design for this head dim."""
+    """(inner block, warps, stages) candidates of a kernel in a design for this head dim: products
+    that all fit wgmma, and (dK/dV) tiles that fit in registers."""
     every = TUNING[(kernel, design)]["candidates"].get(head_dim_class(head_dim), [])
-    return [c for c in every if wgmma_shapes_ok(kernel, design, c[0], head_dim)]
+    return [c for c in every
+            if wgmma_shapes_ok(kernel, design, c[0], head_dim) and registers_ok(kernel, c[0], head_dim)]
 
 
 @functools.cache
@@ -608,16 +648,23 @@ def _autotune(kernel, name: str, block: str, design_of, key=(), pre_hook=None, *
 
 
 def _tma_block_rows(nargs):
-    """The TMA descriptors' block is BLOCK_N rows, which each configuration sets."""
+    """The forward's TMA descriptors' block is BLOCK_N rows, which each configuration sets."""
     if nargs["USE_TMA"]:
         for name in ("K_TMA0", "K_TMA1", "V_TMA0", "V_TMA1"):
             nargs[name].block_shape = [nargs["BLOCK_N"], nargs[name].block_shape[1]]
 
 
+def _dq_tma_block_rows(nargs):
+    """The dQ descriptors' box is one query step, BLOCK_M rows, which each configuration sets."""
+    if nargs["DQ_TMA"]:
+        for name in ("DQ_TMA0", "DQ_TMA1"):
+            nargs[name].block_shape = [nargs["BLOCK_M"], nargs[name].block_shape[1]]
+
+
 _fwd = _autotune(_varlen_attention_fwd_kernel, "fwd", "BLOCK_N", lambda kw: "short" if kw["ONE_LOOP"] else "wide",
                  key=["USE_TMA", "ONE_LOOP", "BLOCK_M"], pre_hook=_tma_block_rows)
 _bwd = _autotune(_varlen_attention_bwd_kernel, "bwd", "BLOCK_M", lambda kw: "atomic" if kw["ATOMIC_DQ"] else "split",
-                 key=["ATOMIC_DQ", "BLOCK_N"], reset_to_zero=["DQ"])
+                 key=["ATOMIC_DQ", "BLOCK_N", "DQ_TMA"], reset_to_zero=["DQ"], pre_hook=_dq_tma_block_rows)
 _bwd_dq = _autotune(_varlen_attention_bwd_dq_kernel, "bwd_dq", "BLOCK_N", lambda kw: "split", key=["BLOCK_M"])
 
 
@@ -677,16 +724,18 @@ def _precision(dtype: torch.dtype) -> str:
 TMA_ENV = "MOCA_KERNELS_TMA"
 
 
-def _tma_descriptors(x: torch.Tensor, d0: int, d1: int):
+def _tma_descriptors(x: torch.Tensor, d0: int, d1: int, reduce: bool = False):
     """TMA descriptors of the two head-dim pieces over ``x`` (total, H, D) seen as (total, H * D),
-    or None where TMA cannot read it (heads not packed, addresses or row stride not 16-byte
-    aligned, no rows, too many rows for 32-bit coordinates) or should not: float32 tiles
-    overflow shared memory (compile_check) and are no speed path. Block rows are set per config."""
+    or None where TMA cannot address it (heads not packed, addresses, row stride or (``reduce``)
+    head width not 16-byte aligned, no rows, too many rows for 32-bit coordinates) or should not
+    read it: float32 K/V tiles overflow shared memory (compile_check) and are no speed path. The
+    float32 dQ buffer is written through them (``reduce``), one box at a time. Block rows are set
+    per config."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     total, heads, dim = x.shape
     size = x.element_size()
-    if (x.dtype == torch.float32 or total == 0 or total >= 2**31 or x.stride(1) != dim or x.data_ptr() % 16
-            or (x.stride(0) * size) % 16 or d0 * size < 16):
+    if ((x.dtype == torch.float32 and not reduce) or total == 0 or total >= 2**31 or x.stride(1) != dim
+            or x.data_ptr() % 16 or (x.stride(0) * size) % 16 or d0 * size < 16 or (reduce and (dim * size) % 16)):
         return None
     shape, strides = [total, heads * dim], [x.stride(0), 1]
     first = TensorDescriptor(x, shape, strides, [1, d0])
@@ -732,7 +781,10 @@ def _forward(design: str, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: fl
 def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool,
              deterministic: bool, memo: dict):
     """Returns (dq, dk, dv) like (q, k, v). ``dlse`` (or None) is the gradient of ``lse``.
-    ``deterministic`` takes the split design (no atomics)."""
+    ``deterministic`` takes the split design (no atomics).
+
+    With MOCA_KERNELS_TMA=1 (experimental, not yet measured on a GPU) the atomic design adds dQ
+    through TMA bulk reduce-adds where the layout allows it."""
     total_q, hq, head_dim = q.shape
     delta = torch.empty_like(lse)
     block_t = preprocess_block_t(head_dim)
@@ -762,12 +814,16 @@ def _backward(design: str, dout, q, k, v, lse, delta, cu_seqlens_q, cu_seqlens_k
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else q.new_empty(q.shape)
     block_n = grid_block("bwd", design, head_dim)
     tile_doc, tile_block = tiles(memo, True, cu_seqlens_q, cu_seqlens_k, k.shape[0], block_n)
+    dq_descriptors = None
+    if atomic and q.dtype != torch.float32 and os.environ.get(TMA_ENV) == "1":
+        dq_descriptors = _tma_descriptors(dq, d0, d1, reduce=True)
     _bwd[(tile_doc.numel() * hkv,)](
         q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
+        *(dq_descriptors or (dq, dq)),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
         dv.stride(0), dv.stride(1), lse.stride(0), *scales,
-        HKV=hkv, GROUP=hq // hkv, BLOCK_N=block_n, ATOMIC_DQ=atomic, **common)
+        HKV=hkv, GROUP=hq // hkv, BLOCK_N=block_n, ATOMIC_DQ=atomic, DQ_TMA=dq_descriptors is not None, **common)
     if atomic:
         return dq.to(q.dtype), dk, dv
     block_m = grid_block("bwd_dq", design, head_dim)
