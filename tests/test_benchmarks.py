@@ -55,7 +55,8 @@ def test_device_script_parses_and_its_attention_step_lists():
     assert result.returncode == 0, result.stderr
     for case in ("moca-16k", "docs400-16k", "long-8k", "vision-windows"):
         assert f"case {case}:" in result.stdout
-    for provider in ("moca-fwd-wide", "moca-fwd-short", "moca-bwd-atomic", "moca-bwd-split", "varlen-attn", "flex"):
+    for provider in ("moca-fwd-wide", "moca-fwd-short", "moca-bwd-atomic", "moca-bwd-split", "moca-bwd-atomic-tma",
+                     "varlen-attn", "flex"):
         assert f"provider {provider} " in result.stdout
 
 
