@@ -7,7 +7,8 @@
 
 Providers get the same documents in their own input layout, built outside the timed region:
 - moca: varlen_attention, Triton, with the designs its launcher picks on this card;
-- moca-fwd-wide, moca-fwd-short (forward only), moca-bwd-atomic, moca-bwd-split (backward only):
+- moca-fwd-wide, moca-fwd-short (forward only), moca-bwd-atomic, moca-bwd-split, moca-bwd-fused
+  (backward only):
   each design forced (MOCA_KERNELS_ATTENTION_FWD / _BWD), so every candidate is timed;
 - moca-tma: moca with its experimental TMA loads of K/V (MOCA_KERNELS_TMA=1); forward only;
 - moca-bwd-atomic-tma: the atomic backward with MOCA_KERNELS_TMA=1, dQ added by TMA bulk

@@ -113,7 +113,7 @@ step bench_attention 50 python benchmarks/bench_attention.py --out "$OUT/bench_a
 step attention_designs 390 python benchmarks/bench_attention.py --out "$OUT/bench_attention_designs" \
     --cases moca-16k docs400-16k long-8k vision-windows --graph --check \
     --providers moca moca-fwd-wide moca-fwd-short moca-tma moca-bwd-atomic moca-bwd-split \
-    moca-bwd-atomic-tma moca-flash varlen-attn flash-attn flex
+    moca-bwd-fused moca-bwd-atomic-tma moca-flash varlen-attn flash-attn flex
 step tests_attention 60 python -m pytest -q tests/test_varlen_attention.py -m gpu
 # The fused pointwise ops (RMSNorm, rotary, SwiGLU) at the 3B shape against eager transformers code,
 # torch.compile and Liger-Kernel (wheel in .whl/), GB/s forward and backward; then their bf16 GPU test.

@@ -55,8 +55,8 @@ def test_device_script_parses_and_its_attention_step_lists():
     assert result.returncode == 0, result.stderr
     for case in ("moca-16k", "docs400-16k", "long-8k", "vision-windows"):
         assert f"case {case}:" in result.stdout
-    for provider in ("moca-fwd-wide", "moca-fwd-short", "moca-bwd-atomic", "moca-bwd-split", "moca-bwd-atomic-tma",
-                     "varlen-attn", "flex"):
+    for provider in ("moca-fwd-wide", "moca-fwd-short", "moca-bwd-atomic", "moca-bwd-split", "moca-bwd-fused",
+                     "moca-bwd-atomic-tma", "varlen-attn", "flex"):
         assert f"provider {provider} " in result.stdout
 
 
@@ -71,8 +71,8 @@ def test_run_without_gpu_says_why():
     assert result.returncode != 0 and "no CUDA device here" in result.stderr
 
 
-ATTENTION_ON_CPU = ["moca", "moca-fwd-wide", "moca-fwd-short", "moca-bwd-atomic", "moca-bwd-split", "moca-tma",
-                    "moca-bwd-atomic-tma", "sdpa-padded", "sdpa-njt"]
+ATTENTION_ON_CPU = ["moca", "moca-fwd-wide", "moca-fwd-short", "moca-bwd-atomic", "moca-bwd-split", "moca-bwd-fused",
+                    "moca-tma", "moca-bwd-atomic-tma", "sdpa-padded", "sdpa-njt"]
 
 
 @pytest.mark.parametrize("provider", ATTENTION_ON_CPU)
@@ -116,7 +116,7 @@ def test_design_providers_force_their_design(device, monkeypatch):
     case = bench_attention.make_case("tiny", torch.float32, str(device), dict(lengths=("random", 90, 5, 40), hq=2,
                                                                               hkv=1, dim=32))
     x = case.inputs()
-    for provider, expected in (("moca-fwd-short", "short"), ("moca-bwd-split", "split")):
+    for provider, expected in (("moca-fwd-short", "short"), ("moca-bwd-split", "split"), ("moca-bwd-fused", "fused")):
         chosen = bench_attention.PROVIDERS[provider]
         seen.clear()
         with harness.environment_set(chosen.env):

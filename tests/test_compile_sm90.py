@@ -39,7 +39,7 @@ def test_kernels_compile_for_sm90():
     assert total >= 60 and f"{total} of {total} variants compile for sm_90a" in lines[-1]
     attention = [line for line in lines if "_varlen_attention_" in line and "preprocess" not in line]
     designs = {re.search(r"\[(\w+)", line).group(1) for line in attention}
-    assert designs == {"wide", "short", "atomic", "split"}
+    assert designs == {"wide", "short", "atomic", "split", "fused"}
     hot = [line for line in attention if re.search(r"HEAD_DIM=(64|80|128) ", line)]
     for line in hot:
         ratio = float(re.search(r"executed/useful MMA ([0-9.]+)", line).group(1))

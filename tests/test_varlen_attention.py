@@ -74,8 +74,9 @@ def use_designs(monkeypatch, fwd: str, bwd: str) -> None:
     monkeypatch.setenv(triton_kernels.DESIGN_ENV["bwd"], bwd)
 
 
-# Each forward design with one backward design: (wide, atomic) and (short, split).
-DESIGN_PAIRS = list(zip(triton_kernels.DESIGNS["fwd"], triton_kernels.DESIGNS["bwd"]))
+# Each backward design with one forward design: (wide, atomic), (short, split), (wide, fused).
+DESIGN_PAIRS = [(triton_kernels.DESIGNS["fwd"][i % len(triton_kernels.DESIGNS["fwd"])], bwd)
+                for i, bwd in enumerate(triton_kernels.DESIGNS["bwd"])]
 
 
 def _reference_cases():
@@ -148,9 +149,10 @@ def test_design_names_are_checked(kind, device, monkeypatch):
 
 
 def test_each_design_runs_its_own_kernels(device, monkeypatch):
-    # The forced design is the one launched: the short forward's one loop, the split backward's dQ kernel.
+    # The forced design is the one launched: the short forward's one loop, the split backward's dQ
+    # kernel, the fused backward's single kernel.
     seen = []
-    for name in ("_fwd", "_bwd", "_bwd_dq"):
+    for name in ("_fwd", "_bwd", "_bwd_dq", "_bwd_fused"):
         tuner = getattr(triton_kernels, name)
         monkeypatch.setattr(tuner, "run", lambda *a, _run=tuner.run, _name=name, **kw: seen.append(
             (_name, kw.get("ONE_LOOP", kw.get("ATOMIC_DQ")))) or _run(*a, **kw))
@@ -159,7 +161,8 @@ def test_each_design_runs_its_own_kernels(device, monkeypatch):
         use_designs(monkeypatch, fwd, bwd)
         seen.clear()
         run(*problem, backend="triton")
-        expected = [("_fwd", fwd == "short"), ("_bwd", bwd == "atomic")]
+        expected = [("_fwd", fwd == "short")]
+        expected += [("_bwd_fused", None)] if bwd == "fused" else [("_bwd", bwd == "atomic")]
         expected += [("_bwd_dq", None)] if bwd == "split" else []
         assert seen == expected
 
@@ -169,15 +172,15 @@ def test_designs_on_offer():
     # all fit wgmma: hdim 136 (128 + a padded 16) has no atomic candidate, large dims no short forward.
     assert triton_kernels.offered("fwd", 128) == ("wide", "short")
     assert triton_kernels.offered("fwd", 256) == ("wide",)
-    assert triton_kernels.offered("bwd", 128) == ("atomic", "split")
-    assert triton_kernels.offered("bwd", 136) == ("split",)
+    assert triton_kernels.offered("bwd", 128) == ("atomic", "split", "fused")
+    assert triton_kernels.offered("bwd", 136) == ("split", "fused")
     assert [c[0] for c in triton_kernels.candidates("bwd", "atomic", 80)] == [64]
     # 64-row backward steps spill at hdim 96 and 128: those take 32-row steps, and hdim 96 (whose
     # second piece of 32 columns is too narrow for the dQ^T product) has no atomic backward.
     assert {c[0] for c in triton_kernels.candidates("bwd", "atomic", 128)} == {32}
     assert {c[0] for c in triton_kernels.candidates("bwd", "split", 128)} == {32}
     assert {c[0] for c in triton_kernels.candidates("bwd", "split", 96)} == {32}
-    assert triton_kernels.offered("bwd", 96) == ("split",)
+    assert triton_kernels.offered("bwd", 96) == ("split", "fused")
 
 
 @pytest.mark.parametrize("dim", [8, 40, 96, 136, 200, 256])

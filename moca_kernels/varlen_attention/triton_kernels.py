@@ -383,19 +383,18 @@ def _add_dq(dq_base, dq_desc0, dq_desc1, dq_row, dq_col, offs_m, stride_dqt, row
 
 
 @triton.jit
-def _varlen_attention_bwd_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, TILE_DOC, TILE_BLOCK, DQ_TMA0, DQ_TMA1,
+def _dkdv_program(
+        pid, Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, TILE_DOC, TILE_BLOCK, DQ_TMA0, DQ_TMA1,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
         qk_scale, sm_scale,
         HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, DQ_TMA: tl.constexpr):
-    """One program per (key block of a document, KV head): dK and dV of that block, summed over the
-    GROUP query heads that share the KV head (so no atomics on dK/dV); with ``ATOMIC_DQ`` it also
-    adds its share of dQ to the float32 buffer DQ, through the TMA descriptors DQ_TMA0/1 over it
-    with ``DQ_TMA`` (otherwise those arguments are unused)."""
-    pid = tl.program_id(0)
+    """Program ``pid`` of the dK/dV work: one per (key block of a document, KV head). It computes dK
+    and dV of that block, summed over the GROUP query heads that share the KV head (so no atomics
+    on dK/dV); with ``ATOMIC_DQ`` it also adds its share of dQ to the float32 buffer DQ, through
+    the TMA descriptors DQ_TMA0/1 over it with ``DQ_TMA`` (otherwise those arguments are unused)."""
     tile = pid // HKV
     kv_head = (pid % HKV).to(tl.int64)
     n_block, q_start, q_len, k_start, k_len = _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile)
@@ -460,17 +459,17 @@ def _varlen_attention_bwd_kernel(
 
 
 @triton.jit
-def _varlen_attention_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
+def _dq_program(
+        pid, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dqt, stride_dqh, stride_lh,
         qk_scale, sm_scale,
         HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """Deterministic dQ: one program per (query block of a document, query head), looping over the
-    document's keys (recomputes QK^T and dO V^T instead of accumulating with atomics)."""
-    pid = tl.program_id(0)
+    """Program ``pid`` of the deterministic dQ work: one per (query block of a document, query
+    head), looping over the document's keys (recomputes QK^T and dO V^T instead of accumulating
+    with atomics)."""
     tile = pid // HQ
     head = (pid % HQ).to(tl.int64)  # 64-bit: head-major layouts have large head strides
     m_block, q_start, q_len, k_start, k_len = _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile)
@@ -511,6 +510,68 @@ def _varlen_attention_bwd_dq_kernel(
                 HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
+@triton.jit
+def _varlen_attention_bwd_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, TILE_DOC, TILE_BLOCK, DQ_TMA0, DQ_TMA1,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+        qk_scale, sm_scale,
+        HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, DQ_TMA: tl.constexpr):
+    """dK and dV (and with ``ATOMIC_DQ`` dQ by atomics): ``_dkdv_program``, one per program."""
+    _dkdv_program(tl.program_id(0), Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
+                  DQ_TMA0, DQ_TMA1, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+                  stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+                  qk_scale, sm_scale, HKV, GROUP, HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, BLOCK_N, CAUSAL, ATOMIC_DQ,
+                  PRECISION, DQ_TMA)
+
+
+@triton.jit
+def _varlen_attention_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dqt, stride_dqh, stride_lh,
+        qk_scale, sm_scale,
+        HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Deterministic dQ after the dK/dV kernel: ``_dq_program``, one per program."""
+    _dq_program(tl.program_id(0), Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale, HQ, GROUP, HEAD_DIM, BLOCK_D0, BLOCK_D1,
+                BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
+
+
+@triton.jit
+def _varlen_attention_bwd_fused_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, KV_TILE_DOC, KV_TILE_BLOCK, Q_TILE_DOC, Q_TILE_BLOCK,
+        kv_programs,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+        qk_scale, sm_scale,
+        HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, GRID_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """The split design's two kernels in one launch, as FlexAttention's backward runs them: the
+    first ``kv_programs`` programs do the dK/dV work (GRID_BLOCK keys each, query steps of BLOCK_M
+    rows), the rest the dQ work (GRID_BLOCK queries each, key steps of BLOCK_N). The dQ programs
+    start as the dK/dV programs drain, so they fill the tail that documents of unequal length
+    leave, and there is one launch instead of two. No atomics: deterministic."""
+    pid = tl.program_id(0)
+    if pid < kv_programs:
+        _dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, KV_TILE_DOC, KV_TILE_BLOCK, DQ, DQ,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                      stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+                      qk_scale, sm_scale, HKV, GROUP, HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, GRID_BLOCK, CAUSAL,
+                      False, PRECISION, False)
+    else:
+        _dq_program(pid - kv_programs, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, Q_TILE_DOC, Q_TILE_BLOCK,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                    stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale, HQ, GROUP, HEAD_DIM, BLOCK_D0, BLOCK_D1,
+                    GRID_BLOCK, BLOCK_N, CAUSAL, PRECISION)
+
+
 # ------------------------------------------------------------------------------------------------
 # Designs, launch configurations and launchers
 # ------------------------------------------------------------------------------------------------
@@ -527,9 +588,10 @@ def _varlen_attention_bwd_dq_kernel(
 # Backward. "atomic": 128-key blocks, 8 warps, query steps of 32 or 64 rows, dQ added to a float32
 #   buffer by atomics (FlashAttention-2's scheme; with MOCA_KERNELS_TMA=1 by TMA bulk reduce-adds).
 #   "split": the same dK/dV loop without dQ, then a dQ kernel over 128-query blocks; no atomics,
-#   hence deterministic.
+#   hence deterministic. "fused": split's two kernels as one launch (the dQ programs after the
+#   dK/dV programs), deterministic too.
 
-DESIGNS = {"fwd": ("wide", "short"), "bwd": ("atomic", "split")}
+DESIGNS = {"fwd": ("wide", "short"), "bwd": ("atomic", "split", "fused")}
 DESIGN_ENV = {"fwd": "MOCA_KERNELS_ATTENTION_FWD", "bwd": "MOCA_KERNELS_ATTENTION_BWD"}
 
 
@@ -560,6 +622,9 @@ TUNING = {
         medium=[(64, 8, 2), (64, 8, 3), (32, 8, 2)],
         large=[(32, 8, 2), (16, 8, 2)])),
 }
+# The fused backward does split's dK/dV work with its candidates; its dQ work takes the first key
+# step of split's dQ kernel (one kernel, so one set of warps and stages for both).
+TUNING[("bwd", "fused")] = TUNING[("bwd", "split")]
 
 
 
@@ -666,6 +731,15 @@ _fwd = _autotune(_varlen_attention_fwd_kernel, "fwd", "BLOCK_N", lambda kw: "sho
 _bwd = _autotune(_varlen_attention_bwd_kernel, "bwd", "BLOCK_M", lambda kw: "atomic" if kw["ATOMIC_DQ"] else "split",
                  key=["ATOMIC_DQ", "BLOCK_N", "DQ_TMA"], reset_to_zero=["DQ"], pre_hook=_dq_tma_block_rows)
 _bwd_dq = _autotune(_varlen_attention_bwd_dq_kernel, "bwd_dq", "BLOCK_N", lambda kw: "split", key=["BLOCK_M"])
+_bwd_fused = _autotune(_varlen_attention_bwd_fused_kernel, "bwd", "BLOCK_M", lambda kw: "fused",
+                       key=["GRID_BLOCK", "BLOCK_N"])
+
+
+def fused_dq_step(head_dim: int) -> int:
+    """Key step of the fused backward's dQ programs: the first candidate of split's dQ kernel."""
+    if triton_interpret():
+        return _interpret_block("bwd_dq", "split", head_dim)
+    return candidates("bwd_dq", "split", head_dim)[0][0]
 
 
 # Design chosen per (kind, head dim, group, causal, dtype, mean document length class).
@@ -705,7 +779,7 @@ def tuning_report() -> dict:
     """What the autotuners chose so far: per kernel, its key and configuration; per shape class,
     the design."""
     out = {}
-    for name, tuner in (("fwd", _fwd), ("bwd", _bwd), ("bwd_dq", _bwd_dq)):
+    for name, tuner in (("fwd", _fwd), ("bwd", _bwd), ("bwd_dq", _bwd_dq), ("bwd_fused", _bwd_fused)):
         out[name] = {str(key): str(config) for key, config in tuner.cache.items()}
     out["designs"] = {str(key): design for key, design in _DESIGN_CHOICE.items()}
     return out
@@ -810,6 +884,19 @@ def _backward(design: str, dout, q, k, v, lse, delta, cu_seqlens_q, cu_seqlens_k
     atomic = design == "atomic"
     dk = k.new_empty(k.shape)
     dv = v.new_empty(v.shape)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               dout.stride(0), dout.stride(1))
+    if design == "fused":
+        dq = q.new_empty(q.shape)
+        block = grid_block("bwd", design, head_dim)
+        kv_doc, kv_block = tiles(memo, True, cu_seqlens_q, cu_seqlens_k, k.shape[0], block)
+        q_doc, q_block = tiles(memo, False, cu_seqlens_q, cu_seqlens_k, total_q, block)
+        _bwd_fused[(kv_doc.numel() * hkv + q_doc.numel() * hq,)](
+            q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, kv_doc, kv_block, q_doc, q_block,
+            kv_doc.numel() * hkv, *strides, dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+            dv.stride(0), dv.stride(1), lse.stride(0), *scales,
+            HQ=hq, HKV=hkv, GROUP=hq // hkv, GRID_BLOCK=block, BLOCK_N=fused_dq_step(head_dim), **common)
+        return dq, dk, dv
     # The atomic design accumulates dQ in float32 across key blocks.
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else q.new_empty(q.shape)
     block_n = grid_block("bwd", design, head_dim)
@@ -819,9 +906,7 @@ def _backward(design: str, dout, q, k, v, lse, delta, cu_seqlens_q, cu_seqlens_k
         dq_descriptors = _tma_descriptors(dq, d0, d1, reduce=True)
     _bwd[(tile_doc.numel() * hkv,)](
         q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
-        *(dq_descriptors or (dq, dq)),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+        *(dq_descriptors or (dq, dq)), *strides, dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
         dv.stride(0), dv.stride(1), lse.stride(0), *scales,
         HKV=hkv, GROUP=hq // hkv, BLOCK_N=block_n, ATOMIC_DQ=atomic, DQ_TMA=dq_descriptors is not None, **common)
     if atomic:
@@ -830,7 +915,6 @@ def _backward(design: str, dout, q, k, v, lse, delta, cu_seqlens_q, cu_seqlens_k
     tile_doc, tile_block = tiles(memo, False, cu_seqlens_q, cu_seqlens_k, total_q, block_m)
     _bwd_dq[(tile_doc.numel() * hq,)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), *scales,
+        *strides, dq.stride(0), dq.stride(1), lse.stride(0), *scales,
         HQ=hq, GROUP=hq // hkv, BLOCK_M=block_m, **common)
     return dq, dk, dv
