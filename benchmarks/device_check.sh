@@ -110,11 +110,11 @@ step bench_attention 50 python benchmarks/bench_attention.py --out "$OUT/bench_a
 # tower's hdim 80; each row has its error against FA2 and float32, and the CUDA-graph replay time
 # (GPU only) beside the eager call; the autotuners' choices are in results.json. moca's rows
 # come first, so a cut run keeps them.
-step attention_designs 390 python benchmarks/bench_attention.py --out "$OUT/bench_attention_designs" \
+step attention_designs 360 python benchmarks/bench_attention.py --out "$OUT/bench_attention_designs" \
     --cases moca-16k docs400-16k long-8k vision-windows --graph --check \
     --providers moca moca-fwd-wide moca-fwd-short moca-tma moca-bwd-atomic moca-bwd-split \
     moca-bwd-fused moca-bwd-atomic-tma moca-flash varlen-attn flash-attn flex
-step tests_attention 60 python -m pytest -q tests/test_varlen_attention.py -m gpu
+step tests_attention 90 python -m pytest -q tests/test_varlen_attention.py -m gpu
 # The fused pointwise ops (RMSNorm, rotary, SwiGLU) at the 3B shape against eager transformers code,
 # torch.compile and Liger-Kernel (wheel in .whl/), GB/s forward and backward; then their bf16 GPU test.
 # ONLY="pointwise tests_pointwise" (about 3 minutes; torch.compile builds once per case).

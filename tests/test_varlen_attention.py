@@ -710,6 +710,25 @@ def _plain_low_precision(q, k, v, cu, causal):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dim,heads", [(128, (16, 2)), (80, (16, 16)), (64, (8, 8)), (256, (4, 2))])
 def test_numerics_rule_gpu(dim, heads, causal, dtype):
+    check_numerics_rule(dim, heads, causal, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("design", ["atomic", "split", "fused", "atomic-tma"])
+@pytest.mark.parametrize("dim,heads", [(128, (16, 2)), (80, (16, 16))])
+def test_numerics_rule_of_each_backward_design_gpu(dim, heads, design, monkeypatch):
+    # The rule above runs the first design only (tests do not time designs); here each backward
+    # design, and the atomic one with dQ through TMA bulk reduce-adds, in bf16.
+    monkeypatch.setenv(triton_kernels.DESIGN_ENV["bwd"], design.removesuffix("-tma"))
+    used = spy_tma(monkeypatch) if design.endswith("-tma") else None
+    if not design.endswith("-tma"):
+        monkeypatch.delenv(triton_kernels.TMA_ENV, raising=False)
+    check_numerics_rule(dim, heads, False, torch.bfloat16)
+    assert used is None or (used["reduce"] and all(d is not None for d in used["reduce"]))
+
+
+def check_numerics_rule(dim, heads, causal, dtype):
+    """Our error against float32 is at most twice that of plain attention in ``dtype``."""
     torch.manual_seed(dim)
     lens = [1, 31, 700, 129, 1280, 0, 517]
     q, k, v, cu, _, dout, _ = make_problem(lens, lens, *heads, dim, dtype, "cuda", seed=dim)
