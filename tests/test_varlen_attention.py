@@ -276,9 +276,12 @@ def _count_tile_builds(monkeypatch) -> list:
 TILE_OPS = {"aten.sort", "aten.cumsum", "aten.searchsorted", "aten.arange", "aten.where", "aten.index"}
 
 
-def test_repeated_calls_launch_no_tile_building(device, monkeypatch):
+@pytest.mark.parametrize("bwd", triton_kernels.DESIGNS["bwd"])
+def test_repeated_calls_launch_no_tile_building(bwd, device, monkeypatch):
     # Every layer of a model calls with the same cu_seqlens: only the first call reads and tiles
-    # them; later forwards and backwards (over both tilings) run the attention kernels alone.
+    # them; later forwards and backwards (over every tiling the backward design uses) run the
+    # attention kernels alone.
+    use_designs(monkeypatch, "wide", bwd)
     built = _count_tile_builds(monkeypatch)
     q, k, v, cu, _, dout, _ = make_problem([40, 0, 90], [40, 0, 90], 4, 2, 64, torch.float32, device, seed=16)
     first = run(q, k, v, cu, cu, dout, torch.zeros(4, 130, device=device), backend="triton")
