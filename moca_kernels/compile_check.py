@@ -40,6 +40,7 @@ HOT_HEAD_DIMS = (64, 80, 128)
 MAX_MMA_RATIO = 1.05
 
 
+ATTENTION_INTS = ("total", "kv_programs", "first_pid")
 INFO_NCE_INTS = ("n_rows", "n_cols", "dim", "cols_per_split", "col_offset", "size_class")
 POINTWISE_INTS = ("rows_per_program", "n")
 
@@ -51,7 +52,7 @@ def _signature(kernel, pointers: dict[str, str]) -> dict[str, str]:
     for name in kernel.arg_names:
         if name in pointers:
             sig[name] = pointers[name]
-        elif name.startswith("stride") or name in ("total", "kv_programs") or name in INFO_NCE_INTS + POINTWISE_INTS:
+        elif name.startswith("stride") or name in ATTENTION_INTS + INFO_NCE_INTS + POINTWISE_INTS:
             sig[name] = "i32"
         elif name.endswith("scale") or name == "eps":
             sig[name] = "fp32"

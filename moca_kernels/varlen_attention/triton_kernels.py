@@ -383,18 +383,20 @@ def _add_dq(dq_base, dq_desc0, dq_desc1, dq_row, dq_col, offs_m, stride_dqt, row
 
 
 @triton.jit
-def _dkdv_program(
-        pid, Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, TILE_DOC, TILE_BLOCK, DQ_TMA0, DQ_TMA1,
+def _varlen_attention_bwd_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, TILE_DOC, TILE_BLOCK, DQ_TMA0, DQ_TMA1, first_pid,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
         qk_scale, sm_scale,
         HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, DQ_TMA: tl.constexpr):
-    """Program ``pid`` of the dK/dV work: one per (key block of a document, KV head). It computes dK
-    and dV of that block, summed over the GROUP query heads that share the KV head (so no atomics
-    on dK/dV); with ``ATOMIC_DQ`` it also adds its share of dQ to the float32 buffer DQ, through
-    the TMA descriptors DQ_TMA0/1 over it with ``DQ_TMA`` (otherwise those arguments are unused)."""
+    """One program per (key block of a document, KV head), numbered from ``first_pid`` (0, or where
+    the fused kernel's dK/dV programs begin): dK and dV of that block, summed over the GROUP query
+    heads that share the KV head (so no atomics on dK/dV); with ``ATOMIC_DQ`` it also adds its share
+    of dQ to the float32 buffer DQ, through the TMA descriptors DQ_TMA0/1 over it with ``DQ_TMA``
+    (otherwise those arguments are unused)."""
+    pid = tl.program_id(0) - first_pid
     tile = pid // HKV
     kv_head = (pid % HKV).to(tl.int64)
     n_block, q_start, q_len, k_start, k_len = _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile)
@@ -459,17 +461,18 @@ def _dkdv_program(
 
 
 @triton.jit
-def _dq_program(
-        pid, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
+def _varlen_attention_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_BLOCK, first_pid,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dqt, stride_dqh, stride_lh,
         qk_scale, sm_scale,
         HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """Program ``pid`` of the deterministic dQ work: one per (query block of a document, query
-    head), looping over the document's keys (recomputes QK^T and dO V^T instead of accumulating
-    with atomics)."""
+    """Deterministic dQ: one program per (query block of a document, query head), numbered from
+    ``first_pid`` (0, or where the fused kernel's dQ programs begin), looping over the document's
+    keys (recomputes QK^T and dO V^T instead of accumulating with atomics)."""
+    pid = tl.program_id(0) - first_pid
     tile = pid // HQ
     head = (pid % HQ).to(tl.int64)  # 64-bit: head-major layouts have large head strides
     m_block, q_start, q_len, k_start, k_len = _tile_doc(TILE_DOC, TILE_BLOCK, CU_Q, CU_K, tile)
@@ -511,39 +514,6 @@ def _dq_program(
 
 
 @triton.jit
-def _varlen_attention_bwd_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, TILE_DOC, TILE_BLOCK, DQ_TMA0, DQ_TMA1,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-        stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-        qk_scale, sm_scale,
-        HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, DQ_TMA: tl.constexpr):
-    """dK and dV (and with ``ATOMIC_DQ`` dQ by atomics): ``_dkdv_program``, one per program."""
-    _dkdv_program(tl.program_id(0), Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
-                  DQ_TMA0, DQ_TMA1, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
-                  stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-                  qk_scale, sm_scale, HKV, GROUP, HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, BLOCK_N, CAUSAL, ATOMIC_DQ,
-                  PRECISION, DQ_TMA)
-
-
-@triton.jit
-def _varlen_attention_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-        stride_dqt, stride_dqh, stride_lh,
-        qk_scale, sm_scale,
-        HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """Deterministic dQ after the dK/dV kernel: ``_dq_program``, one per program."""
-    _dq_program(tl.program_id(0), Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_BLOCK,
-                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale, HQ, GROUP, HEAD_DIM, BLOCK_D0, BLOCK_D1,
-                BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
-
-
-@triton.jit
 def _varlen_attention_bwd_fused_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, KV_TILE_DOC, KV_TILE_BLOCK, Q_TILE_DOC, Q_TILE_BLOCK,
         kv_programs,
@@ -558,18 +528,18 @@ def _varlen_attention_bwd_fused_kernel(
     rows), the rest the dQ work (GRID_BLOCK queries each, key steps of BLOCK_N). The dQ programs
     start as the dK/dV programs drain, so they fill the tail that documents of unequal length
     leave, and there is one launch instead of two. No atomics: deterministic."""
-    pid = tl.program_id(0)
-    if pid < kv_programs:
-        _dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, KV_TILE_DOC, KV_TILE_BLOCK, DQ, DQ,
-                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                      stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-                      qk_scale, sm_scale, HKV, GROUP, HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, GRID_BLOCK, CAUSAL,
-                      False, PRECISION, False)
+    if tl.program_id(0) < kv_programs:
+        _varlen_attention_bwd_kernel(
+            Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K, KV_TILE_DOC, KV_TILE_BLOCK, DQ, DQ, 0,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+            stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh, qk_scale, sm_scale,
+            HKV, GROUP, HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, GRID_BLOCK, CAUSAL, False, PRECISION, False)
     else:
-        _dq_program(pid - kv_programs, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, Q_TILE_DOC, Q_TILE_BLOCK,
-                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                    stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale, HQ, GROUP, HEAD_DIM, BLOCK_D0, BLOCK_D1,
-                    GRID_BLOCK, BLOCK_N, CAUSAL, PRECISION)
+        _varlen_attention_bwd_dq_kernel(
+            Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, Q_TILE_DOC, Q_TILE_BLOCK, kv_programs,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+            stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale, HQ, GROUP, HEAD_DIM, BLOCK_D0, BLOCK_D1,
+            GRID_BLOCK, BLOCK_N, CAUSAL, PRECISION)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -906,7 +876,7 @@ def _backward(design: str, dout, q, k, v, lse, delta, cu_seqlens_q, cu_seqlens_k
         dq_descriptors = _tma_descriptors(dq, d0, d1, reduce=True)
     _bwd[(tile_doc.numel() * hkv,)](
         q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
-        *(dq_descriptors or (dq, dq)), *strides, dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+        *(dq_descriptors or (dq, dq)), 0, *strides, dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
         dv.stride(0), dv.stride(1), lse.stride(0), *scales,
         HKV=hkv, GROUP=hq // hkv, BLOCK_N=block_n, ATOMIC_DQ=atomic, DQ_TMA=dq_descriptors is not None, **common)
     if atomic:
@@ -914,7 +884,7 @@ def _backward(design: str, dout, q, k, v, lse, delta, cu_seqlens_q, cu_seqlens_k
     block_m = grid_block("bwd_dq", design, head_dim)
     tile_doc, tile_block = tiles(memo, False, cu_seqlens_q, cu_seqlens_k, total_q, block_m)
     _bwd_dq[(tile_doc.numel() * hq,)](
-        q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
+        q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block, 0,
         *strides, dq.stride(0), dq.stride(1), lse.stride(0), *scales,
         HQ=hq, GROUP=hq // hkv, BLOCK_M=block_m, **common)
     return dq, dk, dv
