@@ -117,9 +117,8 @@ def setup_moca_dq_tma(x):
     through TMA (float32 inputs, a head width the descriptors cannot address)."""
     from moca_kernels.varlen_attention import triton_kernels
     q = x["q"]
-    d0, d1 = triton_kernels.head_dim_split(q.shape[2])
-    dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # the launcher's dQ buffer
-    if q.dtype == torch.float32 or triton_kernels._tma_descriptors(dq, d0, d1, reduce=True) is None:
+    dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # as the launcher's dQ buffer
+    if triton_kernels.dq_tma_descriptors(q, dq) is None:
         raise Unavailable("TMA cannot add this dQ; moca-bwd-atomic-tma would be moca-bwd-atomic")
     return _moca_forward(x)
 

@@ -343,8 +343,9 @@ def spy_tma(monkeypatch) -> dict[str, list]:
     original = triton_kernels._tma_descriptors
 
     def spy(*args, **kwargs):
-        used["reduce" if kwargs.get("reduce") else "load"].append(original(*args, **kwargs))
-        return used["reduce" if kwargs.get("reduce") else "load"][-1]
+        descriptors = original(*args, **kwargs)
+        used["reduce" if kwargs.get("reduce") else "load"].append(descriptors)
+        return descriptors
 
     monkeypatch.setattr(triton_kernels, "_tma_descriptors", spy)
     return used
@@ -723,11 +724,12 @@ def test_numerics_rule_of_each_backward_design_gpu(dim, heads, design, monkeypat
     # The rule above runs the first design only (tests do not time designs); here each backward
     # design, and the atomic one with dQ through TMA bulk reduce-adds, in bf16.
     monkeypatch.setenv(triton_kernels.DESIGN_ENV["bwd"], design.removesuffix("-tma"))
-    used = spy_tma(monkeypatch) if design.endswith("-tma") else None
-    if not design.endswith("-tma"):
-        monkeypatch.delenv(triton_kernels.TMA_ENV, raising=False)
+    monkeypatch.delenv(triton_kernels.TMA_ENV, raising=False)
+    tma = design.endswith("-tma")
+    used = spy_tma(monkeypatch) if tma else None
     check_numerics_rule(dim, heads, False, torch.bfloat16)
-    assert used is None or (used["reduce"] and all(d is not None for d in used["reduce"]))
+    if tma:
+        assert used["reduce"] and all(d is not None for d in used["reduce"]), "dQ did not go through TMA"
 
 
 def check_numerics_rule(dim, heads, causal, dtype):

@@ -705,6 +705,7 @@ _bwd_fused = _autotune(_varlen_attention_bwd_fused_kernel, "bwd", "BLOCK_M", lam
                        key=["GRID_BLOCK", "BLOCK_N"])
 
 
+@functools.cache  # fixed tables, asked on every backward call
 def fused_dq_step(head_dim: int) -> int:
     """Key step of the fused backward's dQ programs: the first candidate of split's dQ kernel."""
     if triton_interpret():
@@ -784,6 +785,15 @@ def _tma_descriptors(x: torch.Tensor, d0: int, d1: int, reduce: bool = False):
     shape, strides = [total, heads * dim], [x.stride(0), 1]
     first = TensorDescriptor(x, shape, strides, [1, d0])
     return first, (TensorDescriptor(x, shape, strides, [1, d1]) if d1 else first)
+
+
+def dq_tma_descriptors(q: torch.Tensor, dq: torch.Tensor):
+    """The atomic backward's descriptors over its float32 dQ buffer ``dq`` (like ``q``), or None
+    where dQ keeps the pointer atomics: float32 inputs (a checking path, not a speed path) and
+    buffers TMA cannot address (``_tma_descriptors``)."""
+    if q.dtype == torch.float32:
+        return None
+    return _tma_descriptors(dq, *head_dim_split(q.shape[2]), reduce=True)
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool, memo: dict):
@@ -872,8 +882,8 @@ def _backward(design: str, dout, q, k, v, lse, delta, cu_seqlens_q, cu_seqlens_k
     block_n = grid_block("bwd", design, head_dim)
     tile_doc, tile_block = tiles(memo, True, cu_seqlens_q, cu_seqlens_k, k.shape[0], block_n)
     dq_descriptors = None
-    if atomic and q.dtype != torch.float32 and os.environ.get(TMA_ENV) == "1":
-        dq_descriptors = _tma_descriptors(dq, d0, d1, reduce=True)
+    if atomic and os.environ.get(TMA_ENV) == "1":
+        dq_descriptors = dq_tma_descriptors(q, dq)
     _bwd[(tile_doc.numel() * hkv,)](
         q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, tile_doc, tile_block,
         *(dq_descriptors or (dq, dq)), 0, *strides, dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
