@@ -164,37 +164,82 @@ def find(run_dir: str, log=print) -> str | None:
 
 
 def trainer_state(path: str) -> dict:
-    with open(os.path.join(path, MANIFEST)) as f:
-        return json.load(f)["trainer"]
+    """The trainer's state (step, data position, scheduler) that the checkpoint's manifest holds;
+    ValueError naming the manifest when it lacks one."""
+    file = os.path.join(path, MANIFEST)
+    try:
+        with open(file) as f:
+            state = json.load(f)["trainer"]
+        if not isinstance(state, dict) or type(state.get("step")) is not int:
+            raise TypeError("it has no integer step")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{file}: no trainer state in it ({type(exc).__name__}: {exc})") from None
+    return state
+
+
+# Every global a DCP ``.metadata`` file names, exactly (module, name): its record classes, the
+# types inside them, and torch's dtypes (below). Nothing else, and no dotted name, which pickle
+# protocol 4 would resolve attribute by attribute to anything the module reaches.
+_RECORDS = frozenset({
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("torch._utils", "_get_layout"), ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")})
+_METADATA_BYTES = 1 << 30  # far above the metadata of a 7B model's sharded state; a bound on what is unpickled
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP's metadata records and nothing else: a crafted file cannot name a callable to run."""
 
     def find_class(self, module: str, name: str):
-        allowed = (module.startswith("torch.distributed.checkpoint.")
-                   or (module, name) in {("torch", "Size"), ("torch._utils", "_get_layout"),
-                                         ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                                         ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
-                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
-        if not allowed:
-            raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}, which a checkpoint never holds")
-        return super().find_class(module, name)
+        if "." not in name and ((module, name) in _RECORDS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint never holds")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent id, which a checkpoint never holds")
+
+
+def _read_metadata(path: str):
+    """The checkpoint's DCP metadata, unpickled with ``_MetadataUnpickler`` and checked to be a
+    ``Metadata`` whose shards are files of the checkpoint's own folder. ValueError otherwise."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata
+    file = os.path.join(path, ".metadata")
+    try:
+        if os.path.getsize(file) > _METADATA_BYTES:
+            raise pickle.UnpicklingError(f"it is larger than {_METADATA_BYTES} bytes")
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+            raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP's Metadata")
+        for info in (metadata.storage_data or {}).values():
+            name = getattr(info, "relative_path", None) if isinstance(info, _StorageInfo) else None
+            if not isinstance(name, str) or name != os.path.basename(name) or name.startswith("."):
+                raise pickle.UnpicklingError(f"a shard is named {name!r}, not a file of the checkpoint's folder")
+    except OSError as exc:
+        raise ValueError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    except Exception as exc:  # any failure of a crafted or torn pickle: the file is refused, never half-read
+        raise ValueError(f"{file}: not a checkpoint's metadata ({exc})") from None
+    return metadata
 
 
 class _SafeReader(FileSystemReader):
+    """DCP's file reader with the metadata that ``_read_metadata`` read and checked."""
+
+    def __init__(self, path: str, metadata):
+        super().__init__(path)
+        self.metadata = metadata
+
     def read_metadata(self, *args, **kwargs):
-        path = os.path.join(str(self.path), ".metadata")
-        try:
-            with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
-            raise ValueError(f"{path}: not a checkpoint's metadata ({exc})") from None
-        if getattr(metadata, "storage_meta", None) is None:
+        if getattr(self.metadata, "storage_meta", None) is None:
             from torch.distributed.checkpoint.metadata import StorageMeta
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+            self.metadata.storage_meta = StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
 
 
 class _PlainValues:
@@ -217,23 +262,48 @@ class _EverythingPlanner(_PlainValues, _EmptyStateDictLoadPlanner):
     pass
 
 
+def _load_into(state: dict, path: str, planner, no_dist: bool, metadata=None) -> None:
+    """Fill ``state`` from the checkpoint at ``path`` (``metadata``: its ``_read_metadata``, read
+    here when not given): the one way every entry point (resume, ``--init``, eval, encode,
+    ``Encoder``) reads a checkpoint. A file that cannot be read, or a state that does not fit, is a
+    ValueError naming the checkpoint."""
+    reader = _SafeReader(path, metadata or _read_metadata(path))
+    try:
+        with _alone_is_fine():
+            _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=no_dist)
+    except CheckpointException as exc:  # a BaseException: a missing key, or a file that cannot be read
+        raise ValueError(f"{path} cannot be loaded into this model: {_first_error(exc)}") from None
+
+
+def _held_optimizer_state(state: dict, metadata) -> dict:
+    """The entries of ``state`` (an optimizer's state keyed by parameter name) that the checkpoint
+    (its ``metadata``) holds. AdamW creates no state for a parameter that never had a gradient (the vision tower of a
+    text-only run, the MAE decoder at ``mae_ratio=0``), so the checkpoint has none; such a
+    parameter resumes without state, as it was."""
+    held = metadata.state_dict_metadata
+    return {name: values for name, values in state.items()
+            if any(f"optimizer.state.{name}.{key}" in held for key in values)}
+
+
 def load(path: str, module, optimizer) -> dict:
     """Restore ``module`` and ``optimizer`` (any layout of ranks; collective under
     torch.distributed) from the checkpoint at ``path``; returns its trainer state."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    trainer = trainer_state(path)
+    metadata = _read_metadata(path)
     state = training_state(module, optimizer)
-    with _alone_is_fine():
-        dcp.load(state, storage_reader=_SafeReader(path), planner=_Planner(), no_dist=_single())
+    state["optimizer"]["state"] = _held_optimizer_state(state["optimizer"]["state"], metadata)
+    _load_into(state, path, _Planner(), _single(), metadata)
     set_model_state_dict(module, state["model"])
-    set_optimizer_state_dict(module, optimizer, state["optimizer"])
-    return trainer_state(path)
+    set_optimizer_state_dict(module, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
+    return trainer
 
 
 def read(path: str) -> dict:
     """Everything a checkpoint holds as plain nested dicts of tensors and values, in this process
     (for inspection and tests): {"model": {name: tensor}, "optimizer": {"state": ..., ...}}."""
     state: dict = {}
-    _load_state_dict(state, storage_reader=_SafeReader(path), planner=_EverythingPlanner(), no_dist=True)
+    _load_into(state, path, _EverythingPlanner(), no_dist=True)
     return state
 
 
@@ -248,12 +318,7 @@ def read_model(path: str, model: torch.nn.Module, prefix: str) -> int:
     """Load into ``model`` the checkpoint's tensors named ``prefix + name`` for each of the model's
     own names (a stage's module holds the backbone under ``model.``); returns how many."""
     own = model.state_dict()
-    wanted = {f"model.{prefix}{name}": tensor for name, tensor in own.items()}
-    try:
-        with _alone_is_fine():
-            dcp.load(wanted, storage_reader=_SafeReader(path), planner=_Planner(), no_dist=True)
-    except CheckpointException as exc:  # a BaseException: a missing key, or a file that cannot be read
-        raise ValueError(f"{path} does not fit this model: {_first_error(exc)}") from None
+    _load_into({f"model.{prefix}{name}": tensor for name, tensor in own.items()}, path, _Planner(), no_dist=True)
     return len(own)  # loaded in place: the state dict's tensors are the model's
 
 

@@ -43,7 +43,7 @@ def test_a_round_trip_restores_model_optimizer_and_trainer_state(tmp_path):
     backbone = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
     assert checkpoint.read_model(path, backbone, prefix="model.") == 4
     assert torch.equal(backbone[0].bias, module.model[0].bias)
-    with pytest.raises(ValueError, match="does not fit this model: Missing key"):
+    with pytest.raises(ValueError, match="cannot be loaded into this model: Missing key"):
         checkpoint.read_model(path, torch.nn.Linear(5, 5), prefix="model.")
 
 
@@ -67,19 +67,107 @@ def test_only_the_newest_are_kept_and_damage_is_found(tmp_path):
         assert checkpoint.find(str(tmp_path), log=lambda *_: None) is None
 
 
+def _os_system(command: str, protocol: int) -> bytes:
+    """A pickle that calls os.system(command) when loaded unguarded."""
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (command,))
+    return pickle.dumps(Payload(), protocol=protocol)
+
+
+def _dotted(module: str, name: str, command: str, opcode: str) -> bytes:
+    """A pickle that looks up ``name`` (dotted) from ``module`` and calls it with ``command``:
+    STACK_GLOBAL or GLOBAL inside a protocol-4 stream, where pickle resolves the dots."""
+    arg = command.encode()
+    if opcode == "STACK_GLOBAL":
+        lookup = b"".join(b"\x8c" + bytes([len(x)]) + x for x in (module.encode(), name.encode())) + b"\x93"
+    else:
+        lookup = b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+    return b"\x80\x04" + lookup + b"\x8c" + bytes([len(arg)]) + arg + b"\x85R."
+
+
+def _crafted_payloads(marker) -> dict[str, bytes]:
+    command = f"touch {marker}"
+    payloads = {f"os.system, protocol {p}": _os_system(command, p) for p in range(6)}
+    for opcode in ("STACK_GLOBAL", "GLOBAL"):
+        payloads[f"dotted os.system ({opcode})"] = _dotted("torch.distributed.checkpoint.filesystem", "os.system",
+                                                          command, opcode)
+        payloads[f"dotted sys.modules ({opcode})"] = _dotted("torch.distributed.checkpoint.metadata",
+                                                              "dataclasses.sys.modules", command, opcode)
+    # a helper of DCP's own package that reads a file with torch.load(weights_only=False)
+    payloads["format_utils helper"] = _dotted("torch.distributed.checkpoint.format_utils", "dcp_to_torch_save",
+                                              command, "STACK_GLOBAL")
+    payloads["a record class by a dotted name"] = _dotted("torch.distributed.checkpoint", "metadata.Metadata",
+                                                         command, "STACK_GLOBAL")
+    return payloads
+
+
 def test_reading_a_crafted_checkpoint_runs_no_code(tmp_path):
     module, optimizer = _trained(0)
     path = checkpoint.save(str(tmp_path), 1, module, optimizer, dict(step=1))
     marker = tmp_path / "ran"
+    payloads = _crafted_payloads(marker)
+    for what, payload in payloads.items():
+        with open(os.path.join(path, ".metadata"), "wb") as f:
+            f.write(payload)
+        for read in (lambda: checkpoint.load(path, *_trained(1)), lambda: checkpoint.read(path),
+                     lambda: checkpoint.read_model(path, _Tiny().model, prefix="model.")):
+            with pytest.raises(ValueError, match=r"\.metadata: not a checkpoint's metadata \(it names .* which a "
+                                                 "checkpoint never holds") as caught:
+                read()
+            assert "\n" not in str(caught.value), what
+        assert not marker.exists(), what
+    assert len(payloads) == 12
 
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
+
+def test_metadata_that_names_files_outside_the_checkpoint_is_refused(tmp_path):
+    module, optimizer = _trained(0)
+    path = checkpoint.save(str(tmp_path), 1, module, optimizer, dict(step=1))
+    metadata = checkpoint._read_metadata(path)
+    for info in metadata.storage_data.values():
+        info.relative_path = "../../secret.distcp"
     with open(os.path.join(path, ".metadata"), "wb") as f:
-        pickle.dump(Payload(), f)
-    with pytest.raises(BaseException, match="names posix.system|names os.system"):
-        checkpoint.load(path, *_trained(1))
-    assert not marker.exists()
+        pickle.dump(metadata, f)
+    with pytest.raises(ValueError, match=r"a shard is named '\.\./\.\./secret\.distcp', not a file of the "
+                                         "checkpoint's folder"):
+        checkpoint.read(path)
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump({"not": "metadata"}, f)
+    with pytest.raises(ValueError, match="it holds a dict, not DCP's Metadata"):
+        checkpoint.read(path)
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        f.write(b"\x80\x04\x95")  # torn
+    with pytest.raises(ValueError, match="not a checkpoint's metadata"):
+        checkpoint.read(path)
+
+
+def test_a_parameter_without_optimizer_state_resumes_as_it_was(tmp_path):
+    """The head gets no gradient before the save (AdamW gives it no state) and one after: a
+    save and load in between changes nothing."""
+    def run(module, optimizer, steps, head):
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            out = module.model(torch.ones(4, 5))
+            (module.head(out) if head else out).square().sum().backward()
+            optimizer.step()
+
+    torch.manual_seed(0)
+    whole = _Tiny()
+    resumed = _Tiny()
+    resumed.load_state_dict(whole.state_dict())
+    whole_optimizer, cut_optimizer = (torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (whole, resumed))
+    run(whole, whole_optimizer, 2, head=False)
+    run(resumed, cut_optimizer, 2, head=False)
+    path = checkpoint.save(str(tmp_path), 2, resumed, cut_optimizer, dict(step=2))
+    torch.manual_seed(1)
+    fresh = _Tiny()
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    assert checkpoint.load(path, fresh, fresh_optimizer) == dict(step=2)
+    assert not any(p in fresh_optimizer.state for p in fresh.head.parameters())
+    run(whole, whole_optimizer, 3, head=True)
+    run(fresh, fresh_optimizer, 3, head=True)
+    for (name, a), b in zip(whole.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_a_failed_save_keeps_the_older_checkpoint(tmp_path, monkeypatch):
