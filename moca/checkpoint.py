@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 import warnings
 import zlib
 
@@ -85,13 +86,40 @@ def training_state(module, optimizer) -> dict:
     return {"model": get_model_state_dict(module), "optimizer": get_optimizer_state_dict(module, optimizer)}
 
 
+def _non_finite(state: dict) -> str | None:
+    """The name of the first tensor of ``state`` (``training_state``'s form) that holds a NaN or an
+    infinity, on any rank (collective under torch.distributed), or None when all are finite."""
+    import torch.distributed as dist
+    named = [(f"model.{name}", value) for name, value in state["model"].items()]
+    named += [(f"optimizer.state.{name}.{key}", value) for name, values in state["optimizer"]["state"].items()
+              for key, value in values.items()]
+    local = [(name, value.to_local() if hasattr(value, "to_local") else value) for name, value in named
+             if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    if not local:
+        return None
+    finite = torch.stack([value.isfinite().all() for _, value in local])
+    first = next((name for (name, _), ok in zip(local, finite.tolist()) if not ok), None)
+    if _single():
+        return first
+    anywhere = torch.tensor([first is not None], dtype=torch.int32, device=finite.device)
+    dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+    return first or ("a tensor of another rank" if anywhere.item() else None)
+
+
 def save(run_dir: str, step: int, module, optimizer, trainer: dict, keep: int = 2) -> str:
     """Write the checkpoint of ``step`` (collective under torch.distributed: every rank calls it)
-    and delete all but the newest ``keep``. ``trainer``: JSON values restored by ``load``.
-    Returns the checkpoint's folder."""
+    and retire older ones (``_retired``: all but the newest ``keep`` sound ones). ``trainer``: JSON
+    values restored by ``load``. Returns the checkpoint's folder. A state holding a NaN or an
+    infinity is never saved (FloatingPointError): every checkpoint on disk is finite."""
     folder = os.path.join(run_dir, "checkpoints")
     final = os.path.join(folder, f"{_PREFIX}{step:07d}")
     tmp = final + ".tmp"
+    state = training_state(module, optimizer)
+    bad = _non_finite(state)
+    if bad is not None:
+        kept = find(run_dir, log=lambda *_: None)
+        raise FloatingPointError(f"{bad} holds NaN or infinite values after step {step}: not saved. The last good "
+                                 f"(finite) checkpoint is {kept or 'none (none was saved yet)'}")
     if _is_main():
         os.makedirs(folder, exist_ok=True)
         for stale in glob.glob(os.path.join(folder, f"{_PREFIX}*.tmp")):  # a save that a killed process left
@@ -101,8 +129,7 @@ def save(run_dir: str, step: int, module, optimizer, trainer: dict, keep: int = 
     _barrier()
     try:
         with _alone_is_fine():
-            dcp.save(training_state(module, optimizer), storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
-                     no_dist=_single())
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=_single())
         if _is_main():
             manifest = dict(step=step, trainer=trainer, files=_files(tmp))
             atomic_write(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1).encode())
@@ -114,36 +141,62 @@ def save(run_dir: str, step: int, module, optimizer, trainer: dict, keep: int = 
         raise OSError(f"could not write the checkpoint of step {step} in {folder} ({_first_error(exc)}); "
                       f"the newest complete checkpoint is {kept[-1] if kept else 'none'}") from None
     if _is_main():
-        for old in checkpoints(run_dir)[:-keep]:
+        for old in _retired(run_dir, step, keep):
             shutil.rmtree(old)
     _barrier()
     return final
 
 
+def _step_of(path: str) -> int:
+    return int(os.path.basename(path)[len(_PREFIX):])
+
+
+def _retired(run_dir: str, step: int, keep: int) -> list[str]:
+    """The checkpoints that the save of ``step`` makes surplus: complete ones (every file listed in
+    the manifest there with its size) of earlier steps, beyond the newest ``keep - 1``. A damaged
+    one might still be recovered and a later one is not this run's to judge: both stay."""
+    earlier = [c for c in checkpoints(run_dir) if _step_of(c) < step and damage(c, checksums=False) is None]
+    return earlier[:max(0, len(earlier) - (keep - 1))]
+
+
 def checkpoints(run_dir: str) -> list[str]:
-    """Every complete-looking checkpoint folder of the run, oldest first (not verified)."""
-    found = glob.glob(os.path.join(run_dir, "checkpoints", f"{_PREFIX}[0-9]*"))
-    return sorted(f for f in found if os.path.isdir(f) and not f.endswith(".tmp"))
+    """Every checkpoint folder of the run (``step-`` and digits), oldest first (not verified)."""
+    found = glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", f"{_PREFIX}[0-9]*"))
+    return sorted((f for f in found if os.path.isdir(f) and not os.path.islink(f)
+                   and os.path.basename(f)[len(_PREFIX):].isdigit()),
+                  key=_step_of)
 
 
-def damage(path: str) -> str | None:
+def damage(path: str, checksums: bool = True) -> str | None:
     """Why the checkpoint at ``path`` cannot be trusted, or None when every file it lists is there
-    with its size and CRC-32."""
+    with its size and (``checksums``) CRC-32."""
     try:
         with open(os.path.join(path, MANIFEST)) as f:
             manifest = json.load(f)
         listed = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        sizes = {name: expected["size"] for name, expected in listed.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"no readable manifest ({type(exc).__name__})"
     for name, expected in listed.items():
         file = os.path.join(path, name)
-        if not os.path.isfile(file):
+        if name != os.path.basename(name) or not os.path.isfile(file) or os.path.islink(file):
             return f"{name} is missing"
-        if os.path.getsize(file) != expected["size"]:
-            return f"{name} has {os.path.getsize(file)} bytes, the manifest says {expected['size']}"
-        if _crc(file) != expected["crc32"]:
+        if os.path.getsize(file) != sizes[name]:
+            return f"{name} has {os.path.getsize(file)} bytes, the manifest says {sizes[name]}"
+        if checksums and _crc(file) != expected.get("crc32"):
             return f"{name} does not match its checksum"
     return None
+
+
+def set_aside(run_dir: str, paths: list[str]) -> str:
+    """Move ``paths`` (files and folders of the run) into ``run_dir/set-aside/<UTC time>/``, kept
+    for whoever wants to recover them; returns that folder."""
+    folder = os.path.join(run_dir, "set-aside", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    os.makedirs(folder, exist_ok=True)
+    for path in paths:
+        os.replace(path, os.path.join(folder, os.path.basename(path)))
+    fsync_dir(folder)
+    return folder
 
 
 def find(run_dir: str, log=print) -> str | None:
@@ -155,7 +208,7 @@ def find(run_dir: str, log=print) -> str | None:
         if why is None:
             return candidates[i]
         fallback = next((c for c in reversed(candidates[:i]) if damage(c) is None), None)
-        message = (f"checkpoint {candidates[i]} is damaged ({why}); using {fallback or 'none (starting over)'} "
+        message = (f"checkpoint {candidates[i]} is damaged ({why}); using {fallback or 'none (no older one is sound)'} "
                    "instead")
         warnings.warn(message, stacklevel=2)
         log(message)

@@ -95,19 +95,32 @@ def check_resume(out: str, config: Config, force: bool, size: int | None = None,
                          "to resume anyway, or start a new run")
 
 
-def _starting_point(config: Config, resume: bool, force: bool, size: int, log) -> str | None:
+def _starting_point(config: Config, resume: bool, force: bool, size: int, main: bool, log) -> str | None:
     """The checkpoint a run starts from (None: step 0). Refuses to overwrite a run that has
-    checkpoints unless resuming, and to resume with settings that change results unless ``force``."""
+    checkpoints unless resuming, to resume with settings that change results unless ``force``, and
+    to start over while checkpoints exist that fail their check unless ``force``, which sets them
+    aside (``checkpoint.set_aside``). A run that starts at step 0 sets an older metrics.jsonl aside."""
     out = config.run.out
     if not resume:
         if checkpoint.checkpoints(out):
             raise ValueError(f"{out} already holds a run with checkpoints: continue it with --resume {out}, or "
                              "choose another --out")
-        return None
-    found = checkpoint.find(out, log)
-    saved_size = checkpoint.trainer_state(found).get("world_size", 1) if found else size
-    check_resume(out, config, force, size, saved_size)
-    if found is None:
+        found = None
+    else:
+        found = checkpoint.find(out, log)
+        saved_size = checkpoint.trainer_state(found).get("world_size", 1) if found else size
+        check_resume(out, config, force, size, saved_size)
+    damaged = checkpoint.checkpoints(out) if found is None else []
+    if damaged and not force:
+        reasons = "; ".join(f"{path}: {checkpoint.damage(path)}" for path in damaged)
+        raise ValueError(f"{out}: no checkpoint passes its check ({reasons}). Nothing was started or deleted: "
+                         f"repair them, or pass --force to start over at step 0 with them set aside in "
+                         f"{os.path.join(out, 'set-aside')}")
+    metrics = os.path.join(out, "metrics.jsonl")
+    old = damaged + ([metrics] if found is None and os.path.isfile(metrics) and os.path.getsize(metrics) else [])
+    if old and main:
+        log(f"starting {out} at step 0: {', '.join(old)} set aside in {checkpoint.set_aside(out, old)}")
+    elif found is None and resume:
         log(f"{out}: no checkpoint yet, starting at step 0")
     return found
 
@@ -148,7 +161,7 @@ def train(config: Config, resume: bool = False, force: bool = False, stop_at: in
 def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | None, termination, log) -> dict:
     run, schedule, device = config.run, config.stage(config.run.stage), parallel.device
     check_available(report_targets(run.report_to))  # before the model is built
-    start = _starting_point(config, resume, force, parallel.size, log)
+    start = _starting_point(config, resume, force, parallel.size, parallel.main, log)
     parallel.barrier()  # every rank has compared its settings with the saved ones before they are replaced
     if parallel.main:
         config.write(run.out)
@@ -175,7 +188,7 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
         log(f"resumed {run.out} at step {step} from {start}")
     stage.start(step, epoch, position)
     metrics_path = os.path.join(run.out, "metrics.jsonl")
-    kept = _keep_metrics(metrics_path, step if start is not None else -1) if parallel.main else []
+    kept = _keep_metrics(metrics_path, step) if parallel.main and start is not None else []
     peak = peak_bf16(torch.cuda.get_device_name()) if device.type == "cuda" else None
     capture = CaptureRange(run.profile_steps, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \

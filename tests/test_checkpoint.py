@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+from payloads import crafted_payloads
 
 from moca import checkpoint
 from moca.files import RunLock, atomic_write
@@ -67,46 +68,11 @@ def test_only_the_newest_are_kept_and_damage_is_found(tmp_path):
         assert checkpoint.find(str(tmp_path), log=lambda *_: None) is None
 
 
-def _os_system(command: str, protocol: int) -> bytes:
-    """A pickle that calls os.system(command) when loaded unguarded."""
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (command,))
-    return pickle.dumps(Payload(), protocol=protocol)
-
-
-def _dotted(module: str, name: str, command: str, opcode: str) -> bytes:
-    """A pickle that looks up ``name`` (dotted) from ``module`` and calls it with ``command``:
-    STACK_GLOBAL or GLOBAL inside a protocol-4 stream, where pickle resolves the dots."""
-    arg = command.encode()
-    if opcode == "STACK_GLOBAL":
-        lookup = b"".join(b"\x8c" + bytes([len(x)]) + x for x in (module.encode(), name.encode())) + b"\x93"
-    else:
-        lookup = b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-    return b"\x80\x04" + lookup + b"\x8c" + bytes([len(arg)]) + arg + b"\x85R."
-
-
-def _crafted_payloads(marker) -> dict[str, bytes]:
-    command = f"touch {marker}"
-    payloads = {f"os.system, protocol {p}": _os_system(command, p) for p in range(6)}
-    for opcode in ("STACK_GLOBAL", "GLOBAL"):
-        payloads[f"dotted os.system ({opcode})"] = _dotted("torch.distributed.checkpoint.filesystem", "os.system",
-                                                          command, opcode)
-        payloads[f"dotted sys.modules ({opcode})"] = _dotted("torch.distributed.checkpoint.metadata",
-                                                              "dataclasses.sys.modules", command, opcode)
-    # a helper of DCP's own package that reads a file with torch.load(weights_only=False)
-    payloads["format_utils helper"] = _dotted("torch.distributed.checkpoint.format_utils", "dcp_to_torch_save",
-                                              command, "STACK_GLOBAL")
-    payloads["a record class by a dotted name"] = _dotted("torch.distributed.checkpoint", "metadata.Metadata",
-                                                         command, "STACK_GLOBAL")
-    return payloads
-
-
 def test_reading_a_crafted_checkpoint_runs_no_code(tmp_path):
     module, optimizer = _trained(0)
     path = checkpoint.save(str(tmp_path), 1, module, optimizer, dict(step=1))
     marker = tmp_path / "ran"
-    payloads = _crafted_payloads(marker)
+    payloads = crafted_payloads(marker)
     for what, payload in payloads.items():
         with open(os.path.join(path, ".metadata"), "wb") as f:
             f.write(payload)

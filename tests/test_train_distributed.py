@@ -1,13 +1,14 @@
 """Data parallelism on the gloo backend (CPU): a 2-rank step equals the single-process step on the
 same global batch, loss and parameter update, for stage 2 (in-batch negatives across ranks) and
 stage 1 (micro-batches sharded across ranks)."""
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
 SCRIPT = textwrap.dedent("""
-    import os, sys
+    import json, os, sys
     import torch
     import torch.multiprocessing as mp
     from moca.config import Config
@@ -17,7 +18,7 @@ SCRIPT = textwrap.dedent("""
         per = {"cl.pairs_per_batch": per_rank} if stage == "cl" else {"cpt.grad_accum": per_rank // 3}
         return Config().update({"run.stage": stage, "out": out, "max_steps": steps, "save_every": 1, "log_every": 1,
                                 "seed": 3, "prefetch": 0, "fsdp": fsdp, "max_doc_tokens": 256, "token_budget": 256,
-                                "lr": 1e-3, **per})
+                                "lr": 1e-3, **per, **json.loads(os.environ.get("MOCA_TEST_SETTINGS", "{}"))})
 
     def worker(rank, port, out, stage, fsdp, ranks, steps):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ranks),
@@ -37,22 +38,25 @@ SCRIPT = textwrap.dedent("""
     """)
 
 
-def _run(tmp_path, stage, port, fsdp=False, ranks=(2,)):
+def _run(tmp_path, stage, port, fsdp=False, ranks=(2,), settings=None):
     """Trains one step per entry of ``ranks``, each resumed from the last one's checkpoint, on that
     many ranks under torchrun's environment, or "plain" (one process without a process group), into
-    tmp_path/two; and in one plain process (tmp_path/one)."""
+    tmp_path/two; and in one plain process (tmp_path/one). ``settings``: more settings of both."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+           "MOCA_TEST_SETTINGS": json.dumps(settings or {})}
     result = subprocess.run([sys.executable, str(script), str(port), str(tmp_path), stage, str(fsdp).lower(),
                              ",".join(map(str, ranks))], capture_output=True,
                             text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def _compare(tmp_path, step=1, rtol=1e-5):
+def _compare(tmp_path, step=1, rtol=1e-5, unused_have_state=False):
     """The last logged loss, the AdamW moments and the parameters of both runs at ``step`` agree
-    (``rtol``: a second step starts from parameters that already differ by rounding)."""
+    (``rtol``: a second step starts from parameters that already differ by rounding).
+    ``unused_have_state``: the sharded run may hold zero moments for parameters that never had a
+    gradient, which the plain process holds no state for."""
     import json
 
     import torch
@@ -65,7 +69,10 @@ def _compare(tmp_path, step=1, rtol=1e-5):
     # the gradients: AdamW's first moment after one step is 0.1 * gradient (optimizer state is
     # keyed by parameter name in every layout)
     moments = [s["optimizer"]["state"] for s in states]
-    assert moments[0].keys() == moments[1].keys() and len(moments[0]) > 10
+    extra = moments[1].keys() - moments[0].keys() if unused_have_state else set()
+    assert moments[0].keys() | extra == moments[1].keys() and len(moments[0]) > 10
+    for name in extra:
+        assert not moments[1][name]["exp_avg"].any() and not moments[1][name]["exp_avg_sq"].any(), name
     for name, first in moments[0].items():
         one, two = first["exp_avg"], moments[1][name]["exp_avg"]
         assert (one - two).abs().max() <= rtol * one.abs().max() + 1e-12, name
@@ -118,3 +125,14 @@ def test_a_run_saved_on_one_rank_resumes_on_two(tmp_path):
     # step 1 in one plain process, step 2 resumed sharded over 2 ranks
     _run(tmp_path, "cl", 29561, fsdp=True, ranks=("plain", 2))
     _compare(tmp_path, step=2, rtol=1e-4)
+
+
+def test_a_text_only_run_resumes_on_two_ranks(tmp_path):
+    # no image anywhere: the vision tower never has a gradient, so the plain process's AdamW keeps no
+    # state for it (the sharded ranks' keeps zero moments), and the step resumed on 2 sharded ranks
+    # restores what there is
+    documents = tmp_path / "text.jsonl"
+    documents.write_text("".join(json.dumps({"text": f"document {i}: " + "a red circle on blue " * (3 + i % 5)}) + "\n"
+                                 for i in range(60)))
+    _run(tmp_path, "cpt", 29571, fsdp=True, ranks=(2, 2), settings={"data.documents": str(documents)})
+    _compare(tmp_path, step=2, rtol=1e-4, unused_have_state=True)

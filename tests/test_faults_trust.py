@@ -1,0 +1,178 @@
+"""Trust under attack and under faults, end to end on the tiny model: a crafted checkpoint runs no
+code through any entry point, every kind of run resumes to the uninterrupted run's metrics, no
+recoverable checkpoint is deleted, and only finite state is saved."""
+import json
+import os
+import shutil
+
+import pytest
+from payloads import crafted_payloads
+
+from moca import checkpoint, cli
+from moca.config import Config
+from moca.data import embedded
+from moca.encoder import Encoder
+from moca.train import train
+
+TIMED = ("tokens_per_s", "model_tflops")
+WORDS = ["red", "blue", "circle", "square", "big", "small", "the", "a", "on", "green"]
+
+
+def _rows(run) -> list[dict]:
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMED} for line in f]
+
+
+def _text(i: int, n: int = 30) -> str:
+    return " ".join(WORDS[(i * 7 + j * 3 + j * j) % len(WORDS)] for j in range(n))
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> dict[str, str]:
+    """Text-only stage-1 documents and stage-2 pairs."""
+    folder = tmp_path_factory.mktemp("text")
+    documents, pairs = folder / "documents.jsonl", folder / "pairs.jsonl"
+    documents.write_text("".join(json.dumps({"text": _text(i)}) + "\n" for i in range(120)))
+    pairs.write_text("".join(json.dumps({"query": {"text": _text(i, 8)}, "positive": {"text": _text(i + 1, 12)},
+                                         "negatives": [{"text": _text(i + 50, 12)}], "task": f"t{i % 3}"}) + "\n"
+                             for i in range(48)))
+    return {"documents": str(documents), "pairs": str(pairs)}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> str:
+    """A finished two-step stage-1 run."""
+    out = str(tmp_path_factory.mktemp("run") / "run")
+    assert cli.main(["train", "--stage", "cpt", "--out", out, "--max-steps", "2", "token_budget=512",
+                     "prefetch=0"]) == 0
+    return out
+
+
+def _craft(run_dir: str, payload: bytes) -> None:
+    """The newest checkpoint's .metadata replaced by ``payload``, its manifest's sizes and CRCs
+    made to match (as an attacker who rewrites the whole folder would)."""
+    path = checkpoint.find(run_dir, log=lambda *_: None) or checkpoint.checkpoints(run_dir)[-1]
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        f.write(payload)
+    with open(os.path.join(path, checkpoint.MANIFEST)) as f:
+        manifest = json.load(f)
+    manifest["files"] = checkpoint._files(path)
+    with open(os.path.join(path, checkpoint.MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    assert checkpoint.damage(path) is None
+
+
+def test_a_crafted_checkpoint_runs_no_code_through_any_entry_point(run, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    evaluation = embedded.write_eval(str(tmp_path / "eval"), queries=8)
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text(json.dumps({"text": "a red circle"}) + "\n")
+    payloads = crafted_payloads(marker)
+    for what in ("os.system, protocol 2", "dotted os.system (STACK_GLOBAL)", "format_utils helper"):
+        crafted = str(tmp_path / "crafted")
+        shutil.rmtree(crafted, ignore_errors=True)
+        shutil.copytree(run, crafted)
+        _craft(crafted, payloads[what])
+        entry_points = {
+            "train --resume": ["train", "--resume", crafted],
+            "train --init": ["train", "--stage", "cl", "--init", crafted, "--out", str(tmp_path / "cl"),
+                             "--max-steps", "1", "prefetch=0"],
+            "eval": ["eval", "--model", crafted, "--data", evaluation, "--out", str(tmp_path / "scores")],
+            "encode": ["encode", "--model", crafted, "--input", str(inputs), "--output", str(tmp_path / "v.npy")],
+        }
+        for name, argv in entry_points.items():
+            capsys.readouterr()
+            assert cli.main(argv) == 2, (what, name)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and ".metadata: not a checkpoint's metadata (it names" in err[0], (what, name, err)
+        with pytest.raises(ValueError, match="which a checkpoint never holds"):
+            Encoder.from_pretrained(crafted)
+        assert not marker.exists(), what
+    assert not (tmp_path / "v.npy").exists() and not (tmp_path / "scores").exists()
+
+
+def _cpt(out, settings: dict) -> Config:
+    return Config().update({"run.stage": "cpt", "out": str(out), "cpt.max_steps": 4, "save_every": 2, "log_every": 1,
+                            "token_budget": 512, "prefetch": 0, **settings})
+
+
+def _cl(out, settings: dict) -> Config:
+    return Config().update({"run.stage": "cl", "out": str(out), "cl.max_steps": 4, "save_every": 2, "log_every": 1,
+                            "token_budget": 512, "pairs_per_batch": 8, "prefetch": 0, **settings})
+
+
+# Every kind of run a setting can make, each with parameters that never get a gradient somewhere:
+# text alone (the vision tower), no masked image tokens or no MAE (the MAE decoder), the ablation's
+# rows and its next-token base.
+KINDS = {
+    "stage 1, text only": (_cpt, {"data.documents": "documents"}),
+    "stage 1, mae_ratio=0": (_cpt, {"cpt.mae_ratio": 0}),
+    "stage 1, mlm_ratio=0": (_cpt, {"cpt.mlm_ratio": 0}),
+    "stage 1, mlm+cl row (no MAE)": (_cpt, {"cpt.use_mae": False}),
+    "stage 1, mae+cl row (no MLM)": (_cpt, {"cpt.use_mlm": False}),
+    "stage 1, the ablation's next-token base": (_cpt, {"cpt.objective": "next-token"}),
+    "stage 2, text only": (_cl, {"data.pairs": "pairs"}),
+    "stage 2, cl-causal row": (_cl, {"cl.attention": "causal", "cl.pooling": "last"}),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_of_run_resumes_to_the_uninterrupted_metrics(kind, text_data, tmp_path):
+    make, settings = KINDS[kind]
+    settings = {k: text_data.get(v, v) if isinstance(v, str) else v for k, v in settings.items()}
+    train(make(tmp_path / "whole", settings), log=lambda *_: None)
+    train(make(tmp_path / "cut", settings), stop_at=3, log=lambda *_: None)  # killed after step 3: resumes from 2
+    assert cli.main(["train", "--resume", str(tmp_path / "cut")]) == 0
+    assert [r["step"] for r in _rows(tmp_path / "cut")] == [1, 2, 3, 4]
+    assert _rows(tmp_path / "cut") == _rows(tmp_path / "whole")
+
+
+def test_no_sound_checkpoint_refuses_to_start_over_and_force_sets_them_aside(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train(_cpt(out, {}), log=lambda *_: None)
+    steps = checkpoint.checkpoints(out)
+    assert [os.path.basename(p) for p in steps] == ["step-0000002", "step-0000004"]
+    for path in steps:  # every manifest gone: the shards are intact, the checkpoints could be recovered
+        os.remove(os.path.join(path, checkpoint.MANIFEST))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        metrics = f.read()
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", out]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint passes its check" in err and all(p in err for p in steps) and "--force" in err
+    assert checkpoint.checkpoints(out) == steps and all(os.listdir(p) for p in steps)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert f.read() == metrics
+    assert cli.main(["train", "--resume", out, "--force"]) == 0
+    aside = os.path.join(out, "set-aside")
+    (moved,) = os.listdir(aside)
+    assert sorted(os.listdir(os.path.join(aside, moved))) == ["metrics.jsonl", "step-0000002", "step-0000004"]
+    with open(os.path.join(aside, moved, "metrics.jsonl")) as f:
+        assert f.read() == metrics
+    # the new run's checkpoints, the last one written kept, and its own metrics
+    assert [os.path.basename(p) for p in checkpoint.checkpoints(out)] == ["step-0000002", "step-0000004"]
+    assert all(checkpoint.damage(p) is None for p in checkpoint.checkpoints(out))
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, capsys, monkeypatch):
+    # an update that leaves an infinity in the weights after step 2 (the loss of step 2 was finite):
+    # step 1's checkpoint stays the last one, and the message names it as the last good one
+    import torch
+    step, updates = torch.optim.AdamW.step, []
+
+    def overflowing(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        updates.append(1)
+        if len(updates) == 2:
+            self.param_groups[0]["params"][0].data[0] = float("inf")
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    out = str(tmp_path / "run")
+    capsys.readouterr()
+    assert cli.main(["train", "--stage", "cpt", "--out", out, "--max-steps", "3", "save_every=1", "token_budget=512",
+                     "prefetch=0"]) == 2
+    first = os.path.join(out, "checkpoints", "step-0000001")
+    assert (f"holds NaN or infinite values after step 2: not saved. The last good (finite) checkpoint is {first}"
+            in capsys.readouterr().err)
+    assert checkpoint.checkpoints(out) == [first] and len(updates) == 2
