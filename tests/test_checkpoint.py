@@ -171,3 +171,22 @@ def test_atomic_write_leaves_the_old_content_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk gone"):
         atomic_write(str(path), b"new\n")
     assert path.read_bytes() == b"old\n" and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_retention_keeps_the_checkpoint_just_written_and_every_damaged_one(tmp_path):
+    # a run that started over at step 0 beside checkpoints of later steps whose manifests are gone
+    # (their shards intact): they sort after every new one, and are neither counted nor deleted
+    module, optimizer = _trained(0)
+    later = [checkpoint.save(str(tmp_path), step, module, optimizer, dict(step=step), keep=5) for step in (6, 8)]
+    for path in later:
+        os.remove(os.path.join(path, checkpoint.MANIFEST))
+    paths = [checkpoint.save(str(tmp_path), step, module, optimizer, dict(step=step), keep=2) for step in (1, 2, 3)]
+    assert checkpoint.checkpoints(str(tmp_path)) == [*paths[1:], *later]
+    # an earlier damaged one stays too; only complete earlier ones are retired
+    shard = next(f for f in os.listdir(paths[1]) if f.endswith(".distcp"))
+    with open(os.path.join(paths[1], shard), "ab") as f:
+        f.write(b"x")
+    newest = checkpoint.save(str(tmp_path), 4, module, optimizer, dict(step=4), keep=2)
+    assert checkpoint.checkpoints(str(tmp_path)) == [paths[1], paths[2], newest, *later]
+    assert checkpoint.save(str(tmp_path), 5, module, optimizer, dict(step=5), keep=1) == paths[2][:-1] + "5"
+    assert checkpoint.checkpoints(str(tmp_path)) == [paths[1], paths[2][:-1] + "5", *later]
