@@ -1,11 +1,21 @@
-"""Files: the data files a path names, and files that survive a crash or a second process (atomic
-writes and the run-directory lock)."""
+"""Files: the data files a path names, files that survive a crash or a second process (atomic
+writes and the run-directory lock), and the rule for every file moca writes: a regular file or
+nothing there (never through a link, never onto a device), and for every small file it reads
+whole: a regular file of bounded size."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
+import secrets
 import socket
+import stat
+
+# The most read_bounded takes by default: far over any config, manifest or moca.json.
+MAX_READ_BYTES = 16 * 2**20
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def data_files(path: str, what: str = "--data", suffixes: tuple[str, ...] = (".jsonl",),
@@ -24,6 +34,63 @@ def data_files(path: str, what: str = "--data", suffixes: tuple[str, ...] = (".j
     return [path]
 
 
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+def _refused(path: str, kind: str) -> ValueError:
+    return ValueError(f"{path} is {kind}, not a regular file; moca writes only regular files (remove it or choose "
+                      "another path)")
+
+
+def regular_or_absent(path: str) -> bool:
+    """Whether ``path`` is a regular file (True) or absent (False), a symbolic link not followed;
+    ValueError naming it when it is anything else. Every file moca writes is checked so: writing
+    through a link would change its target, and replacing a device (``/dev/null``) or a FIFO with
+    a file breaks whatever uses it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        raise _refused(path, _kind(mode))
+    return True
+
+
+def real_folder(path: str) -> None:
+    """ValueError naming ``path`` unless it is a folder (not a link to one) or absent: the rule of
+    ``regular_or_absent`` for a folder moca writes files into."""
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISDIR(mode):
+            raise ValueError(f"{path} is {_kind(mode)}, not a folder; moca writes only into real folders (remove it "
+                             "or choose another path)")
+
+
+def read_bounded(path: str, what: str, limit: int = MAX_READ_BYTES) -> str:
+    """The text (UTF-8) of ``path``, a small file read whole: a config (JSON or TOML), a
+    checkpoint's manifest, ``moca.json``, an index cache. ValueError naming ``what``, the file and
+    the reason when it is not a regular file (a FIFO would block the reader, a device never end),
+    holds more than ``limit`` bytes (a file replaced by a huge one must not fill memory), or is not
+    UTF-8; OSError (FileNotFoundError when it is missing) when it cannot be opened. A link is
+    followed: reading through one changes nothing."""
+    def regular(mode: int) -> None:
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{what} {path} is {_kind(mode)}, not a regular file")
+    regular(os.stat(path).st_mode)  # before opening: opening a device can itself act
+    # non-blocking: a FIFO put in its place after the check does not hang the open, and is refused
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        regular(os.fstat(fd).st_mode)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{what} {path} is larger than {limit:,} bytes, the most read of it")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -32,33 +99,49 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """``path`` holds ``data`` whole or keeps its old content: a synced temporary file, renamed.
-    One process at a time writes a given path (the run lock's holder), so the temporary files of
-    a writer that was killed are its leftovers and are removed."""
+@contextlib.contextmanager
+def atomic_file(path: str, shared: bool = False):
+    """A binary file to write whose content replaces ``path`` whole when the block ends without an
+    error, else is dropped (``path`` keeps its old content): a synced temporary file beside it,
+    renamed. ``path`` must be a regular file or absent (``regular_or_absent``). One process at a
+    time writes a given path (the run lock's holder), so the temporary files of a writer that was
+    killed are its leftovers and are removed; with ``shared``, several processes may write
+    ``path`` at once (the same content, e.g. an index cache every rank makes), so none is removed."""
+    regular_or_absent(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(stale)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    if not shared:
+        for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
+    tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    # a new file of its own: never a link or a file that someone put there
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
     fsync_dir(folder)
 
 
+def atomic_write(path: str, data: bytes, shared: bool = False) -> None:
+    """``path`` holds ``data`` whole or keeps its old content (``atomic_file``)."""
+    with atomic_file(path, shared) as f:
+        f.write(data)
+
+
 class RunLock:
     """One process per run directory: an exclusive ``flock`` on ``run_dir/.lock``, which the kernel
     releases when its holder dies (so a lock left by a killed run is simply taken over). The file
-    names the holder (process id and host) for the message a second process gets."""
+    names the holder (process id and host) for the message a second process gets. It must be a
+    regular file of one link, or absent: the holder rewrites it, which must not reach another
+    file through a symbolic or hard link."""
 
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, ".lock")
@@ -67,7 +150,22 @@ class RunLock:
     def __enter__(self) -> RunLock:
         import fcntl
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.file = open(self.path, "a+")
+        regular_or_absent(self.path)
+        try:  # no link followed, no wait on a FIFO put there after the check
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise _refused(self.path, "a symbolic link") from None
+        self.file = os.fdopen(fd, "r+")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            self.file.close()
+            raise _refused(self.path, _kind(info.st_mode))
+        if info.st_nlink != 1:
+            self.file.close()
+            raise ValueError(f"{self.path} has {info.st_nlink} hard links; the run lock, which its holder rewrites, "
+                             "must be a file of its own (remove it)")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

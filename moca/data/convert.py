@@ -49,7 +49,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ..files import atomic_write, data_files
+from ..files import atomic_file, atomic_write, data_files, real_folder, regular_or_absent
 from .records import IMAGE_PLACEHOLDER, BadRecords, RecordError, open_image, read_records, reject
 
 FORMATS = ("mmeb-eval", "mmeb-train", "beir")
@@ -189,7 +189,7 @@ class Images:
             raise RecordError(f"{what}: embedded {verdict}", "bad image")
         ext = os.path.splitext(name)[1].lower() if isinstance(name, str) else ""
         path = os.path.join(self.folder, digest + (ext or verdict))
-        if not os.path.isfile(path):
+        if not regular_or_absent(path):
             atomic_write(path, data)
             self.written += 1
         return path
@@ -416,14 +416,18 @@ def convert(inputs: list[str], output: str, fmt: str = "auto", image_root: str |
     into one JSON Lines file ``output``: evaluation records (``mmeb-eval``, ``beir``) or stage-2
     pairs (``mmeb-train``). ``query_prompt`` and ``document_prompt`` go before a BEIR set's query
     and document texts (MMEB's rows carry their instructions). ``language`` keeps a multilingual
-    set's queries of that language. The output is written whole or not at all."""
+    set's queries of that language. The output is written whole or not at all, and only as a
+    regular file into real folders: an ``output`` or ``<stem>_images/`` that exists as anything
+    else (a link, a device, a FIFO) is refused before any work."""
     if not inputs:
         raise ValueError("nothing to convert: give MMEB files or folders, or BEIR folders")
+    images = Images(output, image_root)
+    regular_or_absent(output)  # before any work: never written through a link or onto a device
+    real_folder(images.folder)
     fmt = detect(inputs) if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: one of auto, {', '.join(FORMATS)}")
     result = Converted(output, fmt)
-    images = Images(output, image_root)
     if fmt == "beir":
         for folder in inputs:
             if not is_beir(folder):
@@ -445,19 +449,11 @@ def convert(inputs: list[str], output: str, fmt: str = "auto", image_root: str |
                                                                  os.path.dirname(os.path.abspath(path))),
                           result.bad, strict)
 
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{output}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records():
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                result.tasks[record["task"]] += 1
+    with atomic_file(output) as f:
+        for record in records():
+            f.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+            result.tasks[record["task"]] += 1
         if not result.records:
             raise ValueError(f"no usable rows in {', '.join(inputs)}; nothing written")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     result.images_written = images.written
     return result

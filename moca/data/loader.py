@@ -32,7 +32,8 @@ class Cache:
     def __init__(self, load, size, what: str, room: int, strict: bool, log):
         self.load, self.size, self.what, self.room, self.strict, self.log = load, size, what, room, strict, log
         self.kept: dict[int, object] = {}
-        self.failed: set[int] = set()  # warned about once, then left out
+        self.failed: dict[int, str] = {}  # why each was left out (its file and line first), warned about once
+        self.passed_over = 0  # batches of which no item could be read
 
     def get(self, indices: list[int]) -> list:
         out = []
@@ -48,12 +49,28 @@ class Cache:
                 if self.strict:
                     raise
                 self.log(f"{exc}; {self.what} skipped")
-                self.failed.add(i)
+                self.failed[i] = str(exc)
                 continue
             if self.size(item) <= self.room:
                 self.kept[i], self.room = item, self.room - self.size(item)
             out.append(item)
         return out
+
+    def first_readable(self, batch, count: int, first: int, what: str, epoch: int) -> list:
+        """The items of batch ``first`` (``batch(j)``: the indices of batch j of the epoch's
+        ``count``) that load; where none does, that batch is passed over (counted, with a warning
+        naming a bad record's file and line) for the next one, cyclically through the epoch, that
+        has an item that loads. The choice depends only on the batches and on which items fail,
+        so a resumed run chooses as the run that never stopped did, on every rank (the batch used
+        in its place is used in its own turn too). ValueError when no item of any batch loads."""
+        for k in range(count):
+            indices = batch(j := (first + k) % count)
+            if chosen := self.get(indices):
+                return chosen
+            self.passed_over += 1
+            self.log(f"{what} {j} of epoch {epoch} passed over ({self.passed_over} so far): none of its "
+                     f"{len(indices)} {self.what}s could be read (first: {self.failed[indices[0]]})")
+        raise ValueError(f"no {self.what} of epoch {epoch} could be read (see the warnings above)")
 
 
 def image_decoder(name: str):
@@ -111,7 +128,8 @@ def micro_batch_stream(entries, docs: Cache, tokenizer, model_config, config, st
                        rank: int, size: int, pin: bool = False):
     """This rank's micro-batches from (step, epoch, position) on: (batch, its model FLOPs, epoch,
     position after it). Each round takes the next ``size`` micro-batches of the epoch, this rank's
-    being ``position + rank`` (an epoch's remainder that cannot serve every rank is left out).
+    being ``position + rank`` (an epoch's remainder that cannot serve every rank is left out; one
+    of which no document can be read is passed over, ``Cache.first_readable``).
     Masks come from a generator seeded by (seed, step, micro-batch of the step across ranks). An
     objective that is off corrupts nothing: without MLM the text is whole, without MAE the
     pictures (a corruption that no loss asks to undo would only hide what the other objective
@@ -128,11 +146,8 @@ def micro_batch_stream(entries, docs: Cache, tokenizer, model_config, config, st
                 if size > len(batches):
                     raise ValueError(f"{len(batches)} micro-batches per epoch cannot serve {size} ranks")
             with nvtx("load"):
-                chosen = docs.get(batches[position + rank])
+                chosen = docs.first_readable(batches.__getitem__, len(batches), position + rank, "micro-batch", epoch)
             position += size
-            if not chosen:
-                raise ValueError(f"no document of micro-batch {position - size + rank} of epoch {epoch} could be read "
-                                 "(see the warnings above)")
             generator = torch.Generator().manual_seed(hash((seed, step, micro * size + rank)) % 2**63)
             with nvtx("collate"):
                 batch = collate(chosen, tokenizer.specials, mlm_ratio, mae_ratio, generator, c.mae_sampling,
@@ -149,7 +164,7 @@ def pair_batch_stream(entries: list[PairEntry], cache: Cache, config, epoch: int
                       size: int):
     """This rank's share of the contrastive batches from (epoch, position) on: (encoded pairs,
     epoch, position after the batch). A global batch holds ``pairs_per_batch`` pairs per rank;
-    rank r takes the r-th slice."""
+    rank r takes the r-th slice (passed over where no pair of it can be read, as micro-batches are)."""
     per_rank, mixed = config.cl.pairs_per_batch, config.cl.task_batching == "mixed"
 
     def epoch_batches(e):
@@ -162,10 +177,9 @@ def pair_batch_stream(entries: list[PairEntry], cache: Cache, config, epoch: int
             if not batches:
                 raise ValueError(f"{len(entries)} pairs cannot fill one global batch of {per_rank * size}")
         with nvtx("load"):
-            chosen = cache.get(batches[position][rank * per_rank:(rank + 1) * per_rank])
+            chosen = cache.first_readable(lambda j, b=batches: b[j][rank * per_rank:(rank + 1) * per_rank],
+                                          len(batches), position, "batch", epoch)
         position += 1
-        if not chosen:
-            raise ValueError(f"no pair of batch {position - 1} of epoch {epoch} could be read (see the warnings above)")
         yield chosen, epoch, position
 
 
