@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ from types import SimpleNamespace
 
 from .config import Config, describe, targets, toml_settings
 from .data.convert import FORMATS, convert
-from .files import data_files
+from .files import atomic_write, data_files
 
 # torch, transformers and the model load on first use (inside the commands that need them), so
 # that --help and --print-config answer in a moment.
@@ -185,13 +186,9 @@ def _data_parser(commands) -> None:
     c.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
 
 
-def _convert(args) -> int:
-    try:
-        done = convert(args.inputs, args.output, args.format, args.image_root, args.task, args.split,
-                       args.query_prompt, args.document_prompt, args.language, args.strict)
-    except (ValueError, OSError) as exc:  # DataError (strict) is a ValueError
-        print(f"moca data convert: {exc}", file=sys.stderr)
-        return 2
+def _convert(args, parser) -> int:
+    done = convert(args.inputs, args.output, args.format, args.image_root, args.task, args.split,
+                   args.query_prompt, args.document_prompt, args.language, args.strict)
     done.bad.report(lambda line: print(line, file=sys.stderr))
     tasks = ", ".join(f"{task} {count}" for task, count in sorted(done.tasks.items()))
     kind = "pairs" if done.format == "mmeb-train" else "evaluation records"
@@ -203,40 +200,49 @@ def _convert(args) -> int:
     return 0
 
 
+# What a user's files, settings or machine can cause: one line and exit code 2. Anything else is a
+# bug of moca's and keeps its traceback; MOCA_DEBUG=1 shows the traceback of these too.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
+
+
 def main(argv=None) -> int:
+    """Run one ``moca`` command: the one place where its errors become a line on stderr."""
     args, parser = parse(argv)
-    if args.command == "data":
-        return _convert(args)
-    if args.command == "ablate":
-        return _ablate(args)
-    if args.command == "eval":
-        return _eval(args)
-    if args.command == "encode":
-        return _encode(args, parser)
+    command = {"data": _convert, "ablate": _ablate, "eval": _eval, "encode": _encode, "train": _train}[args.command]
+    name = "data convert" if args.command == "data" else args.command
+    from .train import Preempted
     try:
-        config = train_config(args)
-        if args.print_config:
-            print(json.dumps(config.to_dict(), indent=1))
-            return 0
-    except (ValueError, OSError) as exc:
-        print(f"moca train: {exc}", file=sys.stderr)
-        return 2
-    from .parallel import leave
-    from .train import Preempted, train
-    try:
-        if int(os.environ.get("RANK", "0")) == 0:
-            changed = config.recipe_differences()
-            print(f"recipe {config.run.recipe}" + (f"; settings that differ from it: {'; '.join(changed)}" if changed
-                                                   else ", unchanged"))
-        final = train(config, resume=bool(args.resume), force=args.force)
+        return command(args, parser)
     except Preempted as exc:
-        print(f"moca train: {exc}", file=sys.stderr)
+        print(f"moca {name}: {exc}", file=sys.stderr)
         return Preempted.EXIT_CODE
-    except (ValueError, FloatingPointError, RuntimeError, OSError) as exc:
-        print(f"moca train: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:  # DataError (strict) is a ValueError
+        if os.environ.get("MOCA_DEBUG") == "1":
+            raise
+        print(f"moca {name}: {one_line(exc)}", file=sys.stderr)
         return 2
     finally:
-        leave()
+        if args.command in ("train", "ablate"):
+            from .parallel import leave
+            leave()
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (a library's message may span several)."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
+def _train(args, parser) -> int:
+    config = train_config(args)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=1))
+        return 0
+    from .train import train
+    if int(os.environ.get("RANK", "0")) == 0:
+        changed = config.recipe_differences()
+        print(f"recipe {config.run.recipe}" + (f"; settings that differ from it: {'; '.join(changed)}" if changed
+                                               else ", unchanged"))
+    final = train(config, resume=bool(args.resume), force=args.force)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 prints the summary
         return 0
     both = config.run.stage == "both"
@@ -252,20 +258,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def _ablate(args) -> int:
+def _ablate(args, parser) -> int:
     from .ablate import ablate, table
-    from .parallel import leave
-    try:
-        given = _overrides(args.settings)
-        if args.data:
-            given["data.documents"] = args.data
-        result = ablate(Config.resolve(given).validate(), args.out, args.seeds,
-                        args.rows.split(",") if args.rows else None)
-    except (ValueError, FloatingPointError, RuntimeError, OSError) as exc:
-        print(f"moca ablate: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        leave()
+    given = _overrides(args.settings)
+    if args.data:
+        given["data.documents"] = args.data
+    result = ablate(Config.resolve(given).validate(), args.out, args.seeds, args.rows.split(",") if args.rows else None)
     print(table(result))
     print(f"ablation.json, ablation.md, ablation.png: {args.out}")
     return 0
@@ -293,22 +291,21 @@ def _scores(result: dict, prefix: str = "") -> None:
               f"mean of {len(scores['tasks'])} tasks)")
 
 
-def _eval(args) -> int:
+def _eval(args, parser) -> int:
     from .encoder import Encoder
     from .eval import evaluate
-    try:
-        files = [f for path in args.data for f in data_files(path)]
-        result = evaluate(Encoder.from_pretrained(args.model), files, strict=args.strict,
-                          query_prompt=args.query_prompt, document_prompt=args.document_prompt)
-    except (ValueError, OSError) as exc:  # DataError (strict) is a ValueError
-        print(f"moca eval: {exc}", file=sys.stderr)
-        return 2
+    encoder = Encoder.from_pretrained(args.model)
+    files = [f for path in args.data for f in data_files(path)]
     out = args.out or args.model
+    target = os.path.join(out, "eval.json")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    _scores(result)
-    print(f"eval.json: {os.path.join(out, 'eval.json')}")
+    if not os.access(out, os.W_OK):  # refused before the evaluation, not after it
+        raise ValueError(f"{out} is not writable, so eval.json cannot go there: give --out DIR")
+    result = evaluate(encoder, files, strict=args.strict, query_prompt=args.query_prompt,
+                      document_prompt=args.document_prompt)
+    _scores(result)  # before the write: a failing disk loses no score
+    atomic_write(target, json.dumps(result, indent=1).encode())
+    print(f"eval.json: {target}")
     return 0
 
 
@@ -319,24 +316,23 @@ def _encode(args, parser) -> int:
 
     from .encoder import Encoder
     from .eval import embed_file
-    try:
-        encoder = Encoder.from_pretrained(args.model)
-        prompt = encoder.prompt_text(args.prompt, args.prompt_name)
-        if args.export:
-            prompts = dict(encoder.prompts)
-            for name, value in (("query", args.query_prompt), ("document", args.document_prompt)):
-                if value is not None:
-                    prompts[name] = value
-            encoder.save_pretrained(args.export, prompts=prompts)
-            print(f"exported to {args.export}")
-        if args.input:
-            prompted = SimpleNamespace(encode=lambda inputs: encoder.encode(inputs, prompt=prompt))
-            vectors = embed_file(prompted, args.input, args.strict, log=lambda line: print(line, file=sys.stderr))
-            np.save(args.output, vectors)
-            print(f"{vectors.shape[0]} embeddings of {vectors.shape[1]} values -> {args.output}")
-    except (ValueError, OSError) as exc:
-        print(f"moca encode: {exc}", file=sys.stderr)
-        return 2
+    encoder = Encoder.from_pretrained(args.model)
+    prompt = encoder.prompt_text(args.prompt, args.prompt_name)
+    if args.export:
+        prompts = dict(encoder.prompts)
+        for name, value in (("query", args.query_prompt), ("document", args.document_prompt)):
+            if value is not None:
+                prompts[name] = value
+        encoder.save_pretrained(args.export, prompts=prompts)
+        print(f"exported to {args.export}")
+    if args.input:
+        prompted = SimpleNamespace(encode=lambda inputs: encoder.encode(inputs, prompt=prompt))
+        vectors = embed_file(prompted, args.input, args.strict, log=lambda line: print(line, file=sys.stderr))
+        buffer = io.BytesIO()
+        np.save(buffer, vectors)
+        output = args.output if args.output.endswith(".npy") else args.output + ".npy"  # as np.save names it
+        atomic_write(output, buffer.getvalue())
+        print(f"{vectors.shape[0]} embeddings of {vectors.shape[1]} values -> {output}")
     return 0
 
 

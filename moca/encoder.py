@@ -35,10 +35,42 @@ from .data.images import MAX_PIXELS, MIN_PIXELS
 from .data.pairs import side_document
 from .data.tokenizer import ByteTokenizer, HFTokenizer
 from .export import MOCA_PROMPTS, check_prompts, write_export
+from .files import read_bounded
 from .model.embed import MocaEmbedder, embed_documents
 from .model.qwen import build
 
 EXPORT_MARKER = "moca.json"
+
+
+# moca.json's fields: what each must be, and the value of an optional one that is missing
+_META = {"tokenizer": (("bytes", "hf"), None), "max_doc_tokens": (int, None), "min_pixels": (int, None),
+         "max_pixels": (int, None), "attention": (("bidirectional", "causal"), "bidirectional"),
+         "pooling": (("mean", "last"), "mean")}
+
+
+def read_export_meta(path: str) -> dict:
+    """An export's ``moca.json``, every field checked (ValueError naming the file and the field)."""
+    file = os.path.join(path, EXPORT_MARKER)
+    try:
+        meta = json.loads(read_bounded(file, "the export's settings"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}: not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file}: holds a {type(meta).__name__}, not an object of settings")
+    for name, (kind, default) in _META.items():
+        value = meta.setdefault(name, default)
+        good = (type(value) is int and value > 0) if kind is int else value in kind
+        if not good:
+            wanted = "a positive integer" if kind is int else " or ".join(kind)
+            raise ValueError(f"{file}: {name} must be {wanted}, got {value!r}")
+    if meta["min_pixels"] > meta["max_pixels"]:
+        raise ValueError(f"{file}: min_pixels {meta['min_pixels']} is above max_pixels {meta['max_pixels']}")
+    if meta.get("prompts") is not None:
+        try:
+            check_prompts(meta["prompts"])
+        except ValueError as exc:
+            raise ValueError(f"{file}: {exc}") from None
+    return meta
 
 
 class Encoder:
@@ -55,14 +87,12 @@ class Encoder:
     @classmethod
     def from_pretrained(cls, path: str, device=None) -> Encoder:
         """A moca run directory (its latest checkpoint, stage 1 or 2) or a folder ``save_pretrained`` wrote."""
-        if os.path.isfile(os.path.join(path, EXPORT_MARKER)):
-            with open(os.path.join(path, EXPORT_MARKER)) as f:
-                meta = json.load(f)
+        if os.path.lexists(os.path.join(path, EXPORT_MARKER)):
+            meta = read_export_meta(path)
             tokenizer = ByteTokenizer() if meta["tokenizer"] == "bytes" else HFTokenizer(path)
             model = build(path=path)
             return cls(model, tokenizer, meta["max_doc_tokens"], meta["min_pixels"], meta["max_pixels"], device=device,
-                       attention=meta.get("attention", "bidirectional"), pooling=meta.get("pooling", "mean"),
-                       prompts=meta.get("prompts"))
+                       attention=meta["attention"], pooling=meta["pooling"], prompts=meta.get("prompts"))
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"{path}: neither a moca run directory (config.json) nor an export ({EXPORT_MARKER})")
         config, model, tokenizer = load_run(path, log=lambda *_: None)

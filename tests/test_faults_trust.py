@@ -3,6 +3,7 @@ code through any entry point, every kind of run resumes to the uninterrupted run
 recoverable checkpoint is deleted, and only finite state is saved."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -176,3 +177,85 @@ def test_non_finite_weights_are_never_saved(tmp_path, capsys, monkeypatch):
     assert (f"holds NaN or infinite values after step 2: not saved. The last good (finite) checkpoint is {first}"
             in capsys.readouterr().err)
     assert checkpoint.checkpoints(out) == [first] and len(updates) == 2
+
+
+@pytest.fixture(scope="module")
+def export(run, tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("export") / "export")
+    Encoder.from_pretrained(run).save_pretrained(folder)
+    return folder
+
+
+def _retype(path: str, change) -> None:
+    with open(path) as f:
+        value = json.load(f)
+    change(value)
+    with open(path, "w") as f:
+        json.dump(value, f)
+
+
+BROKEN_EXPORTS = {
+    "a truncated model.safetensors": ("model.safetensors", lambda p: open(p, "r+b").truncate(1000),
+                                      "its model (config.json and weights) cannot be loaded: SafetensorError"),
+    "a torn moca.json": ("moca.json", lambda p: open(p, "w").write("{"), "moca.json: not JSON"),
+    "moca.json holding a list": ("moca.json", lambda p: open(p, "w").write("[1]"), "moca.json: holds a list"),
+    "moca.json with a retyped field": ("moca.json", lambda p: _retype(p, lambda d: d.update(max_pixels="big")),
+                                       "moca.json: max_pixels must be a positive integer, got 'big'"),
+    "config.json with a retyped field": ("config.json",
+                                         lambda p: _retype(p, lambda d: d["text_config"].update(hidden_size="x")),
+                                         "its model (config.json and weights) cannot be loaded"),
+    "a pickle instead of the weights": ("model.safetensors", lambda p: (os.remove(p), open(
+        os.path.join(os.path.dirname(p), "pytorch_model.bin"), "wb").write(crafted_payloads("/nonexistent")[
+            "os.system, protocol 2"])), "its model (config.json and weights) cannot be loaded: UnpicklingError"),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_EXPORTS)
+def test_a_broken_export_is_one_line_naming_it(broken, export, tmp_path, capsys):
+    name, damage, message = BROKEN_EXPORTS[broken]
+    folder = str(tmp_path / "export")
+    shutil.copytree(export, folder)
+    damage(os.path.join(folder, name))
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text(json.dumps({"text": "a red circle"}) + "\n")
+    evaluation = embedded.write_eval(str(tmp_path / "eval"), queries=4)
+    for argv in (["encode", "--model", folder, "--input", str(inputs), "--output", str(tmp_path / "v.npy")],
+                 ["eval", "--model", folder, "--data", evaluation, "--out", str(tmp_path / "scores")]):
+        capsys.readouterr()
+        assert cli.main(argv) == 2, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moca ")]
+        assert len(err) == 1 and folder in err[0] and message in err[0], (argv, err)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Encoder.from_pretrained(folder)
+
+
+def test_errors_are_one_line_and_moca_debug_shows_the_traceback(run, tmp_path, capsys, monkeypatch):
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy)
+    manifest = os.path.join(checkpoint.find(copy, log=lambda *_: None), checkpoint.MANIFEST)
+    _retype(manifest, lambda d: d.pop("trainer"))
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", copy]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (f"moca train: {manifest}: no trainer state in it "
+                                                                "(KeyError: 'trainer')")
+    monkeypatch.setenv("MOCA_DEBUG", "1")
+    with pytest.raises(ValueError, match="no trainer state"):
+        cli.main(["train", "--resume", copy])
+
+
+def test_eval_prints_its_scores_before_writing_them_and_refuses_an_output_it_cannot_make(run, tmp_path, capsys,
+                                                                                        monkeypatch):
+    evaluation = embedded.write_eval(str(tmp_path / "eval"), queries=4)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", run, "--data", evaluation, "--out", str(a_file / "scores")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("moca eval: ") and str(a_file) in captured.err
+
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cli, "atomic_write", full)
+    assert cli.main(["eval", "--model", run, "--data", evaluation, "--out", str(tmp_path / "scores")]) == 2
+    captured = capsys.readouterr()
+    assert "precision_at_1" in captured.out and "No space left on device" in captured.err

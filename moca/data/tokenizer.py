@@ -129,7 +129,10 @@ class HFTokenizer:
 
     def __init__(self, path: str):
         from transformers import AutoTokenizer
-        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # whatever a broken tokenizer.json or tokenizer_config.json makes transformers raise
+            raise ValueError(f"{path}: its tokenizer cannot be loaded: {type(exc).__name__}: {exc}") from exc
         if MASK_TOKEN not in self.tok.get_vocab():
             self._add_mask_token()
         vocab = self.tok.get_vocab()

@@ -67,8 +67,12 @@ def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dty
     implementation such as ``"sdpa"`` for padded batches (the authors' approach; benchmarks).
     ``pointwise``: RMSNorm, rotary embedding and SwiGLU through moca's fused kernels."""
     if path is not None:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                                   attn_implementation=attention).to(device)
+        try:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                                       attn_implementation=attention).to(device)
+        except Exception as exc:  # whatever a broken config.json or weights file makes transformers raise
+            raise ValueError(f"{path}: its model (config.json and weights) cannot be loaded: {type(exc).__name__}: "
+                             f"{exc}") from exc
     else:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
