@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from .config import Config
 from .data.tokenizer import ByteTokenizer, HFTokenizer
-from .files import atomic_write, fsync_dir
+from .files import atomic_write, fsync_dir, read_bounded, read_bytes
 from .model.qwen import build
 
 MANIFEST = "manifest.json"
@@ -171,8 +171,7 @@ def damage(path: str, checksums: bool = True) -> str | None:
     """Why the checkpoint at ``path`` cannot be trusted, or None when every file it lists is there
     with its size and (``checksums``) CRC-32."""
     try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            manifest = json.load(f)
+        manifest = json.loads(read_bounded(os.path.join(path, MANIFEST), "manifest"))
         listed = manifest["files"]
         sizes = {name: expected["size"] for name, expected in listed.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -221,8 +220,7 @@ def trainer_state(path: str) -> dict:
     ValueError naming the manifest when it lacks one."""
     file = os.path.join(path, MANIFEST)
     try:
-        with open(file) as f:
-            state = json.load(f)["trainer"]
+        state = json.loads(read_bounded(file, "manifest"))["trainer"]
         if not isinstance(state, dict) or type(state.get("step")) is not int:
             raise TypeError("it has no integer step")
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -258,23 +256,25 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def _read_metadata(path: str):
     """The checkpoint's DCP metadata, unpickled with ``_MetadataUnpickler`` and checked to be a
-    ``Metadata`` whose shards are files of the checkpoint's own folder. ValueError otherwise."""
+    ``Metadata`` whose shards are regular files of the checkpoint's own folder (a FIFO would hang
+    the reader). ValueError otherwise."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import Metadata
     file = os.path.join(path, ".metadata")
     try:
-        if os.path.getsize(file) > _METADATA_BYTES:
-            raise pickle.UnpicklingError(f"it is larger than {_METADATA_BYTES} bytes")
-        with open(file, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+        data = read_bytes(file, "checkpoint metadata", _METADATA_BYTES)
+    except OSError as exc:
+        raise ValueError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
         if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
             raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP's Metadata")
         for info in (metadata.storage_data or {}).values():
             name = getattr(info, "relative_path", None) if isinstance(info, _StorageInfo) else None
             if not isinstance(name, str) or name != os.path.basename(name) or name.startswith("."):
                 raise pickle.UnpicklingError(f"a shard is named {name!r}, not a file of the checkpoint's folder")
-    except OSError as exc:
-        raise ValueError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+            if os.path.islink(os.path.join(path, name)) or not os.path.isfile(os.path.join(path, name)):
+                raise pickle.UnpicklingError(f"its shard {name} is not a regular file of the folder")
     except Exception as exc:  # any failure of a crafted or torn pickle: the file is refused, never half-read
         raise ValueError(f"{file}: not a checkpoint's metadata ({exc})") from None
     return metadata

@@ -67,13 +67,13 @@ def real_folder(path: str) -> None:
                              "or choose another path)")
 
 
-def read_bounded(path: str, what: str, limit: int = MAX_READ_BYTES) -> str:
-    """The text (UTF-8) of ``path``, a small file read whole: a config (JSON or TOML), a
-    checkpoint's manifest, ``moca.json``, an index cache. ValueError naming ``what``, the file and
-    the reason when it is not a regular file (a FIFO would block the reader, a device never end),
-    holds more than ``limit`` bytes (a file replaced by a huge one must not fill memory), or is not
-    UTF-8; OSError (FileNotFoundError when it is missing) when it cannot be opened. A link is
-    followed: reading through one changes nothing."""
+def read_bytes(path: str, what: str, limit: int = MAX_READ_BYTES) -> bytes:
+    """The bytes of ``path``, a small file read whole: a config (JSON or TOML), a checkpoint's
+    manifest or metadata, ``moca.json``, an index cache. ValueError naming ``what``, the file and
+    the reason when it is not a regular file (a FIFO would block the reader, a device never end) or
+    holds more than ``limit`` bytes (a file replaced by a huge one must not fill memory); OSError
+    (FileNotFoundError when it is missing) when it cannot be opened. A link is followed: reading
+    through one changes nothing."""
     def regular(mode: int) -> None:
         if not stat.S_ISREG(mode):
             raise ValueError(f"{what} {path} is {_kind(mode)}, not a regular file")
@@ -85,6 +85,12 @@ def read_bounded(path: str, what: str, limit: int = MAX_READ_BYTES) -> str:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{what} {path} is larger than {limit:,} bytes, the most read of it")
+    return data
+
+
+def read_bounded(path: str, what: str, limit: int = MAX_READ_BYTES) -> str:
+    """The text of ``path`` read by ``read_bytes``; ValueError also when it is not UTF-8."""
+    data = read_bytes(path, what, limit)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
