@@ -35,7 +35,7 @@ from .data.images import MAX_PIXELS, MIN_PIXELS
 from .data.pairs import side_document
 from .data.tokenizer import ByteTokenizer, HFTokenizer
 from .export import MOCA_PROMPTS, check_prompts, write_export
-from .files import read_bounded
+from .files import read_bounded, writable_folder
 from .model.embed import MocaEmbedder, embed_documents
 from .model.qwen import build
 
@@ -153,6 +153,7 @@ class Encoder:
         """The model in Hugging Face form with its tokenizer and processor, the sentence-transformers
         modules, and ``moca.json`` (how inputs are laid out); ``prompts`` (default ``self.prompts``)
         become the export's named prompts (sentence-transformers' ``prompts``)."""
+        writable_folder(folder)
         os.makedirs(folder, exist_ok=True)
         model = self.embedder.model
         model.save_pretrained(folder)

@@ -97,6 +97,29 @@ def read_bounded(path: str, what: str, limit: int = MAX_READ_BYTES) -> str:
         raise ValueError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
 
 
+def append_to(path: str):
+    """``path`` opened to append text (created when absent), never through a link
+    (``O_NOFOLLOW``) nor onto anything but a regular file (ValueError naming it)."""
+    regular_or_absent(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # replaced between the check and the open
+        os.close(fd)
+        raise _refused(path, _kind(mode))
+    return os.fdopen(fd, "a")
+
+
+def writable_folder(folder: str) -> None:
+    """ValueError naming the entry unless ``folder`` is a real folder (or absent) whose entries are
+    regular files or real folders: a tool that writes into it (transformers' ``save_pretrained``)
+    must not write through a link or onto a device."""
+    real_folder(folder)
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if not entry.is_dir(follow_symlinks=False):
+                regular_or_absent(entry.path)
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

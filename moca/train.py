@@ -24,7 +24,7 @@ from . import breakdown, checkpoint
 from .config import Config
 from .data import embedded
 from .eval import evaluate_run
-from .files import RunLock, atomic_write, data_files
+from .files import RunLock, append_to, atomic_write, data_files
 from .model import regions
 from .model.embed import NonFiniteLoss
 from .model.flops import peak_bf16
@@ -246,7 +246,7 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
                     torch.cuda.synchronize()
                 last = _metrics(run.stage, step, result, grad_norm, scheduler.get_last_lr()[0], stage.epoch,
                                 time.perf_counter() - started, device, peak)
-                with open(metrics_path, "a") as f:
+                with append_to(metrics_path) as f:
                     f.write(json.dumps(last) + "\n")
                 reporters.log(last)
                 bar.set_postfix(loss=f"{result.losses['loss']:.3f}", **result.extras)

@@ -13,6 +13,7 @@ from moca import checkpoint, cli
 from moca.config import Config
 from moca.data import embedded
 from moca.encoder import Encoder
+from moca.files import append_to
 from moca.train import train
 
 TIMED = ("tokens_per_s", "model_tflops")
@@ -259,3 +260,24 @@ def test_eval_prints_its_scores_before_writing_them_and_refuses_an_output_it_can
     assert cli.main(["eval", "--model", run, "--data", evaluation, "--out", str(tmp_path / "scores")]) == 2
     captured = capsys.readouterr()
     assert "precision_at_1" in captured.out and "No space left on device" in captured.err
+
+
+def test_metrics_and_exports_are_never_written_through_links(run, tmp_path, capsys):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me\n")
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    os.remove(copy / "metrics.jsonl")
+    os.symlink(target, copy / "metrics.jsonl")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(copy), "--max-steps", "3", "--force"]) == 2
+    assert f"{copy / 'metrics.jsonl'} is a symbolic link, not a regular file" in capsys.readouterr().err
+    export = tmp_path / "export"
+    export.mkdir()
+    os.symlink(target, export / "config.json")
+    assert cli.main(["encode", "--model", run, "--export", str(export)]) == 2
+    assert f"{export / 'config.json'} is a symbolic link, not a regular file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is a symbolic link, not a regular file"):
+        with append_to(str(copy / "metrics.jsonl")):
+            pass
+    assert target.read_text() == "keep me\n"
