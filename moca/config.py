@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import typing
@@ -21,9 +22,14 @@ from typing import Literal
 
 import tomllib
 
-from .files import atomic_write
+from .data.images import MAX_IMAGE_PIXELS
+from .files import atomic_write, read_bounded
 from .reporting import report_targets
 
+# The longest text setting taken: PATH_MAX, the longest path Linux takes. Every text setting is a
+# path, a short mode or a short list of names (report_to), so a longer one is a mistake, and this
+# bounds what a list setting splits into.
+MAX_TEXT = 4096
 RECOMPUTE_HELP = "none, full, selective, every-K (K >= 2: full recomputation of every K-th region) or auto"
 _EVERY = re.compile(r"every-(\d+)$")
 
@@ -39,10 +45,12 @@ def parse_recompute(mode: str) -> tuple[str, int]:
     raise ValueError(f"model.recompute must be one of {RECOMPUTE_HELP}, got {mode!r}")
 
 
-def setting(default, doc: str, *, resumable: bool = False):
+def setting(default, doc: str, *, resumable: bool = False, most: int | None = None):
     """A documented field. ``resumable``: the setting may change when a run resumes (it changes
-    how the run is driven or scheduled from here on, not what the steps so far computed)."""
-    return field(default=default, metadata={"doc": doc, "resumable": resumable})
+    how the run is driven or scheduled from here on, not what the steps so far computed).
+    ``most``: the largest value taken, for a setting whose size becomes memory or waiting (each
+    bound is far past any honest run, so that a typo is refused before it exhausts the host)."""
+    return field(default=default, metadata={"doc": doc, "resumable": resumable, "most": most})
 
 
 @dataclass
@@ -56,8 +64,9 @@ class RunConfig:
     out: str = setting("runs/moca-tiny", "the run directory", resumable=True)
     seed: int = setting(0, "seeds the model's initial weights and every random choice of the data")
     save_every: int = setting(250, "steps between checkpoints (the last step is always saved)", resumable=True)
+    # each kept checkpoint is a whole model and optimizer on disk: 10,000 outnumbers the saves of any schedule
     keep_checkpoints: int = setting(2, "checkpoints kept; older ones are deleted once a newer one is complete",
-                                    resumable=True)
+                                    resumable=True, most=10_000)
     log_every: int = setting(25, "steps between lines of metrics.jsonl (each loss and accuracy: its mean over "
                              "those steps)", resumable=True)
     report_to: str | None = setting(None, "where metrics.jsonl's rows also go: tensorboard (event files in "
@@ -81,13 +90,19 @@ class DataConfig:
     embedded_seed: int = setting(0, "which draw of the embedded dataset (stage-1 documents, stage-2 pairs) a run "
                                  "without data files trains on; apart from run.seed, so that runs of several seeds "
                                  "train on the same data and differ in training alone")
-    token_budget: int = setting(1024, "tokens per packed row (micro-batch)")
+    # a packed row's activations grow with it: the paper's is 12,800, and 2**20 tokens would not fit any card
+    token_budget: int = setting(1024, "tokens per packed row (micro-batch)", most=1 << 20)
     max_doc_tokens: int = setting(512, "longer documents are truncated (never inside an image)")
     min_pixels: int = setting(56 * 56, "images smaller than this are scaled up (pixels)")
-    max_pixels: int = setting(56 * 56, "images larger than this are scaled down (pixels)")
-    cache_bytes: int = setting(1 << 30, "encoded documents kept in memory; the rest are read again", resumable=True)
+    # bounds min_pixels too, which scales images up: no larger than the largest image decoded at all (the paper's
+    # is 1024 x 28 x 28)
+    max_pixels: int = setting(56 * 56, "images larger than this are scaled down (pixels)", most=MAX_IMAGE_PIXELS)
+    # host memory: 4 TiB is more than any host has
+    cache_bytes: int = setting(1 << 30, "encoded documents kept in memory; the rest are read again", resumable=True,
+                               most=1 << 42)
+    # each one prepared ahead is a whole packed row in host memory; 2 keeps a GPU fed
     prefetch: int = setting(-1, "micro-batches prepared ahead in a background thread; 0: inline; -1: 2 on a GPU, "
-                            "0 on CPU", resumable=True)
+                            "0 on CPU", resumable=True, most=64)
     image_decoder: Literal["pil", "dali-cpu", "dali-gpu"] = setting(
         "pil", "pil, or NVIDIA DALI (the dali extra) on the CPU or the GPU", resumable=True)
     index_cache: str | None = setting(None, "where each data file's cost index is kept (default: out/index)",
@@ -134,7 +149,8 @@ class CptConfig(Schedule):
         "moca", "moca: MLM and MAE (use_mlm, use_mae) under bidirectional attention; next-token: causal attention, "
         "every text token predicts the next, nothing corrupted (the causal pre-training a real model comes with: how "
         "moca ablate makes the tiny preset a base to start from)")
-    grad_accum: int = setting(1, "packed micro-batches per optimizer step")
+    # the paper's is 4; 4,096 packed rows of 12,800 tokens is 52M tokens a step on each rank
+    grad_accum: int = setting(1, "packed micro-batches per optimizer step", most=4096)
     mlm_ratio: float = setting(0.4, "share of non-special text tokens masked for MLM")
     mae_ratio: float = setting(0.5, "share of each document's image tokens masked for MAE")
     mae_sampling: Literal["count", "bernoulli"] = setting(
@@ -166,8 +182,10 @@ class ClConfig(Schedule):
     lr: float = setting(1e-3, "peak learning rate")
     init: str | None = setting(None, "start from this stage-1 run's newest checkpoint (its backbone; the MAE head "
                                "is left out)", resumable=True)  # read at step 0 only
-    pairs_per_batch: int = setting(32, "pairs per contrastive batch on each rank")
-    hard_negatives: int = setting(2, "hard negatives per query (fewer in a record are repeated in turn)")
+    # a step holds every pair's embeddings (and without grad_cache their activations): the paper's is 24
+    pairs_per_batch: int = setting(32, "pairs per contrastive batch on each rank", most=1 << 16)
+    # each query scores its own negatives, pairs_per_batch x hard_negatives documents more: the paper's is 2
+    hard_negatives: int = setting(2, "hard negatives per query (fewer in a record are repeated in turn)", most=1024)
     temperature: float = setting(0.03, "InfoNCE temperature")
     learn_temperature: bool = setting(False, "train the temperature too")
     task_batching: Literal["mixed", "homogeneous"] = setting("mixed", "mixed tasks per batch (MoCa), or one task "
@@ -184,6 +202,11 @@ class ClConfig(Schedule):
 class ParallelConfig:
     fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2)",
                          resumable=True)
+    # NCCL's own default; gloo's is 30 minutes. It must outlast the longest wait of an honest run: a
+    # rank saving its checkpoint shard or building its data index while the others wait. A day at most.
+    timeout: float = setting(600.0, "seconds a rank waits in a collective (NCCL or gloo) for the others: a rank that "
+                             "stopped answering (hung, stopped, on a lost node) then ends the run, naming the rank "
+                             "and the collective, instead of holding the others", resumable=True, most=24 * 3600)
 
 
 @dataclass
@@ -248,10 +271,16 @@ class Config:
         """Checks across fields; returns self. Raises ValueError naming the setting."""
         for section in SECTIONS:
             for f in dataclasses.fields(getattr(self, section)):
-                choices = typing.get_args(_hints(section)[f.name])
-                value = getattr(getattr(self, section), f.name)
-                if typing.get_origin(_hints(section)[f.name]) is Literal and value not in choices:
-                    raise ValueError(f"{section}.{f.name} must be one of {', '.join(choices)}, got {value!r}")
+                kind, value = _hints(section)[f.name], getattr(getattr(self, section), f.name)
+                if typing.get_origin(kind) is Literal and value not in typing.get_args(kind):
+                    raise ValueError(f"{section}.{f.name} must be one of {', '.join(typing.get_args(kind))}, got "
+                                     f"{value!r}")
+                if isinstance(value, float):  # a dataclass built in code has not been through _convert
+                    _finite(section, f.name, value)
+                if isinstance(value, str) and len(value) > MAX_TEXT:
+                    raise ValueError(f"{section}.{f.name} takes at most {MAX_TEXT} characters, got {len(value):,}")
+                if f.metadata["most"] is not None and value > f.metadata["most"]:
+                    raise ValueError(f"{section}.{f.name} takes at most {f.metadata['most']:,}, got {value:,}")
         d = self.data
         if not 1 <= d.max_doc_tokens <= d.token_budget:
             raise ValueError(f"max_doc_tokens ({d.max_doc_tokens}) must be between 1 and token_budget "
@@ -278,6 +307,8 @@ class Config:
             raise ValueError("cpt: use_mlm and use_mae are both false: stage 1 would have nothing to learn")
         if self.cl.hard_negatives < 0 or self.cl.pairs_per_batch < 1 or self.cl.temperature <= 0:
             raise ValueError("cl: hard_negatives >= 0, pairs_per_batch >= 1 and temperature > 0 are required")
+        if self.parallel.timeout <= 0:
+            raise ValueError(f"parallel.timeout must be positive (seconds), got {self.parallel.timeout}")
         kind, _ = parse_recompute(self.model.recompute)
         if self.model.gradient_checkpointing and kind not in ("none", "full"):
             raise ValueError(f"gradient_checkpointing=true means recompute=full; it contradicts "
@@ -306,8 +337,10 @@ class Config:
         path = os.path.join(run_dir, "config.json")
         if not os.path.isfile(path):
             raise ValueError(f"{run_dir}: no config.json there (not a moca run directory)")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            return cls.from_dict(json.loads(read_bounded(path, "settings")))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"settings {path}: {exc}") from None
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]
@@ -343,8 +376,7 @@ RECIPES: dict[str, dict] = {
 def toml_settings(path: str) -> dict:
     """{"section.field": value} of a TOML file with one table per section."""
     try:
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
+        values = tomllib.loads(read_bounded(path, "--config"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"--config {path}: {exc}") from None
     bad = [k for k, v in values.items() if not isinstance(v, dict)]
@@ -408,9 +440,19 @@ def _convert(section: str, name: str, raw):
     if kind is int:
         return _integer(section, name, raw)
     try:
-        return kind(raw)
+        value = kind(raw)
     except (TypeError, ValueError):
         raise ValueError(f"{section}.{name} takes a {kind.__name__}, got {raw!r}") from None
+    return _finite(section, name, value) if kind is float else value
+
+
+def _finite(section: str, name: str, value: float) -> float:
+    """``value`` unless it is nan or inf (ValueError naming the setting): every float setting is a
+    rate, ratio, weight, bound or time, and a non-finite one would poison every step after it (or
+    wait forever) and be saved as a token that JSON readers refuse."""
+    if not math.isfinite(value):
+        raise ValueError(f"{section}.{name} takes a finite number, got {value}")
+    return value
 
 
 def _integer(section: str, name: str, raw) -> int:
@@ -434,7 +476,8 @@ def describe() -> str:
             kind = _hints(section)[f.name]
             shown = "|".join(typing.get_args(kind)) if typing.get_origin(kind) is Literal else \
                 getattr(kind, "__name__", str(kind).replace("typing.", ""))
-            more = "; may change on resume" if f.metadata["resumable"] else ""
+            more = (f"; at most {f.metadata['most']:,}" if f.metadata["most"] is not None else "") + \
+                ("; may change on resume" if f.metadata["resumable"] else "")
             lines.append(f"  {section}.{f.name} ({shown}, default {getattr(getattr(defaults, section), f.name)!r}): "
                          f"{f.metadata['doc']}{more}")
     return "\n".join(lines)

@@ -11,11 +11,19 @@
 Every strategy also averages the step's logged losses over the ranks and sums its tokens and
 FLOPs. Checkpoints need nothing from the strategy: ``moca.checkpoint`` reads and writes the
 sharded or whole state of any of them in one form.
+
+A collective waits at most ``parallel.timeout`` seconds for the other ranks (NCCL's and gloo's
+own limit, set on the process group), so that a rank that stopped answering ends the run instead
+of holding the others. On gloo the failure surfaces in Python: the strategy's collectives (the
+micro-batch's forward and backward, the gradient and loss all-reduces, the SIGTERM check, the
+barriers) turn it into ``CollectiveFailed``, one line naming the rank, the collective and the
+setting. NCCL's watchdog ends the process itself, with a line naming the rank and the operation.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -35,10 +43,22 @@ class StepResult:
     extras: dict = dataclasses.field(default_factory=dict)
 
 
-def environment() -> tuple[int, int, torch.device]:
+class CollectiveFailed(RuntimeError):
+    """A collective failed because another rank stopped answering (for ``parallel.timeout``) or is
+    gone; the message names this rank, the collective and the setting."""
+
+
+# How gloo reports a peer that stopped answering or died: plain RuntimeErrors from its transport
+# ("[.../gloo/transport/tcp/pair.cc:537] Read error ...: Connection reset by peer", "[.../gloo/
+# transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete"),
+# and under DDP's reducer "Application timeout caused pair closure". NCCL raises DistBackendError.
+_GLOO_LOST_PEER = ("gloo/transport", "timeout caused pair closure")
+
+
+def environment(timeout: float) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE and MASTER_ADDR set,
     even with one process) the process group is set up once: NCCL and this rank's GPU on CUDA
-    machines, gloo on CPU."""
+    machines, gloo on CPU, its collectives waiting at most ``timeout`` seconds for the others."""
     import torch.distributed as dist
     size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
@@ -47,7 +67,7 @@ def environment() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ  # torchrun's environment
     if (size > 1 or launched) and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     return (dist.get_rank(), dist.get_world_size(), device) if dist.is_initialized() else (0, 1, device)
 
 
@@ -85,11 +105,12 @@ class Single:
 
 
 class DataParallel(Single):
-    """Replicated model, data sharded by rank."""
+    """Replicated model, data sharded by rank. ``timeout``: ``parallel.timeout``, for the message
+    of a collective that failed."""
 
-    def __init__(self, rank: int, size: int, device: torch.device):
+    def __init__(self, rank: int, size: int, device: torch.device, timeout: float):
         super().__init__(rank, size, device)
-        self.ddp = False
+        self.ddp, self.timeout = False, timeout
 
     def wrap(self, module, one_forward: bool):
         if not one_forward:
@@ -102,22 +123,48 @@ class DataParallel(Single):
                                        find_unused_parameters=True)
 
     def micro_batch(self, runner, last: bool):
-        return runner.no_sync() if self.ddp and not last else contextlib.nullcontext()
+        within = contextlib.ExitStack()  # DDP's all-reduce and FSDP's gathers run inside the backward
+        within.enter_context(self._waiting("the forward and backward of a micro-batch"))
+        if self.ddp and not last:
+            within.enter_context(runner.no_sync())
+        return within
 
     def reduce(self, module, result: StepResult) -> StepResult:
-        if not self.ddp:
-            _average_gradients([p for p in module.parameters() if p.requires_grad], self.size, self.device)
-        return _combine(result, self.size, self.device)
+        with self._waiting("the all-reduce of the gradients"):
+            _average_gradients(self._averaged_here(module), self.size, self.device)
+        with self._waiting("the all-reduce of the logged losses"):
+            return _combine(result, self.size, self.device)
+
+    def _averaged_here(self, module) -> list:
+        """The trained parameters whose gradients ``reduce`` averages: all of them, unless DDP did."""
+        return [] if self.ddp else [p for p in module.parameters() if p.requires_grad]
 
     def any(self, flag: bool) -> bool:
         import torch.distributed as dist
         value = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        with self._waiting("the all-reduce that asks every rank whether SIGTERM arrived"):
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
     def barrier(self) -> None:
         import torch.distributed as dist
-        dist.barrier()
+        with self._waiting("a barrier"):
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def _waiting(self, what: str):
+        """Runs a block of collectives; the failure of one because another rank stopped answering
+        or is gone becomes ``CollectiveFailed`` naming this rank and ``what``."""
+        import torch.distributed as dist
+        try:
+            yield
+        except RuntimeError as exc:
+            text = str(exc)
+            if not (isinstance(exc, dist.DistError) or any(word in text for word in _GLOO_LOST_PEER)):
+                raise
+            detail = text.split("] ", 1)[-1].split(". ", 1)[0].splitlines()[0]  # without gloo's source path
+            raise CollectiveFailed(f"rank {self.rank} of {self.size}: {what} failed: another rank stopped answering "
+                                   f"for parallel.timeout ({self.timeout:g} s), or is gone ({detail})") from exc
 
 
 class Sharded(DataParallel):
@@ -130,32 +177,29 @@ class Sharded(DataParallel):
             fully_shard(unit)
         if getattr(module, "mae_decoder", None) is not None:
             fully_shard(module.mae_decoder)
-        # a learned temperature stays whole: averaged below with the few unsharded gradients
+        # a learned temperature stays whole: reduce averages it with the few unsharded gradients
         ignored = {p for name, p in module.named_parameters() if name == "log_temperature"}
         fully_shard(module, ignored_params=ignored or None)
         module.model.uniform_collectives = True  # every rank runs every unit each step (moca.model.qwen)
         return module
 
-    def micro_batch(self, runner, last: bool):
-        return contextlib.nullcontext()
-
-    def reduce(self, module, result: StepResult) -> StepResult:
+    def _averaged_here(self, module) -> list:
+        """The parameters FSDP leaves whole (a learned temperature): FSDP averages what it shards."""
         from torch.distributed.tensor import DTensor
-        whole = [p for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)]
-        _average_gradients(whole, self.size, self.device)
-        return _combine(result, self.size, self.device)
+        return [p for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)]
 
 
 def strategy(config: Config, log=print) -> Single:
     """The strategy of this process: ``Sharded`` under torchrun with fsdp=true (one rank too: the
     same code path), ``DataParallel`` under torchrun with several ranks, else ``Single``."""
     import torch.distributed as dist
-    rank, size, device = environment()
+    timeout = config.parallel.timeout
+    rank, size, device = environment(timeout)
     if config.parallel.fsdp and dist.is_initialized():
-        return Sharded(rank, size, device)
+        return Sharded(rank, size, device, timeout)
     if config.parallel.fsdp:
         log("fsdp=true outside torchrun: one process, nothing to shard")
-    return DataParallel(rank, size, device) if size > 1 else Single(rank, size, device)
+    return DataParallel(rank, size, device, timeout) if size > 1 else Single(rank, size, device)
 
 
 def leave() -> None:

@@ -37,8 +37,12 @@ from .stages import STAGES
 
 class Preempted(Exception):
     """SIGTERM arrived; the run saved a checkpoint and stopped. ``moca train`` exits with
-    ``EXIT_CODE`` so that a scheduler's wrapper can tell it from a failure."""
+    ``EXIT_CODE`` so that a scheduler's wrapper can tell it from a failure, and rank 0 leaves
+    ``MARKER`` in the run directory (the step, the checkpoint and the command that resumes), which
+    the run removes when it finishes: a launcher's exit code is not the trainer's (torchrun exits 1
+    when its workers exit 75), a file is."""
     EXIT_CODE = 75  # EX_TEMPFAIL: try again later (with --resume)
+    MARKER = "PREEMPTED"
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float, shape: str = "linear") -> float:
@@ -255,8 +259,11 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
                 saved = step
             if parallel.any(termination.requested):
                 path = save() if saved != step else checkpoint.find(run.out, log)
-                raise Preempted(f"SIGTERM: stopped after step {step} with checkpoint {path}; continue with "
-                                f"moca train --resume {run.out}")
+                resume = f"moca train --resume {run.out}"
+                if parallel.main:
+                    atomic_write(os.path.join(run.out, Preempted.MARKER),
+                                 json.dumps(dict(step=step, checkpoint=path, resume=resume)).encode())
+                raise Preempted(f"SIGTERM: stopped after step {step} with checkpoint {path}; continue with {resume}")
     finally:
         bar.close()
         stage.close()
@@ -265,6 +272,8 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
     parallel.barrier()  # the last checkpoint is written before any rank moves on
     if step < schedule.max_steps or not parallel.main:  # stopped early (stop_at), or not the rank that logs
         return last
+    with contextlib.suppress(FileNotFoundError):  # finished: nothing is left to requeue
+        os.remove(os.path.join(run.out, Preempted.MARKER))
     plot_metrics(read_metrics(run.out), os.path.join(run.out, "loss.png"), stage.summary(), log)
     return {**last, **stage.summary()}
 
