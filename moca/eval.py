@@ -97,7 +97,9 @@ def side_key(side):
     file (the corpus in every record): the items are the cheap key."""
     if isinstance(side, dict):
         try:
-            return tuple(sorted(side.items()))
+            key = tuple(sorted(side.items()))
+            hash(key)  # a list or object among the values: not hashable
+            return key
         except TypeError:
             pass
     return json.dumps(side, sort_keys=True)

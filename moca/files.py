@@ -67,21 +67,31 @@ def real_folder(path: str) -> None:
                              "or choose another path)")
 
 
-def read_bytes(path: str, what: str, limit: int = MAX_READ_BYTES) -> bytes:
-    """The bytes of ``path``, a small file read whole: a config (JSON or TOML), a checkpoint's
-    manifest or metadata, ``moca.json``, an index cache. ValueError naming ``what``, the file and
-    the reason when it is not a regular file (a FIFO would block the reader, a device never end) or
-    holds more than ``limit`` bytes (a file replaced by a huge one must not fill memory); OSError
-    (FileNotFoundError when it is missing) when it cannot be opened. A link is followed: reading
-    through one changes nothing."""
-    def regular(mode: int) -> None:
-        if not stat.S_ISREG(mode):
-            raise ValueError(f"{what} {path} is {_kind(mode)}, not a regular file")
+def open_regular(path: str, what: str, mode: str = "rb", **options):
+    """``path`` opened for reading (``mode`` and ``options`` as ``open`` takes them), refused with a
+    ValueError naming ``what`` and the file unless it is a regular file: a FIFO would block the
+    reader, a device never end. A link is followed: reading through one changes nothing."""
+    def regular(kind: int) -> None:
+        if not stat.S_ISREG(kind):
+            raise ValueError(f"{what} {path} is {_kind(kind)}, not a regular file".lstrip())
     regular(os.stat(path).st_mode)  # before opening: opening a device can itself act
     # non-blocking: a FIFO put in its place after the check does not hang the open, and is refused
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
+    try:
         regular(os.fstat(fd).st_mode)
+    except ValueError:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, mode, **options)
+
+
+def read_bytes(path: str, what: str, limit: int = MAX_READ_BYTES) -> bytes:
+    """The bytes of ``path``, a small file read whole: a config (JSON or TOML), a checkpoint's
+    manifest or metadata, ``moca.json``, an index cache. ValueError naming ``what``, the file and
+    the reason when it is not a regular file (``open_regular``) or holds more than ``limit`` bytes
+    (a file replaced by a huge one must not fill memory); OSError (FileNotFoundError when it is
+    missing) when it cannot be opened."""
+    with open_regular(path, what) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{what} {path} is larger than {limit:,} bytes, the most read of it")

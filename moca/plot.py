@@ -13,6 +13,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .files import open_regular
+
 LOSSES = ("loss", "mlm_loss", "mae_loss")
 ACCURACIES = ("mlm_accuracy", "accuracy")
 CHANCE_KEYS = {"mlm_accuracy": "mlm_chance", "accuracy": "accuracy_chance"}  # a stage's summary() names
@@ -107,9 +109,24 @@ def figure(stages: list[StageSeries], evaluation: dict | None = None):
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """The rows of ``run_dir/metrics.jsonl``."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of ``run_dir/metrics.jsonl`` (none when it is absent). A line that is not a row (an
+    object with an integer ``step``, its other values numbers, ``stage`` a name), such as the last
+    one torn by a crash in the middle of its write, is passed over."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.lexists(path):
+        return []
+    rows = []
+    with open_regular(path, "metrics", "r", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and type(row.get("step")) is int and isinstance(row.get("stage", ""), str) and all(
+                    v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                    for k, v in row.items() if k != "stage"):
+                rows.append(row)
+    return rows
 
 
 def _can_draw(path: str, log) -> bool:

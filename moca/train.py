@@ -131,17 +131,11 @@ def _starting_point(config: Config, resume: bool, force: bool, size: int, main: 
 
 def _keep_metrics(path: str, step: int) -> list[dict]:
     """Keep the rows of ``metrics.jsonl`` up to ``step`` (a resumed run logs the later steps
-    again), rewritten atomically; returns them. A line that does not parse (the last one, torn by
-    a crash in the middle of its write) goes with the later steps."""
-    if not os.path.exists(path):
+    again), rewritten atomically; returns them. A line that is not a row (``read_metrics``: the
+    last one torn by a crash in the middle of its write) goes with the later steps."""
+    if not os.path.lexists(path):
         return []
-    kept = []
-    with open(path) as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                row = json.loads(line)
-                if row["step"] <= step:
-                    kept.append(row)
+    kept = [row for row in read_metrics(os.path.dirname(path)) if row["step"] <= step]
     atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept).encode())
     return kept
 
@@ -313,8 +307,8 @@ def finished(run_dir: str, max_steps: int) -> dict | None:
     found = checkpoint.find(run_dir, log=lambda *_: None)
     if found is None or checkpoint.trainer_state(found)["step"] != max_steps:
         return None
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return json.loads(f.readlines()[-1])
+    rows = read_metrics(run_dir)
+    return rows[-1] if rows else None
 
 
 def _report_scores(stage2: Config, scores: dict) -> None:

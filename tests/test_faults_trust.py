@@ -197,7 +197,15 @@ def _retype(path: str, change) -> None:
 
 BROKEN_EXPORTS = {
     "a truncated model.safetensors": ("model.safetensors", lambda p: open(p, "r+b").truncate(1000),
-                                      "its model (config.json and weights) cannot be loaded: SafetensorError"),
+                                      "model.safetensors: not a safetensors file"),
+    "model.safetensors cut after its header": ("model.safetensors", lambda p: open(p, "r+b").truncate(
+        8 + int.from_bytes(open(p, "rb").read(8), "little") + 100),
+        "its model (config.json and weights) cannot be loaded: SafetensorError"),
+    "config.json as a folder": ("config.json", lambda p: (os.remove(p), os.mkdir(p)),
+                                "model config {folder}/config.json is a folder, not a regular file"),
+    "config.json describing a larger model": ("config.json", lambda p: _retype(
+        p, lambda d: d["text_config"].update(hidden_size=4096, intermediate_size=16384)),
+        "config.json describes a model of"),
     "a torn moca.json": ("moca.json", lambda p: open(p, "w").write("{"), "moca.json: not JSON"),
     "moca.json holding a list": ("moca.json", lambda p: open(p, "w").write("[1]"), "moca.json: holds a list"),
     "moca.json with a retyped field": ("moca.json", lambda p: _retype(p, lambda d: d.update(max_pixels="big")),
@@ -215,6 +223,7 @@ BROKEN_EXPORTS = {
 def test_a_broken_export_is_one_line_naming_it(broken, export, tmp_path, capsys):
     name, damage, message = BROKEN_EXPORTS[broken]
     folder = str(tmp_path / "export")
+    message = message.replace("{folder}", folder)
     shutil.copytree(export, folder)
     damage(os.path.join(folder, name))
     inputs = tmp_path / "inputs.jsonl"

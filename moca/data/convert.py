@@ -49,7 +49,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ..files import atomic_file, atomic_write, data_files, real_folder, regular_or_absent
+from ..files import atomic_file, atomic_write, data_files, open_regular, real_folder, regular_or_absent
 from .records import IMAGE_PLACEHOLDER, BadRecords, RecordError, open_image, read_records, reject
 
 FORMATS = ("mmeb-eval", "mmeb-train", "beir")
@@ -113,7 +113,7 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, dict]]:
 
 def _tsv_rows(path: str) -> Iterator[tuple[str, dict]]:
     """BEIR's qrels: a header ``query-id corpus-id score``, then one judgement a line."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open_regular(path, "qrels", "r", newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter="\t")
         if not {"query-id", "corpus-id", "score"} <= set(reader.fieldnames or ()):
             raise ValueError(f"{path}: a qrels TSV starts with the header query-id, corpus-id, score; "

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from ..files import open_regular
 from . import images as _images
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -230,7 +231,7 @@ def read_records(path: str, make, bad: BadRecords | None = None, strict: bool = 
     bad = bad if bad is not None else BadRecords()
     folder = os.path.dirname(os.path.abspath(path))
     limit = MAX_LINE_BYTES
-    with open(path, "rb") as f:
+    with open_regular(path, "") as f:
         for number, start, line in _lines(f, limit):
             if line is not None and not line.strip() and not blank_is_bad:
                 continue
@@ -259,7 +260,7 @@ def reject(where: str, exc: ValueError, bad: BadRecords, strict: bool, stackleve
 def load_record(path: str, offset: int, where: str, make):
     """``make`` of the line starting at byte ``offset`` of ``path``; ValueError (its message
     starting with ``where``) when it cannot be read."""
-    with open(path, "rb") as f:
+    with open_regular(path, "") as f:
         f.seek(offset)
         line = f.readline(MAX_LINE_BYTES + 1)
     try:

@@ -10,10 +10,15 @@ baseline), and the vision tower runs every window and image of the batch in one
 """
 from __future__ import annotations
 
+import json
+import math
+import os
+
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from moca.data.tokenizer import ByteTokenizer
+from moca.files import open_regular, read_bounded
 from moca_kernels.transformers import ATTENTION, apply_moca_kernels_to_qwen2_5_vl, set_bidirectional
 from moca_kernels.transformers import varlen_attention_forward as varlen_attention_forward  # noqa: F401 (public)
 
@@ -68,8 +73,12 @@ def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dty
     ``pointwise``: RMSNorm, rotary embedding and SwiGLU through moca's fused kernels."""
     if path is not None:
         try:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True,
+            config = checked_config(path)
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype,
+                                                                       local_files_only=True,
                                                                        attn_implementation=attention).to(device)
+        except ValueError:
+            raise
         except Exception as exc:  # whatever a broken config.json or weights file makes transformers raise
             raise ValueError(f"{path}: its model (config.json and weights) cannot be loaded: {type(exc).__name__}: "
                              f"{exc}") from exc
@@ -82,6 +91,53 @@ def build(preset: str | None = "tiny", path: str | None = None, dtype: torch.dty
     ours = attention == ATTENTION
     apply_moca_kernels_to_qwen2_5_vl(model, attention=ours, vision=ours, bidirectional=True, pointwise=pointwise)
     return model
+
+
+_HEADER_BYTES = 1 << 27  # a safetensors header: names, dtypes and shapes (a few MB for a 7B model)
+
+
+def _safetensors_values(path: str) -> int | None:
+    """How many values the ``*.safetensors`` files of the folder ``path`` hold, from their headers
+    (None when it has none: weights in another form)."""
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    total = 0
+    for name in files:
+        with open_regular(os.path.join(path, name), "weights") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= _HEADER_BYTES:
+                raise ValueError(f"{os.path.join(path, name)}: not a safetensors file (header of {size} bytes)")
+            try:
+                header = json.loads(f.read(size))
+                total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise ValueError(f"{os.path.join(path, name)}: not a safetensors file ({exc})") from None
+    return total if files else None
+
+
+def checked_config(path: str) -> Qwen2_5_VLConfig:
+    """The configuration of the model folder ``path``, checked before transformers builds anything:
+    ``config.json`` a regular JSON file (without one, transformers would build its default ~8B
+    model), describing no more parameters than its safetensors weights hold (a config whose sizes
+    were changed would otherwise be allocated whole before the mismatch is found). ValueError
+    naming the file."""
+    file = os.path.join(path, "config.json")
+    try:
+        values = json.loads(read_bounded(file, "model config"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no config.json (not a Hugging Face model folder)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}: not JSON ({exc})") from None
+    if not isinstance(values, dict) or values.get("model_type") not in ("qwen2_5_vl", "qwen2_vl"):
+        raise ValueError(f"{file}: not a Qwen2-VL or Qwen2.5-VL configuration (model_type "
+                         f"{values.get('model_type') if isinstance(values, dict) else None!r})")
+    config = Qwen2_5_VLConfig.from_pretrained(path, local_files_only=True)
+    held = _safetensors_values(path)
+    if held is not None:
+        with torch.device("meta"):
+            wanted = sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(config).parameters())
+        if wanted > 1.5 * held + (1 << 20):
+            raise ValueError(f"{file} describes a model of {wanted:,} parameters; its weights hold {held:,} values")
+    return config
 
 
 def set_causal(model, causal: bool) -> None:
