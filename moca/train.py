@@ -141,10 +141,12 @@ def _keep_metrics(path: str, step: int) -> list[dict]:
 
 
 def train(config: Config, resume: bool = False, force: bool = False, stop_at: int | None = None,
-          log=print) -> dict:
+          log=print, resumed_as: str | None = None) -> dict:
     """Run ``config.run.stage`` in ``config.run.out``; returns the last logged metrics and the
     stage's summary ({"cpt", "cl", "eval"} for ``both``). ``resume``: continue from the newest
-    sound checkpoint. ``stop_at``: stop after that step as if the process were killed."""
+    sound checkpoint. ``stop_at``: stop after that step as if the process were killed.
+    ``resumed_as``: the directory that ``--resume`` continues the run in (default
+    ``config.run.out``; under ``--stage both``, the directory of both stages)."""
     config.validate()
     if config.run.stage == "both":
         if stop_at is not None:
@@ -153,10 +155,11 @@ def train(config: Config, resume: bool = False, force: bool = False, stop_at: in
     parallel = strategy(config, log)
     log = log if parallel.main else (lambda *args, **kwargs: None)
     with RunLock(config.run.out) if parallel.main else contextlib.nullcontext(), _Termination() as termination:
-        return _loop(config, parallel, resume, force, stop_at, termination, log)
+        return _loop(config, parallel, resume, force, stop_at, termination, log, resumed_as or config.run.out)
 
 
-def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | None, termination, log) -> dict:
+def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | None, termination, log,
+          resumed_as: str) -> dict:
     run, schedule, device = config.run, config.stage(config.run.stage), parallel.device
     check_available(report_targets(run.report_to))  # before the model is built
     start = _starting_point(config, resume, force, parallel.size, parallel.main, log)
@@ -253,11 +256,11 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
                 saved = step
             if parallel.any(termination.requested):
                 path = save() if saved != step else checkpoint.find(run.out, log)
-                resume = f"moca train --resume {run.out}"
+                command = f"moca train --resume {resumed_as}"
                 if parallel.main:
                     atomic_write(os.path.join(run.out, Preempted.MARKER),
-                                 json.dumps(dict(step=step, checkpoint=path, resume=resume)).encode())
-                raise Preempted(f"SIGTERM: stopped after step {step} with checkpoint {path}; continue with {resume}")
+                                 json.dumps(dict(step=step, checkpoint=path, resume=command)).encode())
+                raise Preempted(f"SIGTERM: stopped after step {step} with checkpoint {path}; continue with {command}")
     finally:
         bar.close()
         stage.close()
@@ -343,7 +346,7 @@ def _train_both(config: Config, resume: bool, force: bool, log) -> dict:
                 results[name] = done
                 continue
             log(f"stage {name} in {out}")
-            results[name] = train(stage_config, resume=resume, force=force, log=log)
+            results[name] = train(stage_config, resume=resume, force=force, log=log, resumed_as=config.run.out)
         if not parallel.main:  # the evaluation runs on rank 0
             return results
         d = config.data

@@ -290,3 +290,19 @@ def test_metrics_and_exports_are_never_written_through_links(run, tmp_path, caps
         with append_to(str(copy / "metrics.jsonl")):
             pass
     assert target.read_text() == "keep me\n"
+
+
+def test_a_preempted_two_stage_run_names_the_command_that_resumes_both_stages(tmp_path, monkeypatch):
+    from moca import train as training
+
+    def stopped_at_once(self):
+        self.requested = True
+        return self
+    monkeypatch.setattr(training._Termination, "__enter__", stopped_at_once)
+    out = str(tmp_path / "both")
+    config = Config().update({"out": out, "max_steps": 2, "token_budget": 512, "prefetch": 0})
+    with pytest.raises(training.Preempted, match=f"continue with moca train --resume {out}$"):
+        train(config, log=lambda *_: None)
+    with open(os.path.join(out, "cpt", training.Preempted.MARKER)) as f:
+        assert json.load(f) == {"step": 1, "checkpoint": os.path.join(out, "cpt", "checkpoints", "step-0000001"),
+                                "resume": f"moca train --resume {out}"}
