@@ -95,9 +95,7 @@ def _non_finite(state: dict) -> str | None:
               for key, value in values.items()]
     local = [(name, value.to_local() if hasattr(value, "to_local") else value) for name, value in named
              if isinstance(value, torch.Tensor) and value.is_floating_point()]
-    if not local:
-        return None
-    finite = torch.stack([value.isfinite().all() for _, value in local])
+    finite = torch.stack([value.isfinite().all() for _, value in local]) if local else torch.ones(0, dtype=torch.bool)
     first = next((name for (name, _), ok in zip(local, finite.tolist()) if not ok), None)
     if _single():
         return first

@@ -6,7 +6,6 @@ stopped, by the marker the trainer leaves (torchrun itself exits 1), then finish
 
 Waits poll for files with generous timeouts, so that a slow, shared machine makes the tests
 slower, not flaky. Every process a test starts is killed when it ends."""
-import glob
 import json
 import os
 import re
@@ -17,15 +16,14 @@ import sys
 import time
 
 import pytest
+from processes import ROOT, WAIT, children
 
 from moca import checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
 SETTINGS = ["--stage", "cpt", "--max-steps", str(STEPS), "save_every=4", "log_every=1", "token_budget=512",
             "prefetch=0"]
 TIMED = ("tokens_per_s", "model_tflops")  # measured, so they differ between equal runs
-WAIT = 600  # seconds: a generous bound for any one event on a loaded machine
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 # what the Slurm example exports: a restarted worker group must not read the previous attempt's
 # addresses from torch's shared rendezvous store (pytorch/pytorch#135712)
@@ -54,79 +52,6 @@ def _logged(run: str) -> int:
         return 0
 
 
-def _children(pid: int) -> list[int]:
-    """The processes ``pid`` started (from every thread of it)."""
-    found = []
-    for children in glob.glob(f"/proc/{pid}/task/*/children"):
-        try:
-            with open(children) as f:
-                found += [int(child) for child in f.read().split()]
-        except OSError:  # the thread ended
-            pass
-    return found
-
-
-class Launched:
-    """Processes that a test starts, each logging to a file; ``kill_all`` kills them and every
-    process they started (torchrun's workers run in sessions of their own)."""
-
-    def __init__(self, folder):
-        self.folder, self.started = str(folder), []
-
-    def start(self, command: list[str], env: dict | None = None) -> subprocess.Popen:
-        log = open(os.path.join(self.folder, f"process-{len(self.started)}.log"), "w")
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env or ENV)
-        process.log_path = log.name
-        log.close()
-        self.started.append(process)
-        return process
-
-    @staticmethod
-    def output(process) -> str:
-        with open(process.log_path, errors="replace") as f:
-            return f.read()
-
-    def wait_for(self, condition, what: str, process, timeout: float = WAIT) -> None:
-        """Poll ``condition`` until it holds; fail naming ``what`` if the process ends first or
-        the time runs out."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if process.poll() is not None:
-                pytest.fail(f"{process.args[:4]} ended (code {process.returncode}) before {what}:\n"
-                            f"{self.output(process)[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {what} after {timeout} s:\n{self.output(process)[-3000:]}")
-            time.sleep(0.05)
-
-    def finish(self, process, timeout: float = WAIT) -> int:
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{process.args[:4]} did not end within {timeout} s:\n{self.output(process)[-3000:]}")
-
-    def kill_all(self) -> None:
-        def kill(pid):
-            for child in _children(pid):
-                kill(child)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for process in self.started:
-            if process.poll() is None:
-                kill(process.pid)
-            process.wait()
-
-
-@pytest.fixture
-def launched(tmp_path):
-    started = Launched(tmp_path)
-    try:
-        yield started
-    finally:
-        started.kill_all()
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> list[dict]:
     """The metrics of the uninterrupted run on two ranks (one torchrun node of two processes)."""
@@ -139,21 +64,21 @@ def reference(tmp_path_factory) -> list[dict]:
     return rows
 
 
-def test_a_rank_that_stops_answering_ends_the_run_within_the_timeout(tmp_path, launched):
+def test_a_rank_that_stops_answering_ends_the_run_within_the_timeout(tmp_path, processes):
     # two ranks in torchrun's environment, started directly, so that the test holds each one's
     # process: rank 1 is stopped (SIGSTOP) mid-run; rank 0 waits in its next collective for
     # parallel.timeout, then stops naming itself, the collective and the setting
     run, port, timeout = str(tmp_path / "run"), _free_port(), 10
-    ranks = [launched.start([sys.executable, "-m", "moca.cli", "train", "--out", run, "--stage", "cpt",
+    ranks = [processes.start([sys.executable, "-m", "moca.cli", "train", "--out", run, "--stage", "cpt",
                              "--max-steps", "1000", "save_every=1000", "log_every=1", "token_budget=512",
                              "prefetch=0", f"timeout={timeout}"],
                             env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                                  "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"})
              for rank in (0, 1)]
-    launched.wait_for(lambda: _logged(run) >= 3, "step 3", ranks[0])
+    processes.wait_for(lambda: _logged(run) >= 3, "step 3", ranks[0])
     os.kill(ranks[1].pid, signal.SIGSTOP)
     stopped = time.monotonic()
-    assert launched.finish(ranks[0], timeout=timeout + 60) == 2
+    assert processes.finish(ranks[0], timeout=timeout + 60) == 2
     waited = time.monotonic() - stopped
     assert timeout - 1 <= waited <= timeout + 60, waited  # not gloo's 30 minutes
     assert _logged(run) < 1000
@@ -162,29 +87,29 @@ def test_a_rank_that_stops_answering_ends_the_run_within_the_timeout(tmp_path, l
                    "arrived")
     pattern = (rf"moca train: rank 0 of 2: ({'|'.join(collectives)}) failed: another rank stopped answering for "
                rf"parallel.timeout \({timeout} s\), or is gone \([^\n]*([Tt]imed out|timeout)[^\n]*\)\n")
-    assert re.search(pattern, launched.output(ranks[0])), launched.output(ranks[0])[-3000:]
+    assert re.search(pattern, processes.output(ranks[0])), processes.output(ranks[0])[-3000:]
 
 
-def test_two_nodes_lose_a_worker_and_torchrun_restarts_them_to_the_uninterrupted_end(tmp_path, launched,
+def test_two_nodes_lose_a_worker_and_torchrun_restarts_them_to_the_uninterrupted_end(tmp_path, processes,
                                                                                        reference):
     # two torchrun agents ("nodes") of one process each, meeting at a c10d rendezvous on loopback;
     # both launch `moca train --resume RUN` from the start (an empty RUN starts at step 0), so
     # that a restarted worker continues from the newest checkpoint
     run, port = str(tmp_path / "run"), _free_port()
     os.makedirs(run)
-    nodes = [launched.start([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+    nodes = [processes.start([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "moca-elastic", "--max-restarts", "1",
-                             "-m", "moca.cli", "train", "--resume", run, *SETTINGS, "timeout=60"])
+                             "-m", "moca.cli", "train", "--resume", run, *SETTINGS, "timeout=60"], ENV)
              for _ in range(2)]
-    launched.wait_for(lambda: os.path.isdir(os.path.join(run, "checkpoints", "step-0000008")), "checkpoint 8",
+    processes.wait_for(lambda: os.path.isdir(os.path.join(run, "checkpoints", "step-0000008")), "checkpoint 8",
                       nodes[0])
-    launched.wait_for(lambda: _logged(run) >= 9, "step 9", nodes[0])  # between checkpoints: steps to redo
-    workers = _children(nodes[1].pid)
+    processes.wait_for(lambda: _logged(run) >= 9, "step 9", nodes[0])  # between checkpoints: steps to redo
+    workers = children(nodes[1].pid)
     assert len(workers) == 1 and _logged(run) < STEPS, (workers, _logged(run))
     os.kill(workers[0], signal.SIGKILL)  # the node's worker dies; its agent lives on
     for node in nodes:
-        assert launched.finish(node) == 0, launched.output(node)[-3000:]
-    output = "".join(launched.output(node) for node in nodes)
+        assert processes.finish(node) == 0, processes.output(node)[-3000:]
+    output = "".join(processes.output(node) for node in nodes)
     # the surviving rank named the loss; both agents restarted their workers, which resumed
     assert re.search(r"moca train: rank \d of 2: .* failed: another rank stopped answering for parallel.timeout "
                      r"\(60 s\), or is gone", output), output[-3000:]
@@ -194,7 +119,7 @@ def test_two_nodes_lose_a_worker_and_torchrun_restarts_them_to_the_uninterrupted
     assert os.path.basename(checkpoint.find(run)) == f"step-{STEPS:07d}"
 
 
-def test_the_slurm_script_requeues_a_run_that_sigterm_stopped(tmp_path, launched, reference):
+def test_the_slurm_script_requeues_a_run_that_sigterm_stopped(tmp_path, processes, reference):
     # examples/slurm/moca.sbatch on one "node" of two processes, with stand-ins for srun (runs its
     # command) and scontrol (names the node; records a requeue). Preemption sends SIGTERM to the
     # job's tasks (torchrun) and to the batch shell; the trainers save and exit 75, torchrun exits
@@ -213,12 +138,12 @@ def test_the_slurm_script_requeues_a_run_that_sigterm_stopped(tmp_path, launched
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE")  # the script sets it
     command = ["bash", os.path.join(ROOT, "examples", "slurm", "moca.sbatch"), *SETTINGS]
 
-    job = launched.start(command, env)
-    launched.wait_for(lambda: _logged(run) >= 5, "step 5", job)
-    (launcher,) = _children(job.pid)
+    job = processes.start(command, env)
+    processes.wait_for(lambda: _logged(run) >= 5, "step 5", job)
+    (launcher,) = children(job.pid)
     os.kill(launcher, signal.SIGTERM)
     os.kill(job.pid, signal.SIGTERM)
-    assert launched.finish(job) == 0, launched.output(job)[-3000:]
+    assert processes.finish(job) == 0, processes.output(job)[-3000:]
     with open(os.path.join(run, "PREEMPTED")) as f:
         marker = json.load(f)
     stopped = _logged(run)
@@ -228,10 +153,10 @@ def test_the_slurm_script_requeues_a_run_that_sigterm_stopped(tmp_path, launched
     assert checkpoint.find(run) == marker["checkpoint"]
     assert requeued.read_text() == "4242\n"
     assert re.search(r"moca\.sbatch: stopped by SIGTERM \(launcher exit status [1-9]\d*\): .*; requeueing job 4242",
-                     launched.output(job)), launched.output(job)[-3000:]
+                     processes.output(job)), processes.output(job)[-3000:]
 
-    again = launched.start(command, env)  # the requeued job: the same command
-    assert launched.finish(again) == 0, launched.output(again)[-3000:]
-    assert f"resumed {run} at step {stopped} from" in launched.output(again)
+    again = processes.start(command, env)  # the requeued job: the same command
+    assert processes.finish(again) == 0, processes.output(again)[-3000:]
+    assert f"resumed {run} at step {stopped} from" in processes.output(again)
     assert _rows(run) == reference
     assert not os.path.exists(os.path.join(run, "PREEMPTED")) and requeued.read_text() == "4242\n"

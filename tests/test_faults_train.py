@@ -14,28 +14,29 @@ import random
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
+from processes import WAIT
 
 from moca import checkpoint, cli
 from moca.model.heads import MocaCPT
 from moca.train import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ["--stage", "cpt", "--max-steps", "8", "save_every=2", "log_every=1", "token_budget=512", "prefetch=0"]
 TIMED = ("tokens_per_s", "model_tflops")  # measured, so they differ between equal runs
-WAIT = 600  # seconds: a generous bound for any one event on a loaded machine
+TRAIN = [sys.executable, "-m", "moca.cli", "train"]
 
 # Runs the CLI with the checkpoint writer stopping, for good, inside the save of one step: after
 # its first item has reached a shard file of step-N.tmp, and before the manifest.
 SLOW_WRITER = textwrap.dedent("""
     import os, sys, time
     import torch.distributed.checkpoint.filesystem as filesystem
-    from moca import checkpoint, cli
+    from processes import WAIT
+
+from moca import checkpoint, cli
 
     slow_step, marker = int(os.environ["SLOW_SAVE_STEP"]), os.environ["SLOW_SAVE_MARKER"]
     save, write_item, saving = checkpoint.save, filesystem._write_item, []
@@ -92,61 +93,6 @@ def _copy(reference, to, stop_after: int = 8) -> str:
     return str(to)
 
 
-class Processes:
-    """Runs of ``moca train`` in processes of their own, each logging to a file; the fixture
-    kills whatever still runs when the test ends."""
-
-    def __init__(self, folder):
-        self.folder, self.started = folder, []
-
-    def start(self, args: list[str], runner: str | None = None, env: dict | None = None) -> subprocess.Popen:
-        log = open(os.path.join(self.folder, f"process-{len(self.started)}.log"), "w")
-        command = [sys.executable, runner] if runner else [sys.executable, "-m", "moca.cli"]
-        process = subprocess.Popen([*command, "train", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})
-        process.log_path = log.name
-        log.close()
-        self.started.append(process)
-        return process
-
-    @staticmethod
-    def output(process) -> str:
-        with open(process.log_path, errors="replace") as f:
-            return f.read()
-
-    def wait_for(self, condition, what: str, process, timeout: float = WAIT) -> None:
-        """Poll ``condition`` until it holds; fail naming ``what`` if the process ends first or
-        the time runs out."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if process.poll() is not None:
-                pytest.fail(f"the run ended (code {process.returncode}) before {what}:\n{self.output(process)[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {what} after {timeout} s:\n{self.output(process)[-3000:]}")
-            time.sleep(0.05)
-
-    def finish(self, process, timeout: float = WAIT) -> int:
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the run did not end within {timeout} s:\n{self.output(process)[-3000:]}")
-
-    def kill_all(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-
-
-@pytest.fixture
-def processes(tmp_path):
-    started = Processes(str(tmp_path))
-    try:
-        yield started
-    finally:
-        started.kill_all()
-
-
 def _logged_past(run: str, step: int, before: int | None):
     """A condition: metrics.jsonl, rewritten by this process (its inode is not ``before``), logs
     a step past ``step``."""
@@ -192,11 +138,11 @@ def test_sigkill_at_random_moments_then_resume_ends_like_the_uninterrupted_run(r
             slow_step = rng.choice(range(done + 2, 9, 2))
             runner = tmp_path / "slow_writer.py"
             runner.write_text(SLOW_WRITER)
-            process = processes.start([*where, *SETTINGS], runner=str(runner),
-                                      env={"SLOW_SAVE_STEP": str(slow_step), "SLOW_SAVE_MARKER": marker})
+            process = processes.start([sys.executable, str(runner), "train", *where, *SETTINGS],
+                                      env={**os.environ, "SLOW_SAVE_STEP": str(slow_step), "SLOW_SAVE_MARKER": marker})
             processes.wait_for(lambda marker=marker: os.path.exists(marker), f"the save of step {slow_step}", process)
         else:
-            process = processes.start([*where, *SETTINGS])
+            process = processes.start([*TRAIN, *where, *SETTINGS])
             if kind == "delay":
                 time.sleep(rng.uniform(0.0, 3.0))  # a fresh run of 8 steps lasts longer on any machine
             elif kind == "step":
@@ -227,7 +173,7 @@ def test_sigkill_at_random_moments_then_resume_ends_like_the_uninterrupted_run(r
     assert stale_tmp is not None, "the kill inside a checkpoint write did not happen"
     # the lock of a killed process names it; the next process took it over
     assert any(f"process {pid} on host {socket.gethostname()}" in text for pid, text in seen_locks), seen_locks
-    last = processes.start(["--resume", run, *SETTINGS])
+    last = processes.start([*TRAIN, "--resume", run, *SETTINGS])
     assert processes.finish(last) == 0, processes.output(last)[-3000:]
     assert _rows(run) == reference[1]
     assert _steps(run) == ["step-0000006", "step-0000008"]  # the half-written folder was removed by a later save
@@ -293,7 +239,7 @@ def test_a_disk_that_fills_during_a_save(reference, tmp_path, capsys, monkeypatc
 
 def test_a_second_process_is_refused_and_sigterm_saves_and_exits_75(reference, tmp_path, capsys, processes):
     run = str(tmp_path / "run")
-    first = processes.start(["--out", run, *SETTINGS])
+    first = processes.start([*TRAIN, "--out", run, *SETTINGS])
     processes.wait_for(_logged_past(run, 0, None), "step 1", first)
     # the same command again, while the first runs: refused, naming the holder
     assert cli.main(["train", "--out", run, *SETTINGS]) == 2

@@ -306,3 +306,17 @@ def test_a_preempted_two_stage_run_names_the_command_that_resumes_both_stages(tm
     with open(os.path.join(out, "cpt", training.Preempted.MARKER)) as f:
         assert json.load(f) == {"step": 1, "checkpoint": os.path.join(out, "cpt", "checkpoints", "step-0000001"),
                                 "resume": f"moca train --resume {out}"}
+
+
+def test_a_qrels_line_the_csv_module_cannot_read_is_one_line(tmp_path, capsys):
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text(json.dumps({"_id": "d0", "title": "T", "text": "doc"}) + "\n")
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q0", "text": "query"}) + "\n")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\t\"" + "d" * 200_000 + "\t1\n")
+    capsys.readouterr()
+    assert cli.main(["data", "convert", str(beir), "--output", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"moca data convert: {beir / 'qrels' / 'test.tsv'}: not a TSV file past line 1 (field larger "
+                   "than field limit (131072))"]
+    assert not (tmp_path / "out.jsonl").exists()

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import stat
 import warnings
 
@@ -27,16 +26,8 @@ CPT = ["--stage", "cpt", "token_budget=256", "max_doc_tokens=256", "prefetch=0",
 TIMED = ("tokens_per_s", "model_tflops")
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    """A reader that blocks on a FIFO fails the test instead of stalling the suite."""
-    def expire(*_):
-        raise TimeoutError("over the 120 s deadline")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(120)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+# a reader that blocks on a FIFO fails the test instead of stalling the suite (tests/conftest.py)
+DEADLINE = 120
 
 
 def _documents(folder) -> tuple[str, int]:

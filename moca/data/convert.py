@@ -112,14 +112,18 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, dict]]:
 
 
 def _tsv_rows(path: str) -> Iterator[tuple[str, dict]]:
-    """BEIR's qrels: a header ``query-id corpus-id score``, then one judgement a line."""
+    """BEIR's qrels: a header ``query-id corpus-id score``, then one judgement a line. A line the
+    csv module cannot read (a field over its size limit) is a ValueError naming it."""
     with open_regular(path, "qrels", "r", newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter="\t")
-        if not {"query-id", "corpus-id", "score"} <= set(reader.fieldnames or ()):
-            raise ValueError(f"{path}: a qrels TSV starts with the header query-id, corpus-id, score; "
-                             f"got {reader.fieldnames}")
-        for row in reader:
-            yield f"{path}:{reader.line_num}", row
+        try:
+            if not {"query-id", "corpus-id", "score"} <= set(reader.fieldnames or ()):
+                raise ValueError(f"{path}: a qrels TSV starts with the header query-id, corpus-id, score; "
+                                 f"got {reader.fieldnames}")
+            for row in reader:
+                yield f"{path}:{reader.line_num}", row
+        except csv.Error as exc:
+            raise ValueError(f"{path}: not a TSV file past line {reader.line_num} ({exc})") from None
 
 
 def task_of(path: str) -> str:
