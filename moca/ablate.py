@@ -33,7 +33,7 @@ import statistics
 from .config import Config
 from .data import embedded
 from .eval import evaluate_run
-from .files import data_files
+from .files import atomic_write, data_files, read_bounded
 from .probe import picture_reading
 from .train import finished, train
 
@@ -50,6 +50,17 @@ SHOWN = ("precision_at_1", "ndcg_at_5")  # the plot's metrics: MMEB's and ViDoRe
 BASE = {"run.stage": "cpt", "cpt.objective": "next-token", "cpt.lr": 3e-3, "run.seed": 10_000,
         "data.embedded_seed": 10_000}
 NOT_IN_BASE = ("run.out:", "cl.", "cpt.use_", "cpt.mlm_", "cpt.mae_")  # settings a next-token run does not read
+
+
+def _scores(path: str) -> dict:
+    """An ``eval.json`` that a row's run wrote (ValueError naming it when it is not one)."""
+    try:
+        scores = json.loads(read_bounded(path, "evaluation scores"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(scores, dict):
+        raise ValueError(f"{path}: not an evaluation's scores")
+    return scores
 
 
 def _other_settings(out: str, config: Config, ignored: tuple[str, ...] = ("run.out:",)) -> str:
@@ -85,12 +96,10 @@ def run_row(config: Config, log=print) -> dict:
         if changed:
             raise ValueError(f"{out} was evaluated with other settings ({changed}): choose another --out")
         log(f"{out}: already evaluated")
-        with open(scored) as f:
-            return json.load(f)
+        return _scores(scored)
     train(config, resume=os.path.isfile(os.path.join(out, "config.json")), log=log)  # an interrupted run continues
     if config.run.stage == "both":
-        with open(scored) as f:
-            return json.load(f)
+        return _scores(scored)
     d = config.data
     files = data_files(d.evaluation, "evaluation") if d.evaluation else \
         [embedded.write_eval(os.path.join(out, "eval-data"))]
@@ -130,11 +139,8 @@ def ablate(base: Config, out: str, seeds: int = 5, rows: list[str] | None = None
     if reading:
         result["reading"] = summarize_reading(reading)
     result["settings"] = base.to_dict()
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "ablation.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(out, "ablation.md"), "w") as f:
-        f.write(table(result) + "\n")
+    atomic_write(os.path.join(out, "ablation.json"), json.dumps(result, indent=1).encode())
+    atomic_write(os.path.join(out, "ablation.md"), (table(result) + "\n").encode())
     plot(result, os.path.join(out, "ablation.png"))
     return result
 

@@ -210,21 +210,16 @@ def main(argv=None) -> int:
     args, parser = parse(argv)
     command = {"data": _convert, "ablate": _ablate, "eval": _eval, "encode": _encode, "train": _train}[args.command]
     name = "data convert" if args.command == "data" else args.command
-    from .train import Preempted
     try:
         return command(args, parser)
-    except Preempted as exc:
-        print(f"moca {name}: {exc}", file=sys.stderr)
-        return Preempted.EXIT_CODE
     except USER_ERRORS as exc:  # DataError (strict) is a ValueError
         if os.environ.get("MOCA_DEBUG") == "1":
             raise
         print(f"moca {name}: {one_line(exc)}", file=sys.stderr)
         return 2
     finally:
-        if args.command in ("train", "ablate"):
-            from .parallel import leave
-            leave()
+        if "moca.parallel" in sys.modules:  # where a process group can have been set up
+            sys.modules["moca.parallel"].leave()
 
 
 def one_line(exc: BaseException) -> str:
@@ -237,12 +232,16 @@ def _train(args, parser) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=1))
         return 0
-    from .train import train
+    from .train import Preempted, train
     if int(os.environ.get("RANK", "0")) == 0:
         changed = config.recipe_differences()
         print(f"recipe {config.run.recipe}" + (f"; settings that differ from it: {'; '.join(changed)}" if changed
                                                else ", unchanged"))
-    final = train(config, resume=bool(args.resume), force=args.force)
+    try:
+        final = train(config, resume=bool(args.resume), force=args.force)
+    except Preempted as exc:
+        print(f"moca train: {exc}", file=sys.stderr)
+        return Preempted.EXIT_CODE
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 prints the summary
         return 0
     both = config.run.stage == "both"

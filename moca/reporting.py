@@ -16,6 +16,8 @@ import secrets
 from numbers import Real
 from typing import TYPE_CHECKING
 
+from .files import atomic_write, read_bounded
+
 if TYPE_CHECKING:  # config.py imports this module: it stays free of torch
     from .parallel import StepResult
 
@@ -165,11 +167,8 @@ def _wandb_id(out: str) -> str:
     """The W&B run id of the run in ``out``, kept in ``out/wandb-id`` so that a resumed run
     continues the same W&B run."""
     path = os.path.join(out, "wandb-id")
-    if os.path.exists(path):
-        with open(path) as f:
-            return f.read().strip()
+    if os.path.lexists(path):
+        return read_bounded(path, "W&B run id", 1024).strip()
     run_id = secrets.token_hex(4)  # W&B's ids: lowercase letters and digits
-    os.makedirs(out, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(run_id + "\n")
+    atomic_write(path, (run_id + "\n").encode())
     return run_id
