@@ -26,6 +26,7 @@ unfinished one is resumed, so an interrupted ablation continues where it stopped
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import statistics
@@ -33,7 +34,7 @@ import statistics
 from .config import Config
 from .data import embedded
 from .eval import evaluate_run
-from .files import atomic_write, data_files, read_bounded
+from .files import atomic_write, data_files, read_json
 from .probe import picture_reading
 from .train import finished, train
 
@@ -54,10 +55,7 @@ NOT_IN_BASE = ("run.out:", "cl.", "cpt.use_", "cpt.mlm_", "cpt.mae_")  # setting
 
 def _scores(path: str) -> dict:
     """An ``eval.json`` that a row's run wrote (ValueError naming it when it is not one)."""
-    try:
-        scores = json.loads(read_bounded(path, "evaluation scores"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not JSON ({exc})") from None
+    scores = read_json(path, "evaluation scores")
     if not isinstance(scores, dict):
         raise ValueError(f"{path}: not an evaluation's scores")
     return scores
@@ -258,4 +256,6 @@ def plot(result: dict, path: str) -> None:
         draw.text((x0, base_y + 8), name, fill="black")
     for k, metric in enumerate(shown):
         draw.text((pad, 4 + 12 * k), f"{metric} (bar: mean, dots: seeds, red line: chance)", fill=colors[k % 2])
-    image.save(path)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write(path, buffer.getvalue())

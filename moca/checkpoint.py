@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from .config import Config
 from .data.tokenizer import ByteTokenizer, HFTokenizer
-from .files import atomic_write, fsync_dir, read_bounded, read_bytes
+from .files import atomic_write, fsync_dir, read_bytes, read_json
 from .model.qwen import build
 
 MANIFEST = "manifest.json"
@@ -95,11 +95,12 @@ def _non_finite(state: dict) -> str | None:
               for key, value in values.items()]
     local = [(name, value.to_local() if hasattr(value, "to_local") else value) for name, value in named
              if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    device = next((value.device for _, value in local), torch.device("cpu"))
     finite = torch.stack([value.isfinite().all() for _, value in local]) if local else torch.ones(0, dtype=torch.bool)
     first = next((name for (name, _), ok in zip(local, finite.tolist()) if not ok), None)
     if _single():
         return first
-    anywhere = torch.tensor([first is not None], dtype=torch.int32, device=finite.device)
+    anywhere = torch.tensor([first is not None], dtype=torch.int32, device=device)
     dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
     return first or ("a tensor of another rank" if anywhere.item() else None)
 
@@ -122,8 +123,8 @@ def save(run_dir: str, step: int, module, optimizer, trainer: dict, keep: int = 
         os.makedirs(folder, exist_ok=True)
         for stale in glob.glob(os.path.join(folder, f"{_PREFIX}*.tmp")):  # a save that a killed process left
             shutil.rmtree(stale)
-        if os.path.exists(final):  # re-saving a step (a run resumed before it): the new one replaces it
-            shutil.rmtree(final)
+        if os.path.lexists(final):  # a step saved again (the run resumed before it): the older one, which
+            set_aside(run_dir, [final])  # find passed over as damaged, is kept for whoever can recover it
     _barrier()
     try:
         with _alone_is_fine():
@@ -169,7 +170,7 @@ def damage(path: str, checksums: bool = True) -> str | None:
     """Why the checkpoint at ``path`` cannot be trusted, or None when every file it lists is there
     with its size and (``checksums``) CRC-32."""
     try:
-        manifest = json.loads(read_bounded(os.path.join(path, MANIFEST), "manifest"))
+        manifest = read_json(os.path.join(path, MANIFEST), "manifest")
         listed = manifest["files"]
         sizes = {name: expected["size"] for name, expected in listed.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -191,7 +192,10 @@ def set_aside(run_dir: str, paths: list[str]) -> str:
     folder = os.path.join(run_dir, "set-aside", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
     os.makedirs(folder, exist_ok=True)
     for path in paths:
-        os.replace(path, os.path.join(folder, os.path.basename(path)))
+        target, n = os.path.join(folder, os.path.basename(path)), 1
+        while os.path.lexists(target):  # set aside twice within a second
+            target, n = os.path.join(folder, f"{os.path.basename(path)}.{n}"), n + 1
+        os.replace(path, target)
     fsync_dir(folder)
     return folder
 
@@ -218,7 +222,7 @@ def trainer_state(path: str) -> dict:
     ValueError naming the manifest when it lacks one."""
     file = os.path.join(path, MANIFEST)
     try:
-        state = json.loads(read_bounded(file, "manifest"))["trainer"]
+        state = read_json(file, "manifest")["trainer"]
         if not isinstance(state, dict) or type(state.get("step")) is not int:
             raise TypeError("it has no integer step")
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -239,17 +243,26 @@ _RECORDS = frozenset({
 _METADATA_BYTES = 1 << 30  # far above the metadata of a 7B model's sharded state; a bound on what is unpickled
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's metadata records and nothing else: a crafted file cannot name a callable to run."""
+class _MetadataUnpickler(pickle._Unpickler):
+    """DCP's metadata records and nothing else: a crafted file cannot name a callable to run, nor
+    set attributes of an admitted class (BUILD on a class would change it for the whole process).
+    Python's own unpickler, whose opcodes can be overridden (metadata is small)."""
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str):
         if "." not in name and ((module, name) in _RECORDS or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+                module == "torch" and isinstance(vars(torch).get(name), torch.dtype))):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint never holds")
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("it holds a persistent id, which a checkpoint never holds")
+
+    def _build(self):
+        if isinstance(self.stack[-2], type):
+            raise pickle.UnpicklingError(f"it sets attributes of the class {self.stack[-2].__name__}")
+        pickle._Unpickler.load_build(self)
+    dispatch[pickle.BUILD[0]] = _build
 
 
 def _read_metadata(path: str):

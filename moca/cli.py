@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 from .config import Config, describe, targets, toml_settings
 from .data.convert import FORMATS, convert
-from .files import atomic_write, data_files
+from .files import atomic_write, data_files, regular_or_absent
 
 # torch, transformers and the model load on first use (inside the commands that need them), so
 # that --help and --print-config answer in a moment.
@@ -200,9 +200,11 @@ def _convert(args, parser) -> int:
     return 0
 
 
-# What a user's files, settings or machine can cause: one line and exit code 2. Anything else is a
-# bug of moca's and keeps its traceback; MOCA_DEBUG=1 shows the traceback of these too.
+# What a user's files, settings or machine can cause: one line and exit code 2 (RuntimeError: a
+# run directory in use, a rank that stopped answering, a card out of memory). Anything else, and
+# the RuntimeErrors that only a bug raises, keeps its traceback; MOCA_DEBUG=1 shows it for all.
 USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
+BUGS = (NotImplementedError, RecursionError)
 
 
 def main(argv=None) -> int:
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
     try:
         return command(args, parser)
     except USER_ERRORS as exc:  # DataError (strict) is a ValueError
-        if os.environ.get("MOCA_DEBUG") == "1":
+        if os.environ.get("MOCA_DEBUG") == "1" or isinstance(exc, BUGS):
             raise
         print(f"moca {name}: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -259,10 +261,16 @@ def _train(args, parser) -> int:
 
 def _ablate(args, parser) -> int:
     from .ablate import ablate, table
+    from .train import Preempted
     given = _overrides(args.settings)
     if args.data:
         given["data.documents"] = args.data
-    result = ablate(Config.resolve(given).validate(), args.out, args.seeds, args.rows.split(",") if args.rows else None)
+    try:
+        result = ablate(Config.resolve(given).validate(), args.out, args.seeds,
+                        args.rows.split(",") if args.rows else None)
+    except Preempted as exc:  # the row's run: moca ablate with the same arguments continues every row
+        print(f"moca ablate: {exc}", file=sys.stderr)
+        return Preempted.EXIT_CODE
     print(table(result))
     print(f"ablation.json, ablation.md, ablation.png: {args.out}")
     return 0
@@ -297,8 +305,9 @@ def _eval(args, parser) -> int:
     files = [f for path in args.data for f in data_files(path)]
     out = args.out or args.model
     target = os.path.join(out, "eval.json")
-    os.makedirs(out, exist_ok=True)
-    if not os.access(out, os.W_OK):  # refused before the evaluation, not after it
+    os.makedirs(out, exist_ok=True)  # refused before the evaluation, not after it
+    regular_or_absent(target)
+    if not os.access(out, os.W_OK):
         raise ValueError(f"{out} is not writable, so eval.json cannot go there: give --out DIR")
     result = evaluate(encoder, files, strict=args.strict, query_prompt=args.query_prompt,
                       document_prompt=args.document_prompt)
@@ -315,6 +324,10 @@ def _encode(args, parser) -> int:
 
     from .encoder import Encoder
     from .eval import embed_file
+    output = None
+    if args.input:  # refused before the work, not after it
+        output = args.output if args.output.endswith(".npy") else args.output + ".npy"  # as np.save names it
+        regular_or_absent(output)
     encoder = Encoder.from_pretrained(args.model)
     prompt = encoder.prompt_text(args.prompt, args.prompt_name)
     if args.export:
@@ -329,7 +342,6 @@ def _encode(args, parser) -> int:
         vectors = embed_file(prompted, args.input, args.strict, log=lambda line: print(line, file=sys.stderr))
         buffer = io.BytesIO()
         np.save(buffer, vectors)
-        output = args.output if args.output.endswith(".npy") else args.output + ".npy"  # as np.save names it
         atomic_write(output, buffer.getvalue())
         print(f"{vectors.shape[0]} embeddings of {vectors.shape[1]} values -> {output}")
     return 0

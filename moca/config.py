@@ -23,7 +23,7 @@ from typing import Literal
 import tomllib
 
 from .data.images import MAX_IMAGE_PIXELS
-from .files import atomic_write, read_bounded
+from .files import atomic_write, read_bounded, read_json
 from .reporting import report_targets
 
 # The longest text setting taken: PATH_MAX, the longest path Linux takes. Every text setting is a
@@ -237,6 +237,8 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict) -> Config:
         """From ``to_dict``'s form ({section: {field: value}}), e.g. a run's config.json."""
+        if not isinstance(values, dict) or not all(isinstance(fields, dict) for fields in values.values()):
+            raise ValueError("settings are an object of sections, each an object of settings")
         unknown = set(values) - set(SECTIONS)
         if unknown:
             raise ValueError(f"unknown section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}")
@@ -337,10 +339,11 @@ class Config:
         path = os.path.join(run_dir, "config.json")
         if not os.path.isfile(path):
             raise ValueError(f"{run_dir}: no config.json there (not a moca run directory)")
+        values = read_json(path, "settings")
         try:
-            return cls.from_dict(json.loads(read_bounded(path, "settings")))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"settings {path}: {exc}") from None
+            return cls.from_dict(values)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 
 import torch
@@ -31,37 +30,36 @@ from PIL import Image
 
 from .checkpoint import load_run
 from .data.cpt import encode
-from .data.images import MAX_PIXELS, MIN_PIXELS
+from .data.images import MAX_IMAGE_PIXELS, MAX_PIXELS, MIN_PIXELS
 from .data.pairs import side_document
 from .data.tokenizer import ByteTokenizer, HFTokenizer
 from .export import MOCA_PROMPTS, check_prompts, write_export
-from .files import read_bounded, writable_folder
+from .files import read_json, writable_folder
 from .model.embed import MocaEmbedder, embed_documents
 from .model.qwen import build
 
 EXPORT_MARKER = "moca.json"
 
 
-# moca.json's fields: what each must be, and the value of an optional one that is missing
-_META = {"tokenizer": (("bytes", "hf"), None), "max_doc_tokens": (int, None), "min_pixels": (int, None),
-         "max_pixels": (int, None), "attention": (("bidirectional", "causal"), "bidirectional"),
-         "pooling": (("mean", "last"), "mean")}
+# moca.json's fields: the values each may take (a range for a number), and the value of an
+# optional one that is missing; the bounds are the settings' (moca.config), so that a crafted
+# export cannot ask for images or documents of any size
+_META = {"tokenizer": (("bytes", "hf"), None), "max_doc_tokens": (range(1, (1 << 20) + 1), None),
+         "min_pixels": (range(1, MAX_IMAGE_PIXELS + 1), None), "max_pixels": (range(1, MAX_IMAGE_PIXELS + 1), None),
+         "attention": (("bidirectional", "causal"), "bidirectional"), "pooling": (("mean", "last"), "mean")}
 
 
 def read_export_meta(path: str) -> dict:
     """An export's ``moca.json``, every field checked (ValueError naming the file and the field)."""
     file = os.path.join(path, EXPORT_MARKER)
-    try:
-        meta = json.loads(read_bounded(file, "the export's settings"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{file}: not JSON ({exc})") from None
+    meta = read_json(file, "the export's settings")
     if not isinstance(meta, dict):
         raise ValueError(f"{file}: holds a {type(meta).__name__}, not an object of settings")
-    for name, (kind, default) in _META.items():
+    for name, (allowed, default) in _META.items():
         value = meta.setdefault(name, default)
-        good = (type(value) is int and value > 0) if kind is int else value in kind
-        if not good:
-            wanted = "a positive integer" if kind is int else " or ".join(kind)
+        number = isinstance(allowed, range)
+        if not ((type(value) is int and value in allowed) if number else (isinstance(value, str) and value in allowed)):
+            wanted = f"an integer from 1 to {allowed[-1]:,}" if number else " or ".join(allowed)
             raise ValueError(f"{file}: {name} must be {wanted}, got {value!r}")
     if meta["min_pixels"] > meta["max_pixels"]:
         raise ValueError(f"{file}: min_pixels {meta['min_pixels']} is above max_pixels {meta['max_pixels']}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import json
 import os
 import secrets
 import socket
@@ -75,14 +76,20 @@ def open_regular(path: str, what: str, mode: str = "rb", **options):
         if not stat.S_ISREG(kind):
             raise ValueError(f"{what} {path} is {_kind(kind)}, not a regular file".lstrip())
     regular(os.stat(path).st_mode)  # before opening: opening a device can itself act
-    # non-blocking: a FIFO put in its place after the check does not hang the open, and is refused
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    return _opened(path, os.O_RDONLY, regular, mode, **options)
+
+
+def _opened(path: str, flags: int, regular, mode: str, **options):
+    """``path`` opened with ``flags`` (non-blocking: a FIFO put in its place after a check does not
+    hang the open), as a file object of ``mode``, once ``regular`` (a check that raises) passes
+    on what was opened; the descriptor is closed on any failure."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     try:
         regular(os.fstat(fd).st_mode)
-    except ValueError:
+        return os.fdopen(fd, mode, **options)
+    except BaseException:
         os.close(fd)
         raise
-    return os.fdopen(fd, mode, **options)
 
 
 def read_bytes(path: str, what: str, limit: int = MAX_READ_BYTES) -> bytes:
@@ -110,24 +117,33 @@ def read_bounded(path: str, what: str, limit: int = MAX_READ_BYTES) -> str:
 def append_to(path: str):
     """``path`` opened to append text (created when absent), never through a link
     (``O_NOFOLLOW``) nor onto anything but a regular file (ValueError naming it)."""
+    def regular(kind: int) -> None:  # replaced between the check and the open
+        if not stat.S_ISREG(kind):
+            raise _refused(path, _kind(kind))
     regular_or_absent(path)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):  # replaced between the check and the open
-        os.close(fd)
-        raise _refused(path, _kind(mode))
-    return os.fdopen(fd, "a")
+    return _opened(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, regular, "a")
 
 
 def writable_folder(folder: str) -> None:
-    """ValueError naming the entry unless ``folder`` is a real folder (or absent) whose entries are
-    regular files or real folders: a tool that writes into it (transformers' ``save_pretrained``)
-    must not write through a link or onto a device."""
+    """ValueError naming the entry unless ``folder`` is a real folder (or absent) whose entries, at
+    every depth, are regular files or real folders: a tool that writes into it (transformers'
+    ``save_pretrained``) must not write through a link or onto a device."""
     real_folder(folder)
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(folder):
-            if not entry.is_dir(follow_symlinks=False):
-                regular_or_absent(entry.path)
+    for top, folders, files in os.walk(folder):  # links to folders are listed, never entered
+        for name in folders + files:
+            path = os.path.join(top, name)
+            if not (os.path.isdir(path) and not os.path.islink(path)):
+                regular_or_absent(path)
+
+
+def read_json(path: str, what: str, limit: int = MAX_READ_BYTES):
+    """The JSON value of ``path`` read by ``read_bounded``; ValueError naming the file also when it
+    is not JSON (or nested too deep to parse)."""
+    text = read_bounded(path, what, limit)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{what} {path} is not JSON ({exc})") from None
 
 
 def fsync_dir(path: str) -> None:

@@ -9,11 +9,12 @@ its chance level; then a panel of each evaluation task's main score beside its c
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 from dataclasses import dataclass, field
 
-from .files import open_regular
+from .files import atomic_write, open_regular
 
 LOSSES = ("loss", "mlm_loss", "mae_loss")
 ACCURACIES = ("mlm_accuracy", "accuracy")
@@ -138,10 +139,17 @@ def _can_draw(path: str, log) -> bool:
     return True
 
 
+def _save(fig, path: str) -> None:
+    """``fig`` as a PNG at ``path``, written as every output is (``atomic_write``)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write(path, buffer.getvalue())
+
+
 def plot_metrics(metrics: list[dict], path: str, summary: dict | None = None, log=print) -> None:
     """``path`` (a PNG): one stage's logged rows; ``summary``: its chance levels, if known."""
     if metrics and _can_draw(path, log):
-        figure([stage_series(metrics, str(metrics[0].get("stage", "")), summary)]).savefig(path, dpi=110)
+        _save(figure([stage_series(metrics, str(metrics[0].get("stage", "")), summary)]), path)
 
 
 def plot_both(stages: list[tuple[str, str, dict | None]], evaluation: dict | None, path: str, log=print) -> None:
@@ -149,4 +157,4 @@ def plot_both(stages: list[tuple[str, str, dict | None]], evaluation: dict | Non
     its evaluation (an ``eval.json`` object, or None)."""
     if _can_draw(path, log):
         series = [stage_series(read_metrics(run_dir), name, summary) for name, run_dir, summary in stages]
-        figure(series, evaluation).savefig(path, dpi=110)
+        _save(figure(series, evaluation), path)

@@ -260,6 +260,7 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
                 if parallel.main:
                     atomic_write(os.path.join(run.out, Preempted.MARKER),
                                  json.dumps(dict(step=step, checkpoint=path, resume=command)).encode())
+                parallel.barrier()  # no rank exits (a scheduler may then stop the job) before the marker is written
                 raise Preempted(f"SIGTERM: stopped after step {step} with checkpoint {path}; continue with {command}")
     finally:
         bar.close()

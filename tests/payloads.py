@@ -22,6 +22,11 @@ def _dotted(module: str, name: str, command: str, opcode: str) -> bytes:
     return b"\x80\x04" + lookup + b"\x8c" + bytes([len(arg)]) + arg + b"\x85R."
 
 
+# BUILD on the class PosixPath itself: (None, {"x_poisoned": 1}) as slot state sets a class
+# attribute for the rest of the process, though nothing is called
+POISON = (b"\x80\x04cpathlib\nPosixPath\nN}\x8c\nx_poisonedK\x01s\x86b.")
+
+
 def crafted_payloads(marker) -> dict[str, bytes]:
     command = f"touch {marker}"
     payloads = {f"os.system, protocol {p}": _os_system(command, p) for p in range(6)}
@@ -35,4 +40,5 @@ def crafted_payloads(marker) -> dict[str, bytes]:
                                               command, "STACK_GLOBAL")
     payloads["a record class by a dotted name"] = _dotted("torch.distributed.checkpoint", "metadata.Metadata",
                                                          command, "STACK_GLOBAL")
+    payloads["attributes set on an admitted class"] = POISON
     return payloads

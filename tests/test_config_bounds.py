@@ -42,7 +42,7 @@ def test_nan_and_inf_are_refused_in_toml_config_json_and_code(tmp_path):
     saved = Config().to_dict()
     saved["cl"]["temperature"] = math.nan
     (tmp_path / "config.json").write_text(json.dumps(saved))  # json writes NaN, and Python reads it back
-    with pytest.raises(ValueError, match=r"^cl\.temperature takes a finite number, got nan$"):
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/config.json: cl\.temperature takes a finite number, got nan$"):
         Config.read(str(tmp_path))
     with pytest.raises(ValueError, match=r"^cpt\.mae_weight takes a finite number, got inf$"):
         Config(cpt=CptConfig(mae_weight=math.inf)).validate()

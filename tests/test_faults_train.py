@@ -34,9 +34,7 @@ TRAIN = [sys.executable, "-m", "moca.cli", "train"]
 SLOW_WRITER = textwrap.dedent("""
     import os, sys, time
     import torch.distributed.checkpoint.filesystem as filesystem
-    from processes import WAIT
-
-from moca import checkpoint, cli
+    from moca import checkpoint, cli
 
     slow_step, marker = int(os.environ["SLOW_SAVE_STEP"]), os.environ["SLOW_SAVE_MARKER"]
     save, write_item, saving = checkpoint.save, filesystem._write_item, []

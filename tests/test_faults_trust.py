@@ -206,10 +206,10 @@ BROKEN_EXPORTS = {
     "config.json describing a larger model": ("config.json", lambda p: _retype(
         p, lambda d: d["text_config"].update(hidden_size=4096, intermediate_size=16384)),
         "config.json describes a model of"),
-    "a torn moca.json": ("moca.json", lambda p: open(p, "w").write("{"), "moca.json: not JSON"),
+    "a torn moca.json": ("moca.json", lambda p: open(p, "w").write("{"), "moca.json is not JSON"),
     "moca.json holding a list": ("moca.json", lambda p: open(p, "w").write("[1]"), "moca.json: holds a list"),
     "moca.json with a retyped field": ("moca.json", lambda p: _retype(p, lambda d: d.update(max_pixels="big")),
-                                       "moca.json: max_pixels must be a positive integer, got 'big'"),
+                                       "moca.json: max_pixels must be an integer from 1 to 67,108,864, got 'big'"),
     "config.json with a retyped field": ("config.json",
                                          lambda p: _retype(p, lambda d: d["text_config"].update(hidden_size="x")),
                                          "its model (config.json and weights) cannot be loaded"),
@@ -262,6 +262,12 @@ def test_eval_prints_its_scores_before_writing_them_and_refuses_an_output_it_can
     assert cli.main(["eval", "--model", run, "--data", evaluation, "--out", str(a_file / "scores")]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("moca eval: ") and str(a_file) in captured.err
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.symlink(a_file, linked / "eval.json")
+    assert cli.main(["eval", "--model", run, "--data", evaluation, "--out", str(linked)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"{linked / 'eval.json'} is a symbolic link, not a regular file" in captured.err
 
     def full(path, data):
         raise OSError(28, "No space left on device")

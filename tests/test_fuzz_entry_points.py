@@ -201,7 +201,7 @@ def test_corrupted_copies_never_give_a_traceback_a_hang_or_a_stray_write(pristin
             outcomes[what] = "loaded" if state == "done" else f"refused: {result}"
         else:
             messages = [line for line in err.splitlines() if line.startswith("moca ")]
-            ok = state == "done" and (result == 0 or (result == 2 and len(messages) >= 1))
+            ok = state == "done" and (result == 0 or (result == 2 and len(messages) == 1))
             outcomes[what] = f"exit {result}" if state == "done" else f"raised {result!r}"
         if not ok or "Traceback" in err:
             findings.append(f"{what}: {outcomes[what]}; stderr: {err[-500:]}")

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from ..files import atomic_file, regular_or_absent
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
           "purple": (140, 60, 170), "orange": (245, 140, 30), "black": (20, 20, 20), "white": (245, 245, 245)}
 INKS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -102,6 +104,7 @@ def _pictures(folder: str, count: int, seed: int, image_size: int, held_out: boo
     for i in range(count):
         scene = scenes[i] if balanced else _scene(rng, held_out)
         name = f"images/{prefix}-{seed}-{i:04d}.png"
+        regular_or_absent(os.path.join(folder, name))  # never drawn through a link
         _draw(scene, image_size, rng).save(os.path.join(folder, name))
         out.append((name, scene))
     return out
@@ -121,10 +124,9 @@ def _others(i: int, pictures: list[tuple[str, Scene]], k: int, rng: random.Rando
 
 def _write_jsonl(path: str, records) -> str:
     """``records`` one a line into ``path``, renamed into place when whole (a file there is complete)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(path + ".tmp", path)
+            f.write((json.dumps(record) + "\n").encode())
     return path
 
 

@@ -18,7 +18,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from moca.data.tokenizer import ByteTokenizer
-from moca.files import open_regular, read_bounded
+from moca.files import open_regular, read_json
 from moca_kernels.transformers import ATTENTION, apply_moca_kernels_to_qwen2_5_vl, set_bidirectional
 from moca_kernels.transformers import varlen_attention_forward as varlen_attention_forward  # noqa: F401 (public)
 
@@ -122,11 +122,9 @@ def checked_config(path: str) -> Qwen2_5_VLConfig:
     naming the file."""
     file = os.path.join(path, "config.json")
     try:
-        values = json.loads(read_bounded(file, "model config"))
+        values = read_json(file, "model config")
     except FileNotFoundError:
         raise ValueError(f"{path}: no config.json (not a Hugging Face model folder)") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{file}: not JSON ({exc})") from None
     if not isinstance(values, dict) or values.get("model_type") not in ("qwen2_5_vl", "qwen2_vl"):
         raise ValueError(f"{file}: not a Qwen2-VL or Qwen2.5-VL configuration (model_type "
                          f"{values.get('model_type') if isinstance(values, dict) else None!r})")

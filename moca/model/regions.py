@@ -22,6 +22,7 @@ all-gather) stay outside the compiled code.
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -117,6 +118,17 @@ def _mark_tokens(args: tuple, kwargs: dict) -> None:
                 torch._dynamo.maybe_mark_dynamic(x, list(x.shape).index(rows))
 
 
+def _without_hub_routing(region: nn.Module) -> None:
+    """Give the modules of ``region`` their own forward where the ``kernels`` package wrapped it
+    (transformers' ``use_kernelized_func``, on the attention): the wrapper sets a context variable
+    to route Hub kernels, which moca never loads, and that side effect inside an activation
+    checkpoint breaks the compiled region's graph in two."""
+    for child in region.modules():
+        wrapped = getattr(type(child).forward, "__wrapped__", None)
+        if "_kernel_funcs" in vars(child) and wrapped is not None:
+            child.forward = types.MethodType(wrapped, child)
+
+
 def compile_regions(module: nn.Module, backend: str | Callable = "inductor", **options) -> int:
     """Compile the forward of every region of ``module`` (``torch.compile`` with ``backend`` and
     ``options``), the token dimension marked dynamic; returns how many regions."""
@@ -124,6 +136,7 @@ def compile_regions(module: nn.Module, backend: str | Callable = "inductor", **o
     triton_import_error()  # probed once here, not on the first traced call: Dynamo would guard on the probe
     count = 0
     for _, region in regions(module):
+        _without_hub_routing(region)
         compiled = torch.compile(region.forward, backend=backend, **options)
 
         def run(*args, _compiled=compiled, **kwargs):
