@@ -81,8 +81,10 @@ def autotune_off() -> bool:
 
 
 def bench_unless_disabled(fn, quantiles):
-    """The autotuners' timer; with MOCA_KERNELS_AUTOTUNE=0 (one candidate left) it times nothing."""
-    if autotune_off():
+    """The autotuners' timer. It times nothing with MOCA_KERNELS_AUTOTUNE=0 (one candidate left)
+    or in the interpreter (no GPU driver to time with, and a CPU's time says nothing of a GPU's):
+    every candidate then ties and the autotuner keeps the first."""
+    if autotune_off() or triton_interpret():
         return [0.0, 0.0, 0.0]
     import triton.testing
     return triton.testing.do_bench(fn, quantiles=quantiles)
