@@ -32,6 +32,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ._patches import revert, set_attr
 from .pointwise.hf import apply_fused_pointwise
 from .varlen_attention import varlen_attention
 
@@ -220,24 +221,12 @@ def packed_vision_attention(self, hidden_states: torch.Tensor, cu_seqlens: torch
 
 # --- patching ------------------------------------------------------------------------------------
 
-_CLASS_PATCHES: list[tuple[type, str, object]] = []
-
-
-def _set_class_attr(cls: type, name: str, value) -> None:
-    if name not in [n for c, n, _ in _CLASS_PATCHES if c is cls]:
-        _CLASS_PATCHES.append((cls, name, cls.__dict__.get(name)))
-    setattr(cls, name, value)
-
-
 def revert_class_patches() -> None:
-    """Undo what the class mode (``model=None``) of the apply functions did to transformers'
-    classes; models built while it was on keep their patches."""
-    while _CLASS_PATCHES:
-        cls, name, original = _CLASS_PATCHES.pop()
-        if original is None:
-            delattr(cls, name)
-        else:
-            setattr(cls, name, original)
+    """Undo what the apply functions did to transformers' classes and modules: the class mode's
+    (``model=None``) patches, and the fused rotary embedding's wrapper of ``apply_rotary_pos_emb``.
+    Models built while it was on keep their own patches; one with the fused rotary module then
+    applies the rotation through transformers again (the same result, not fused)."""
+    revert()
 
 
 def _modeling(kind: str) -> types.ModuleType:
@@ -326,7 +315,7 @@ def _apply(kind: str, model, attention: bool, vision: bool, bidirectional: bool,
         _patch_instance(self, kind, attention, vision, bidirectional, pointwise)
 
     __init__._moca_original = init
-    _set_class_attr(model_cls, "__init__", __init__)
+    set_attr(model_cls, "__init__", __init__)
 
 
 def apply_moca_kernels_to_qwen2_5_vl(model=None, *, attention: bool = True, vision: bool = True,

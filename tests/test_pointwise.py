@@ -217,6 +217,19 @@ def test_patched_tiny_qwen_matches_unpatched(monkeypatch):
     x = torch.zeros(1, dtype=torch.float32)
     assert fused.model.language_model.rotary_emb(x, positions[:, None])[0].dim() == 2
     assert plain.model.language_model.rotary_emb(x, positions[:, None])[0].dim() == 3
+    # revert_class_patches restores transformers' apply_rotary_pos_emb; the fused copy then gives
+    # transformers its own shapes and still computes the same
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+
+    from moca_kernels.transformers import revert_class_patches
+    wrapper = modeling.apply_rotary_pos_emb
+    revert_class_patches()
+    assert modeling.apply_rotary_pos_emb is wrapper.__wrapped__ and not hasattr(modeling.apply_rotary_pos_emb,
+                                                                                "_moca_fused")
+    assert fused.model.language_model.rotary_emb(x, positions[:, None])[0].dim() == 3
+    fused.zero_grad(set_to_none=True)
+    got, _ = run(fused)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

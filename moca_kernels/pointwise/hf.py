@@ -11,7 +11,7 @@ head, keep the fused path, and other models in the process are untouched):
   cos/sin once per forward, returns them per token ``(L, D)`` for a packed row (batch of one);
   transformers' ``apply_rotary_pos_emb`` of the Qwen2.5-VL module is wrapped so that such cos/sin
   go to ``rotary_embedding`` (queries and keys in one launch), and every other call to the
-  original.
+  original. ``moca_kernels.transformers.revert_class_patches`` takes the wrapper away again.
 
 The ops pick their backend as usual (Triton on CUDA tensors, the PyTorch definitions elsewhere,
 ``MOCA_KERNELS_BACKEND`` to force one). Imports transformers on call only.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .._patches import set_attr
 from .op import rms_norm as _rms_norm
 from .op import rotary_embedding as _rotary_embedding
 from .op import swiglu as _swiglu
@@ -43,9 +44,13 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotary_forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-    """cos, sin ``(L, D)`` for a batch of one (the packed row), else as transformers returns them."""
+    """cos, sin ``(L, D)`` for a batch of one (the packed row) while the wrapper that takes them
+    (``_install_rotary_wrapper``) is in place, else as transformers returns them (after
+    ``revert_class_patches`` transformers' own function gets its own shapes)."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
     cos, sin = super(type(self), self).forward(x, position_ids)
-    return (cos[0], sin[0]) if cos.dim() == 3 and cos.shape[0] == 1 else (cos, sin)
+    wrapped = getattr(modeling.apply_rotary_pos_emb, "_moca_fused", False)
+    return (cos[0], sin[0]) if wrapped and cos.dim() == 3 and cos.shape[0] == 1 else (cos, sin)
 
 
 def _is_rms_norm(module: torch.nn.Module) -> bool:
@@ -76,7 +81,7 @@ def _install_rotary_wrapper(modeling) -> None:
 
     apply_rotary_pos_emb._moca_fused = True
     apply_rotary_pos_emb.__wrapped__ = original
-    modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+    set_attr(modeling, "apply_rotary_pos_emb", apply_rotary_pos_emb)  # revert_class_patches restores it
 
 
 def apply_fused_pointwise(model: torch.nn.Module, rms_norm: bool = True, rope: bool = True,
