@@ -65,21 +65,25 @@ def forward_lse(q, k, rq, rk, bias, labels, inv_t, symmetric: bool, budget: int 
     return torch.logsumexp(s, 1), pos, col_lse
 
 
-def backward_products(q, k, rq, rk, bias, labels, inv_t, row_lse, row_w, g, col_lse, col_w, symmetric: bool,
-                      normalize_k: bool, budget: int = 0, want_bias_grad: bool = False):
+def backward_products(q, k, rq, rk, bias, labels, inv_t, row_lse, row_w, g, col_lse, col_w, row_center, col_center,
+                      symmetric: bool, normalize_k: bool, budget: int = 0, want_bias_grad: bool = False):
     """As ``_tiled_lse.backward_products``: (dq float32 as rq * dLoss/d(q rq), dk like k (through
-    the normalization backward when ``normalize_k``), dbias float32 or None, part) for
-    dLoss/dS = ROW_W[i] p_row + COL_W[j] p_col - g[i] [j is i's label]."""
+    the normalization backward when ``normalize_k``), dbias float32 or None, part: the centred
+    softmax terms of sum(coef * (S - bias))) for dLoss/dS = ROW_W[i] p_row + COL_W[j] p_col - g[i]
+    [j is i's label]."""
     m = k.shape[0]
     s = _scores(q, k, rq, rk, bias, inv_t)
     biased = s + bias.float() if bias is not None else s
     coef = torch.exp(biased - row_lse[:, None]).mul_(row_w[:, None])
+    part = (s - row_center[:, None]).mul_(coef).sum()
     if symmetric:
-        coef.add_(torch.exp(biased - col_lse[None, :]).mul_(col_w[None, :]))
+        p_col = torch.exp(biased - col_lse[None, :]).mul_(col_w[None, :])
+        part += (s - col_center[None, :]).mul_(p_col).sum()
+        coef.add_(p_col)
+        del p_col
     del biased
     index, inside = _label_index(labels, m)
     coef.scatter_add_(1, index, torch.where(inside, -g, 0.0)[:, None])
-    part = (coef * s).sum()  # sum(coef * (S - bias))
     dbias = coef.sum(0) if want_bias_grad else None
     e = coef.mul_((rq * inv_t)[:, None]).mul_(rk[None, :])  # dLoss/d(q . k), float32
     if q.dtype == torch.bfloat16:

@@ -80,10 +80,12 @@ def _fwd_kernel(Q, K, RQ, RK, BIAS, LABELS, INV_T, ROW_LSE, POS, COL_LSE,
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     label = tl.load(LABELS + rows, mask=row_ok, other=-1)
-    row_scale = tl.load(RQ + rows, mask=row_ok, other=0.0) * (tl.load(INV_T) * 1.4426950408889634)
+    rq = tl.load(RQ + rows, mask=row_ok, other=0.0)
+    inv_t = tl.load(INV_T)
+    row_scale = rq * (inv_t * 1.4426950408889634)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     acc_l = tl.zeros((BLOCK_M,), tl.float32)
-    pos = tl.zeros((BLOCK_M,), tl.float32)
+    pos_raw = tl.zeros((BLOCK_M,), tl.float32)
     c_begin = split * cols_per_split
     c_end = tl.minimum(c_begin + cols_per_split, n_cols)
     for c0 in range(c_begin, c_end, BLOCK_N):
@@ -92,6 +94,7 @@ def _fwd_kernel(Q, K, RQ, RK, BIAS, LABELS, INV_T, ROW_LSE, POS, COL_LSE,
         rk = tl.load(RK + cols, mask=col_ok, other=0.0)
         raw = _score_tile(Q, K, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
+        pos_raw += tl.sum(tl.where(cols[None, :] == label[:, None], raw, 0.0), 1)
         s = raw * row_scale[:, None] * rk[None, :]  # log2 units
         if HAS_BIAS:
             s += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
@@ -99,7 +102,6 @@ def _fwd_kernel(Q, K, RQ, RK, BIAS, LABELS, INV_T, ROW_LSE, POS, COL_LSE,
         m_new = tl.maximum(m, tl.max(s, 1))
         acc_l = acc_l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m = m_new
-        pos += tl.sum(tl.where(cols[None, :] == label[:, None], s, 0.0), 1)
         if SYMMETRIC:
             sc = tl.where(row_ok[:, None], s, float("-inf"))
             cm = tl.where(col_ok, tl.max(sc, 0), 0.0)  # columns past the end hold only -inf
@@ -107,18 +109,25 @@ def _fwd_kernel(Q, K, RQ, RK, BIAS, LABELS, INV_T, ROW_LSE, POS, COL_LSE,
             tl.store(COL_LSE + rb.to(tl.int64) * n_cols + cols, (cm + tl.log2(cl)) * 0.6931471805599453,
                      mask=col_ok)
     tl.store(ROW_LSE + split.to(tl.int64) * n_rows + rows, (m + tl.log2(acc_l)) * 0.6931471805599453, mask=row_ok)
-    has_label = (label >= c_begin) & (label < c_end)
-    tl.store(POS + rows, pos * 0.6931471805599453, mask=row_ok & has_label)
+    has_label = row_ok & (label >= c_begin) & (label < c_end)
+    # In natural units and as _coef_kernel computes scores, not through the log2 units above:
+    # their constants' rounding would bias every label score alike (see backward_products).
+    pos = pos_raw * (rq * inv_t) * tl.load(RK + label, mask=has_label, other=0.0)
+    if HAS_BIAS:
+        pos += tl.load(BIAS + label, mask=has_label, other=0.0).to(tl.float32)
+    tl.store(POS + rows, pos, mask=has_label)
 
 
 @triton.jit
-def _coef_kernel(Q, K, RQ, RK, BIAS, LABELS, INV_T, ROW_LSE, ROW_W, G, COL_LSE, COL_W, E_SCALE, E, PART,
+def _coef_kernel(Q, K, RQ, RK, BIAS, LABELS, INV_T, ROW_LSE, ROW_W, G, COL_LSE, COL_W, ROW_CENTER, COL_CENTER,
+                 E_SCALE, E, PART,
                  n_rows, n_cols, dim, stride_q, stride_k, stride_e, col_offset, size_class,
                  SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     """One (BLOCK_M x BLOCK_N) tile of E = coef * rq * rk * E_SCALE, where coef = dLoss/dS:
-    ROW_W[i] p_row + COL_W[j] p_col - G[i] [j is i's label]. PART[tile] = sum(coef * (S - bias)),
-    the tile's share of the gradient of inv_t (times inv_t)."""
+    ROW_W[i] p_row + COL_W[j] p_col - G[i] [j is i's label]. PART[tile], the tile's share of
+    the softmax terms of the gradient of inv_t (times inv_t), centred:
+    sum(ROW_W[i] p_row (S - bias - ROW_CENTER[i]) + COL_W[j] p_col (S - bias - COL_CENTER[j]))."""
     rb = tl.program_id(0)
     cb = tl.program_id(1)
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -137,15 +146,19 @@ def _coef_kernel(Q, K, RQ, RK, BIAS, LABELS, INV_T, ROW_LSE, ROW_W, G, COL_LSE, 
     lse = tl.load(ROW_LSE + rows, mask=row_ok, other=0.0)
     coef = tl.load(ROW_W + rows, mask=row_ok, other=0.0)[:, None] * \
         tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+    part = coef * (scaled - tl.load(ROW_CENTER + rows, mask=row_ok, other=0.0)[:, None])
     if SYMMETRIC:
         col_lse = tl.load(COL_LSE + cols, mask=col_ok, other=0.0)
         col_w = tl.load(COL_W + cols, mask=col_ok, other=0.0)
-        coef += col_w[None, :] * tl.exp2((s - col_lse[None, :]) * 1.4426950408889634)
+        p_col = col_w[None, :] * tl.exp2((s - col_lse[None, :]) * 1.4426950408889634)
+        part += p_col * (scaled - tl.load(COL_CENTER + cols, mask=col_ok, other=0.0)[None, :])
+        coef += p_col
     label = tl.load(LABELS + rows, mask=row_ok, other=-1)
     g = tl.load(G + rows, mask=row_ok, other=0.0)
     coef -= tl.where((cols + col_offset)[None, :] == label[:, None], g[:, None], 0.0)
-    coef = tl.where(row_ok[:, None] & col_ok[None, :], coef, 0.0)
-    tl.store(PART + rb * tl.num_programs(1) + cb, tl.sum(tl.sum(coef * scaled, 1), 0))
+    valid = row_ok[:, None] & col_ok[None, :]
+    coef = tl.where(valid, coef, 0.0)
+    tl.store(PART + rb * tl.num_programs(1) + cb, tl.sum(tl.sum(tl.where(valid, part, 0.0), 1), 0))
     e = coef * (rq * tl.load(E_SCALE))[:, None] * rk[None, :]
     tl.store(E + rows.to(tl.int64)[:, None] * stride_e + cols[None, :], e.to(E.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -290,15 +303,24 @@ def forward_lse(q, k, rq, rk, bias, labels, inv_t, symmetric: bool, budget: int)
     return row_lse, pos, col_lse
 
 
-def backward_products(q, k, rq, rk, bias, labels, inv_t, row_lse, row_w, g, col_lse, col_w, symmetric: bool,
-                      normalize_k: bool, budget: int, want_bias_grad: bool = False):
+def backward_products(q, k, rq, rk, bias, labels, inv_t, row_lse, row_w, g, col_lse, col_w, row_center, col_center,
+                      symmetric: bool, normalize_k: bool, budget: int, want_bias_grad: bool = False):
     """The gradients through S of a loss whose dLoss/dS is ROW_W[i] p_row + COL_W[j] p_col - g[i]
     [j is i's label] (p_row, p_col the row and column softmaxes of S).
 
     Returns (dq, dk, dbias, part): dq (B, d) as rq * dLoss/d(q rq), float32 when the plan keeps
     it so, else q's dtype; dk like k, already through the backward of k / |k| when
     ``normalize_k``; dbias (M,) float32 when ``want_bias_grad`` (rq and rk must then be ones),
-    else None; part, sum(coef * (S - bias)) (0-dim)."""
+    else None; part (0-dim), the softmax terms of sum(coef * (S - bias)), each centred on a value
+    of its row or column: sum(ROW_W[i] p_row (S - bias - row_center[i]) + COL_W[j] p_col (S - bias
+    - col_center[j])) (col_center (M,) is read only when ``symmetric``).
+
+    Centred, because sum(p * S) is the difference of large nearly equal sums when every score is
+    near one large value (all-positive embeddings: cosines near 0.75 over a temperature of 0.07):
+    an error of e in a row's LSE, through sum(p) = 1 - e, gave the temperature's gradient an error
+    of e * S. With centres near the scores (the label score) it is e * (S - centre). Then
+    sum(coef * (S - bias)) = part + sum(ROW_W row_center) + sum(COL_W col_center) - sum(g * label
+    score), which the caller forms without the large sums (info_nce: zero but for repeated labels)."""
     batch, dim = q.shape
     m = k.shape[0]
     fp32_out = q.dtype == torch.float16
@@ -326,7 +348,8 @@ def backward_products(q, k, rq, rk, bias, labels, inv_t, row_lse, row_w, g, col_
             part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device)
             _coef[grid](q[r0:r1], k[c0:c1], rq[r0:r1], rk[c0:c1], bias[c0:c1] if bias is not None else rk,
                         labels[r0:r1], inv_t, row_lse[r0:r1], row_w[r0:r1], g[r0:r1],
-                        col_lse[c0:c1] if symmetric else col_lse, col_w[c0:c1], e_scale, e, part,
+                        col_lse[c0:c1] if symmetric else col_lse, col_w[c0:c1], row_center[r0:r1],
+                        col_center[c0:c1] if symmetric else col_center, e_scale, e, part,
                         r1 - r0, c1 - c0, dim, q.stride(0), k.stride(0), e.stride(0), c0, _size_class(rows, cols),
                         SYMMETRIC=symmetric, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                         EVEN_K=_even_k(dim), PRECISION=_precision(q.dtype))

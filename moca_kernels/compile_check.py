@@ -192,8 +192,8 @@ def info_nce_variants(quick: bool) -> list[dict]:
                             pointers=dict(Q=dt, K=dt, ROW_LSE="*fp32", POS="*fp32", COL_LSE="*fp32", **vectors)))
             out.append(dict(kernel="_coef_kernel", constexprs=constexprs, **common,
                             pointers=dict(Q=dt, K=dt, E=dt, ROW_LSE="*fp32", ROW_W="*fp32", G="*fp32",
-                                          COL_LSE="*fp32", COL_W="*fp32", E_SCALE="*fp32", PART="*fp32",
-                                          **vectors)))
+                                          COL_LSE="*fp32", COL_W="*fp32", ROW_CENTER="*fp32", COL_CENTER="*fp32",
+                                          E_SCALE="*fp32", PART="*fp32", **vectors)))
     return out
 
 

@@ -22,9 +22,10 @@ def _triton_impl():
 @torch.library.custom_op("moca::info_nce_fwd", mutates_args=())
 def info_nce_fwd(query: torch.Tensor, docs: torch.Tensor, hard: torch.Tensor, labels: torch.Tensor,
                  inv_t: torch.Tensor, symmetric: bool, normalize: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton forward: (losses (B,), row LSE (B,), column LSE (M,) or (0,), 1/|query| (B,),
-    1/|docs| (M,), 1/|hard| (B, K)), all float32. ``hard`` is (B, K, d) with K >= 0."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                            torch.Tensor]:
+    """Triton forward: (losses (B,), row LSE (B,), column LSE (M,) or (0,), positive scores (B,),
+    1/|query| (B,), 1/|docs| (M,), 1/|hard| (B, K)), all float32. ``hard`` is (B, K, d) with K >= 0."""
     query, docs, hard = (last_dim_contiguous(x) for x in (query, docs, hard))
     with torch.cuda.device_of(query):
         return _triton_impl().forward(query, docs, hard, labels, inv_t, symmetric, normalize)
@@ -35,31 +36,33 @@ def _(query, docs, hard, labels, inv_t, symmetric, normalize):
     f32 = dict(dtype=torch.float32)
     batch, m = query.shape[0], docs.shape[0]
     return (query.new_empty(batch, **f32), query.new_empty(batch, **f32), query.new_empty(m if symmetric else 0, **f32),
-            query.new_empty(batch, **f32), query.new_empty(m, **f32), query.new_empty(hard.shape[:2], **f32))
+            query.new_empty(batch, **f32), query.new_empty(batch, **f32), query.new_empty(m, **f32),
+            query.new_empty(hard.shape[:2], **f32))
 
 
 @torch.library.custom_op("moca::info_nce_bwd", mutates_args=())
 def info_nce_bwd(grad: torch.Tensor, query: torch.Tensor, docs: torch.Tensor, hard: torch.Tensor,
                  labels: torch.Tensor, inv_t: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
-                 rq: torch.Tensor, rk: torch.Tensor, rh: torch.Tensor, symmetric: bool, normalize: bool
+                 pos: torch.Tensor, rq: torch.Tensor, rk: torch.Tensor, rh: torch.Tensor, symmetric: bool,
+                 normalize: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: gradients of sum(grad * losses) for query, docs, hard and inv_t."""
     query, docs, hard = (last_dim_contiguous(x) for x in (query, docs, hard))
     with torch.cuda.device_of(query):
         return _triton_impl().backward(grad.contiguous(), query, docs, hard, labels, inv_t, row_lse, col_lse,
-                                       rq, rk, rh, symmetric, normalize)
+                                       pos, rq, rk, rh, symmetric, normalize)
 
 
 @info_nce_bwd.register_fake
-def _(grad, query, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, symmetric, normalize):
+def _(grad, query, docs, hard, labels, inv_t, row_lse, col_lse, pos, rq, rk, rh, symmetric, normalize):
     return query.new_empty(query.shape), docs.new_empty(docs.shape), hard.new_empty(hard.shape), \
         inv_t.new_empty(inv_t.shape)
 
 
 def _setup_context(ctx, inputs, output):
     query, docs, hard, labels, inv_t, symmetric, normalize = inputs
-    _, row_lse, col_lse, rq, rk, rh = output
-    ctx.save_for_backward(query, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh)
+    _, row_lse, col_lse, pos, rq, rk, rh = output
+    ctx.save_for_backward(query, docs, hard, labels, inv_t, row_lse, col_lse, pos, rq, rk, rh)
     ctx.symmetric, ctx.normalize = symmetric, normalize
     ctx.set_materialize_grads(False)
 
@@ -67,9 +70,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, *unused):
     if grad is None:
         return None, None, None, None, None, None, None
-    query, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh = ctx.saved_tensors
-    dq, ddocs, dhard, dinv_t = info_nce_bwd(grad, query, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh,
-                                            ctx.symmetric, ctx.normalize)
+    query, docs, hard, labels, inv_t, row_lse, col_lse, pos, rq, rk, rh = ctx.saved_tensors
+    dq, ddocs, dhard, dinv_t = info_nce_bwd(grad, query, docs, hard, labels, inv_t, row_lse, col_lse, pos, rq, rk,
+                                            rh, ctx.symmetric, ctx.normalize)
     return dq, ddocs, dhard, None, dinv_t, None, None
 
 

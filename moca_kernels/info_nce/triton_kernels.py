@@ -54,7 +54,8 @@ def _hard_scores(q, hard, rq, rh, inv_t):
 
 def forward(q, docs, hard, labels, inv_t, symmetric: bool, normalize: bool):
     """Per-query losses (B,) float32, and what the backward needs: row LSE (B,), column LSE
-    (M,) (empty unless symmetric) and the inverse norms of q, docs and hard."""
+    (M,) (empty unless symmetric), the positive scores (B,) and the inverse norms of q, docs and
+    hard."""
     batch, dim = q.shape
     budget = scratch_budget(SCRATCH_FRACTION, q, docs, hard)
     engine, rows_budget = _plan(batch, docs.shape[0], budget)
@@ -69,11 +70,18 @@ def forward(q, docs, hard, labels, inv_t, symmetric: bool, normalize: bool):
     loss = row_lse - pos
     if symmetric:
         loss = 0.5 * (row_lse + col_lse[labels]) - pos
-    return loss, row_lse, col_lse, rq, rk, rh
+    return loss, row_lse, col_lse, pos, rq, rk, rh
 
 
-def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, symmetric: bool, normalize: bool):
-    """Gradients (dq, ddocs, dhard, dinv_t) of sum(grad * losses)."""
+def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, pos, rq, rk, rh, symmetric: bool,
+             normalize: bool):
+    """Gradients (dq, ddocs, dhard, dinv_t) of sum(grad * losses).
+
+    The gradient of inv_t, sum(coef * S) / inv_t, sums the softmax terms centred on each query's
+    positive score (``backward_products``): sum_i grad_i (E_p[S_i] - pos_i), without taking the
+    difference of two sums of the size of S. In the column direction a doc is centred on the
+    positive score of a query whose label it is; the difference from that query's own is added
+    back once."""
     batch, dim = q.shape
     m, k = docs.shape[0], hard.shape[1]
     grad = grad.float()
@@ -83,8 +91,13 @@ def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, s
         col_w.index_add_(0, labels, row_w)
     budget = scratch_budget(SCRATCH_FRACTION, q, docs, hard)
     engine, rows_budget = _plan(batch, m, budget)
+    col_center = pos.new_zeros(m if symmetric else 0)
+    if symmetric:
+        col_center.scatter_reduce_(0, labels, pos, "amax", include_self=False)  # deterministic with repeats
     dq, ddocs, _, part = engine.backward_products(q, docs, rq, rk, None, labels, inv_t, row_lse, row_w, grad,
-                                                  col_lse, col_w, symmetric, normalize, budget)
+                                                  col_lse, col_w, pos, col_center, symmetric, normalize, budget)
+    if symmetric:  # zero for each query whose column is centred on its own positive
+        part = part + (row_w * (col_center[labels] - pos)).sum()
     dinv_t = part / inv_t.reshape(())
     dhard = torch.empty_like(hard)
     if k:  # the hard negatives' share of the query gradient, and theirs
@@ -96,7 +109,7 @@ def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, rq, rk, rh, s
             unit_h *= rh[r0:r1, :, None]
             scores = torch.bmm(unit_h, unit_q[:, :, None])[:, :, 0] * inv_t
             coef = row_w[r0:r1, None] * torch.exp(scores - row_lse[r0:r1, None])
-            dinv_t = dinv_t + (coef * scores).sum() / inv_t.reshape(())
+            dinv_t = dinv_t + (coef * (scores - pos[r0:r1, None])).sum() / inv_t.reshape(())
             grad_q = dq[r0:r1].float()  # rq * dLoss/d(q / |q|) so far
             grad_q += torch.bmm(coef[:, None, :], unit_h)[:, 0] * (inv_t * rq[r0:r1, None])
             dq[r0:r1] = grad_q

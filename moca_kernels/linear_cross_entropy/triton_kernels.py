@@ -43,6 +43,6 @@ def backward(grad, hidden, weight, bias, labels, lse):
     no_columns = torch.zeros(v, dtype=torch.float32, device=hidden.device)
     engine = _dense_lse if _dense_lse.fits(n, v) else _tiled_lse
     dh, dw, db, _ = engine.backward_products(hidden, weight, _ones(n, hidden.device), _ones(v, hidden.device), bias,
-                                             labels, one, lse, grad, grad, no_columns, no_columns, False, False,
-                                             budget, want_bias_grad=bias is not None)
+                                             labels, one, lse, grad, grad, no_columns, no_columns, lse, no_columns,
+                                             False, False, budget, want_bias_grad=bias is not None)
     return dh.to(hidden.dtype), dw, db.to(bias.dtype) if bias is not None else None
