@@ -280,8 +280,9 @@ def _read_metadata(path: str):
         metadata = _MetadataUnpickler(io.BytesIO(data)).load()
         if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
             raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP's Metadata")
-        for info in (metadata.storage_data or {}).values():
-            name = getattr(info, "relative_path", None) if isinstance(info, _StorageInfo) else None
+        names = {getattr(info, "relative_path", None) if isinstance(info, _StorageInfo) else None
+                 for info in (metadata.storage_data or {}).values()}  # one per shard file, not per chunk
+        for name in names:
             if not isinstance(name, str) or name != os.path.basename(name) or name.startswith("."):
                 raise pickle.UnpicklingError(f"a shard is named {name!r}, not a file of the checkpoint's folder")
             if os.path.islink(os.path.join(path, name)) or not os.path.isfile(os.path.join(path, name)):
@@ -341,9 +342,9 @@ def _load_into(state: dict, path: str, planner, no_dist: bool, metadata=None) ->
 
 def _held_optimizer_state(state: dict, metadata) -> dict:
     """The entries of ``state`` (an optimizer's state keyed by parameter name) that the checkpoint
-    (its ``metadata``) holds. AdamW creates no state for a parameter that never had a gradient (the vision tower of a
-    text-only run, the MAE decoder at ``mae_ratio=0``), so the checkpoint has none; such a
-    parameter resumes without state, as it was."""
+    (its ``metadata``) holds. AdamW creates no state for a parameter that never had a gradient
+    (the vision tower of a text-only run, the MAE decoder at ``mae_ratio=0``), so the checkpoint
+    has none; such a parameter resumes without state, as it was."""
     held = metadata.state_dict_metadata
     return {name: values for name, values in state.items()
             if any(f"optimizer.state.{name}.{key}" in held for key in values)}

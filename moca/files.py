@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import glob
 import json
 import os
@@ -72,20 +73,32 @@ def open_regular(path: str, what: str, mode: str = "rb", **options):
     """``path`` opened for reading (``mode`` and ``options`` as ``open`` takes them), refused with a
     ValueError naming ``what`` and the file unless it is a regular file: a FIFO would block the
     reader, a device never end. A link is followed: reading through one changes nothing."""
-    def regular(kind: int) -> None:
-        if not stat.S_ISREG(kind):
-            raise ValueError(f"{what} {path} is {_kind(kind)}, not a regular file".lstrip())
-    regular(os.stat(path).st_mode)  # before opening: opening a device can itself act
+    def regular(info: os.stat_result) -> None:
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{what} {path} is {_kind(info.st_mode)}, not a regular file".lstrip())
+    regular(os.stat(path))  # before opening: opening a device can itself act
     return _opened(path, os.O_RDONLY, regular, mode, **options)
 
 
-def _opened(path: str, flags: int, regular, mode: str, **options):
+def _regular_to_write(path: str, info: os.stat_result) -> None:
+    """``_refused`` unless ``info`` (of the file opened at ``path``) is a regular file's."""
+    if not stat.S_ISREG(info.st_mode):
+        raise _refused(path, _kind(info.st_mode))
+
+
+def _opened(path: str, flags: int, check, mode: str, **options):
     """``path`` opened with ``flags`` (non-blocking: a FIFO put in its place after a check does not
-    hang the open), as a file object of ``mode``, once ``regular`` (a check that raises) passes
-    on what was opened; the descriptor is closed on any failure."""
-    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    hang the open), as a file object of ``mode``, once ``check`` (a function of the opened file's
+    ``os.stat_result`` that raises) passes; the descriptor is closed on any failure. With
+    ``O_NOFOLLOW``, a link found at ``path`` is refused (``_refused``)."""
     try:
-        regular(os.fstat(fd).st_mode)
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and flags & os.O_NOFOLLOW:  # a link put there after a check
+            raise _refused(path, "a symbolic link") from None
+        raise
+    try:
+        check(os.fstat(fd))
         return os.fdopen(fd, mode, **options)
     except BaseException:
         os.close(fd)
@@ -117,11 +130,9 @@ def read_bounded(path: str, what: str, limit: int = MAX_READ_BYTES) -> str:
 def append_to(path: str):
     """``path`` opened to append text (created when absent), never through a link
     (``O_NOFOLLOW``) nor onto anything but a regular file (ValueError naming it)."""
-    def regular(kind: int) -> None:  # replaced between the check and the open
-        if not stat.S_ISREG(kind):
-            raise _refused(path, _kind(kind))
     regular_or_absent(path)
-    return _opened(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, regular, "a")
+    return _opened(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                   functools.partial(_regular_to_write, path), "a")
 
 
 def writable_folder(folder: str) -> None:
@@ -206,21 +217,13 @@ class RunLock:
         import fcntl
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         regular_or_absent(self.path)
-        try:  # no link followed, no wait on a FIFO put there after the check
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            raise _refused(self.path, "a symbolic link") from None
-        self.file = os.fdopen(fd, "r+")
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            self.file.close()
-            raise _refused(self.path, _kind(info.st_mode))
-        if info.st_nlink != 1:
-            self.file.close()
-            raise ValueError(f"{self.path} has {info.st_nlink} hard links; the run lock, which its holder rewrites, "
-                             "must be a file of its own (remove it)")
+
+        def own_file(info: os.stat_result) -> None:
+            _regular_to_write(self.path, info)
+            if info.st_nlink != 1:
+                raise ValueError(f"{self.path} has {info.st_nlink} hard links; the run lock, which its holder "
+                                 "rewrites, must be a file of its own (remove it)")
+        self.file = _opened(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, own_file, "r+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
