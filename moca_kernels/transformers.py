@@ -19,17 +19,23 @@ What a patched model does:
 - ``vision``: the vision tower's attention runs every window and image of the batch in one
   ``varlen_attention`` launch per layer, instead of one attention call per window.
 
+A patched model gets its own copy of its config (as ``from_pretrained`` gives each model): the
+config object a user built it from is left as it was, so a second model built from that object
+is stock. ``revert_class_patches`` restores every class attribute and module function replaced.
+
 This module imports transformers (only this module of ``moca_kernels`` does) and never ``moca``.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 import types
+import weakref
 from collections.abc import Callable
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedConfig
 from transformers.masking_utils import AttentionMaskInterface
 
 from ._patches import revert, set_attr
@@ -229,6 +235,38 @@ def revert_class_patches() -> None:
     revert()
 
 
+# Configs that a patch copied for its model (id -> config): copied once, shared by the model's modules.
+_OWN_CONFIGS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _config_copy(config):
+    """A deep copy of ``config`` that the patch may write to, or ``config`` itself if it is one already."""
+    if _OWN_CONFIGS.get(id(config)) is config:
+        return config
+    own = copy.deepcopy(config)
+    _OWN_CONFIGS[id(own)] = own
+    return own
+
+
+def _own_config(model: torch.nn.Module) -> None:
+    """Give ``model`` its own copy of its config and sub-configs (``text_config``, ``vision_config``),
+    rebinding every submodule that held the shared ones, so that what the patch writes
+    (``_attn_implementation``, ``is_causal``) never reaches an object the user may build another
+    model from."""
+    shared = model.config
+    own = _config_copy(shared)
+    if own is shared:
+        return
+    swap = {id(shared): own}
+    for name, value in vars(shared).items():
+        if isinstance(value, PreTrainedConfig):
+            swap[id(value)] = getattr(own, name)
+    for module in model.modules():
+        held = vars(module).get("config")
+        if held is not None and id(held) in swap:
+            module.config = swap[id(held)]
+
+
 def _modeling(kind: str) -> types.ModuleType:
     if kind == "qwen2_vl":
         from transformers.models.qwen2_vl import modeling_qwen2_vl as module
@@ -267,6 +305,7 @@ def set_bidirectional(model, bidirectional: bool = True) -> None:
     attention modules and in its config (which ``save_pretrained`` writes and transformers' mask
     helpers read); works whichever attention the model runs."""
     inner = _inner(model, _kind(model))
+    _own_config(model)
     for config in {id(c): c for c in (inner.config.text_config, inner.language_model.config)}.values():
         config.is_causal = not bidirectional
     for layer in inner.language_model.layers:
@@ -275,7 +314,9 @@ def set_bidirectional(model, bidirectional: bool = True) -> None:
 
 def _patch_instance(model, kind: str, attention: bool, vision: bool, bidirectional: bool,
                     pointwise: bool = False) -> None:
-    """Patch one model: its config and, on the module instances, the forwards (Liger's instance mode)."""
+    """Patch one model: its own copy of its config and, on the module instances, the forwards
+    (Liger's instance mode)."""
+    _own_config(model)
     inner = _inner(model, kind)
     text = inner.language_model
     if attention:
@@ -305,17 +346,27 @@ def _apply(kind: str, model, attention: bool, vision: bool, bidirectional: bool,
             raise TypeError(f"this patch is for {kind}; got a {type(model).__name__}")
         _patch_instance(model, kind, attention, vision, bidirectional, pointwise)
         return
-    model_cls = _classes(kind)[0]
-    init = model_cls.__init__
+    modeling, model_cls = _modeling(kind), _classes(kind)[0]
+    outer_cls = modeling.Qwen2VLForConditionalGeneration if kind == "qwen2_vl" else \
+        modeling.Qwen2_5_VLForConditionalGeneration
+    set_attr(outer_cls, "__init__", _init_on_own_config(outer_cls.__init__))
+    set_attr(model_cls, "__init__", _init_on_own_config(
+        model_cls.__init__, lambda self: _patch_instance(self, kind, attention, vision, bidirectional, pointwise)))
+
+
+def _init_on_own_config(init: Callable, then: Callable | None = None) -> Callable:
+    """A model class's ``__init__`` that builds the model on a copy of the config it is given (the
+    ForConditionalGeneration and the Model inside it on the same copy), then calls ``then(self)``."""
     init = getattr(init, "_moca_original", init)
 
     @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        _patch_instance(self, kind, attention, vision, bidirectional, pointwise)
+    def __init__(self, config, *args, **kwargs):
+        init(self, _config_copy(config), *args, **kwargs)
+        if then is not None:
+            then(self)
 
     __init__._moca_original = init
-    set_attr(model_cls, "__init__", __init__)
+    return __init__
 
 
 def apply_moca_kernels_to_qwen2_5_vl(model=None, *, attention: bool = True, vision: bool = True,

@@ -207,3 +207,54 @@ def test_bidirectional_false_keeps_stock_causal_attention_and_vision_runs_in_one
     torch.testing.assert_close(torch.cat(a.pooler_output), torch.cat(b.pooler_output), rtol=1e-5, atol=1e-5)
     assert len(launches) == len(causal.model.visual.blocks)  # one launch per layer over every window and image
     assert max(cu.numel() - 1 for cu in launches) > grids.shape[0] or kind == "qwen2_vl"  # windows: more than images
+
+
+def _padded_batch(seed: int):
+    docs = _text_docs([7, 4], seed=seed)
+    ids = torch.full((2, 7), TINY_SPECIALS["pad_token_id"])
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    for row, doc in enumerate(docs):
+        ids[row, :doc.numel()], mask[row, :doc.numel()] = doc, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("mode", ["instance", "class"])
+def test_the_config_a_model_was_built_from_builds_stock_models_after_the_patch(mode):
+    # The user's config object is theirs: a patch (of a model, or of the classes) leaves it as it
+    # was, so that a second model built from it is stock, causal, and takes plain and padded input.
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+    config = Qwen2_5_VLConfig(**PRESETS["tiny"], attn_implementation="sdpa")
+    before = (config.to_dict(), config.text_config.to_dict(), config.vision_config.to_dict())
+    hf.revert_class_patches()  # what an earlier test's pointwise patch left in transformers' module
+    originals = (modeling.Qwen2_5_VLForConditionalGeneration.__init__, modeling.Qwen2_5_VLModel.__init__,
+                 modeling.apply_rotary_pos_emb)
+    torch.manual_seed(14)
+    if mode == "instance":
+        first = Qwen2_5_VLForConditionalGeneration(config).eval()
+        hf.apply_moca_kernels_to_qwen2_5_vl(first, pointwise=True)
+    else:
+        hf.apply_moca_kernels_to_qwen2_5_vl(pointwise=True)
+        try:
+            first = Qwen2_5_VLForConditionalGeneration(config).eval()
+        finally:
+            hf.revert_class_patches()
+    assert (config.to_dict(), config.text_config.to_dict(), config.vision_config.to_dict()) == before
+    assert first.config is not config and first.config.text_config._attn_implementation == hf.ATTENTION
+    # every module of the patched model reads the one copy
+    configs = {id(vars(m)["config"]) for m in first.modules() if "config" in vars(m)}
+    assert configs <= {id(first.config), id(first.config.text_config), id(first.config.vision_config)}
+    assert first.config.text_config.is_causal is False
+    torch.manual_seed(14)
+    second = Qwen2_5_VLForConditionalGeneration(config).eval()
+    assert second.config.text_config._attn_implementation == "sdpa"
+    assert all(layer.self_attn.is_causal for layer in second.model.language_model.layers)
+    ids, mask = _padded_batch(seed=15)
+    torch.manual_seed(14)
+    stock = _stock("qwen2_5_vl", seed=14, attn="sdpa")
+    for inputs in (dict(input_ids=ids[:1]), dict(input_ids=ids, attention_mask=mask)):
+        torch.testing.assert_close(_hidden(second, **inputs), _hidden(stock, **inputs), rtol=1e-5, atol=1e-5)
+    # the patched model is bidirectional: its first document differs from the causal stock one
+    assert (_hidden(first, input_ids=ids[:1]) - _hidden(stock, input_ids=ids[:1])).abs().max() > 1e-3
+    hf.revert_class_patches()  # restores every class and module function the patch replaced
+    assert (modeling.Qwen2_5_VLForConditionalGeneration.__init__, modeling.Qwen2_5_VLModel.__init__,
+            modeling.apply_rotary_pos_emb) == originals
