@@ -14,17 +14,16 @@ products turn E into the gradients, dk = E^T q and dq = E k. float16 lacks the r
 there E is scaled to about E_RANGE and the products have float32 outputs. The chunk sizes keep
 the temporaries within a byte budget (``scratch_plan``).
 
-Scores are S = (q . k) * rq * rk * inv_t (+ bias): rq, rk are per-row scales (inverse norms for
-info_nce, ones for the cross-entropy), inv_t a device scalar.
+Scores are S = (q . k) * rq * rk * inv_t (+ bias) (``_lse_engine.Scores``): rq, rk are per-row
+scales (inverse norms for info_nce, ones for the cross-entropy), inv_t a device scalar.
 """
 from __future__ import annotations
-
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
+from ._lse_engine import ProductsOptions, Scores, matmul_fp32
 from ._registry import autotune_off, bench_unless_disabled, sm_count, triton_interpret
 
 # E is kept near 1 (not near g * p / B, which underflows float16 at large batches).
@@ -240,24 +239,6 @@ def _row_chunks(n: int, size: int):
 
 
 
-_FP32_OUT: dict[str, bool] = {}  # per device: whether torch.addmm(out_dtype=float32) works there
-
-
-def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-    """out (float32) = a @ b (+ out when ``accumulate``), products of half-precision inputs summed
-    in float32 by cuBLAS (``out_dtype``) where this torch offers it, else in float32 copies."""
-    if a.dtype != torch.float32 and a.is_cuda and _FP32_OUT.get(str(a.device), True):
-        try:
-            torch.addmm(out, a, b, out_dtype=torch.float32, beta=1 if accumulate else 0, out=out)
-            _FP32_OUT[str(a.device)] = True
-            return
-        except (RuntimeError, TypeError) as exc:
-            _FP32_OUT[str(a.device)] = False
-            warnings.warn(f"torch.addmm(out_dtype=torch.float32) failed on {a.device} ({exc}); info_nce falls back "
-                          "to float32 copies of the operands: slower, and more memory than planned", stacklevel=2)
-    torch.addmm(out, a.float(), b.float(), beta=1 if accumulate else 0, out=out)
-
-
 def _remove_radial(grad: torch.Tensor, x: torch.Tensor, r: torch.Tensor, rows: int) -> None:
     """Backward of x / |x| in place: grad -= u (u . grad) per row, u = x * r (r = 1 / |x|), in
     float32 a chunk of ``rows`` rows at a time. ``grad`` holds r * (gradient at the unit vector)."""
@@ -273,9 +254,11 @@ def _remove_radial(grad: torch.Tensor, x: torch.Tensor, r: torch.Tensor, rows: i
 
 
 
-def forward_lse(q, k, rq, rk, bias, labels, inv_t, symmetric: bool, budget: int):
-    """Row log-sum-exp of S (B,), each row's score at its label (B,; 0 where the label is outside
-    [0, M)), and for ``symmetric`` the column log-sum-exp (M,); all float32."""
+def forward_lse(s: Scores, *, labels: torch.Tensor, symmetric: bool,
+                budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As ``_lse_engine.forward_lse``: (row_lse (B,), pos (B,), col_lse (M,) or (0,)), float32.
+    Rows are taken in chunks whose column LSE partials fit ``budget`` bytes."""
+    q, k = s.q, s.k
     batch, dim = q.shape
     m = k.shape[0]
     block_m, block_n = blocks()
@@ -292,10 +275,11 @@ def forward_lse(q, k, rq, rk, bias, labels, inv_t, symmetric: bool, budget: int)
         splits = triton.cdiv(m, cols_per_split)
         parts = torch.empty(splits, r1 - r0, dtype=torch.float32, device=q.device)
         col_parts = torch.empty((n_rb, m) if symmetric else (1,), dtype=torch.float32, device=q.device)
-        _fwd[(n_rb, splits)](q[r0:r1], k, rq[r0:r1], rk, bias if bias is not None else rk, labels[r0:r1], inv_t,
-                             parts, pos[r0:r1], col_parts, r1 - r0, m, dim, q.stride(0), k.stride(0), cols_per_split,
-                             _size_class(r1 - r0, m), SYMMETRIC=symmetric, HAS_BIAS=bias is not None,
-                             BLOCK_M=block_m, BLOCK_N=block_n, EVEN_K=_even_k(dim), PRECISION=_precision(q.dtype))
+        _fwd[(n_rb, splits)](q[r0:r1], k, s.rq[r0:r1], s.rk, s.bias if s.bias is not None else s.rk, labels[r0:r1],
+                             s.inv_t, parts, pos[r0:r1], col_parts, r1 - r0, m, dim, q.stride(0), k.stride(0),
+                             cols_per_split, _size_class(r1 - r0, m), SYMMETRIC=symmetric,
+                             HAS_BIAS=s.bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_K=_even_k(dim),
+                             PRECISION=_precision(q.dtype))
         row_lse[r0:r1] = torch.logsumexp(parts, 0)
         if symmetric:
             torch.logaddexp(col_lse, torch.logsumexp(col_parts, 0), out=col_lse)
@@ -303,39 +287,38 @@ def forward_lse(q, k, rq, rk, bias, labels, inv_t, symmetric: bool, budget: int)
     return row_lse, pos, col_lse
 
 
-def backward_products(q, k, rq, rk, bias, labels, inv_t, row_lse, row_w, g, col_lse, col_w, row_center, col_center,
-                      symmetric: bool, normalize_k: bool, budget: int, want_bias_grad: bool = False):
-    """The gradients through S of a loss whose dLoss/dS is ROW_W[i] p_row + COL_W[j] p_col - g[i]
-    [j is i's label] (p_row, p_col the row and column softmaxes of S).
+def _e_scale(s: Scores, g: torch.Tensor, row_w: torch.Tensor,
+             col_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(E_SCALE (1,), post): E = coef * rq * rk * E_SCALE. Without float16, E_SCALE is inv_t and E
+    is dLoss/d(q . k) itself (post None); in float16 E is scaled to about E_RANGE, and ``post``
+    (0-dim) takes the products of E back to gradients."""
+    if s.q.dtype != torch.float16:
+        return s.inv_t.reshape(1), None
+    weights = [w.abs().max() for w in (g, row_w, col_w) if w.numel()]
+    big = torch.stack(weights).max() * s.rq.max() * s.rk.max()
+    e_scale = (E_RANGE / big.clamp_min(1e-30)).reshape(1)
+    return e_scale, s.inv_t / e_scale
 
-    Returns (dq, dk, dbias, part): dq (B, d) as rq * dLoss/d(q rq), float32 when the plan keeps
-    it so, else q's dtype; dk like k, already through the backward of k / |k| when
-    ``normalize_k``; dbias (M,) float32 when ``want_bias_grad`` (rq and rk must then be ones),
-    else None; part (0-dim), the softmax terms of sum(coef * (S - bias)), each centred on a value
-    of its row or column: sum(ROW_W[i] p_row (S - bias - row_center[i]) + COL_W[j] p_col (S - bias
-    - col_center[j])) (col_center (M,) is read only when ``symmetric``).
 
-    Centred, because sum(p * S) is the difference of large nearly equal sums when every score is
-    near one large value (all-positive embeddings: cosines near 0.75 over a temperature of 0.07):
-    an error of e in a row's LSE, through sum(p) = 1 - e, gave the temperature's gradient an error
-    of e * S. With centres near the scores (the label score) it is e * (S - centre). Then
-    sum(coef * (S - bias)) = part + sum(ROW_W row_center) + sum(COL_W col_center) - sum(g * label
-    score), which the caller forms without the large sums (info_nce: zero but for repeated labels)."""
+def backward_products(s: Scores, *, labels: torch.Tensor, row_lse: torch.Tensor, row_w: torch.Tensor,
+                      g: torch.Tensor, row_center: torch.Tensor, col_lse: torch.Tensor, col_w: torch.Tensor,
+                      col_center: torch.Tensor, options: ProductsOptions
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """As ``_lse_engine.backward_products``: (dq (B, d), float32 when the plan keeps it so, else
+    q's dtype; dk like k; dbias (M,) float32 or None; part (0-dim)). E is written a chunk
+    (``scratch_plan``) at a time by ``_coef_kernel``, and cuBLAS turns it into dk = E^T q and
+    dq = E k."""
+    q, k = s.q, s.k
     batch, dim = q.shape
     m = k.shape[0]
+    symmetric = options.symmetric
     fp32_out = q.dtype == torch.float16
-    post = None
-    if fp32_out:
-        big = torch.stack([g.abs().max(), row_w.abs().max(), col_w.abs().max()]).max() * rq.max() * rk.max()
-        e_scale = (E_RANGE / big.clamp_min(1e-30)).reshape(1)
-        post = inv_t / e_scale
-    else:
-        e_scale = inv_t.reshape(1)
-    rows, cols, dq32 = scratch_plan(batch, m, dim, q.element_size(), budget, fp32_out)
+    e_scale, post = _e_scale(s, g, row_w, col_w)
+    rows, cols, dq32 = scratch_plan(batch, m, dim, q.element_size(), options.budget, fp32_out)
     block_m, block_n = blocks()
     dq = torch.empty(batch, dim, dtype=torch.float32 if dq32 else q.dtype, device=q.device)
     dk = torch.empty_like(k)
-    dbias = torch.zeros(m, dtype=torch.float32, device=q.device) if want_bias_grad else None
+    dbias = torch.zeros(m, dtype=torch.float32, device=q.device) if options.bias_grad else None
     parts = []
     product = torch.empty(min(rows, batch), dim, dtype=torch.float32, device=q.device) \
         if fp32_out and not dq32 else None
@@ -346,12 +329,11 @@ def backward_products(q, k, rq, rk, bias, labels, inv_t, row_lse, row_w, g, col_
             e = torch.empty(r1 - r0, c1 - c0, dtype=q.dtype, device=q.device)
             grid = (triton.cdiv(r1 - r0, block_m), triton.cdiv(c1 - c0, block_n))
             part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device)
-            _coef[grid](q[r0:r1], k[c0:c1], rq[r0:r1], rk[c0:c1], bias[c0:c1] if bias is not None else rk,
-                        labels[r0:r1], inv_t, row_lse[r0:r1], row_w[r0:r1], g[r0:r1],
-                        col_lse[c0:c1] if symmetric else col_lse, col_w[c0:c1], row_center[r0:r1],
-                        col_center[c0:c1] if symmetric else col_center, e_scale, e, part,
+            _coef[grid](q[r0:r1], k[c0:c1], s.rq[r0:r1], s.rk[c0:c1], s.bias[c0:c1] if s.bias is not None else s.rk,
+                        labels[r0:r1], s.inv_t, row_lse[r0:r1], row_w[r0:r1], g[r0:r1], col_lse[c0:c1], col_w[c0:c1],
+                        row_center[r0:r1], col_center[c0:c1], e_scale, e, part,
                         r1 - r0, c1 - c0, dim, q.stride(0), k.stride(0), e.stride(0), c0, _size_class(rows, cols),
-                        SYMMETRIC=symmetric, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                        SYMMETRIC=symmetric, HAS_BIAS=s.bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                         EVEN_K=_even_k(dim), PRECISION=_precision(q.dtype))
             parts.append(part.sum())
             if dbias is not None:
@@ -359,11 +341,11 @@ def backward_products(q, k, rq, rk, bias, labels, inv_t, row_lse, row_w, g, col_
             if one_product:
                 torch.mm(e.T, q, out=dk[c0:c1])
             else:
-                _matmul_fp32(e.T, q[r0:r1], acc, accumulate=True)
+                matmul_fp32(e.T, q[r0:r1], acc, accumulate=True)
             if dq32:
-                _matmul_fp32(e, k[c0:c1], dq[r0:r1], accumulate=c0 > 0)
+                matmul_fp32(e, k[c0:c1], dq[r0:r1], accumulate=c0 > 0)
             elif fp32_out:
-                _matmul_fp32(e, k[c0:c1], product[:r1 - r0], accumulate=False)
+                matmul_fp32(e, k[c0:c1], product[:r1 - r0])
                 product[:r1 - r0] *= post
                 if c0 == 0:
                     dq[r0:r1] = product[:r1 - r0]
@@ -377,12 +359,12 @@ def backward_products(q, k, rq, rk, bias, labels, inv_t, row_lse, row_w, g, col_
         if acc is not None:
             if post is not None:
                 acc *= post
-            if normalize_k:
-                _remove_radial(acc, k[c0:c1], rk[c0:c1], sub_rows)
+            if options.normalize_k:
+                _remove_radial(acc, k[c0:c1], s.rk[c0:c1], sub_rows)
             dk[c0:c1] = acc
             del acc
-        elif normalize_k:
-            _remove_radial(dk[c0:c1], k[c0:c1], rk[c0:c1], sub_rows)
+        elif options.normalize_k:
+            _remove_radial(dk[c0:c1], k[c0:c1], s.rk[c0:c1], sub_rows)
     if dq32 and post is not None:
         dq *= post
     if dbias is not None:  # E = coef * e_scale where rq = rk = 1, the only case with a bias

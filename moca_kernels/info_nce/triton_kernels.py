@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dense_lse, _tiled_lse
+from .. import _dense_lse, _lse_engine
+from .._lse_engine import ProductsOptions
 from .._tiled_lse import _remove_radial, _row_chunks, scratch_budget
 
 # Temporaries (partial LSEs, E, float32 accumulators) may take this fraction of the bytes of the
@@ -22,13 +23,11 @@ from .._tiled_lse import _remove_radial, _row_chunks, scratch_budget
 SCRATCH_FRACTION = 0.1
 
 
-def _plan(batch: int, m: int, budget: int):
-    """(engine, bytes for the O(rows * d) temporaries of the row loops: inverse norms, hard
-    negatives, the normalization's backward). A problem the dense engine takes is small by
-    definition: its row loops run in one chunk instead of many tiny ones of a few launches each."""
-    if _dense_lse.fits(batch, m):
-        return _dense_lse, 1 << 62
-    return _tiled_lse, budget
+def _rows_budget(batch: int, m: int, budget: int) -> int:
+    """Bytes for the O(rows * d) temporaries of the row loops (inverse norms, hard negatives, the
+    normalization's backward). A problem within the dense budget is small by definition: its row
+    loops run in one chunk instead of many tiny ones of a few launches each."""
+    return 1 << 62 if _dense_lse.fits(batch, m) else budget
 
 
 def inverse_norms(x: torch.Tensor, normalize: bool, budget: int) -> torch.Tensor:
@@ -58,10 +57,10 @@ def forward(q, docs, hard, labels, inv_t, symmetric: bool, normalize: bool):
     hard."""
     batch, dim = q.shape
     budget = scratch_budget(SCRATCH_FRACTION, q, docs, hard)
-    engine, rows_budget = _plan(batch, docs.shape[0], budget)
-    rq, rk = inverse_norms(q, normalize, rows_budget), inverse_norms(docs, normalize, rows_budget)
-    rh = inverse_norms(hard, normalize, rows_budget)
-    row_lse, pos, col_lse = engine.forward_lse(q, docs, rq, rk, None, labels, inv_t, symmetric, budget)
+    rows_budget = _rows_budget(batch, docs.shape[0], budget)
+    rq, rk, rh = (inverse_norms(x, normalize, rows_budget) for x in (q, docs, hard))
+    scores = _lse_engine.scores(q, docs, rq=rq, rk=rk, inv_t=inv_t)
+    row_lse, pos, col_lse = _lse_engine.forward_lse(scores, labels=labels, symmetric=symmetric, budget=budget)
     if hard.shape[1]:
         per_row = 4 * hard.shape[1] * dim * 2 + 4 * dim
         for r0, r1 in _row_chunks(batch, max(1, rows_budget // per_row)):
@@ -86,16 +85,16 @@ def backward(grad, q, docs, hard, labels, inv_t, row_lse, col_lse, pos, rq, rk, 
     m, k = docs.shape[0], hard.shape[1]
     grad = grad.float()
     row_w = grad * (0.5 if symmetric else 1.0)
-    col_w = torch.zeros(m, dtype=torch.float32, device=q.device)
-    if symmetric:
-        col_w.index_add_(0, labels, row_w)
+    col_w = col_center = None
+    if symmetric:  # a doc's column weighs as much as the queries whose positive it is
+        col_w = pos.new_zeros(m).index_add_(0, labels, row_w)
+        col_center = pos.new_zeros(m).scatter_reduce_(0, labels, pos, "amax", include_self=False)  # deterministic
     budget = scratch_budget(SCRATCH_FRACTION, q, docs, hard)
-    engine, rows_budget = _plan(batch, m, budget)
-    col_center = pos.new_zeros(m if symmetric else 0)
-    if symmetric:
-        col_center.scatter_reduce_(0, labels, pos, "amax", include_self=False)  # deterministic with repeats
-    dq, ddocs, _, part = engine.backward_products(q, docs, rq, rk, None, labels, inv_t, row_lse, row_w, grad,
-                                                  col_lse, col_w, pos, col_center, symmetric, normalize, budget)
+    rows_budget = _rows_budget(batch, m, budget)
+    dq, ddocs, _, part = _lse_engine.backward_products(
+        _lse_engine.scores(q, docs, rq=rq, rk=rk, inv_t=inv_t), labels=labels, row_lse=row_lse, row_w=row_w, g=grad,
+        row_center=pos, col_lse=col_lse, col_w=col_w, col_center=col_center,
+        options=ProductsOptions(symmetric=symmetric, normalize_k=normalize, budget=budget))
     if symmetric:  # zero for each query whose column is centred on its own positive
         part = part + (row_w * (col_center[labels] - pos)).sum()
     dinv_t = part / inv_t.reshape(())

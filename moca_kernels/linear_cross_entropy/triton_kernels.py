@@ -11,38 +11,30 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dense_lse, _tiled_lse
+from .. import _lse_engine
 from .._tiled_lse import scratch_budget
 
 # Temporaries may take this fraction of the bytes of hidden and weight plus their gradients.
 SCRATCH_FRACTION = 0.1
 
 
-def _ones(n: int, device) -> torch.Tensor:
-    return torch.ones(n, dtype=torch.float32, device=device)
-
-
 def forward(hidden, weight, bias, labels):
-    """(per-row losses (N,) float32, row log-sum-exp (N,) float32). Every label indexes weight."""
-    budget = scratch_budget(SCRATCH_FRACTION, hidden, weight)
-    one = torch.ones((), dtype=torch.float32, device=hidden.device)
-    engine = _dense_lse if _dense_lse.fits(hidden.shape[0], weight.shape[0]) else _tiled_lse
-    lse, target, _ = engine.forward_lse(hidden, weight, _ones(hidden.shape[0], hidden.device),
-                                        _ones(weight.shape[0], hidden.device), bias, labels, one, False, budget)
+    """(per-row losses (N,) float32, row log-sum-exp (N,) float32) of hidden (N, H) against
+    weight (V, H) and bias (V,) or None. A label outside [0, V) matches no column."""
+    logits = _lse_engine.scores(hidden, weight, bias=bias)
+    lse, target, _ = _lse_engine.forward_lse(logits, labels=labels,
+                                             budget=scratch_budget(SCRATCH_FRACTION, hidden, weight))
     return lse - target, lse
 
 
 def backward(grad, hidden, weight, bias, labels, lse):
-    """(d hidden, d weight, d bias or None) of sum(grad * losses)."""
-    n, v = hidden.shape[0], weight.shape[0]
-    if n == 0:
+    """(d hidden, d weight, d bias or None) of sum(grad * losses): dLoss/dlogits is grad * softmax
+    minus grad at the target."""
+    if hidden.shape[0] == 0:
         return torch.zeros_like(hidden), torch.zeros_like(weight), torch.zeros_like(bias) if bias is not None else None
     grad = grad.float()
-    budget = scratch_budget(SCRATCH_FRACTION, hidden, weight)
-    one = torch.ones((), dtype=torch.float32, device=hidden.device)
-    no_columns = torch.zeros(v, dtype=torch.float32, device=hidden.device)
-    engine = _dense_lse if _dense_lse.fits(n, v) else _tiled_lse
-    dh, dw, db, _ = engine.backward_products(hidden, weight, _ones(n, hidden.device), _ones(v, hidden.device), bias,
-                                             labels, one, lse, grad, grad, no_columns, no_columns, lse, no_columns,
-                                             False, False, budget, want_bias_grad=bias is not None)
+    options = _lse_engine.ProductsOptions(bias_grad=bias is not None,
+                                          budget=scratch_budget(SCRATCH_FRACTION, hidden, weight))
+    dh, dw, db, _ = _lse_engine.backward_products(_lse_engine.scores(hidden, weight, bias=bias), labels=labels,
+                                                  row_lse=lse, row_w=grad, g=grad, options=options)
     return dh.to(hidden.dtype), dw, db.to(bias.dtype) if bias is not None else None
