@@ -101,8 +101,12 @@ class DataConfig:
     cache_bytes: int = setting(1 << 30, "encoded documents kept in memory; the rest are read again", resumable=True,
                                most=1 << 42)
     # each one prepared ahead is a whole packed row in host memory; 2 keeps a GPU fed
-    prefetch: int = setting(-1, "micro-batches prepared ahead in a background thread; 0: inline; -1: 2 on a GPU, "
-                            "0 on CPU", resumable=True, most=64)
+    prefetch: int = setting(-1, "batches prepared ahead: in a background thread (workers=0; 0: inline), or by each "
+                            "worker (at least 1); -1: 2 on a GPU, 0 on CPU", resumable=True, most=64)
+    # each worker is a process holding its batches and its share of cache_bytes
+    workers: int = setting(-1, "processes per rank that read, decode, tokenize, pack, mask and collate batches; 0: "
+                           "in the training process; -1: on a GPU the rank's share of the host's cores less one, 0 on "
+                           "CPU and with DALI", resumable=True, most=256)
     image_decoder: Literal["pil", "dali-cpu", "dali-gpu"] = setting(
         "pil", "pil, or NVIDIA DALI (the dali extra) on the CPU or the GPU", resumable=True)
     index_cache: str | None = setting(None, "where each data file's cost index is kept (default: out/index)",
@@ -287,6 +291,10 @@ class Config:
         if not 1 <= d.max_doc_tokens <= d.token_budget:
             raise ValueError(f"max_doc_tokens ({d.max_doc_tokens}) must be between 1 and token_budget "
                              f"({d.token_budget}): a document is never split across packed rows")
+        if d.workers < -1 or (d.workers > 0 and d.image_decoder != "pil"):
+            raise ValueError(f"data.workers must be -1 (the default), 0 or a count, and 0 with DALI (it decodes in "
+                             f"threads of its own, on the GPU for dali-gpu), got {d.workers} with image_decoder="
+                             f"{d.image_decoder}")
         if not 0 < d.min_pixels <= d.max_pixels:
             raise ValueError(f"min_pixels ({d.min_pixels}) must be positive and at most max_pixels ({d.max_pixels})")
         for name in ("cpt", "cl"):

@@ -39,7 +39,7 @@ class Stage(Protocol):
         also compute the extras shown at logging steps."""
 
     def close(self) -> None:
-        """Stop the batch stream (its background thread)."""
+        """Stop the batch stream (its background thread or worker processes)."""
 
     def summary(self) -> dict:
         """Chance levels of the stage's accuracies, for the final report."""
@@ -61,13 +61,10 @@ class CptStage:
         c, p = self.config, self.parallel
         path = default_documents(c, p.main, p.barrier)
         entries = index_documents(c, self.tokenizer, path, self.log)
-        batches = loader.micro_batches(entries, c.data.token_budget, c.run.seed, epoch)
-        self.log(f"{len(entries)} documents, {len(batches)} micro-batches of up to {c.data.token_budget} tokens "
-                 "per epoch")
-        stream = loader.micro_batch_stream(entries, loader.documents(entries, c, self.tokenizer, self.log),
-                                           self.tokenizer, self.module.model.config, c, step, epoch, position, p.rank,
-                                           p.size, pin=p.device.type == "cuda")
-        self.stream = loader.background(stream, loader.depth(c.data.prefetch, p.device))
+        self.stream = loader.micro_batch_loader(entries, c, self.tokenizer, self.module.model.config, step, epoch,
+                                                position, p.rank, p.size, p.device, self.log)
+        self.log(f"{len(entries)} documents, {self.stream.per_epoch} micro-batches of up to {c.data.token_budget} "
+                 "tokens per epoch")
         self.epoch, self.position = epoch, position
 
     def step(self, autocast, measure: bool) -> StepResult:
@@ -127,9 +124,8 @@ class ClStage:
         tasks = sorted({e.task for e in entries})
         self.log(f"{len(entries)} pairs of {len(tasks)} task(s) ({', '.join(tasks[:8])}), batches of "
                  f"{c.cl.pairs_per_batch} pairs ({c.cl.task_batching}), {c.cl.hard_negatives} hard negatives each")
-        stream = loader.pair_batch_stream(entries, loader.pairs(entries, c, self.tokenizer, self.log), c, epoch,
-                                          position, p.rank, p.size)
-        self.stream = loader.background(stream, loader.depth(c.data.prefetch, p.device))
+        self.stream = loader.pair_batch_loader(entries, c, self.tokenizer, epoch, position, p.rank, p.size, p.device,
+                                               self.log)
         self.epoch, self.position = epoch, position
 
     def step(self, autocast, measure: bool) -> StepResult:
