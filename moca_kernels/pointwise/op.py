@@ -7,6 +7,7 @@ import torch
 
 from .._registry import TORCH, TRITON, described, last_dim_contiguous, register_op, select_backend
 from .reference import rms_norm_reference, rotary_embedding_reference, swiglu_reference
+from .verify import rows_sample, trusted
 
 register_op("rms_norm", [TRITON, TORCH])
 register_op("rotary_embedding", [TRITON, TORCH])
@@ -109,14 +110,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, residu
     residual. Differentiable in x, weight and residual.
     """
     _check_rms(x, weight, residual, eps)
-    if select_backend("rms_norm", backend, x.device, x.dtype) == "torch":
-        y, total = rms_norm_reference(x, weight, eps, residual)
-        return (y, total) if residual is not None else y
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
-    y, total, _ = rms_norm_fwd(rows, weight, residual.reshape(-1, shape[-1]) if residual is not None else None,
-                               float(eps))
+    residual_rows = residual.reshape(-1, shape[-1]) if residual is not None else None
+    if select_backend("rms_norm", backend, x.device, x.dtype) == "torch" or not _rms_trusted(rows, weight,
+                                                                                              residual_rows, eps):
+        y, total = rms_norm_reference(x, weight, eps, residual)
+        return (y, total) if residual is not None else y
+    y, total, _ = rms_norm_fwd(rows, weight, residual_rows, float(eps))
     return (y.view(shape), total.view(shape)) if residual is not None else y.view(shape)
+
+
+def _rms_trusted(rows: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float) -> bool:
+    """The Triton RMSNorm checked on a sample of these rows on first use (``pointwise.verify``)."""
+    def fast(x, w, r=None):
+        y, total, _ = rms_norm_fwd(x, w, r, float(eps))
+        return (y, total) if r is not None else y
+
+    inputs = [rows_sample(rows), weight] + ([rows_sample(residual)] if residual is not None else [])
+    key = (rows.dtype, weight.dtype, rows.shape[-1], residual is not None)
+    return trusted("rms_norm", key, fast, lambda x, w, r=None: rms_norm_reference(x, w, eps, r), inputs,
+                   range(len(inputs)))
 
 
 # --- Rotary embedding ---------------------------------------------------------------------------
@@ -197,10 +211,15 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     PyTorch's ``q * cos``). The rotation runs in float32 and rounds once. Differentiable in q, k.
     """
     _check_rotary(q, k, cos, sin, mrope_section)
-    if select_backend("rotary_embedding", backend, q.device, q.dtype) == "torch":
-        return rotary_embedding_reference(q, k, cos, sin, mrope_section)
     sections = [int(s) for s in mrope_section] if mrope_section is not None else []
-    return rotary_embedding_op(q, k, cos, sin, sections, False, torch.promote_types(q.dtype, cos.dtype))
+    out_dtype = torch.promote_types(q.dtype, cos.dtype)
+    if select_backend("rotary_embedding", backend, q.device, q.dtype) == "torch" or not trusted(
+            "rotary_embedding", (q.dtype, cos.dtype, q.shape[1], k.shape[1], q.shape[2], tuple(sections)),
+            lambda *x: rotary_embedding_op(*x, sections, False, out_dtype),
+            lambda *x: rotary_embedding_reference(*x, mrope_section),
+            [rows_sample(q), rows_sample(k), rows_sample(cos, -2), rows_sample(sin, -2)], (0, 1)):
+        return rotary_embedding_reference(q, k, cos, sin, mrope_section)
+    return rotary_embedding_op(q, k, cos, sin, sections, False, out_dtype)
 
 
 # --- SwiGLU ---------------------------------------------------------------------------------------
@@ -250,6 +269,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
             raise ValueError(f"{name} must be a floating-point tensor, got {described(x)}")
     if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device:
         raise ValueError(f"up must match gate ({described(gate)}), got {described(up)}")
-    if select_backend("swiglu", backend, gate.device, gate.dtype) == "torch":
+    if select_backend("swiglu", backend, gate.device, gate.dtype) == "torch" or not trusted(
+            "swiglu", (gate.dtype,), swiglu_fwd, swiglu_reference,
+            [rows_sample(gate.reshape(-1, gate.shape[-1] if gate.dim() else 1)),
+             rows_sample(up.reshape(-1, up.shape[-1] if up.dim() else 1))], (0, 1)):
         return swiglu_reference(gate, up)
     return swiglu_fwd(gate, up)

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
                        residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Qwen2RMSNorm of ``x`` (``x + residual`` when given, summed in x's dtype), over the last
-    dimension: ``weight * (s * rsqrt(mean(s^2) + eps)).to(x.dtype)`` with the statistics in float32.
-    Returns (normalized, the sum or None)."""
+    dimension: ``weight * (s * rsqrt(mean(s^2) + eps)).to(x.dtype)`` with the statistics in float32
+    (float64 for float64 input). Returns (normalized, the sum or None)."""
     total = x + residual if residual is not None else None
     s = total if total is not None else x
-    s32 = s.float()
+    s32 = s.to(torch.promote_types(s.dtype, torch.float32))
     normalized = s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normalized.to(s.dtype), total
 

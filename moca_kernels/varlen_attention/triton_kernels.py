@@ -30,6 +30,9 @@ import triton.testing
 
 from .._interpreter import add_descriptor_reduce
 from .._registry import autotune_off, bench_unless_disabled, triton_interpret
+from .._verify import can_verify
+from . import verify as verify_designs
+from .reference import varlen_attention_reference, varlen_attention_reference_backward
 
 LOG2E = 1.4426950408889634  # the kernels spell it, and ln 2, as literals
 
@@ -713,8 +716,11 @@ def fused_dq_step(head_dim: int) -> int:
     return candidates("bwd_dq", "split", head_dim)[0][0]
 
 
-# Design chosen per (kind, head dim, group, causal, dtype, mean document length class).
-_DESIGN_CHOICE: dict[tuple, str] = {}
+# Design chosen per (kind, head dim, group, causal, dtype, mean document length class); None
+# where no design passed the numerics check (the call then runs the PyTorch reference).
+_DESIGN_CHOICE: dict[tuple, str | None] = {}
+# Per shape class, the designs that passed the check (the ones that competed) and those rejected.
+_VERIFIED: dict[tuple, dict[str, list[str]]] = {}
 
 
 def _length_class(cu_seqlens: torch.Tensor, total: int) -> int:
@@ -722,28 +728,51 @@ def _length_class(cu_seqlens: torch.Tensor, total: int) -> int:
     return min((total // max(1, cu_seqlens.numel() - 1)).bit_length(), 14)
 
 
+def _time_designs(names: list[str], run: Callable[[str], object]) -> dict[str, float]:
+    """Median time of each design's run on a GPU; nothing in the interpreter (all tie)."""
+    if triton_interpret():
+        return {}
+    return {name: triton.testing.do_bench(lambda name=name: run(name), return_mode="median") for name in names}
+
+
 def choose_design(kind: str, names: tuple[str, ...], key: tuple, run: Callable[[str], object],
-                  forced: str | None = None) -> str:
-    """The design of ``kind`` among ``names`` for a call: ``forced`` (deterministic backward), else
-    the one named by the environment variable DESIGN_ENV[kind], else the one chosen before for
-    ``key``, else the first on offer where nothing can be timed (a single design, the interpreter,
-    MOCA_KERNELS_AUTOTUNE=0, CUDA-graph capture), else the fastest of ``run(design)``, kept for ``key``."""
+                  verify: Callable[[dict], list[str]] | None = None,
+                  forced: str | None = None) -> tuple[str | None, object]:
+    """The design of ``kind`` among ``names`` for a call, and its result on the call when it was
+    computed while choosing (else None).
+
+    ``forced`` (deterministic backward), else the design named by DESIGN_ENV[kind], else the one
+    chosen before for ``key``. Else, on the first call of ``key``: the candidates (all of
+    ``names``, or the first alone under MOCA_KERNELS_AUTOTUNE=0) each run once and
+    ``verify(results)`` keeps those whose numbers pass (``moca_kernels._verify``); the fastest of
+    them is kept for ``key`` (the first where nothing can be timed: the interpreter, a single one).
+    None when every candidate failed. During CUDA-graph capture of a new key, the first design,
+    unchecked."""
     env = os.environ.get(DESIGN_ENV[kind])
     if forced is not None:
-        return forced
+        return forced, None
     if env:
         if env not in names:
             raise ValueError(f"{DESIGN_ENV[kind]}={env!r}: the {kind} designs for this call are {names}")
-        return env
+        return env, None
     key = (kind, *key)
     if key in _DESIGN_CHOICE:  # also during CUDA-graph capture, after an eager warm-up
-        return _DESIGN_CHOICE[key]
-    if (len(names) == 1 or triton_interpret() or autotune_off()
-            or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-        return names[0]
-    times = {name: triton.testing.do_bench(lambda name=name: run(name), return_mode="median") for name in names}
-    _DESIGN_CHOICE[key] = min(times, key=times.get)
-    return _DESIGN_CHOICE[key]
+        return _DESIGN_CHOICE[key], None
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return names[0], None
+    candidates = list(names[:1] if autotune_off() else names)
+    results = {}
+    if verify is not None and can_verify():
+        results = {name: run(name) for name in candidates}
+        passed = verify(results)
+        _VERIFIED[key] = {"passed": passed, "rejected": [d for d in candidates if d not in passed]}
+        candidates = passed
+    if not candidates:
+        _DESIGN_CHOICE[key] = None
+        return None, None
+    times = _time_designs(candidates, run) if len(candidates) > 1 and not autotune_off() else {}
+    _DESIGN_CHOICE[key] = min(times, key=times.get) if times else candidates[0]
+    return _DESIGN_CHOICE[key], results.get(_DESIGN_CHOICE[key])
 
 
 def tuning_report() -> dict:
@@ -753,6 +782,7 @@ def tuning_report() -> dict:
     for name, tuner in (("fwd", _fwd), ("bwd", _bwd), ("bwd_dq", _bwd_dq), ("bwd_fused", _bwd_fused)):
         out[name] = {str(key): str(config) for key, config in tuner.cache.items()}
     out["designs"] = {str(key): design for key, design in _DESIGN_CHOICE.items()}
+    out["verified"] = {str(key): verdict for key, verdict in _VERIFIED.items()}
     return out
 
 
@@ -807,7 +837,14 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: b
         return _forward(design, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, memo)
 
     key = (head_dim, hq // k.shape[1], causal, q.dtype, _length_class(cu_seqlens_q, total_q))
-    return run(choose_design("fwd", offered("fwd", head_dim), key, run))
+
+    def verify(results):
+        return verify_designs.forward_designs(results, key, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+
+    design, result = choose_design("fwd", offered("fwd", head_dim), key, run, verify)
+    if design is None:
+        return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+    return result if result is not None else run(design)
 
 
 def _forward(design: str, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool, memo: dict):
@@ -851,7 +888,17 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_
         return _backward(design, dout, q, k, v, lse, delta, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, memo)
 
     key = (head_dim, hq // k.shape[1], causal, q.dtype, _length_class(cu_seqlens_k, k.shape[0]))
-    return run(choose_design("bwd", offered("bwd", head_dim), key, run, "split" if deterministic else None))
+
+    def verify(results):
+        return verify_designs.backward_designs(results, key, dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                               softmax_scale, causal)
+
+    design, result = choose_design("bwd", offered("bwd", head_dim), key, run, verify,
+                                   "split" if deterministic else None)
+    if design is None:
+        return varlen_attention_reference_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale,
+                                                   causal)
+    return result if result is not None else run(design)
 
 
 def _backward(design: str, dout, q, k, v, lse, delta, cu_seqlens_q, cu_seqlens_k, softmax_scale: float,
