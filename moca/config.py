@@ -23,6 +23,7 @@ from typing import Literal
 import tomllib
 
 from .data.images import MAX_IMAGE_PIXELS
+from .data.sources import parse_sources
 from .files import atomic_write, read_bounded, read_json
 from .reporting import report_targets
 
@@ -82,9 +83,17 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    documents: str | None = setting(None, "stage-1 documents: a .jsonl file or a folder of them (default: the "
-                                    "embedded dataset)")
-    pairs: str | None = setting(None, "stage-2 pairs: a .jsonl file or a folder (default: the embedded pairs)")
+    documents: str | None = setting(None, "stage-1 documents: one or more sources, comma-separated, each a .jsonl, "
+                                    ".parquet or .arrow file, a folder of them, or a datasets save_to_disk folder, "
+                                    "with =N (N records drawn) or =Wx (W times its records) after it "
+                                    "(moca.data.sources; default: the embedded dataset)")
+    pairs: str | None = setting(None, "stage-2 pairs: sources as for documents, in moca's pair layout or MMEB-train's "
+                                "(default: the embedded pairs)")
+    sample_per_source: int | None = setting(None, "records drawn from each stage-1 source without =N or =Wx (all when "
+                                            "it has fewer; none: all of them)")
+    sample_seed: int = setting(1, "seeds the draw of each source's records")
+    image_root: str | None = setting(None, "what MMEB-train's image paths are relative to (its unzipped image "
+                                     "archive; default: each file's folder)")
     evaluation: str | None = setting(None, "evaluation files for --stage both (default on embedded data: its "
                                      "held-out split)")
     embedded_seed: int = setting(0, "which draw of the embedded dataset (stage-1 documents, stage-2 pairs) a run "
@@ -109,8 +118,11 @@ class DataConfig:
                            "CPU and with DALI", resumable=True, most=256)
     image_decoder: Literal["pil", "dali-cpu", "dali-gpu"] = setting(
         "pil", "pil, or NVIDIA DALI (the dali extra) on the CPU or the GPU", resumable=True)
-    index_cache: str | None = setting(None, "where each data file's cost index is kept (default: out/index)",
+    index_cache: str | None = setting(None, "where each source's index is kept (default: out/index)",
                                       resumable=True)
+    # processes, each a CPU's work: 1024 is past any host
+    index_workers: int = setting(-1, "processes per rank that build the data index; -1: the CPUs shared among the "
+                                 "node's ranks", resumable=True, most=1024)
 
 
 @dataclass
@@ -295,6 +307,11 @@ class Config:
             raise ValueError(f"data.workers must be -1 (the default), 0 or a count, and 0 with DALI (it decodes in "
                              f"threads of its own, on the GPU for dali-gpu), got {d.workers} with image_decoder="
                              f"{d.image_decoder}")
+        for name in ("documents", "pairs"):
+            if getattr(d, name):
+                parse_sources(getattr(d, name), f"data.{name}")
+        if d.sample_per_source is not None and d.sample_per_source < 1:
+            raise ValueError(f"data.sample_per_source must be at least 1 (or none: all), got {d.sample_per_source}")
         if not 0 < d.min_pixels <= d.max_pixels:
             raise ValueError(f"min_pixels ({d.min_pixels}) must be positive and at most max_pixels ({d.max_pixels})")
         for name in ("cpt", "cl"):
@@ -369,7 +386,7 @@ SECTIONS = [f.name for f in dataclasses.fields(Config)]
 RECIPES: dict[str, dict] = {
     "tiny": {},
     "moca": {
-        "data.token_budget": 12800, "data.max_doc_tokens": 1280,
+        "data.token_budget": 12800, "data.max_doc_tokens": 1280, "data.sample_per_source": 500_000,
         "data.min_pixels": 256 * 28 * 28, "data.max_pixels": 1024 * 28 * 28,
         "model.gradient_checkpointing": True,
         "cpt.max_steps": 3311, "cpt.lr": 2e-6, "cpt.weight_decay": 0.0, "cpt.warmup_ratio": 0.1, "cpt.warmup": "log",

@@ -60,7 +60,7 @@ class CptStage:
     def start(self, step: int, epoch: int, position: int) -> None:
         c, p = self.config, self.parallel
         path = default_documents(c, p.main, p.barrier)
-        entries = index_documents(c, self.tokenizer, path, self.log)
+        entries = index_documents(c, self.tokenizer, path, self.log, p.rank, p.size, p.barrier)
         self.stream = loader.micro_batch_loader(entries, c, self.tokenizer, self.module.model.config, step, epoch,
                                                 position, p.rank, p.size, p.device, self.log)
         self.log(f"{len(entries)} documents, {self.stream.per_epoch} micro-batches of up to {c.data.token_budget} "
@@ -116,7 +116,7 @@ class ClStage:
     def start(self, step: int, epoch: int, position: int) -> None:
         c, p = self.config, self.parallel
         path = default_pairs(c, p.main, p.barrier)
-        entries = index_pairs(c, path, self.log)
+        entries = index_pairs(c, path, self.log, p.rank, p.size, p.barrier)
         need = c.cl.pairs_per_batch * p.size
         if len(entries) < need:
             raise ValueError(f"{len(entries)} usable pairs in {path}: fewer than one global batch ({need} = "

@@ -157,8 +157,9 @@ def _index_config(tmp_path, data) -> Config:
                             "index_cache": str(tmp_path / "index"), "token_budget": 256, "max_doc_tokens": 256})
 
 
-def _cache_file(tmp_path) -> str:
-    (found,) = os.listdir(tmp_path / "index")
+def _cache_file(tmp_path, name: str = "json") -> str:
+    """The index cache's manifest (``json``) or one of its arrays (``row.npy``, ...)."""
+    (found,) = [f for f in os.listdir(tmp_path / "index") if f.endswith(f".{name}")]
     return str(tmp_path / "index" / found)
 
 
@@ -173,11 +174,11 @@ def _folder(path) -> None:
 
 
 def _huge(path) -> None:
-    os.truncate(path, 2**28)  # over the bound of a few times the data file's size; sparse: no disk used
+    os.truncate(path, 2**28)  # over the bound of a manifest (MAX_READ_BYTES); sparse: no disk used
 
 
 def _rewritten(change):
-    """A harm that rewrites the cache file's JSON with ``change(saved)``."""
+    """A harm that rewrites the manifest's JSON with ``change(saved)``."""
     def harm(path):
         with open(path) as f:
             saved = json.load(f)
@@ -186,28 +187,49 @@ def _rewritten(change):
     return harm
 
 
+def _array(name: str, change):
+    """A harm to the array ``name`` beside the manifest: saved again as ``change(array)``."""
+    def harm(path):
+        target = path.removesuffix(".json") + f".{name}.npy"
+        array = np.load(target)
+        os.remove(target)
+        np.save(target, change(array))
+    return harm
+
+
+def _torn_rows(path) -> None:
+    """The row array cut short, as a crash mid-write would leave it (a new file: the index
+    already made maps the old one)."""
+    target = path.removesuffix(".json") + ".row.npy"
+    content = open(target, "rb").read()
+    os.remove(target)
+    open(target, "wb").write(content[: len(content) - 3])
+
+
 DAMAGE = {
-    # name: (what is done to the cache file, what the warning says ({bound}: the most read of the
-    # cache file), whether the cache is written again)
-    "torn": (lambda p: os.truncate(p, os.path.getsize(p) // 2), "is not JSON (empty or cut short)", True),
-    "empty": (lambda p: os.truncate(p, 0), "is not JSON (empty or cut short)", True),
-    "a list": (lambda p: open(p, "w").write("[1, 2, 3]"), "is not an index cache of this version of moca", True),
+    # name: (what is done to the cache's manifest or arrays, what the warning says ({manifest}: the
+    # manifest; {array}: the row array), whether the cache is written again)
+    "torn": (lambda p: os.truncate(p, os.path.getsize(p) // 2), "index cache {manifest} is not JSON (", True),
+    "empty": (lambda p: os.truncate(p, 0), "index cache {manifest} is not JSON (", True),
+    "a list": (lambda p: open(p, "w").write("[1, 2, 3]"),
+               "index cache {manifest} is not an index cache of this version of moca", True),
     "other keys": (lambda p: open(p, "w").write('{"entries": [], "bad": {}}'),
-                   "is not an index cache of this version of moca", True),
-    "a row too long": (_rewritten(lambda s: {**s, "entries": [[0, 1, 42, "x"]]}),
-                       "holds values of the wrong types or out of range", True),
-    "cost as text": (_rewritten(lambda s: {**s, "entries": [[0, 1, "42"]]}),
-                     "holds values of the wrong types or out of range", True),
+                   "index cache {manifest} is not an index cache of this version of moca", True),
     "counts as text": (_rewritten(lambda s: {**s, "bad": {"bad image": "1"}}),
-                       "holds values of the wrong types or out of range", True),
-    "offset past the end": (_rewritten(lambda s: {**s, "entries": [[10**9, 1, 42]]}),
-                            "holds values of the wrong types or out of range", True),
+                       "index cache {manifest} holds values of the wrong types or out of range", True),
     "another file's": (_rewritten(lambda s: {**s, "source": ["x", 1, 2]}),
-                       "was made from another file or with other settings", True),
-    "not UTF-8": (lambda p: open(p, "wb").write(b'{"source": "\xff"}'), "is not UTF-8 text (byte 12)", True),
-    "huge": (_huge, "is larger than {bound:,} bytes, the most read of it", True),
-    "a FIFO": (_fifo, "is a FIFO, not a regular file", False),
-    "a folder": (_folder, "is a folder, not a regular file", False),
+                       "index cache {manifest} was made from other files or with other settings", True),
+    "rows torn": (_torn_rows,
+                  "index cache {array} cannot be read (", True),
+    "rows of another type": (_array("row", lambda a: a.astype(np.float32)),
+                             "index cache {array} is not the array its manifest describes", True),
+    "offset past the end": (_array("row", lambda a: a + 10**4),
+                            "index cache {stem}.*.npy holds values out of range", True),
+    "not UTF-8": (lambda p: open(p, "wb").write(b'{"source": "\xff"}'),
+                  "index cache {manifest} is not UTF-8 text (byte 12)", True),
+    "huge": (_huge, f"index cache {{manifest}} is larger than {MAX_READ_BYTES:,} bytes, the most read of it", True),
+    "a FIFO": (_fifo, "index cache {manifest} is a FIFO, not a regular file", False),
+    "a folder": (_folder, "index cache {manifest} is a folder, not a regular file", False),
 }
 
 
@@ -219,20 +241,22 @@ def test_a_bad_index_cache_is_named_and_made_again(tmp_path, damage):
         warnings.simplefilter("ignore")
         first = index.index_documents(config, tok, data, log=lambda *_: None)
         cached = _cache_file(tmp_path)
+        files = sorted(os.listdir(tmp_path / "index"))
         content = open(cached, "rb").read()
         harm, says, rewritten = DAMAGE[damage]
         harm(cached)
         logs = []
         again = index.index_documents(config, tok, data, log=logs.append)
     assert again == first
-    bound = 2**20 + 4 * os.path.getsize(data)  # a few times the data file's size
-    assert logs[0] == f"index cache {cached} {says.format(bound=bound)}; {data} is indexed again"
+    stem = cached.removesuffix(".json")
+    assert logs[0].startswith(says.format(manifest=cached, array=f"{stem}.row.npy", stem=stem))
+    assert logs[0].endswith(f"; {data} is indexed again")
     if rewritten:
         assert open(cached, "rb").read() == content and len(logs) == 1
     else:  # left as it is, and the index goes uncached
         assert not stat.S_ISREG(os.lstat(cached).st_mode)
         assert logs[1].startswith(f"index cache {cached} not written ({cached} is ") and len(logs) == 2
-    assert os.listdir(tmp_path / "index") == [os.path.basename(cached)]
+    assert sorted(os.listdir(tmp_path / "index")) == files
 
 
 def test_a_torn_index_cache_does_not_stop_moca_train(tmp_path, capsys):
@@ -242,12 +266,14 @@ def test_a_torn_index_cache_does_not_stop_moca_train(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert cli.main(argv) == 0
-        (cached,) = [os.path.join(run, "index", f) for f in os.listdir(os.path.join(run, "index"))]
+        (cached,) = [os.path.join(run, "index", f) for f in os.listdir(os.path.join(run, "index"))
+                     if f.endswith(".json")]
         os.truncate(cached, 0)
         capsys.readouterr()
         assert cli.main(["train", "--resume", run, *CPT, "--data", data, "--max-steps", "2"]) == 0
-    assert f"index cache {cached} is not JSON (empty or cut short); {data} is indexed again" in capsys.readouterr().out
-    assert json.load(open(cached))["source"][0] == os.path.abspath(data)
+    out = capsys.readouterr().out
+    assert f"index cache {cached} is not JSON (" in out and f"; {data} is indexed again" in out
+    assert json.load(open(cached))["files"] == [data]
 
 
 def test_an_index_cache_that_cannot_be_written_costs_nothing_but_the_cache(tmp_path, monkeypatch):

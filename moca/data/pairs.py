@@ -6,15 +6,34 @@ otherwise it comes first). Each side becomes a document of its own, laid out lik
 document (``moca.data.cpt``), so queries, positives and negatives are packed like everything
 else. A query gets exactly K hard negatives: fewer are repeated in turn; none at all leaves the
 query with in-batch negatives only when K is 0, and is a bad record otherwise.
+
+Pairs come from JSON Lines, or from Parquet and Arrow files: rows of the same fields, or
+MMEB-train's (``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``, and where the set has
+them ``neg_text``, ``neg_image_path``: lists, or the authors' Python-literal strings of lists),
+MMEB's ``<|image_1|>`` read as ``<image>``, image paths relative to an image root (MMEB's unzipped
+image archive; else the file's folder), the task named by the file (``moca.data.convert.task_of``).
 """
 from __future__ import annotations
 
+import ast
 import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .records import IMAGE_PLACEHOLDER, BadRecords, CptDocument, _cpt_document, load_record, read_records, reworded
+from . import shards
+from .convert import MMEB_TRAIN_FIELDS, side, task_of
+from .convert import _listed as listed
+from .records import (
+    IMAGE_PLACEHOLDER,
+    BadRecords,
+    CptDocument,
+    RecordError,
+    _cpt_document,
+    load_record,
+    records,
+    reworded,
+)
 
 
 @dataclass
@@ -79,17 +98,62 @@ def _pair(record, folder: str, where: str, offset: int, hard_negatives: int, dec
     return Pair(sides[0], sides[1], negs, task, where, offset)
 
 
+def _listed(value, what: str) -> list:
+    """A list of MMEB's negatives: ``moca.data.convert``'s reading, after the authors' Python-literal
+    string of a list is read as that list."""
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise RecordError(f"{what} is not a list literal") from None
+    return listed(value, what)
+
+
+def mmeb_record(row: dict, task: str, root: str) -> dict:
+    """An MMEB-train row as a pair record, image paths made absolute from ``root``."""
+    missing = [name for name in MMEB_TRAIN_FIELDS if name not in row]
+    if missing:
+        raise RecordError(f"missing {', '.join(repr(n) for n in missing)} (the row has {sorted(row)})")
+
+    def image(value):
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            return os.path.join(root, value)
+        return value or None
+    record = {"query": side(row["qry"], image(row["qry_image_path"]), "the query"),
+              "positive": side(row["pos_text"], image(row["pos_image_path"]), "the positive"), "task": task}
+    texts, paths = _listed(row.get("neg_text"), '"neg_text"'), _listed(row.get("neg_image_path"), '"neg_image_path"')
+    record["negatives"] = [side(texts[i] if i < len(texts) else "", image(paths[i] if i < len(paths) else None),
+                                f"negative {i + 1}") for i in range(max(len(texts), len(paths)))
+                           if (i < len(texts) and texts[i]) or (i < len(paths) and paths[i])]
+    return record
+
+
+def _maker(path: str, hard_negatives: int, decode: bool, image_root: str | None):
+    """What makes a pair of a record of ``path``: MMEB-train's rows are rewritten first."""
+    mmeb = shards.kind(path) != "jsonl" and set(MMEB_TRAIN_FIELDS) <= shards.rows_of(path).columns
+    task = task_of(path)
+
+    def make(record, folder, where, offset):
+        if mmeb:
+            record = mmeb_record(record, task, image_root or folder)
+        return _pair(record, folder, where, offset, hard_negatives, decode)
+    return make
+
+
 def read_pairs(path: str, hard_negatives: int, bad: BadRecords | None = None, strict: bool = False,
-               decode: bool = True) -> Iterator[Pair]:
-    """The valid pairs of a JSON Lines file, in order; bad records are counted in ``bad`` and
-    skipped with a warning naming file and line, or raise DataError when ``strict``."""
-    return read_records(path, lambda r, folder, where, offset: _pair(r, folder, where, offset, hard_negatives, decode),
-                        bad, strict)
+               decode: bool = True, image_root: str | None = None, group: int | None = None) -> Iterator[Pair]:
+    """The valid pairs of a JSON Lines, Parquet or Arrow file (of one row ``group`` of the latter,
+    when given), in order; bad records are counted in ``bad`` and skipped with a warning naming
+    file and line (or row), or raise DataError when ``strict``. ``image_root``: what MMEB-train's
+    image paths are relative to (default: the file's folder)."""
+    return records(path, _maker(path, hard_negatives, decode, image_root), bad, strict, group=group)
 
 
-def load_pair(path: str, offset: int, where: str, hard_negatives: int, decode: bool = True) -> Pair:
-    """The pair whose line starts at byte ``offset`` of ``path``; ValueError starting with ``where``."""
-    return load_record(path, offset, where, lambda r, folder, w, o: _pair(r, folder, w, o, hard_negatives, decode))
+def load_pair(path: str, offset: int, where: str, hard_negatives: int, decode: bool = True,
+              image_root: str | None = None) -> Pair:
+    """The pair whose line starts at byte ``offset`` of ``path`` (or, in a Parquet or Arrow file,
+    of row ``offset``); ValueError starting with ``where``."""
+    return load_record(path, offset, where, _maker(path, hard_negatives, decode, image_root))
 
 
 def chosen_negatives(count: int, k: int) -> list[int]:

@@ -9,8 +9,16 @@ a shape the processor refuses), "invalid record" (wrong fields or types), and, f
 keep one result per line, "blank line".
 
 A CPT document is ``{"text": "... <image> ...", "images": [image, ...]}`` with one ``<image>``
-placeholder per image, in order. An image is a path (relative to the file's folder, or absolute)
-or base64-encoded bytes (optionally as a ``data:image/...;base64,`` URL).
+placeholder per image, in order; the authors' marker ``<|vision_start|><|image_pad|><|vision_end|>``
+(``AUTHORS_MARKER``) is read as ``<image>``, and any of those three tokens elsewhere in a text is a
+bad record (the tokenizer would make image tokens of them that no image fills). An image is a path
+(relative to the file's folder, or absolute), base64-encoded bytes (optionally as a
+``data:image/...;base64,`` URL), or, in a Parquet or Arrow row, its bytes or Hugging Face's
+``{"bytes", "path"}`` (the bytes decoded in memory, never written out).
+
+Records come from JSON Lines (a line each, found again by its byte offset) or from the rows of
+Parquet and Arrow files (``moca.data.shards``; found again by their row number), named
+"file:line" or "file:row N".
 """
 from __future__ import annotations
 
@@ -29,8 +37,12 @@ from PIL import Image
 
 from ..files import open_regular
 from . import images as _images
+from . import shards
+from .tokenizer import IMAGE_PAD, VISION_END, VISION_START
 
 IMAGE_PLACEHOLDER = "<image>"
+AUTHORS_MARKER = VISION_START + IMAGE_PAD + VISION_END
+CPT_COLUMNS = ("text", "images")  # what a stage-1 row of a Parquet or Arrow file is read for
 # The longest line read as a record (base64 images included); a longer line is a bad record, read
 # past in chunks: at most this much of it is held.
 MAX_LINE_BYTES = 8 * 2**20
@@ -87,7 +99,10 @@ class CptDocument:
 
 def _image_source(value, folder: str):
     """(a path or a BytesIO of the decoded base64, the path tried) of an image's JSON value; raw
-    bytes (an image embedded in a Parquet row) as a BytesIO of them."""
+    bytes (an image embedded in a Parquet row) as a BytesIO of them; Hugging Face's ``{"bytes",
+    "path"}`` by its bytes, else its path."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
     if isinstance(value, bytes) and value:
         return io.BytesIO(value), ""
     if not isinstance(value, str) or not value:
@@ -111,8 +126,10 @@ def image_bytes(value, folder: str) -> bytes:
         return f.read()
 
 
-def _shown(value: str | bytes) -> str:
+def _shown(value: str | bytes | dict) -> str:
     """An image's JSON value for a message: a path whole, base64 data cut short, bytes counted."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path") or ""
     if isinstance(value, bytes):
         return f"of {len(value):,} bytes"
     return repr(value if len(value) <= 200 else value[:60] + "...")
@@ -167,6 +184,10 @@ def _cpt_document(record, folder: str, where: str, offset: int = 0, decode: bool
         text.encode("utf-8")
     except UnicodeEncodeError as exc:  # JSON escapes can spell a lone surrogate, which no tokenizer takes
         raise ValueError(f'"text" holds {text[exc.start]!r}, a lone surrogate, at character {exc.start}') from None
+    text = text.replace(AUTHORS_MARKER, IMAGE_PLACEHOLDER)
+    stray = [token for token in (VISION_START, IMAGE_PAD, VISION_END) if token in text]
+    if stray:
+        raise ValueError(f'"text" holds {stray[0]} outside the image marker {AUTHORS_MARKER}')
     images = record.get("images")
     images = [] if images is None else images
     if not isinstance(images, list):
@@ -248,6 +269,40 @@ def read_records(path: str, make, bad: BadRecords | None = None, strict: bool = 
             yield item
 
 
+def table_records(path: str, make, bad: BadRecords | None = None, strict: bool = False,
+                  columns: tuple[str, ...] | None = None, required: tuple[str, ...] = (),
+                  group: int | None = None) -> Iterator:
+    """``make(row, folder, where, number)`` for each row of a Parquet or Arrow file, in order (of
+    row group ``group`` only, when given; ``columns``: those read, None for all; ``number``: the
+    row's, from 0), bad rows counted and skipped as ``read_records`` does. ValueError naming the
+    file when it is not such a file or lacks one of the ``required`` columns."""
+    bad = bad if bad is not None else BadRecords()
+    reader = shards.rows_of(path)
+    missing = [name for name in required if name not in reader.columns]
+    if missing:
+        raise ValueError(f"{path}: no {missing[0]!r} column (it has {', '.join(sorted(reader.columns))})")
+    columns = tuple(sorted(reader.columns)) if columns is None else columns
+    folder = os.path.dirname(os.path.abspath(path))
+    for g in range(shards.groups(path)) if group is None else [group]:
+        for number, row in shards.group_rows(path, g, columns):
+            where = shards.row_where(path, number)
+            try:
+                item = make(row, folder, where, number)
+            except ValueError as exc:
+                reject(where, exc, bad, strict)
+                continue
+            yield item
+
+
+def records(path: str, make, bad: BadRecords | None = None, strict: bool = False,
+            columns: tuple[str, ...] | None = None, required: tuple[str, ...] = (),
+            group: int | None = None) -> Iterator:
+    """``read_records`` of a JSON Lines file, ``table_records`` of a Parquet or Arrow file."""
+    if shards.kind(path) == "jsonl":
+        return read_records(path, make, bad, strict)
+    return table_records(path, make, bad, strict, columns, required, group)
+
+
 def reject(where: str, exc: ValueError, bad: BadRecords, strict: bool, stacklevel: int = 3) -> None:
     """A bad record at ``where`` (``exc`` saying why): DataError under ``strict``, else counted in
     ``bad`` and warned about; every reader of records handles them here."""
@@ -257,9 +312,18 @@ def reject(where: str, exc: ValueError, bad: BadRecords, strict: bool, stackleve
     warnings.warn(f"{where}: {exc}; record skipped", stacklevel=stacklevel)
 
 
-def load_record(path: str, offset: int, where: str, make):
-    """``make`` of the line starting at byte ``offset`` of ``path``; ValueError (its message
-    starting with ``where``) when it cannot be read."""
+def load_record(path: str, offset: int, where: str, make, columns: tuple[str, ...] | None = None):
+    """``make`` of the line starting at byte ``offset`` of ``path`` or, in a Parquet or Arrow file,
+    of row ``offset`` (its ``columns``, None for all); ValueError (its message starting with
+    ``where``) when it cannot be read."""
+    if shards.kind(path) != "jsonl":
+        try:
+            reader = shards.rows_of(path)
+            row = reader.row(offset, tuple(sorted(reader.columns if columns is None else
+                                                  set(columns) & reader.columns)))
+            return make(row, os.path.dirname(os.path.abspath(path)), where, offset)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     with open_regular(path, "") as f:
         f.seek(offset)
         line = f.readline(MAX_LINE_BYTES + 1)
@@ -272,17 +336,20 @@ def load_record(path: str, offset: int, where: str, make):
 
 
 def read_cpt(path: str, bad: BadRecords | None = None, strict: bool = False,
-             decode: bool = True) -> Iterator[CptDocument]:
-    """The valid CPT documents of a JSON Lines file, in order. Bad records (malformed JSON, a
-    missing or corrupt image, an empty document, placeholders not matching images) are counted
-    in ``bad`` and skipped with a warning, or raise DataError when ``strict``. ``decode=False``
-    reads only the images' headers (for indexing a corpus by cost)."""
-    return read_records(path, lambda r, folder, where, offset: _cpt_document(r, folder, where, offset, decode),
-                        bad, strict)
+             decode: bool = True, group: int | None = None) -> Iterator[CptDocument]:
+    """The valid CPT documents of a JSON Lines, Parquet or Arrow file (of one row ``group`` of the
+    latter, when given), in order. Bad records (malformed JSON, a missing or corrupt image, an
+    empty document, placeholders not matching images) are counted in ``bad`` and skipped with a
+    warning, or raise DataError when ``strict``. ``decode=False`` reads only the images' headers
+    (for indexing a corpus by cost). A Parquet or Arrow file without a "text" column is a
+    ValueError naming it."""
+    return records(path, lambda r, folder, where, offset: _cpt_document(r, folder, where, offset, decode),
+                   bad, strict, CPT_COLUMNS, ("text",), group)
 
 
 def load_cpt(path: str, offset: int, where: str, decode: bool = True) -> CptDocument:
-    """The document whose line starts at byte ``offset`` of ``path``, images decoded (or, with
-    ``decode=False``, their headers only); ValueError (its message starting with ``where``) when
-    it cannot be read."""
-    return load_record(path, offset, where, lambda r, folder, w, o: _cpt_document(r, folder, w, o, decode))
+    """The document whose line starts at byte ``offset`` of ``path`` (or, in a Parquet or Arrow
+    file, of row ``offset``), images decoded (or, with ``decode=False``, their headers only);
+    ValueError (its message starting with ``where``) when it cannot be read."""
+    return load_record(path, offset, where, lambda r, folder, w, o: _cpt_document(r, folder, w, o, decode),
+                       CPT_COLUMNS)

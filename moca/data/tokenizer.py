@@ -7,8 +7,10 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 MASK_TOKEN = "<|mask|>"
 IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
@@ -59,6 +61,14 @@ class ByteTokenizer:
             word = self.words.get(piece)
             out += [word] if word is not None else list(piece.encode("utf-8"))
         return out
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        """How many tokens ``encode`` makes of each text."""
+        return [len(self.encode(text)) for text in texts]
+
+    def counter(self) -> ByteTokenizer:
+        """What counts tokens in an index worker: this tokenizer itself (``lengths``)."""
+        return self
 
     def decode(self, ids) -> str:
         return b"".join(bytes([i]) if i < 256 else self._spelled.get(i, b"") for i in ids).decode("utf-8",
@@ -165,10 +175,27 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
 
+    def counter(self) -> TokenCounter:
+        """What counts tokens in an index worker: the fast tokenizer alone (no transformers)."""
+        return TokenCounter(self.tok.backend_tokenizer)
+
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids))
 
 
+class TokenCounter:
+    """Token counts of texts, a batch at a time, by a fast (Rust) tokenizer: what ``encode`` of
+    ``HFTokenizer`` gives, without loading transformers (it pickles as the tokenizer's JSON, for
+    the processes that build the index)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+
 def maskable(ids: torch.Tensor, specials: Specials) -> torch.Tensor:
     """True where a token may be masked for MLM (it is not special)."""
+    import torch  # here, so that reading records (which needs the special tokens' names) imports no torch
     return ~torch.isin(ids, torch.tensor(sorted(specials.all), dtype=ids.dtype))
