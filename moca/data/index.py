@@ -352,14 +352,18 @@ def _source_index(source: Source, settings: list, scan: Callable, config, bad: B
     strict = config.run.strict
     found = _cached(stem, identity, most_value, log, source.path)
     units = [] if found else _units(files)
-    if not found and size > 1:  # this rank's share, for the main rank to merge
+    shares: dict[int, _Scanned] = {}
+    if not found and size > 1:  # this rank's share (the main rank keeps its own; the others leave theirs)
         mine = list(range(rank, len(units), size))
         results = _run_units(scan, files, [units[u] for u in mine], index_workers(config.data.index_workers, len(mine)),
                              progress=rank == 0)
-        _save_share(f"{stem}.share{rank}", files, results, mine)
+        if rank == 0:
+            shares.update(zip(mine, results))
+        else:
+            _save_share(f"{stem}.share{rank}", results, mine)
     barrier()
     if not found and rank == 0:
-        shares = _gathered(stem, size, len(units)) if size > 1 else {}
+        shares.update(_gathered(stem, size, len(units)))
         missing = [u for u in range(len(units)) if u not in shares]  # shares another rank could not leave here
         results = _run_units(scan, files, [units[u] for u in missing],
                              index_workers(config.data.index_workers, len(missing)), progress=True)
@@ -397,7 +401,7 @@ def _cached(stem: str, identity: list, most_value: int | None, log, path: str) -
         return None
 
 
-def _save_share(stem: str, files: list[str], results: list[_Scanned], units: list[int]) -> None:
+def _save_share(stem: str, results: list[_Scanned], units: list[int]) -> None:
     """One rank's scans of its ``units`` for the main rank (an ``.npz`` of arrays and JSON text,
     nothing that runs code when read). Not written (the main rank scans them) when it cannot be."""
     meta = [dict(unit=u, values=r.values, bad=dict(r.bad.counts), examples=r.bad.examples)

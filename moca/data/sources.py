@@ -34,14 +34,16 @@ def parse_sources(text: str, what: str = "data.documents") -> list[Source]:
     out = []
     for part in text.split(","):
         part = part.strip()
-        path, amount = part.rsplit("=", 1) if "=" in part else (part, "")
-        found = _AMOUNT.match(amount.strip()) if amount else None
-        if amount and not found:
+        path, amount = part.rsplit("=", 1) if "=" in part else (part, None)
+        found = _AMOUNT.match(amount.strip()) if amount is not None else None
+        if amount is not None and not found:
             raise ValueError(f"{what}: {part!r}: after '=' comes a count (=500000) or a weight (=0.5x)")
         path = path.strip()
         if not path:
             raise ValueError(f"{what}: {text!r} has an empty source (sources are comma-separated paths)")
         if found and found[1]:
+            if int(found[1]) < 1:
+                raise ValueError(f"{what}: {part!r}: a count must be at least 1")
             out.append(Source(path, count=int(found[1])))
         elif found:
             weight = float(found[2])
@@ -67,12 +69,3 @@ def drawn(source: Source, size: int, default_count: int | None, seed: int, place
     extra = rng.choice(size, round(part * size), replace=False)
     return np.sort(np.concatenate([np.tile(np.arange(size), int(whole)), extra]))
 
-
-def describe(sources: list[Source], sizes: list[int], default_count: int | None) -> str:
-    """One line per source for the run's log: its path, records and how many an epoch takes."""
-    lines = []
-    for source, size in zip(sources, sizes):
-        how = (f"={source.count:,}" if source.count is not None else f"={source.weight:g}x" if source.weight
-               else f"sample_per_source={default_count:,}" if default_count is not None else "all")
-        lines.append(f"  {source.path}: {size:,} records ({how})")
-    return "\n".join(lines)
