@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 
 import torch
 
@@ -24,8 +25,56 @@ def _distribution_version(name: str) -> str | None:
         return None
 
 
+TORCHVISION_CPU = "pip install torchvision=={} --index-url https://download.pytorch.org/whl/cpu (docs/export.md)"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The release numbers of a version string: "2.13.0+cpu" -> (2, 13, 0)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def _torchvision_for(torch_version: str) -> str:
+    """The torchvision release built for a torch 2.x release (torch 2.N goes with torchvision 0.(N+15))."""
+    release = _release(torch_version)
+    return f"0.{release[1] + 15}.0" if len(release) > 1 and release[0] == 2 else "<the release for this torch>"
+
+
+def torchvision_mismatch(torch_version: str, torch_cuda: str | None,
+                         vision: importlib.metadata.Distribution | None) -> str | None:
+    """Why the installed torchvision (``vision``; None when absent) does not go with this torch,
+    or None: it pins another torch release, or it is a CUDA build (it ships ``libcudart``) beside
+    a CPU torch, whose native operators then fail to load (``import torchvision`` breaks, and
+    transformers' image processing with it). Read from the distribution's metadata, without
+    importing torchvision."""
+    if vision is None:
+        return None
+    fix = TORCHVISION_CPU.format(_torchvision_for(torch_version)) if torch_cuda is None else \
+        f"install the torchvision release built for torch {torch_version}"
+    for requirement in vision.requires or []:
+        pin = re.match(r"torch\s*\(?\s*==\s*([^\s;)]+)", requirement)
+        if pin and _release(pin.group(1)) != _release(torch_version):
+            return (f"torchvision {vision.version} is built for torch {pin.group(1)}, not this torch {torch_version}: "
+                    f"{fix}")
+    cuda = [str(f) for f in vision.files or [] if "libcudart" in str(f)]
+    if torch_cuda is None and cuda:
+        return (f"torchvision {vision.version} is a CUDA build (it ships {cuda[0]}) beside a CPU build of torch: "
+                f"`import torchvision` fails, and with it loading an export in sentence-transformers: {fix}")
+    return None
+
+
+def _torchvision_line() -> str:
+    try:
+        vision = importlib.metadata.distribution("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        return ("torchvision: not installed (sentence-transformers needs it to load an export; for a CPU torch: "
+                f"{TORCHVISION_CPU.format(_torchvision_for(torch.__version__))})")
+    why = torchvision_mismatch(torch.__version__, torch.version.cuda, vision)
+    return f"WARNING: {why}" if why else f"torchvision {vision.version} (built for this torch)"
+
+
 def versions() -> list[str]:
-    """One line each: this package, Python, torch (and the CUDA it was built with), triton, the GPU."""
+    """One line each: this package, Python, torch (and the CUDA it was built with), triton,
+    torchvision (a warning when it does not go with torch), the GPU."""
     lines = [f"moca_kernels {moca_kernels.__version__}  python {platform.python_version()}  torch {torch.__version__} "
              f"(CUDA {torch.version.cuda or 'none: a CPU build'})"]
     if triton_import_error():
@@ -33,6 +82,7 @@ def versions() -> list[str]:
     else:
         import triton
         lines.append(f"triton {triton.__version__}")
+    lines.append(_torchvision_line())
     if torch.cuda.is_available():
         lines.append(f"GPU: {torch.cuda.get_device_name()} (compute capability "
                      f"{'.'.join(map(str, torch.cuda.get_device_capability()))}, {torch.cuda.device_count()} visible)")

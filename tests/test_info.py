@@ -70,3 +70,35 @@ def test_info_prints_versions_and_what_each_backend_needs():
         assert "GPU: none visible to torch" in out
         assert needs[1].endswith("missing: no CUDA GPU, and TRITON_INTERPRET is not set")
         assert "has TRITON_INTERPRET=1 (CPU tensors, slow: for tests)" in _interpreted()
+
+
+def _fake_torchvision(folder, version: str, torch_pin: str, files: list[str]) -> str:
+    """A torchvision distribution's metadata alone (what pip leaves in site-packages), in ``folder``."""
+    info = folder / f"torchvision-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torchvision\nVersion: {version}\n"
+                                   f"Requires-Dist: numpy\nRequires-Dist: torch (=={torch_pin})\n")
+    (info / "RECORD").write_text("".join(f"{f},,\n" for f in files + [f"{info.name}/METADATA"]))
+    return str(folder)
+
+
+def test_info_warns_when_torchvision_does_not_go_with_torch(tmp_path):
+    base = torch.__version__.split("+")[0]
+    major, minor = (int(x) for x in base.split(".")[:2])
+    path = os.environ.get("PYTHONPATH", "")
+
+    def first_lines(folder):
+        return _info({"PYTHONPATH": os.pathsep.join(p for p in (folder, path) if p)}).split("\nGPU")[0]
+    other = f"{major}.{minor - 1}.0"
+    out = first_lines(_fake_torchvision(tmp_path / "old", f"0.{minor + 14}.0", other, []))
+    assert f"WARNING: torchvision 0.{minor + 14}.0 is built for torch {other}, not this torch {torch.__version__}: " \
+        in out
+    out = first_lines(_fake_torchvision(tmp_path / "cuda", f"0.{minor + 15}.0", base,
+                                        ["torchvision/_C.so", "torchvision.libs/libcudart.faf08d9a.so.13"]))
+    if torch.version.cuda is None:
+        assert (f"WARNING: torchvision 0.{minor + 15}.0 is a CUDA build (it ships torchvision.libs/libcudart"
+                in out and f"pip install torchvision==0.{minor + 15}.0 --index-url" in out)
+    else:
+        assert f"\ntorchvision 0.{minor + 15}.0 (built for this torch)" in out
+    out = first_lines(_fake_torchvision(tmp_path / "cpu", f"0.{minor + 15}.0+cpu", base, ["torchvision/_C.so"]))
+    assert f"\ntorchvision 0.{minor + 15}.0+cpu (built for this torch)" in out and "WARNING" not in out
