@@ -320,7 +320,8 @@ class PairBatches:
 
     def __init__(self, entries, cache: Cache, config, rank: int, size: int):
         self.cache, self.per_rank, self.rank = cache, config.cl.pairs_per_batch, rank
-        tasks, mixed, seed = [x.task for x in entries], config.cl.task_batching == "mixed", config.run.seed
+        tasks = getattr(entries, "tasks", None) or [entries[i].task for i in range(len(entries))]  # the index's own
+        mixed, seed = config.cl.task_batching == "mixed", config.run.seed
         self.epochs = Epochs(lambda e: contrastive_batches(tasks, self.per_rank * size, seed, e, mixed))
 
     def __getitem__(self, t: Ticket) -> tuple[list, int, int]:
