@@ -59,7 +59,8 @@ def _config(tmp_path, **settings) -> Config:
     return Config().update({"out": str(tmp_path / "run"), "token_budget": 512, "pairs_per_batch": 8, **settings})
 
 
-def _first(made: loader.Loader, count: int) -> list:
+def _first(made, count: int) -> list:
+    """The first ``count`` batches of a ``loader.Loader``, which is then closed."""
     try:
         return [next(made) for _ in range(count)]
     finally:

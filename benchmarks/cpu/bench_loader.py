@@ -18,7 +18,8 @@ Reported per worker count: the first micro-batch's wait (the workers' start); do
 the next ``--batches`` micro-batches (the corpus read again epoch after epoch; the workers' head
 start of ``prefetch`` batches each is a share of that count, so keep it well above them) and its
 ratio to 23.7 documents/s (the recorded 3B stage-1 step on an H100: 96 documents in 10.1 s at 20%
-MFU, scaled to 50%); documents/s over everything since the loader was made, start included; the
+MFU, scaled to 50%), and the same in tokens/s (18,778: that step's documents averaged 790 tokens);
+documents/s over everything since the loader was made, start included; the
 bytes of one micro-batch and each worker's proportional memory (PSS, shared pages divided among
 their sharers).
 """
@@ -47,6 +48,7 @@ from moca.data.tokenizer import ByteTokenizer
 from moca.model.qwen import PRESETS
 
 H100_AT_50_MFU = 96 / 10.1 * 50 / 20  # documents/s: the recorded 3B step at 20% MFU, scaled to 50%
+H100_TOKENS_AT_50_MFU = 75_864 / 10.1 * 50 / 20  # tokens/s of the same step (its 96 documents: 790 tokens each)
 SIZES = [(512, 384), (640, 480), (800, 600), (1024, 768), (1280, 960), (1600, 1200), (768, 768), (1024, 1024)]
 WORDS = ("the a of and to in is that for on with as by this from at it an be are was or which its their "
          "picture shows image red blue green large small shape colour light dark field road house tree sky "
@@ -131,10 +133,10 @@ def measure(entries, config, workers: int, batches: int) -> dict:
     try:
         first, _, _, _ = next(made)
         startup = time.perf_counter() - started
-        started, documents, sizes = time.perf_counter(), 0, []
+        started, documents, tokens, sizes = time.perf_counter(), 0, 0, []
         for _ in range(batches):
             batch, _, _, _ = next(made)
-            documents += len(batch["lengths"])
+            documents, tokens = documents + len(batch["lengths"]), tokens + batch["input_ids"].numel()
             sizes.append(sum(v.nbytes for v in batch.values() if isinstance(v, torch.Tensor)))
         seconds, overall = time.perf_counter() - started, time.perf_counter() - created
         memory = [round(pss_mib(pid), 1) for pid in worker_pids()]
@@ -144,6 +146,8 @@ def measure(entries, config, workers: int, batches: int) -> dict:
     return dict(workers=workers, first_batch_s=round(startup, 2), documents=documents, seconds=round(seconds, 2),
                 documents_per_s=round(rate, 2), ratio_to_h100=round(rate / H100_AT_50_MFU, 3),
                 documents_per_s_with_start=round((documents + len(first["lengths"])) / overall, 2),
+                tokens_per_s=round(tokens / seconds),
+                token_ratio_to_h100=round(tokens / seconds / H100_TOKENS_AT_50_MFU, 3),
                 documents_per_micro_batch=round(documents / batches, 1),
                 micro_batch_mib=round(float(np.mean(sizes)) / 2**20, 1), worker_pss_mib=memory,
                 training_process_pss_mib=round(pss_mib(os.getpid()), 1))
@@ -172,11 +176,12 @@ def main(argv=None) -> int:
     print(f"{len(entries)} documents (70% with a JPEG of {jpeg_bytes / 1000:.0f} KB on average), indexed in "
           f"{indexed:.1f} s; {result['cpus']} CPUs, load average {result['load_average'][0]:.1f}")
     print(f"{'workers':>7} {'first batch s':>13} {'documents/s':>11} {'x H100 at 50% MFU (23.7/s)':>27} "
-          f"{'docs/s with start':>17} {'docs/micro-batch':>16} {'MiB/micro-batch':>15} {'worker PSS MiB':>15}")
+          f"{'tokens/s':>8} {'x H100 tokens/s':>15} {'docs/s with start':>17} {'docs/micro-batch':>16} "
+          f"{'MiB/micro-batch':>15} {'worker PSS MiB':>15}")
     for r in rows:
         print(f"{r['workers']:>7} {r['first_batch_s']:>13} {r['documents_per_s']:>11} {r['ratio_to_h100']:>27} "
-              f"{r['documents_per_s_with_start']:>17} {r['documents_per_micro_batch']:>16} {r['micro_batch_mib']:>15} "
-              f"{str(r['worker_pss_mib']):>15}")
+              f"{r['tokens_per_s']:>8} {r['token_ratio_to_h100']:>15} {r['documents_per_s_with_start']:>17} "
+              f"{r['documents_per_micro_batch']:>16} {r['micro_batch_mib']:>15} {str(r['worker_pss_mib']):>15}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
