@@ -19,9 +19,10 @@ the next ``--batches`` micro-batches (the corpus read again epoch after epoch; t
 start of ``prefetch`` batches each is a share of that count, so keep it well above them) and its
 ratio to 23.7 documents/s (the recorded 3B stage-1 step on an H100: 96 documents in 10.1 s at 20%
 MFU, scaled to 50%), and the same in tokens/s (18,778: that step's documents averaged 790 tokens);
-documents/s over everything since the loader was made, start included; the
-bytes of one micro-batch and each worker's proportional memory (PSS, shared pages divided among
-their sharers).
+documents/s over everything since the loader was made, start included; the CPU time spent per
+document by the training process and its workers together over the timed batches (what a core
+must give a document, whatever else shares the machine); the bytes of one micro-batch and each
+worker's proportional memory (PSS, shared pages divided among their sharers).
 """
 from __future__ import annotations
 
@@ -114,6 +115,17 @@ def pss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of this process (every thread) and of ``pids``, seconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime: fields 14 and 15 of stat(5)
+    return total
+
+
 def worker_pids() -> list[int]:
     """This process's children (the loader's workers)."""
     found = []
@@ -133,12 +145,14 @@ def measure(entries, config, workers: int, batches: int) -> dict:
     try:
         first, _, _, _ = next(made)
         startup = time.perf_counter() - started
-        started, documents, tokens, sizes = time.perf_counter(), 0, 0, []
+        workers_now = worker_pids()
+        started, documents, tokens, sizes, cpu = time.perf_counter(), 0, 0, [], cpu_seconds(workers_now)
         for _ in range(batches):
             batch, _, _, _ = next(made)
             documents, tokens = documents + len(batch["lengths"]), tokens + batch["input_ids"].numel()
             sizes.append(sum(v.nbytes for v in batch.values() if isinstance(v, torch.Tensor)))
         seconds, overall = time.perf_counter() - started, time.perf_counter() - created
+        cpu = cpu_seconds(workers_now) - cpu
         memory = [round(pss_mib(pid), 1) for pid in worker_pids()]
     finally:
         made.close()
@@ -148,6 +162,7 @@ def measure(entries, config, workers: int, batches: int) -> dict:
                 documents_per_s_with_start=round((documents + len(first["lengths"])) / overall, 2),
                 tokens_per_s=round(tokens / seconds),
                 token_ratio_to_h100=round(tokens / seconds / H100_TOKENS_AT_50_MFU, 3),
+                cpu_ms_per_document=round(1000 * cpu / documents, 1),
                 documents_per_micro_batch=round(documents / batches, 1),
                 micro_batch_mib=round(float(np.mean(sizes)) / 2**20, 1), worker_pss_mib=memory,
                 training_process_pss_mib=round(pss_mib(os.getpid()), 1))
@@ -176,12 +191,13 @@ def main(argv=None) -> int:
     print(f"{len(entries)} documents (70% with a JPEG of {jpeg_bytes / 1000:.0f} KB on average), indexed in "
           f"{indexed:.1f} s; {result['cpus']} CPUs, load average {result['load_average'][0]:.1f}")
     print(f"{'workers':>7} {'first batch s':>13} {'documents/s':>11} {'x H100 at 50% MFU (23.7/s)':>27} "
-          f"{'tokens/s':>8} {'x H100 tokens/s':>15} {'docs/s with start':>17} {'docs/micro-batch':>16} "
-          f"{'MiB/micro-batch':>15} {'worker PSS MiB':>15}")
+          f"{'tokens/s':>8} {'x H100 tokens/s':>15} {'docs/s with start':>17} {'CPU ms/doc':>10} "
+          f"{'docs/micro-batch':>16} {'MiB/micro-batch':>15} {'worker PSS MiB':>15}")
     for r in rows:
         print(f"{r['workers']:>7} {r['first_batch_s']:>13} {r['documents_per_s']:>11} {r['ratio_to_h100']:>27} "
               f"{r['tokens_per_s']:>8} {r['token_ratio_to_h100']:>15} {r['documents_per_s_with_start']:>17} "
-              f"{r['documents_per_micro_batch']:>16} {r['micro_batch_mib']:>15} {str(r['worker_pss_mib']):>15}")
+              f"{r['cpu_ms_per_document']:>10} {r['documents_per_micro_batch']:>16} {r['micro_batch_mib']:>15} "
+              f"{str(r['worker_pss_mib']):>15}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
