@@ -2,6 +2,7 @@
 the same index from one process, from a pool, and from two ranks sharing the work; arrays of a
 few bytes per document, memory-mapped from the cache and pickled by their path; sources drawn
 as the authors draw them."""
+import io
 import multiprocessing
 import os
 import pickle
@@ -166,3 +167,27 @@ def test_moca_recipe_draws_the_authors_sample(tmp_path):
     whole = _quiet(index.index_documents, _config(tmp_path), ByteTokenizer(), shards, log=lambda *_: None)
     picked = drawn(Source(shards), 30, 10, 1, 0)
     assert list(entries) == [whole[int(k)] for k in picked] and len(entries.costs) == 10
+
+
+@pytest.mark.parametrize("fmt,mode,options", [("JPEG", "RGB", {}), ("JPEG", "L", {}), ("JPEG", "CMYK", {}),
+                                              ("JPEG", "RGB", {"progressive": True}),
+                                              ("JPEG", "RGB", {"exif": b"Exif\0\0" + b"\0" * 3000}),
+                                              ("PNG", "RGBA", {}), ("PNG", "P", {}), ("GIF", "P", {}),
+                                              ("WEBP", "RGB", {})])
+def test_image_sizes_from_headers_are_pillows(fmt, mode, options):
+    from PIL import Image
+
+    from moca.data.images import header_size
+    from moca.data.records import image_header
+    rng = np.random.default_rng(0)
+    for width, height in [(1, 1), (64, 48), (1600, 1200), (3, 599)]:
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode).save(
+            buffer, format=fmt, **options)
+        data = buffer.getvalue()
+        fast = header_size(data)
+        assert fast == ((width, height) if fmt in ("JPEG", "PNG") else None)  # the others: Pillow reads them
+        assert image_header(data, "").size == Image.open(io.BytesIO(data)).size == (width, height)
+    with pytest.raises(ValueError, match="could not be decoded"):
+        image_header(b"\xff\xd8\xff\xe0" + b"\x00" * 40, "")  # no frame header: Pillow's refusal
+    assert header_size(data[:10]) is None

@@ -33,6 +33,37 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 MAX_DOCUMENT_PIXELS = 4 * MAX_IMAGE_PIXELS
 
 
+def header_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(width, height) of a JPEG (from its baseline, extended or progressive frame header) or a
+    PNG (its IHDR), read from the encoded bytes in a few microseconds (Pillow's open takes about a
+    hundred, most of it in Python): what indexing a corpus of embedded images needs. None for
+    any other format or a header this does not follow to its frame: Pillow reads those."""
+    if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        return (width, height) if width and height else None
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xC0, 0xC1, 0xC2):
+            if i + 9 > len(data):
+                return None
+            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return (width, height) if width and height else None
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA or length < 2 or (0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)):
+            return None  # a scan before any frame, a broken length, or a frame Pillow reads its own way
+        i += 2 + length
+    return None
+
+
 def fitted_size(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """(height, width) after resizing: multiples of 28, pixel count within the bounds."""
     if height < 1 or width < 1:

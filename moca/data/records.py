@@ -90,7 +90,7 @@ class BadRecords:
 @dataclass
 class CptDocument:
     text: str
-    images: list[Image.Image]  # decoded, or (read_cpt(decode=False)) only their headers: size only
+    images: list  # decoded (PIL images), or (read_cpt(decode=False)) ImageHeader: their sizes only
     where: str                 # "file:line"
     offset: int = 0            # byte offset of the line in its file (see load_cpt)
     sources: list = field(default_factory=list)  # each image's JSON value (path or base64)
@@ -144,6 +144,40 @@ def _undecodable(value: str, exc: Exception) -> RecordError:
     return RecordError(f"image {_shown(value)} could not be decoded: {exc or type(exc).__name__}", "bad image")
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """An image known by its header alone: its size, all that indexing and ``layout`` read."""
+    width: int
+    height: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+def _check_shape(value, width: int, height: int) -> None:
+    """RecordError unless an image of this size may be decoded and used: at most
+    ``MAX_IMAGE_PIXELS``, and of a shape that ``fitted_size`` accepts (aspect ratio up to 200)."""
+    if width * height > _images.MAX_IMAGE_PIXELS:
+        raise _too_large(value, f"{width} x {height}")
+    try:
+        _images.fitted_size(height, width)
+    except ValueError as exc:
+        raise RecordError(f"image {_shown(value)} cannot be used: {exc}", "bad image") from None
+
+
+def image_header(value, folder: str) -> ImageHeader:
+    """An image's size from its header alone, checked as ``open_image`` checks it: read by
+    ``moca.data.images.header_size`` from embedded JPEG or PNG bytes (the rows of the authors'
+    shards), else by Pillow. RecordError (kind "bad image") saying why not."""
+    source, _ = _image_source(value, folder)
+    size = _images.header_size(source.getbuffer()) if isinstance(source, io.BytesIO) else None
+    if size is None:
+        return ImageHeader(*open_image(value, folder, decode=False).size)
+    _check_shape(value, *size)
+    return ImageHeader(*size)
+
+
 def open_image(value, folder: str, decode: bool = True) -> Image.Image:
     """A PIL image from a path or base64 bytes: its header read, its pixel count checked against
     ``moca.data.images.MAX_IMAGE_PIXELS`` (a decompression bomb is refused before any decoding)
@@ -160,12 +194,7 @@ def open_image(value, folder: str, decode: bool = True) -> Image.Image:
     except Exception as exc:  # Pillow's plugins raise many types on corrupt data (SyntaxError, EOFError, ...)
         raise _undecodable(value, exc) from None
     with image:
-        if image.width * image.height > _images.MAX_IMAGE_PIXELS:
-            raise _too_large(value, f"{image.width} x {image.height}")
-        try:
-            _images.fitted_size(image.height, image.width)  # a shape the processor refuses (aspect ratio over 200)
-        except ValueError as exc:
-            raise RecordError(f"image {_shown(value)} cannot be used: {exc}", "bad image") from None
+        _check_shape(value, image.width, image.height)
         if decode:
             try:
                 image.load()
@@ -195,14 +224,13 @@ def _cpt_document(record, folder: str, where: str, offset: int = 0, decode: bool
     placeholders = text.count(IMAGE_PLACEHOLDER)
     if placeholders != len(images):
         raise ValueError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")
-    opened = [open_image(image, folder, decode=False) for image in images]  # every header before any decoding
-    pixels = sum(image.width * image.height for image in opened)
+    headers = [image_header(image, folder) for image in images]  # every header before any decoding
+    pixels = sum(header.width * header.height for header in headers)
     if pixels > _images.MAX_DOCUMENT_PIXELS:  # e.g. one large image named many times
         raise RecordError(f"{len(images)} images of {pixels:,} pixels in all, over the limit of "
                           f"{_images.MAX_DOCUMENT_PIXELS:,} (moca.data.images.MAX_DOCUMENT_PIXELS); refused before "
                           "decoding", "bad image")
-    if decode:
-        opened = [open_image(image, folder) for image in images]
+    opened = [open_image(image, folder) for image in images] if decode else headers
     return CptDocument(text, opened, where, offset, images, folder)
 
 
