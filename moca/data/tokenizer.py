@@ -192,7 +192,9 @@ class TokenCounter:
         self.backend = backend
 
     def lengths(self, texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21) leaves out the character offsets, which a count never reads
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return [len(e) for e in encode(texts, add_special_tokens=False)]
 
 
 def maskable(ids: torch.Tensor, specials: Specials) -> torch.Tensor:
