@@ -193,3 +193,30 @@ def test_the_default_worker_count_follows_the_cores_and_the_device(tmp_path, cap
         err = capsys.readouterr().err
         assert why in err and "workers" in err, err
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_worker_plans_an_epoch_only_to_pass_over_a_batch_it_cannot_read(data, tmp_path):
+    # the training process plans each epoch (shuffle and pack: seconds and hundreds of MB at 3.4M
+    # documents); a ticket carries its batch's documents, so a worker makes it without the plan
+    tok, config = ByteTokenizer(), _config(tmp_path, documents=data["documents"])
+    entries = index_documents(config, tok, data["documents"], log=lambda *_: None)
+    logs = []
+    dataset = loader.MicroBatches(entries, loader.documents(entries, config, tok, logs.append), tok,
+                                  build("tiny").config, config, 0, 1)
+    tickets = loader.micro_batch_tickets(dataset.epochs, 1, 0, 0, 0, 0, 1)
+    first, second = next(tickets), next(tickets)
+    plan = dataset.epochs(0)
+    planned = []
+    dataset.epochs = loader.Epochs(lambda epoch: planned.append(epoch) or plan)  # as in a worker: nothing planned
+    batch, _, epoch, after = dataset[first]
+    assert planned == [] and (epoch, after) == (0, 1) and len(batch["lengths"]) == len(first.indices)
+    load = dataset.cache.load
+
+    def second_unreadable(i):
+        if i in second.indices:
+            raise ValueError(f"cpt.jsonl: document {i} cannot be read")
+        return load(i)
+    dataset.cache.load = second_unreadable
+    batch, _, epoch, after = dataset[second]  # passed over for batch 2, which only the plan names
+    assert planned == [0] and (epoch, after) == (0, 2) and len(batch["lengths"]) == len(plan[2])
+    assert logs[-1].startswith("micro-batch 1 of epoch 0 passed over (1 so far)")

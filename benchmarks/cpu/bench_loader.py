@@ -22,7 +22,8 @@ MFU, scaled to 50%), and the same in tokens/s (18,778: that step's documents ave
 documents/s over everything since the loader was made, start included; the CPU time spent per
 document by the training process and its workers together over the timed batches (what a core
 must give a document, whatever else shares the machine); the bytes of one micro-batch and each
-worker's proportional memory (PSS, shared pages divided among their sharers).
+worker's proportional memory (PSS, shared pages divided among their sharers). Then the planning
+of one epoch of the paper's size (``--plan-documents``): its time and memory.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 
 import numpy as np
 import torch
@@ -168,11 +170,40 @@ def measure(entries, config, workers: int, batches: int) -> dict:
                 training_process_pss_mib=round(pss_mib(os.getpid()), 1))
 
 
+class Costs:
+    """An index as the loader reads it for planning an epoch: ``len`` and ``costs``."""
+
+    def __init__(self, costs: np.ndarray):
+        self.costs = costs
+
+    def __len__(self) -> int:
+        return len(self.costs)
+
+
+def plan(documents: int, budget: int = 12800) -> dict:
+    """Planning one epoch of ``documents`` (shuffle and pack: what the training process does at
+    the start and every worker at each epoch it reaches): seconds, the plan's bytes, and the
+    most memory Python held while making it (tracemalloc, in a second, untimed call)."""
+    costs = Costs(np.random.default_rng(0).integers(64, 1281, documents))
+    started = time.perf_counter()
+    batches = loader.micro_batches(costs, budget, 0, 0)
+    seconds = time.perf_counter() - started
+    tracemalloc.start()
+    loader.micro_batches(costs, budget, 0, 0)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return dict(documents=documents, seconds=round(seconds, 2), micro_batches=len(batches),
+                plan_mib=round((batches.flat.nbytes + batches.starts.nbytes) / 2**20, 1),
+                peak_python_mib=round(peak / 2**20, 1))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--documents", type=int, default=200, help="documents generated (the corpus)")
     parser.add_argument("--batches", type=int, default=16, help="micro-batches timed per worker count")
+    parser.add_argument("--plan-documents", type=int, default=3_400_000,
+                        help="documents of the epoch whose planning is timed (the paper's epoch: 3.4M)")
     parser.add_argument("--out", help="where to write the results as JSON")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
@@ -183,11 +214,12 @@ def main(argv=None) -> int:
         entries = index_documents(config, ByteTokenizer(), path, log=lambda line: print(line, file=sys.stderr))
         indexed = time.perf_counter() - started
         rows = [measure(entries, config, w, args.batches) for w in args.workers]
+    planned = plan(args.plan_documents)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = dict(commit=commit, date=time.strftime("%Y-%m-%d"), cpus=len(os.sched_getaffinity(0)),
                   load_average=os.getloadavg(), python=platform.python_version(), torch=torch.__version__,
                   documents=len(entries), mean_jpeg_bytes=round(jpeg_bytes), index_s=round(indexed, 2),
-                  h100_documents_per_s=round(H100_AT_50_MFU, 1), rows=rows)
+                  h100_documents_per_s=round(H100_AT_50_MFU, 1), rows=rows, epoch_plan=planned)
     print(f"{len(entries)} documents (70% with a JPEG of {jpeg_bytes / 1000:.0f} KB on average), indexed in "
           f"{indexed:.1f} s; {result['cpus']} CPUs, load average {result['load_average'][0]:.1f}")
     print(f"{'workers':>7} {'first batch s':>13} {'documents/s':>11} {'x H100 at 50% MFU (23.7/s)':>27} "
@@ -198,6 +230,9 @@ def main(argv=None) -> int:
               f"{r['tokens_per_s']:>8} {r['token_ratio_to_h100']:>15} {r['documents_per_s_with_start']:>17} "
               f"{r['cpu_ms_per_document']:>10} {r['documents_per_micro_batch']:>16} {r['micro_batch_mib']:>15} "
               f"{str(r['worker_pss_mib']):>15}")
+    print(f"planning an epoch of {planned['documents']:,} documents: {planned['seconds']} s, "
+          f"{planned['micro_batches']:,} micro-batches, a plan of {planned['plan_mib']} MiB "
+          f"(Python held {planned['peak_python_mib']} MiB at most while making it)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -16,6 +16,7 @@ batch and are said by the training process, numbered as a run without workers nu
 """
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import random
@@ -185,12 +186,12 @@ class Batches:
         self.flat, self.starts = flat, starts
 
     @classmethod
-    def of(cls, batches: Sequence[Sequence[int]], order: Sequence[int] | None = None) -> Batches:
+    def of(cls, batches: Sequence[Sequence[int]], order: np.ndarray | None = None) -> Batches:
         """``batches`` of positions in ``order`` (default: the indices themselves)."""
-        sizes = np.fromiter((len(b) for b in batches), np.int64, len(batches))
-        flat = np.fromiter((i for b in batches for i in b), np.int64, int(sizes.sum()))
+        sizes = np.fromiter(map(len, batches), np.int64, len(batches))
+        flat = np.fromiter(itertools.chain.from_iterable(batches), np.int64, int(sizes.sum()))
         if order is not None:
-            flat = np.asarray(order, dtype=np.int64)[flat]
+            flat = order[flat]
         return cls(flat, np.concatenate([[0], np.cumsum(sizes)]))
 
     def __len__(self) -> int:
@@ -213,8 +214,10 @@ def costs_of(entries) -> np.ndarray:
 def micro_batches(entries, token_budget: int, seed: int, epoch: int, costs: np.ndarray | None = None) -> Batches:
     """The epoch's micro-batches (document indices): documents shuffled by (seed, epoch), then
     packed under the token budget. ``costs``: ``costs_of(entries)``, when the caller has it."""
-    order = list(range(len(entries)))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    shuffled = list(range(len(entries)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(shuffled)
+    order = np.fromiter(shuffled, np.int64, len(shuffled))
+    del shuffled  # a Python int a document: the largest thing made here
     costs = costs_of(entries) if costs is None else costs
     return Batches.of(pack(costs[order].tolist(), token_budget), order)
 
@@ -236,13 +239,21 @@ class Epochs:
 @dataclass(frozen=True)
 class Ticket:
     """One batch of a rank's stream: what makes it, alone. ``first``: the batch of the epoch this
-    rank reads (another where it cannot be read); ``after``: the data position after it, saved
-    with a checkpoint; ``step`` and ``micro`` seed stage-1 masks."""
+    rank reads, of ``count``; ``indices``: this rank's records of it (so that a worker plans the
+    epoch only where that batch cannot be read and it must look further); ``after``: the data
+    position after it, saved with a checkpoint; ``step`` and ``micro`` seed stage-1 masks."""
     epoch: int
     first: int
     after: int
+    count: int
+    indices: tuple[int, ...]
     step: int = 0
     micro: int = 0
+
+    def batch(self, epochs: Epochs, indices: Callable[[Sequence, int], list[int]]) -> Callable[[int], list[int]]:
+        """``Cache.first_readable``'s ``batch``: this ticket's records for its own batch, else
+        ``indices(plan, j)`` of the epoch's plan."""
+        return lambda j: list(self.indices) if j == self.first else indices(epochs(self.epoch), j)
 
 
 def micro_batch_tickets(epochs: Epochs, grad_accum: int, step: int, epoch: int, position: int, rank: int,
@@ -250,29 +261,37 @@ def micro_batch_tickets(epochs: Epochs, grad_accum: int, step: int, epoch: int, 
     """This rank's stage-1 tickets from (step, epoch, position) on: each round takes the next
     ``size`` micro-batches of the epoch, this rank's being ``position + rank``; an epoch's
     remainder that cannot serve every rank is left out."""
-    count = len(epochs(epoch))
+    plan = epochs(epoch)
     while True:
         for micro in range(grad_accum):
-            if position + size > count:
+            if position + size > len(plan):
                 epoch, position = epoch + 1, 0
-                count = len(epochs(epoch))
-                if size > count:
-                    raise ValueError(f"{count} micro-batches per epoch cannot serve {size} ranks")
+                plan = epochs(epoch)
+                if size > len(plan):
+                    raise ValueError(f"{len(plan)} micro-batches per epoch cannot serve {size} ranks")
             position += size
-            yield Ticket(epoch, position - size + rank, position, step, micro)
+            first = position - size + rank
+            yield Ticket(epoch, first, position, len(plan), tuple(plan[first]), step, micro)
         step += 1
 
 
-def pair_batch_tickets(epochs: Epochs, pairs_count: int, global_batch: int, epoch: int,
-                       position: int) -> Iterator[Ticket]:
-    """The stage-2 tickets from (epoch, position) on: one global batch each (every rank its slice)."""
+def pair_batch_tickets(epochs: Epochs, pairs_count: int, per_rank: int, epoch: int, position: int, rank: int,
+                       size: int) -> Iterator[Ticket]:
+    """The stage-2 tickets from (epoch, position) on: one global batch each, this rank's slice."""
+    plan = epochs(epoch)
     while True:
-        if position >= len(epochs(epoch)):
+        if position >= len(plan):
             epoch, position = epoch + 1, 0
-            if not epochs(epoch):
-                raise ValueError(f"{pairs_count} pairs cannot fill one global batch of {global_batch}")
+            plan = epochs(epoch)
+            if not plan:
+                raise ValueError(f"{pairs_count} pairs cannot fill one global batch of {per_rank * size}")
         position += 1
-        yield Ticket(epoch, position - 1, position)
+        yield Ticket(epoch, position - 1, position, len(plan), tuple(pair_slice(plan, position - 1, rank, per_rank)))
+
+
+def pair_slice(plan: Sequence[Sequence[int]], j: int, rank: int, per_rank: int) -> list[int]:
+    """Rank ``rank``'s pairs of global batch ``j``."""
+    return list(plan[j][rank * per_rank:(rank + 1) * per_rank])
 
 
 class MicroBatches:
@@ -294,9 +313,10 @@ class MicroBatches:
         self.epochs = Epochs(lambda e: micro_batches(entries, budget, self.seed, e, costs))
 
     def __getitem__(self, t: Ticket) -> tuple[dict, float, int, int]:
-        c, batches = self.cpt, self.epochs(t.epoch)
+        c = self.cpt
         with nvtx("load"):
-            chosen = self.cache.first_readable(batches.__getitem__, len(batches), t.first, "micro-batch", t.epoch)
+            chosen = self.cache.first_readable(t.batch(self.epochs, lambda plan, j: plan[j]), t.count, t.first,
+                                               "micro-batch", t.epoch)
         generator = torch.Generator().manual_seed(hash((self.seed, t.step, t.micro * self.size + self.rank)) % 2**63)
         with nvtx("collate"):
             batch = collate(chosen, self.tokenizer.specials, self.mlm_ratio, self.mae_ratio, generator,
@@ -319,15 +339,15 @@ class PairBatches:
     (passed over where no pair of it can be read, as micro-batches are)."""
 
     def __init__(self, entries, cache: Cache, config, rank: int, size: int):
-        self.cache, self.per_rank, self.rank = cache, config.cl.pairs_per_batch, rank
+        self.cache, self.per_rank, self.rank, self.size = cache, config.cl.pairs_per_batch, rank, size
         tasks = getattr(entries, "tasks", None) or [entries[i].task for i in range(len(entries))]  # the index's own
         mixed, seed = config.cl.task_batching == "mixed", config.run.seed
         self.epochs = Epochs(lambda e: contrastive_batches(tasks, self.per_rank * size, seed, e, mixed))
 
     def __getitem__(self, t: Ticket) -> tuple[list, int, int]:
-        batches, lo, hi = self.epochs(t.epoch), self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+        batch = t.batch(self.epochs, lambda plan, j: pair_slice(plan, j, self.rank, self.per_rank))
         with nvtx("load"):
-            chosen = self.cache.first_readable(lambda j: batches[j][lo:hi], len(batches), t.first, "batch", t.epoch)
+            chosen = self.cache.first_readable(batch, t.count, t.first, "batch", t.epoch)
         return chosen, t.epoch, t.after
 
     def send(self, item):
@@ -376,7 +396,8 @@ def pair_batch_stream(entries, cache: Cache, config, epoch: int, position: int, 
     """This rank's share of the contrastive batches from (epoch, position) on, made in this
     process: (encoded pairs, epoch, position after the batch)."""
     dataset = PairBatches(entries, cache, config, rank, size)
-    for ticket in pair_batch_tickets(dataset.epochs, len(entries), config.cl.pairs_per_batch * size, epoch, position):
+    for ticket in pair_batch_tickets(dataset.epochs, len(entries), config.cl.pairs_per_batch, epoch, position, rank,
+                                     size):
         yield dataset[ticket]
 
 
@@ -440,7 +461,7 @@ class Loader:
     ``workers`` processes each holding up to ``ahead`` (at least 1) ready."""
 
     def __init__(self, dataset, tickets: Iterator[Ticket], first_epoch: int, workers: int, ahead: int, pin: bool):
-        self.per_epoch = len(dataset.epochs(first_epoch))  # made before any fork: the workers start with it
+        self.per_epoch = len(dataset.epochs(first_epoch))
         if workers > 0:
             dataset.cache.room //= workers  # each worker keeps its own share of cache_bytes
             self.stream = in_workers(dataset, tickets, workers, max(1, ahead), pin)
@@ -473,7 +494,7 @@ def pair_batch_loader(entries, config, tokenizer, epoch: int, position: int, ran
                       device: torch.device, log) -> Loader:
     """The stage-2 loader of a rank: ``PairBatches`` from (epoch, position) on."""
     dataset = PairBatches(entries, pairs(entries, config, tokenizer, log), config, rank, size)
-    tickets = pair_batch_tickets(dataset.epochs, len(entries), config.cl.pairs_per_batch * size, epoch, position)
+    tickets = pair_batch_tickets(dataset.epochs, len(entries), config.cl.pairs_per_batch, epoch, position, rank, size)
     return Loader(dataset, tickets, epoch, worker_count(config.data, device), depth(config.data.prefetch, device),
                   device.type == "cuda")
 
