@@ -14,11 +14,14 @@ tokenizer is on these machines), run single-threaded (``TOKENIZERS_PARALLELISM=f
 a process is one core.
 
 Reported: documents/s of a build from nothing with each ``--workers`` count (``data.index_workers``;
-a fresh cache each); the same for the per-document path that indexed JSON Lines before the
-compact index (``read_cpt`` and ``layout`` a document at a time, images as base64), on the first
-``--baseline-docs`` rows written as JSON Lines; bytes per document of the index's arrays and of
-the Python heap that loading the cached index adds; the seconds until a cached index is ready
-(median of three loads in this process, verification included).
+a fresh cache each), and documents per CPU-second (this process and its pool together: what a
+core must give a document, whatever else shares the machine); the same for the per-document path
+that indexed JSON Lines before the compact index (``read_cpt`` and ``layout`` a document at a
+time, images as base64), on the first ``--baseline-docs`` rows written as JSON Lines, and for the
+tokenizer alone on those rows' texts (the floor of any build with this tokenizer); bytes per
+document of the index's arrays and of the Python heap that loading the cached index adds; the
+seconds until a cached index is ready (median of three loads in this process, verification
+included).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import io
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -100,6 +104,17 @@ def corpus(folder: str, docs: int) -> list[str]:
     return paths
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have ended (a build's pool)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def rates(docs: int, seconds: float, cpu: float) -> dict:
+    return {"docs": docs, "seconds": round(seconds, 2), "docs_per_s": round(docs / seconds),
+            "docs_per_cpu_s": round(docs / cpu)}
+
+
 def baseline(shard: str, count: int, tokenizer, config: Config, folder: str) -> dict:
     """The per-document path on the first ``count`` rows as JSON Lines (images as base64):
     documents/s, and the heap bytes of its ``Entry`` list per document."""
@@ -113,26 +128,35 @@ def baseline(shard: str, count: int, tokenizer, config: Config, folder: str) -> 
         os.replace(path + ".tmp", path)
     d = config.data
     tracemalloc.start()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     entries = []
     for doc in read_cpt(path, decode=False):
         ids, _ = layout(doc, tokenizer, d.max_doc_tokens, d.min_pixels, d.max_pixels)
         entries.append(Entry(path, doc.offset, doc.where, len(ids)))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     heap, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return {"docs": len(entries), "seconds": round(seconds, 2), "docs_per_s": round(len(entries) / seconds),
-            "heap_bytes_per_doc": round(heap / len(entries))}
+    return {**rates(len(entries), seconds, cpu), "heap_bytes_per_doc": round(heap / len(entries))}
+
+
+def tokenizer_alone(path: str, tokenizer) -> dict:
+    """The texts of the JSON Lines rows, split at their images, counted in batches of 1,024."""
+    with open(path) as f:
+        pieces = [json.loads(line)["text"].split("<image>") for line in f]
+    texts = [p for parts in pieces for p in parts]
+    counter = tokenizer.counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
+    for k in range(0, len(texts), 1024):
+        counter.lengths(texts[k:k + 1024])
+    return rates(len(pieces), time.perf_counter() - start, cpu_seconds() - cpu)
 
 
 def build(folder: str, workers: int, tokenizer, config: Config, cache: str) -> dict:
     """A build from nothing into ``cache`` with ``workers`` processes: documents/s."""
     config = config.update({"index_cache": cache, "index_workers": workers})
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     index = index_documents(config, tokenizer, folder, log=lambda *_: None)
-    seconds = time.perf_counter() - start
-    return {"workers": workers, "docs": len(index), "seconds": round(seconds, 2),
-            "docs_per_s": round(len(index) / seconds)}
+    return {"workers": workers, **rates(len(index), time.perf_counter() - start, cpu_seconds() - cpu)}
 
 
 def cached(folder: str, tokenizer, config: Config, cache: str) -> dict:
@@ -178,6 +202,9 @@ def main() -> None:
     print(json.dumps(result), flush=True)
     result["baseline"] = baseline(shards[0], min(args.baseline_docs, args.docs), tokenizer, config, args.data)
     print("per-document path (JSON Lines):", json.dumps(result["baseline"]), flush=True)
+    result["tokenizer_alone"] = tokenizer_alone(os.path.join(args.data, f"first-{result['baseline']['docs']}.jsonl"),
+                                                tokenizer)
+    print("tokenizer alone:", json.dumps(result["tokenizer_alone"]), flush=True)
     result["builds"] = []
     with tempfile.TemporaryDirectory(dir=args.data) as caches:
         for workers in args.workers:
@@ -185,14 +212,19 @@ def main() -> None:
             print("build:", json.dumps(result["builds"][-1]), flush=True)
         result["cached"] = cached(folder, tokenizer, config, os.path.join(caches, f"w{args.workers[-1]}"))
     print("cached:", json.dumps(result["cached"]), flush=True)
+    base = result["baseline"]
     for b in result["builds"]:
-        b["x_per_document_path"] = round(b["docs_per_s"] / result["baseline"]["docs_per_s"], 1)
-    print("\n| what | value |\n| --- | --- |")
-    print(f"| per-document path (before), 1 process | {result['baseline']['docs_per_s']:,} documents/s |")
+        b["x_per_document_path"] = round(b["docs_per_s"] / base["docs_per_s"], 1)
+        b["x_per_document_path_per_cpu_s"] = round(b["docs_per_cpu_s"] / base["docs_per_cpu_s"], 1)
+    print("\n| what | documents/s | documents per CPU-second |\n| --- | --- | --- |")
+    print(f"| per-document path (before), 1 process | {base['docs_per_s']:,} | {base['docs_per_cpu_s']:,} |")
+    t = result["tokenizer_alone"]
+    print(f"| the tokenizer alone (the floor) | {t['docs_per_s']:,} | {t['docs_per_cpu_s']:,} |")
     for b in result["builds"]:
-        print(f"| compact index build, {b['workers']} process(es) | {b['docs_per_s']:,} documents/s "
-              f"({b['x_per_document_path']}x) |")
+        print(f"| compact index build, {b['workers']} process(es) | {b['docs_per_s']:,} ({b['x_per_document_path']}x) "
+              f"| {b['docs_per_cpu_s']:,} ({b['x_per_document_path_per_cpu_s']}x) |")
     c = result["cached"]
+    print("\n| what | value |\n| --- | --- |")
     print(f"| index arrays | {c['array_bytes_per_doc']} bytes/document ({c['dtypes']}) |")
     print(f"| heap a cached load adds | {c['heap_bytes_per_doc']} bytes/document |")
     print(f"| cached index ready | {c['ready_s_median']} s (median of 3) |")
