@@ -21,11 +21,12 @@ import argparse
 import io
 import json
 import os
+import shlex
 import sys
 from types import SimpleNamespace
 
 from .config import Config, describe, targets, toml_settings
-from .data.convert import FORMATS, convert
+from .data.convert import FORMATS, convert, refuse_unconverted
 from .files import atomic_write, data_files, regular_or_absent
 
 # torch, transformers and the model load on first use (inside the commands that need them), so
@@ -132,23 +133,28 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     a.add_argument("--rows", help="comma-separated subset of the rows: cl,cl-causal,mlm+cl,mae+cl,cpt+cl")
     a.add_argument("settings", nargs="*", metavar="key=value", help="settings for every row, as for moca train")
     e = commands.add_parser("eval", help="score a trained model on MMEB-style or retrieval files")
-    e.add_argument("--model", required=True, help="a run directory or an exported model folder")
+    e.add_argument("--model", required=True, help="a run directory (of both stages: its last) or an exported model "
+                   "folder")
     e.add_argument("--data", required=True, nargs="+", help="evaluation .jsonl files or folders of them")
     e.add_argument("--out", help="where eval.json goes (default: the model's folder)")
     e.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    e.add_argument("--query-prompt", help="an instruction put before each query's text (default: none)")
-    e.add_argument("--document-prompt", help="an instruction put before each candidate's text (default: none; "
-                   "MoCa's for page images: \"Represent the given document image.\" and a new line)")
+    e.add_argument("--query-prompt", help="an instruction put before each query's text (default: the model's "
+                   "own query prompt; \"\" for none)")
+    e.add_argument("--document-prompt", help="an instruction put before each candidate's text (default: the "
+                   "model's own document prompt: none for the tiny recipe, MoCa's for the moca recipe, "
+                   "\"Represent the given document image.\" and a new line; \"\" for none)")
     n = commands.add_parser("encode", help="embed inputs (texts, images, both) into a .npy file")
-    n.add_argument("--model", required=True, help="a run directory or an exported model folder")
+    n.add_argument("--model", required=True, help="a run directory (of both stages: its last) or an exported model "
+                   "folder")
     n.add_argument("--input", help="a .jsonl file, one side a line: {\"text\": ...} and/or {\"image\": path}")
     n.add_argument("--output", help="the .npy file to write (float32, one normalized row per input line; a line "
                    "that cannot be embedded gets a row of NaN, named on stderr)")
     n.add_argument("--strict", action="store_true", help="stop at the first bad input line, writing nothing")
-    n.add_argument("--prompt", help="an instruction put before each input's text (after its image when the "
-                   "image comes first), e.g. \"Find an image that matches the caption: \"")
-    n.add_argument("--prompt-name", help="the model's own prompt of this name: query or document (MoCa's document "
-                   "prompt: \"Represent the given document image.\")")
+    prompt = n.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="an instruction put before each input's text (after its image when the "
+                        "image comes first), e.g. \"Find an image that matches the caption: \"")
+    prompt.add_argument("--prompt-name", help="the model's own prompt of this name: query or document (the moca "
+                        "recipe's document prompt: \"Represent the given document image.\")")
     n.add_argument("--export", metavar="DIR", help="also write the model to DIR in the form transformers, "
                    "sentence-transformers and MTEB load (docs/export.md)")
     n.add_argument("--query-prompt", help="the export's query prompt (default: the model's; MoCa's is none)")
@@ -197,6 +203,8 @@ def _convert(args, parser) -> int:
         print(f"{done.images_written} embedded images written beside it")
     if done.unjudged:
         print(f"{done.unjudged} queries without a relevant document left out")
+    if done.stray_image_tokens:
+        print(f"{done.stray_image_tokens} image tokens naming an image their row lacks dropped (their text kept)")
     return 0
 
 
@@ -235,6 +243,8 @@ def _train(args, parser) -> int:
         print(json.dumps(config.to_dict(), indent=1))
         return 0
     from .train import Preempted, train
+    if config.data.evaluation:  # refused before training, not after it (documents and pairs read many layouts)
+        refuse_unconverted(config.data.evaluation, "moca train's evaluation")
     if int(os.environ.get("RANK", "0")) == 0:
         changed = config.recipe_differences()
         print(f"recipe {config.run.recipe}" + (f"; settings that differ from it: {'; '.join(changed)}" if changed
@@ -256,7 +266,23 @@ def _train(args, parser) -> int:
     else:
         print(f"done: {json.dumps(final)}\nrun directory: {config.run.out} (config.json, metrics.jsonl, "
               "checkpoints/, loss.png)")
+    print("\n".join(next_commands(config)))
     return 0
+
+
+def next_commands(config: Config) -> list[str]:
+    """The ``moca eval`` and ``moca encode`` command lines that use the model a run just trained
+    (of both stages: the last stage's, which ``--model`` takes from the run directory)."""
+    d, out = config.data, shlex.quote(config.run.out)
+    if d.evaluation:
+        evaluation = shlex.quote(d.evaluation)
+    elif config.run.stage == "both" and d.documents is None and d.pairs is None:  # the embedded held-out split
+        evaluation = shlex.quote(os.path.join(config.run.out, "eval-data"))
+    else:
+        evaluation = "EVAL.jsonl"
+    return [f"evaluate it: moca eval --model {out} --data {evaluation}",
+            f"embed with it: moca encode --model {out} --input INPUTS.jsonl --output vectors.npy   (INPUTS.jsonl: "
+            '{"text": ...} and/or {"image": path}, one a line)']
 
 
 def _ablate(args, parser) -> int:
@@ -289,28 +315,47 @@ def _summary(final: dict, prefix: str) -> None:
 
 
 def _scores(result: dict, prefix: str = "") -> None:
-    """Each task's main metric of an evaluation (``moca.eval.evaluate``) beside its chance level."""
+    """Each task's main metric of an evaluation (``moca.eval.evaluate``) over its own candidates,
+    and Recall@1, Recall@10 and nDCG@10 over the task's whole pool, each beside its chance level."""
+    from .eval import POOL
     for task, scores in result.get("tasks", {}).items():
         main = "precision_at_1" if "precision_at_1" in scores else "ndcg_at_5"
-        print(f"{prefix}{task}: {main} {scores[main]:.3f} (chance {scores['chance']:.3f}, {scores['n']} queries)")
+        print(f"{prefix}{task}: {main} {scores[main]:.3f} (chance {scores['chance']:.3f}, {scores['n']} queries, "
+              "each over its own candidates)")
+        if "pool_size" in scores:
+            pooled = ", ".join(f"{name[5:]} {scores[name]:.3f} (chance {scores['chance_' + name]:.3f})"
+                               for name in POOL)
+            print(f"{prefix}{task}: {pooled}, each query over {scores['pool_size']:.0f} candidates (the task's pool)")
     for meta, scores in result.get("meta_tasks", {}).items():
         print(f"{prefix}MMEB {meta}: precision_at_1 {scores['precision_at_1']:.3f} (chance {scores['chance']:.3f}, "
               f"mean of {len(scores['tasks'])} tasks)")
 
 
+def _load_encoder(path: str):
+    """``Encoder.from_pretrained(path)``, saying on stderr which stage of a run of both stages it took."""
+    from .encoder import Encoder, model_folder
+    folder, note = model_folder(path)
+    if note:
+        print(f"model: {note}", file=sys.stderr)
+    return Encoder.from_pretrained(folder)
+
+
 def _eval(args, parser) -> int:
-    from .encoder import Encoder
     from .eval import evaluate
-    encoder = Encoder.from_pretrained(args.model)
+    for path in args.data:
+        refuse_unconverted(path, "moca eval")
     files = [f for path in args.data for f in data_files(path)]
-    out = args.out or args.model
+    encoder = _load_encoder(args.model)
+    out = args.out or encoder.folder
     target = os.path.join(out, "eval.json")
     os.makedirs(out, exist_ok=True)  # refused before the evaluation, not after it
     regular_or_absent(target)
     if not os.access(out, os.W_OK):
         raise ValueError(f"{out} is not writable, so eval.json cannot go there: give --out DIR")
-    result = evaluate(encoder, files, strict=args.strict, query_prompt=args.query_prompt,
-                      document_prompt=args.document_prompt)
+    prompts = {role: given if given is not None else encoder.prompts.get(role, "")
+               for role, given in (("query", args.query_prompt), ("document", args.document_prompt))}
+    result = evaluate(encoder, files, strict=args.strict, query_prompt=prompts["query"],
+                      document_prompt=prompts["document"], show_progress_bar=True)
     _scores(result)  # before the write: a failing disk loses no score
     atomic_write(target, json.dumps(result, indent=1).encode())
     print(f"eval.json: {target}")
@@ -322,13 +367,12 @@ def _encode(args, parser) -> int:
         parser.error("encode needs --input and --output (or --export DIR)")
     import numpy as np
 
-    from .encoder import Encoder
     from .eval import embed_file
     output = None
     if args.input:  # refused before the work, not after it
         output = args.output if args.output.endswith(".npy") else args.output + ".npy"  # as np.save names it
         regular_or_absent(output)
-    encoder = Encoder.from_pretrained(args.model)
+    encoder = _load_encoder(args.model)
     prompt = encoder.prompt_text(args.prompt, args.prompt_name)
     if args.export:
         prompts = dict(encoder.prompts)
@@ -338,8 +382,9 @@ def _encode(args, parser) -> int:
         encoder.save_pretrained(args.export, prompts=prompts)
         print(f"exported to {args.export}")
     if args.input:
-        prompted = SimpleNamespace(encode=lambda inputs: encoder.encode(inputs, prompt=prompt))
-        vectors = embed_file(prompted, args.input, args.strict, log=lambda line: print(line, file=sys.stderr))
+        prompted = SimpleNamespace(encode=lambda inputs, **options: encoder.encode(inputs, prompt=prompt, **options))
+        vectors = embed_file(prompted, args.input, args.strict, log=lambda line: print(line, file=sys.stderr),
+                             show_progress_bar=True)
         buffer = io.BytesIO()
         np.save(buffer, vectors)
         atomic_write(output, buffer.getvalue())

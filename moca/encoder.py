@@ -5,15 +5,19 @@
     vectors = encoder.encode(["a red circle", {"image": "pic.png"}, {"text": "<image> a cat", "image": img}])
 
 An input is a text, a PIL image, or a side as in the data files (``{"text": ..., "image": ...}``,
-an image being a path, base64 or a PIL image). Embeddings are float32, L2-normalized, one row per
-input, the same whether an input is encoded alone or in a batch (documents are packed, never
-padded). The attention and pooling are the run's (``cl.attention``, ``cl.pooling``): MoCa's
-bidirectional mean, or the causal baseline's last token.
+an image being a path, base64 or a PIL image). ``encode`` takes sentence-transformers' arguments
+(``batch_size``, ``show_progress_bar``, ``convert_to_numpy``, ``convert_to_tensor``,
+``normalize_embeddings``, ``prompt``, ``prompt_name``) and returns what it returns: by default a
+float32 array (n, hidden), one L2-normalized row per input, the same whether an input is encoded
+alone or in a batch (documents are packed, never padded). The attention and pooling are the
+run's (``cl.attention``, ``cl.pooling``): MoCa's bidirectional mean, or the causal baseline's
+last token. A run directory of both stages (``moca train``'s default) gives its last stage.
 
 A prompt (task instruction) goes before each input's text, after its image when the image comes
-first: ``encode(images, prompt_name="document")`` embeds ``<image>Represent the given document
-image.\n``, MoCa's document prompt (``encoder.prompts``; worth about 10 nDCG@5 points on ViDoRe),
-``encode(texts, prompt="Find an image that matches the caption: ")`` an instruction of one's own.
+first. The model's own prompts (``encoder.prompts``) are its recipe's: none for ``tiny``, MoCa's
+for ``moca``, whose ``encode(images, prompt_name="document")`` embeds ``<image>Represent the given
+document image.\n`` (worth about 10 nDCG@5 points on ViDoRe); ``encode(texts, prompt="Find an
+image that matches the caption: ")`` gives an instruction of one's own.
 
 ``save_pretrained`` exports the model in Hugging Face form with its processor, prompts and
 sentence-transformers modules (``moca.export``): ``from_pretrained``, transformers and
@@ -23,22 +27,26 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
+import warnings
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from .checkpoint import load_run
+from .checkpoint import find, load_run
 from .data.cpt import encode
 from .data.images import MAX_IMAGE_PIXELS, MAX_PIXELS, MIN_PIXELS
 from .data.pairs import side_document
 from .data.tokenizer import ByteTokenizer, HFTokenizer
-from .export import MOCA_PROMPTS, check_prompts, write_export
+from .export import NO_PROMPTS, RECIPE_PROMPTS, check_prompts, write_export
 from .files import read_json, writable_folder
 from .model.embed import MocaEmbedder, embed_documents
 from .model.qwen import build
 
 EXPORT_MARKER = "moca.json"
+STAGES_NEWEST_FIRST = ("cl", "cpt")  # the folders of a run of both stages, the last stage first
 
 
 # moca.json's fields: the values each may take (a range for a number), and the value of an
@@ -71,32 +79,59 @@ def read_export_meta(path: str) -> dict:
     return meta
 
 
+def model_folder(path: str) -> tuple[str, str | None]:
+    """The folder that holds the model of ``path`` and, where it is not ``path`` itself, a line
+    saying which it is: a run directory of both stages (``moca train``'s ``cpt/`` and ``cl/``)
+    holds its model in its last stage that has a checkpoint."""
+    if os.path.lexists(os.path.join(path, EXPORT_MARKER)) or os.path.isdir(os.path.join(path, "checkpoints")):
+        return path, None
+    for stage in STAGES_NEWEST_FIRST:
+        folder = os.path.join(path, stage)
+        if os.path.isfile(os.path.join(folder, "config.json")) and find(folder, log=lambda *_: None):
+            return folder, f"{path} holds both stages: using the last one with a checkpoint, {folder}"
+    return path, None
+
+
 class Encoder:
+    """Embeddings of texts, images and both from a moca model (the module's docstring).
+
+    ``prompts`` (name -> text) are the model's own: what ``prompt_name`` looks up, what ``moca
+    eval`` and ``MocaEncoder`` put before queries (``"query"``) and candidates (``"document"``) by
+    default, and what an export carries. A run's are its recipe's (``RECIPE_PROMPTS``: none for
+    ``tiny``, MoCa's for ``moca``); an export's are in its ``moca.json``; none when not given."""
+
     def __init__(self, model, tokenizer, max_doc_tokens: int = 1280, min_pixels: int | None = None,
                  max_pixels: int | None = None, token_budget: int = 8192, device=None,
                  attention: str = "bidirectional", pooling: str = "mean", prompts: dict[str, str] | None = None):
-        self.prompts = dict(MOCA_PROMPTS if prompts is None else prompts)  # name -> text, for prompt_name
+        self.prompts = dict(NO_PROMPTS if prompts is None else prompts)
         check_prompts(self.prompts)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.embedder = MocaEmbedder(model, attention=attention, pooling=pooling).to(self.device).eval()
         self.tokenizer, self.max_doc_tokens, self.token_budget = tokenizer, max_doc_tokens, token_budget
         self.min_pixels, self.max_pixels = min_pixels or MIN_PIXELS, max_pixels or MAX_PIXELS
+        self.folder: str | None = None  # the folder the model was read from (from_pretrained)
 
     @classmethod
     def from_pretrained(cls, path: str, device=None) -> Encoder:
-        """A moca run directory (its latest checkpoint, stage 1 or 2) or a folder ``save_pretrained`` wrote."""
-        if os.path.lexists(os.path.join(path, EXPORT_MARKER)):
-            meta = read_export_meta(path)
-            tokenizer = ByteTokenizer() if meta["tokenizer"] == "bytes" else HFTokenizer(path)
-            model = build(path=path)
-            return cls(model, tokenizer, meta["max_doc_tokens"], meta["min_pixels"], meta["max_pixels"], device=device,
-                       attention=meta["attention"], pooling=meta["pooling"], prompts=meta.get("prompts"))
-        if not os.path.isfile(os.path.join(path, "config.json")):
+        """A moca run directory (its latest checkpoint, stage 1 or 2; of a run of both stages, the
+        last stage's: ``model_folder``) or a folder ``save_pretrained`` wrote."""
+        folder, _ = model_folder(path)
+        if os.path.lexists(os.path.join(folder, EXPORT_MARKER)):
+            meta = read_export_meta(folder)
+            tokenizer = ByteTokenizer() if meta["tokenizer"] == "bytes" else HFTokenizer(folder)
+            model = build(path=folder)
+            encoder = cls(model, tokenizer, meta["max_doc_tokens"], meta["min_pixels"], meta["max_pixels"],
+                          device=device, attention=meta["attention"], pooling=meta["pooling"],
+                          prompts=meta.get("prompts"))
+        elif not os.path.isfile(os.path.join(folder, "config.json")):
             raise ValueError(f"{path}: neither a moca run directory (config.json) nor an export ({EXPORT_MARKER})")
-        config, model, tokenizer = load_run(path, log=lambda *_: None)
-        d = config.data
-        return cls(model, tokenizer, d.max_doc_tokens, d.min_pixels, d.max_pixels, d.token_budget, device,
-                   config.cl.attention, config.cl.pooling)
+        else:
+            config, model, tokenizer = load_run(folder, log=lambda *_: None)
+            d = config.data
+            encoder = cls(model, tokenizer, d.max_doc_tokens, d.min_pixels, d.max_pixels, d.token_budget, device,
+                          config.cl.attention, config.cl.pooling, RECIPE_PROMPTS[config.run.recipe])
+        encoder.folder = folder
+        return encoder
 
     def _document(self, item, index: int, prompt: str = ""):
         if isinstance(item, str):
@@ -120,32 +155,59 @@ class Encoder:
         return encoded
 
     def prompt_text(self, prompt: str | None = None, prompt_name: str | None = None) -> str:
-        """The prompt ``encode`` puts before each input's text: ``prompt`` itself, or the one
-        ``self.prompts`` holds under ``prompt_name`` ("query", "document"), or none."""
-        if prompt is not None and prompt_name is not None:
-            raise ValueError("give prompt or prompt_name, not both")
-        if prompt_name is not None:
-            if prompt_name not in self.prompts:
-                raise ValueError(f"prompt_name {prompt_name!r} is not among this model's prompts "
-                                 f"{sorted(self.prompts)}")
-            return self.prompts[prompt_name]
-        if prompt is not None and not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        return prompt or ""
+        """The prompt ``encode`` puts before each input's text, as sentence-transformers resolves it:
+        ``prompt`` itself (``prompt_name`` then ignored, with a warning), else the one
+        ``self.prompts`` holds under ``prompt_name`` ("query", "document"), else none."""
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+            if prompt_name is not None:
+                warnings.warn(f"prompt and prompt_name {prompt_name!r} both given: the prompt is used", stacklevel=3)
+            return prompt
+        if prompt_name is not None and prompt_name not in self.prompts:
+            raise ValueError(f"prompt_name {prompt_name!r} is not among this model's prompts {sorted(self.prompts)}")
+        return self.prompts[prompt_name] if prompt_name is not None else ""
 
     @torch.no_grad()
-    def encode(self, inputs, prompt: str | None = None, prompt_name: str | None = None) -> torch.Tensor:
-        """Normalized float32 embeddings (n, hidden) on the CPU, one per input; ``prompt`` (or the
-        prompt named ``prompt_name`` in ``self.prompts``) goes before each input's text."""
-        if isinstance(inputs, (str, dict)) or not isinstance(inputs, (list, tuple)):
-            inputs = [inputs]
+    def encode(self, inputs, prompt_name: str | None = None, prompt: str | None = None, batch_size: int = 32,
+               show_progress_bar: bool | None = None, convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+               normalize_embeddings: bool = False):
+        """Embeddings of ``inputs`` (one input, or a list of them), with sentence-transformers'
+        arguments and return types (``SentenceTransformer.encode``):
+
+        prompt / prompt_name   a prompt before each input's text (``prompt_text``)
+        batch_size             inputs per forward pass (each pass packs its documents under the
+                               run's token budget); the result does not depend on it
+        show_progress_bar      a tqdm bar over the inputs on stderr; None: shown when the ``moca``
+                               logger's level is INFO or DEBUG
+        convert_to_tensor      a float32 tensor (n, hidden) on the CPU
+        convert_to_numpy       (the default, when not convert_to_tensor) a float32 array (n, hidden);
+                               with both False, a list of n tensors (hidden,)
+        normalize_embeddings   L2-normalize again: moca's embeddings are unit vectors already (the
+                               model's last step, as the export's ``Normalize`` module)
+
+        One input (a text, a side dict or an image rather than a list) gives one vector (hidden,).
+        An empty list gives (0, hidden)."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        single = isinstance(inputs, (str, dict)) or not isinstance(inputs, (list, tuple))
+        items = [inputs] if single else list(inputs)
         text = self.prompt_text(prompt, prompt_name)
-        if not inputs:
-            return torch.zeros(0, self.embedder.model.config.text_config.hidden_size)
-        docs = [self._document(item, i, text) for i, item in enumerate(inputs)]
+        if show_progress_bar is None:
+            show_progress_bar = logging.getLogger("moca").getEffectiveLevel() <= logging.INFO
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
-        return embed_documents(self.embedder, docs, self.tokenizer.specials.image, max(self.token_budget,
-                               max(d.ids.numel() for d in docs)), self.device, autocast).cpu()
+        parts = [torch.zeros(0, self.embedder.model.config.text_config.hidden_size)]
+        with tqdm(total=len(items), desc="Embedding", unit="input", disable=not show_progress_bar) as bar:
+            for start in range(0, len(items), batch_size):
+                docs = [self._document(item, start + i, text) for i, item in enumerate(items[start:start + batch_size])]
+                parts.append(embed_documents(self.embedder, docs, self.tokenizer.specials.image, max(
+                    self.token_budget, max(d.ids.numel() for d in docs)), self.device, autocast).float().cpu())
+                bar.update(len(docs))
+        vectors = torch.cat(parts)
+        if normalize_embeddings:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        out = vectors if convert_to_tensor else vectors.numpy() if convert_to_numpy else list(vectors)
+        return out[0] if single else out
 
     def save_pretrained(self, folder: str, prompts: dict[str, str] | None = None) -> None:
         """The model in Hugging Face form with its tokenizer and processor, the sentence-transformers

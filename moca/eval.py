@@ -10,6 +10,12 @@ Two record kinds, one a line, in JSON Lines files (a side as in the pairs files)
   (and, among tied positives, the lower grade first); ``recall_at_1``, ``recall_at_5`` and
   ``ndcg_at_5``, whose gain is the grade (linear gains, as trec_eval and so MTEB and ViDoRe count).
 
+Those score a query against its own record's candidates (4 in the embedded default: chance 0.25).
+Every query is also ranked against its task's whole pool, the distinct candidates and positives of
+all its records, as MTEB ranks a corpus (MMEB: 1,000 candidates; where a pool is larger, the
+relevant ones, the record's own and others drawn at random up to 1,000): ``pool_recall_at_1``,
+``pool_recall_at_10``, ``pool_ndcg_at_10``, with ``pool_size`` the candidates ranked.
+
 ``eval.json``: ``{"tasks": {name: {metric: value, ..., "chance": value, "n": count}}, "overall":
 {...}}``, each metric beside its value under a random ranking (``chance`` for the task's main
 metric, ``chance_<metric>`` for each), ``overall`` the unweighted mean over tasks. When tasks are
@@ -30,17 +36,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 
 import numpy as np
 import torch
 
+from .data.convert import refuse_unconverted
 from .data.pairs import absolute_image, check_side, side_document
 from .data.records import BadRecords, read_records, reworded
 from .encoder import Encoder
 from .files import atomic_write
 
 MAIN = {"mmeb": "precision_at_1", "retrieval": "ndcg_at_5"}
+POOL = ("pool_recall_at_1", "pool_recall_at_10", "pool_ndcg_at_10")  # each query against its task's whole pool
+POOL_LIMIT = 1000  # MMEB scores each query against 1,000 candidates
 # MMEB's 36 tasks by meta-task, as its paper (arXiv 2410.05160) and VLM2Vec's scoring group them.
 MMEB_META_TASKS = {
     "classification": ("ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365", "ImageNet-A",
@@ -123,7 +133,9 @@ def _usable(side, folder: str, what: str, checked: dict) -> dict:
 
 def read_eval(path: str, bad: BadRecords | None = None, strict: bool = False) -> list[dict]:
     """The valid evaluation records of a file (bad ones counted and skipped with a warning naming
-    file and line, or DataError under ``strict``); image paths resolved against the file's folder."""
+    file and line, or DataError under ``strict``); image paths resolved against the file's folder.
+    A file in a published layout (MMEB rows, Parquet) is a ValueError naming ``moca data convert``."""
+    refuse_unconverted(path, "moca eval")
     checked: dict = {}
 
     def make(record, folder, where, offset):
@@ -145,7 +157,7 @@ def read_inputs(path: str, bad: BadRecords | None = None, strict: bool = False) 
     return list(read_records(path, make, bad, strict, blank_is_bad=True))
 
 
-def embed_file(encoder, path: str, strict: bool = False, log=print) -> np.ndarray:
+def embed_file(encoder, path: str, strict: bool = False, log=print, show_progress_bar: bool = False) -> np.ndarray:
     """``moca encode``: float32 (lines, hidden), row i the embedding of line i + 1 of ``path``, or
     NaN when that line could not be embedded (said through ``log``: how many, and the first few
     as file:line and why); DataError under ``strict`` at the first such line. ValueError when
@@ -155,7 +167,8 @@ def embed_file(encoder, path: str, strict: bool = False, log=print) -> np.ndarra
     lines = len(good) + bad.total  # every line is either usable or counted
     if not good:
         raise ValueError(f"{path}: no line could be embedded ({lines} lines)")
-    vectors = encoder.encode([side for _, side in good]).numpy()
+    options = {"show_progress_bar": True} if show_progress_bar else {}
+    vectors = np.asarray(encoder.encode([side for _, side in good], **options), dtype=np.float32)
     out = np.full((lines, vectors.shape[1]), np.nan, dtype=np.float32)
     out[[number - 1 for number, _ in good]] = vectors
     if bad.total:
@@ -180,29 +193,60 @@ def ranks_of_relevant(scores: torch.Tensor, relevant: int) -> list[int]:
     return sorted(positive_ranks(scores, [1] * relevant))
 
 
-def metrics(kind: str, scores: torch.Tensor, relevant: int, gains: list[float] | None = None) -> dict:
-    """The record's metrics and their values under a random ranking (``chance_*``); ``gains``:
-    the positives' grades for nDCG (1 each when None)."""
-    gains = [1] * relevant if gains is None else gains
+def ranking_metrics(scores: torch.Tensor, gains: list[float], recall_at: tuple[int, ...] = (1, 5),
+                    ndcg_at: int = 5) -> dict:
+    """Recall@k for each of ``recall_at`` and nDCG@``ndcg_at`` of one query, with their values under
+    a random ranking (``chance_*``): ``scores`` (n,) over a pool whose first ``len(gains)`` entries
+    are the relevant ones, of those grades (linear gains)."""
     n, ranks = scores.numel(), positive_ranks(scores, gains)
-    if kind == "mmeb":
-        return dict(precision_at_1=float(ranks[0] == 1), chance_precision_at_1=1 / n)
     out = {}
-    for k in (1, 5):
-        out[f"recall_at_{k}"] = sum(r <= k for r in ranks) / relevant
+    for k in recall_at:
+        out[f"recall_at_{k}"] = sum(r <= k for r in ranks) / len(gains)
         out[f"chance_recall_at_{k}"] = min(k, n) / n
-    ideal = sum(g / math.log2(r + 1) for r, g in enumerate(sorted(gains, reverse=True)[:5], 1))
-    out["ndcg_at_5"] = sum(g / math.log2(r + 1) for r, g in zip(ranks, gains) if r <= 5) / ideal
+    ideal = sum(g / math.log2(r + 1) for r, g in enumerate(sorted(gains, reverse=True)[:ndcg_at], 1))
+    out[f"ndcg_at_{ndcg_at}"] = sum(g / math.log2(r + 1) for r, g in zip(ranks, gains) if r <= ndcg_at) / ideal
     # a random ranking puts the pool's mean grade at every place
-    out["chance_ndcg_at_5"] = sum(sum(gains) / n / math.log2(r + 1) for r in range(1, min(5, n) + 1)) / ideal
+    out[f"chance_ndcg_at_{ndcg_at}"] = sum(sum(gains) / n / math.log2(r + 1) for r in range(1, min(ndcg_at, n) + 1)) \
+        / ideal
     return out
 
 
+def metrics(kind: str, scores: torch.Tensor, relevant: int, gains: list[float] | None = None) -> dict:
+    """The record's metrics over its own candidates and their values under a random ranking
+    (``chance_*``); ``gains``: the positives' grades for nDCG (1 each when None)."""
+    gains = [1] * relevant if gains is None else gains
+    if kind == "mmeb":
+        hit = positive_ranks(scores, gains)[0] == 1
+        return dict(precision_at_1=float(hit), chance_precision_at_1=1 / scores.numel())
+    return ranking_metrics(scores, gains)
+
+
+def pool_metrics(query: torch.Tensor, pool: torch.Tensor, relevant: dict[int, float], own: list[int],
+                 seed: int) -> dict:
+    """``pool_recall_at_1``, ``pool_recall_at_10``, ``pool_ndcg_at_10`` (and ``chance_pool_*``,
+    ``pool_size``) of one query (hidden,) ranked against its task's whole pool (P, hidden) of
+    distinct candidates, as MTEB ranks a corpus: ``relevant`` maps pool rows to grades; where the
+    pool is larger than ``POOL_LIMIT`` (MMEB's 1,000), the relevant rows, the record's ``own``
+    candidates and others drawn with ``seed`` up to the limit."""
+    rows = list(relevant) + [r for r in dict.fromkeys(own) if r not in relevant]
+    taken = set(rows)
+    rest = [r for r in range(pool.shape[0]) if r not in taken]
+    if pool.shape[0] > POOL_LIMIT:
+        rest = random.Random(seed).sample(rest, max(0, min(len(rest), POOL_LIMIT - len(rows))))
+    rows += rest
+    scores = pool[torch.tensor(rows)] @ query
+    found = ranking_metrics(scores, list(relevant.values()), recall_at=(1, 10), ndcg_at=10)
+    return {**{(f"chance_pool_{k[7:]}" if k.startswith("chance_") else f"pool_{k}"): v for k, v in found.items()},
+            "pool_size": len(rows)}
+
+
 def evaluate(encoder, paths: list[str], strict: bool = False, log=print, query_prompt: str | None = None,
-             document_prompt: str | None = None) -> dict:
-    """Scores (the ``eval.json`` object) of ``encoder`` on the evaluation files; ``query_prompt``
+             document_prompt: str | None = None, show_progress_bar: bool = False) -> dict:
+    """Scores (the ``eval.json`` object) of ``encoder`` on the evaluation files: over each record's
+    own candidates (``metrics``), and over its task's whole pool (``pool_metrics``). ``query_prompt``
     and ``document_prompt`` go before each query's and each candidate's text (``Encoder.encode``'s
-    ``prompt``), so a side that is both a query and a candidate is then embedded once per role."""
+    ``prompt``; ``moca eval`` gives the model's own), so a side that is both a query and a
+    candidate is then embedded once per role."""
     bad, records = BadRecords(), []
     for path in paths:
         records += read_eval(path, bad, strict)
@@ -223,16 +267,29 @@ def evaluate(encoder, paths: list[str], strict: bool = False, log=print, query_p
             place.append(keys[key])
         places.append(place)  # the query's (role, row), then its pool's
     log(f"{len(records)} queries, {sum(map(len, unique.values()))} distinct inputs to embed")
-    parts = {role: encoder.encode(sides, **({"prompt": prompts[role]} if prompts[role] else {}))
+    options = {"show_progress_bar": True} if show_progress_bar else {}
+    parts = {role: torch.as_tensor(encoder.encode(sides, **options, **({"prompt": prompts[role]} if prompts[role]
+                                                                        else {})))
              for role, sides in unique.items() if sides}
     offset = {"document": 0, "query": len(unique["document"])}
     embeddings = torch.cat([parts[role] for role in ("document", "query") if role in parts])
     places = [[offset[role] + row for role, row in place] for place in places]
+    pools: dict[str, dict[int, int]] = {}  # task -> {embedding row: place in the task's pool}
+    for record, (_, *pool) in zip(records, places):
+        task_pool = pools.setdefault(record["task"], {})
+        for row in pool:
+            task_pool.setdefault(row, len(task_pool))
+    pool_vectors = {task: embeddings[torch.tensor(list(rows))] for task, rows in pools.items()}
     per_task: dict[str, list[dict]] = {}
-    for record, (query, *pool) in zip(records, places):
-        q, pool = embeddings[query], embeddings[torch.tensor(pool)]
+    for index, (record, (query, *pool)) in enumerate(zip(records, places)):
+        q, task_pool = embeddings[query], pools[record["task"]]
+        grades: dict[int, float] = {}
+        for row, gain in zip(pool[:record["relevant"]], record["gains"] or [1] * record["relevant"]):
+            grades[task_pool[row]] = max(gain, grades.get(task_pool[row], 0))
+        whole = pool_metrics(q, pool_vectors[record["task"]], grades, [task_pool[r] for r in pool], index)
         per_task.setdefault(record["task"], []).append(
-            dict(metrics(record["kind"], pool @ q, record["relevant"], record["gains"]), kind=record["kind"]))
+            dict(metrics(record["kind"], embeddings[torch.tensor(pool)] @ q, record["relevant"], record["gains"]),
+                 **whole, kind=record["kind"]))
     tasks = {}
     for task, rows in sorted(per_task.items()):
         if len({r["kind"] for r in rows}) > 1:
@@ -243,7 +300,7 @@ def evaluate(encoder, paths: list[str], strict: bool = False, log=print, query_p
         tasks[task] = {**{k: round(v, 4) for k, v in means.items() if not k.startswith("chance")},
                        "chance": round(means[f"chance_{main}"], 4),
                        **{k: round(v, 4) for k, v in means.items() if k.startswith("chance_")}, "n": len(rows)}
-    overall_keys = sorted({k for t in tasks.values() for k in t if k != "n"})
+    overall_keys = sorted({k for t in tasks.values() for k in t if k not in ("n", "pool_size")})
     overall = {k: round(sum(t[k] for t in tasks.values() if k in t) / sum(k in t for t in tasks.values()), 4)
                for k in overall_keys}
     result = dict(tasks=tasks, overall={**overall, "n": sum(t["n"] for t in tasks.values())})
@@ -264,8 +321,10 @@ def meta_task_averages(tasks: dict) -> dict:
 
 
 def evaluate_run(run_dir: str, paths: list[str], strict: bool = False, log=print) -> dict:
-    """Scores of the model of the run in ``run_dir`` (its newest checkpoint) on the evaluation
-    files, also written to ``run_dir/eval.json``."""
-    result = evaluate(Encoder.from_pretrained(run_dir), paths, strict=strict, log=log)
+    """Scores of the model of the run in ``run_dir`` (its newest checkpoint, with its own prompts)
+    on the evaluation files, also written to ``run_dir/eval.json``."""
+    encoder = Encoder.from_pretrained(run_dir)
+    result = evaluate(encoder, paths, strict=strict, log=log, query_prompt=encoder.prompts.get("query"),
+                      document_prompt=encoder.prompts.get("document"))
     atomic_write(os.path.join(run_dir, "eval.json"), json.dumps(result, indent=1).encode())
     return result

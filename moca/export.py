@@ -28,6 +28,11 @@ import os
 # they are, an image document followed by this instruction.
 DOCUMENT_IMAGE_PROMPT = "Represent the given document image.\n"
 MOCA_PROMPTS = {"query": "", "document": DOCUMENT_IMAGE_PROMPT}
+NO_PROMPTS = {"query": "", "document": ""}
+# The prompts a run's model is used with, by recipe: the embedded tiny data has no instructions;
+# the moca recipe's model is MoCa's, whose training data carries its instructions in the text and
+# whose page images are embedded after MoCa's document prompt.
+RECIPE_PROMPTS = {"tiny": NO_PROMPTS, "moca": MOCA_PROMPTS}
 
 # A message rendered as moca lays out a side with its prompt: every image of the non-system
 # messages first, then the system messages' text (the prompt sentence-transformers adds), then

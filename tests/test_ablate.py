@@ -7,7 +7,7 @@ import statistics
 from PIL import Image
 
 from moca import cli
-from moca.ablate import ROWS, against, summarize, summarize_reading, table
+from moca.ablate import ROWS, against, plot, summarize, summarize_reading, table
 from moca.config import Config
 
 
@@ -122,3 +122,18 @@ def test_rows_against_stage_two_alone():
                                    "ndcg_at_5": {"difference": 0.1, "spread": 0.1414, "beyond": False}}}
     text = table({**rows, "against_cl": compared})
     assert "| cpt+cl | +0.300 (more than 0.141) | +0.100 (not more than 0.141) |" in text
+
+
+def test_the_table_reads_recall_over_each_tasks_whole_pool(tmp_path):
+    # eval.json's overall carries the pool scores (moca.eval.pool_metrics): the table shows them
+    # beside chance, and the rows are compared on pool Recall@1 too (the harder reading)
+    overall = [{"precision_at_1": p, "pool_recall_at_1": r, "chance_precision_at_1": 0.25,
+                "chance_pool_recall_at_1": 0.0061, "n": 80} for p, r in ((0.9, 0.06), (0.95, 0.07))]
+    ahead = [dict(o, pool_recall_at_1=o["pool_recall_at_1"] + 0.2) for o in overall]
+    rows = summarize({"cl": overall, "cpt+cl": ahead})
+    compared = against(rows["rows"], "cl")
+    assert compared["cpt+cl"]["pool_recall_at_1"] == {"difference": 0.2, "spread": 0.0071, "beyond": True}
+    text = table({**rows, "against_cl": compared})
+    assert "| row | precision_at_1 | pool_recall_at_1 |" in text and "| chance | 0.250 | 0.006 |" in text
+    plot({**rows, "against_cl": compared}, str(tmp_path / "a.png"))
+    assert Image.open(tmp_path / "a.png").size[0] == 160 + (40 * 2 + 40) * 2  # two bars a row

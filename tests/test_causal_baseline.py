@@ -69,11 +69,12 @@ def test_stage_two_trains_the_causal_baseline_and_its_export_keeps_it(tmp_path):
     encoder = Encoder.from_pretrained(str(run))
     assert encoder.embedder.attention == "causal" and encoder.embedder.pooling == "last"
     inputs = ["a red circle on a white background", "a blue diamond"]
-    vectors = encoder.encode(inputs)
+    vectors = encoder.encode(inputs, convert_to_tensor=True)
     encoder.save_pretrained(str(tmp_path / "export"))
     meta = json.loads((tmp_path / "export" / "moca.json").read_text())
     assert meta["attention"] == "causal" and meta["pooling"] == "last"
-    torch.testing.assert_close(Encoder.from_pretrained(str(tmp_path / "export")).encode(inputs), vectors)
+    torch.testing.assert_close(Encoder.from_pretrained(str(tmp_path / "export")).encode(inputs, convert_to_tensor=True),
+                               vectors)
     # plain transformers reads the export as causal; its last token's state is the embedding
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "export"), attn_implementation="eager")
     assert plain.config.text_config.is_causal is True

@@ -85,13 +85,12 @@ def test_mmeb_eval_rows_become_evaluation_records_and_bad_rows_are_named(tmp_pat
     assert done.bad.total == 3 and done.bad.counts == {"bad image": 1, "invalid record": 2}
     assert any("ImageNet-1K.jsonl:2" in e and "missing.png" in e for e in done.bad.examples)
     assert any("ImageNet-1K.jsonl:4" in e and "'qry_text'" in e for e in done.bad.examples)
-    image = str(tmp_path / "images" / "ImageNet-1K" / "cat.png")  # outside the output's folder: absolute
+    image = "../images/ImageNet-1K/cat.png"  # relative to the output's folder, wherever the image is
     records = _read(out)
     assert records[0] == {"query": {"text": "<image>\nRepresent the given image for classification", "image": image},
                           "candidates": [{"text": "cat"}, {"text": "dog"}, {"text": "car"}], "task": "ImageNet-1K"}
     assert records[1]["query"] == {"text": ret[0]["qry_text"]}
-    assert [c["image"] for c in records[1]["candidates"]] == [
-        str(tmp_path / "images" / "VisualNews_t2i" / f"{n}.png") for n in "abc"]
+    assert [c["image"] for c in records[1]["candidates"]] == [f"../images/VisualNews_t2i/{n}.png" for n in "abc"]
     assert len(read_eval(str(out))) == 2  # the evaluation reads it back whole
     with pytest.raises(DataError, match=r"ImageNet-1K.jsonl:2: the query: image .*missing.png' not found"):
         convert([first], str(tmp_path / "strict.jsonl"), image_root=str(tmp_path / "images"), strict=True)
@@ -108,7 +107,7 @@ def test_mmeb_train_rows_become_pairs_that_training_reads(tmp_path):
          "pos_text": "<|image_1|>\nRepresent the given image.", "pos_image_path": "NIGHTS/p.png",
          "neg_text": "", "neg_image_path": ""},
         {"qry": "<|image_1|> <|image_2|>", "qry_image_path": "MSCOCO_i2t/q.png", "pos_text": "x",
-         "pos_image_path": ""},  # bad: two image tokens, one image
+         "pos_image_path": ""},  # two image tokens, one image: the second dropped
         "[1, 2]",  # bad: not an object
         {"qry": "q", "qry_image_path": "", "pos_text": "p", "pos_image_path": "",  # mined negatives: lists
          "neg_text": ["n", "<|image_1|>"], "neg_image_path": ["", "NIGHTS/p.png"]},
@@ -118,9 +117,10 @@ def test_mmeb_train_rows_become_pairs_that_training_reads(tmp_path):
     out = tmp_path / "pairs.jsonl"
     with pytest.warns(UserWarning):
         done = convert([source], str(out), image_root=str(tmp_path / "images"))
-    assert done.format == "mmeb-train" and done.records == 3 and done.bad.total == 2
-    assert any(":3" in e and "2 image tokens for 1 images" in e for e in done.bad.examples)
+    assert done.format == "mmeb-train" and done.records == 4 and done.bad.total == 1 and done.stray_image_tokens == 1
     pairs = _read(out)
+    assert pairs[2]["query"] == {"text": "<image> ", "image": "images/MSCOCO_i2t/q.png"}
+    del pairs[2]
     assert pairs[0] == {"query": {"text": "<image>\nFind a caption for the news in the given photo.",
                                   "image": "images/MSCOCO_i2t/q.png"},  # under the output's folder: relative
                         "positive": {"text": "A man rides a horse."}, "negatives": [{"text": "A cat sleeps."}],
@@ -284,3 +284,59 @@ def test_json_lines_need_no_pyarrow_and_parquet_says_what_it_needs(tmp_path, mon
     (tmp_path / "mmeb" / "test-00000-of-00001.parquet").write_bytes(b"PAR1")
     with pytest.raises(ValueError, match=r'needs pyarrow \(pip install "moca\[formats\]"\)'):
         convert([str(tmp_path / "mmeb")], str(tmp_path / "b.jsonl"), fmt="mmeb-eval")
+
+
+def test_webqa_rows_keep_their_text_without_the_image_they_lack(tmp_path, capsys):
+    # MMEB's WebQA: each query's text carries <|image_1|> but the row has no query image; VLM2Vec's
+    # loader drops the token. The rows stay, counted, so the retrieval meta-task keeps WebQA.
+    for name in ("a", "b"):
+        _png(tmp_path / "images" / "WebQA" / f"{name}.png")
+    rows = [{"qry_text": f"<|image_1|>\nFind a Wikipedia image that answers this question: question {i}?",
+             "qry_img_path": "", "tgt_text": ["<|image_1|>\nRepresent the given Wikipedia image with caption: x"] * 2,
+             "tgt_img_path": ["WebQA/a.png", "WebQA/b.png"]} for i in range(3)]
+    source = _jsonl(tmp_path / "MMEB-eval" / "WebQA" / "test-00000-of-00001.jsonl", rows)
+    out = tmp_path / "out" / "webqa.jsonl"
+    assert cli.main(["data", "convert", source, "--output", str(out), "--image-root", str(tmp_path / "images")]) == 0
+    printed = capsys.readouterr().out
+    assert "3 evaluation records (mmeb-eval; WebQA 3)" in printed
+    assert "3 image tokens naming an image their row lacks dropped (their text kept)" in printed
+    records = _read(out)
+    assert records[0]["query"] == {"text": "Find a Wikipedia image that answers this question: question 0?"}
+    assert records[0]["candidates"][0] == {"text": "<image>\nRepresent the given Wikipedia image with caption: x",
+                                           "image": "../images/WebQA/a.png"}
+    assert len(read_eval(str(out))) == 3 and mmeb_meta_task("WebQA") == "retrieval"
+
+
+def test_converted_files_move_with_their_images(tmp_path):
+    # the output names its images relative to its own folder (not absolute): a folder holding the
+    # output and the images, moved elsewhere, reads back whole
+    cls, ret = _mmeb_eval_rows(tmp_path / "data")
+    _jsonl(tmp_path / "data" / "mmeb" / "VisualNews_t2i.jsonl", ret)
+    out = tmp_path / "data" / "converted" / "eval.jsonl"
+    convert([str(tmp_path / "data" / "mmeb")], str(out), image_root=str(tmp_path / "data" / "images"))
+    assert all(not os.path.isabs(c["image"]) for r in _read(out) for c in r["candidates"])
+    os.rename(tmp_path / "data", tmp_path / "moved")
+    records = read_eval(str(tmp_path / "moved" / "converted" / "eval.jsonl"))
+    assert [os.path.normpath(c["image"]) for c in records[0]["pool"]] == [
+        str(tmp_path / "moved" / "images" / "VisualNews_t2i" / f"{n}.png") for n in "abc"]
+    assert all(os.path.isfile(c["image"]) for c in records[0]["pool"])
+
+
+def test_moca_eval_names_the_command_that_reads_a_published_layout(tmp_path, capsys):
+    cls, ret = _mmeb_eval_rows(tmp_path)
+    rows = _jsonl(tmp_path / "mmeb" / "VisualNews_t2i.jsonl", ret)
+    parquet = tmp_path / "parquet" / "test-00000-of-00001.parquet"
+    os.makedirs(parquet.parent)
+    parquet.write_bytes(b"PAR1" + b"\0" * 16 + b"PAR1")
+    _beir_text_set(tmp_path / "beir")
+    for given, layout in ((rows, "MMEB evaluation rows"), (str(parquet), "a Parquet file"),
+                          (str(parquet.parent), "a folder of Parquet files"),
+                          (str(tmp_path / "beir"), "a BEIR-style set (corpus, queries, qrels)")):
+        assert cli.main(["eval", "--model", str(tmp_path / "no-model"), "--data", given]) == 2
+        err = capsys.readouterr().err
+        assert f"moca eval: {given}: {layout}, which moca eval does not read; moca data convert reads it: moca data " \
+               f"convert {given} --output converted.jsonl" in err, err
+    # moca train's evaluation files, refused before any training
+    assert cli.main(["train", "--stage", "both", f"evaluation={rows}", "--out", str(tmp_path / "run")]) == 2
+    assert "which moca train's evaluation does not read" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -1,10 +1,13 @@
 """Evaluation metrics on hand-made cases with known answers, eval files, and the encoder API."""
 import json
 import math
+import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import moca.eval as eval_module
 from moca.eval import evaluate, metrics, ranks_of_relevant, read_eval
 
 
@@ -113,15 +116,15 @@ def test_encode_is_the_same_alone_or_in_a_batch_and_survives_export(cl_run, tmp_
     encoder = Encoder.from_pretrained(str(cl_run))
     picture = Image.new("RGB", (60, 44), (200, 30, 30))
     inputs = ["a red circle", picture, {"text": "<image> a square", "image": picture}, {"text": "x" * 40}]
-    batch = encoder.encode(inputs)
-    alone = torch.cat([encoder.encode(item) for item in inputs])
+    batch = encoder.encode(inputs, convert_to_tensor=True)
+    alone = torch.stack([encoder.encode(item, convert_to_tensor=True) for item in inputs])  # one input: (hidden,)
     assert batch.shape == (4, 64) and batch.dtype == torch.float32
     torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batch.norm(dim=1), torch.ones(4))
     encoder.save_pretrained(str(tmp_path / "export"))
     assert (tmp_path / "export" / "config.json").exists() and (tmp_path / "export" / "moca.json").exists()
-    torch.testing.assert_close(Encoder.from_pretrained(str(tmp_path / "export")).encode(inputs), batch,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(Encoder.from_pretrained(str(tmp_path / "export")).encode(inputs, convert_to_tensor=True),
+                               batch, rtol=1e-5, atol=1e-5)
     # plain transformers loads the export (bidirectional: text_config.is_causal is false) and, mean
     # pooled, gives the same embedding
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -154,3 +157,171 @@ def test_cli_eval_and_encode(cl_run, tmp_path, capsys):
     vectors = np.load(tmp_path / "v.npy")
     assert vectors.shape == (2, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     assert cli.main(["eval", "--model", str(tmp_path / "nowhere"), "--data", eval_file]) == 2
+
+
+def test_each_query_is_also_ranked_against_its_tasks_whole_pool(tmp_path, monkeypatch):
+    # three queries of one task, each record with 2 candidates; the task's pool holds all 4 distinct
+    # sides: "c" outranks q1's positive "a" over the pool though not over q1's own candidates
+    path = tmp_path / "eval.jsonl"
+    records = [{"query": {"text": "q1"}, "candidates": [{"text": "a"}, {"text": "b"}], "task": "t"},
+               {"query": {"text": "q2"}, "candidates": [{"text": "b"}, {"text": "c"}], "task": "t"},
+               {"query": {"text": "q3"}, "positives": [{"text": "d"}], "candidates": [{"text": "a"}], "task": "r"}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    s = 2 ** -0.5
+    table = {"q1": [1, 0, 0], "q2": [0, 1, 0], "q3": [0, 0, 1], "a": [s, 0, s], "b": [0, 1, 0], "c": [1, 0, 0],
+             "d": [0, 0, 1]}
+    result = evaluate(_Lookup(table), [str(path)], log=lambda *_: None)
+    t, r = result["tasks"]["t"], result["tasks"]["r"]
+    assert t["precision_at_1"] == 1.0 and t["pool_size"] == 3  # a, b, c
+    # q1: c, then a (rank 2); q2: b (rank 1)
+    assert t["pool_recall_at_1"] == 0.5 and t["pool_recall_at_10"] == 1.0
+    assert t["pool_ndcg_at_10"] == pytest.approx((1 / math.log2(3) + 1) / 2, abs=1e-4)
+    assert t["chance_pool_recall_at_1"] == pytest.approx(1 / 3, abs=1e-4) and t["chance_pool_recall_at_10"] == 1.0
+    assert r["pool_size"] == 2 and r["pool_recall_at_1"] == 1.0  # d, a
+    # a pool larger than the limit: the relevant rows, the record's own and others drawn, up to the limit
+    monkeypatch.setattr(eval_module, "POOL_LIMIT", 2)
+    limited = evaluate(_Lookup(table), [str(path)], log=lambda *_: None)["tasks"]["t"]
+    assert limited["pool_size"] == 2 and limited["pool_recall_at_1"] == 1.0  # each query over its own two
+    with_own = eval_module.pool_metrics(torch.tensor([1.0, 0, 0]), torch.eye(3)[[2, 1, 0, 0]], {0: 1}, [0, 1, 2], 0)
+    assert with_own["pool_size"] == 3 and with_own["pool_recall_at_1"] == 0.0  # own candidates kept over the limit
+
+
+def test_the_model_travels_with_its_prompts_to_moca_eval_and_the_mteb_encoder(cl_run, tmp_path, capsys):
+    """One model, one evaluation set: ``moca eval`` (the CLI, the model's own prompts) and MTEB's
+    path (``MocaEncoder.encode`` as mteb's retrieval evaluator calls it: queries, then the task's
+    corpus as documents, in DataLoader batches) give the same embeddings, so the same ranking of
+    every query over the corpus: nDCG@10 and Recall@1 computed here as pytrec_eval (MTEB's scorer)
+    computes them agree with ``eval.json``'s pool scores. A run of the tiny recipe has no prompts;
+    an export made with MoCa's carries the document prompt, which changes the scores."""
+    import numpy as np
+
+    from moca import Encoder, cli
+    from moca.data import embedded
+    from moca.export import MOCA_PROMPTS
+    from moca.integrations.mteb import MocaEncoder
+    assert Encoder.from_pretrained(str(cl_run)).prompts == {"query": "", "document": ""}
+    folder = str(tmp_path / "export")
+    Encoder.from_pretrained(str(cl_run)).save_pretrained(folder, prompts=MOCA_PROMPTS)
+    eval_file = embedded.write_eval(str(tmp_path / "eval"), queries=12)
+    for model, out in ((str(cl_run), "plain"), (folder, "moca")):
+        assert cli.main(["eval", "--model", model, "--data", eval_file, "--out", str(tmp_path / out)]) == 0
+    capsys.readouterr()
+    scores = {out: json.loads((tmp_path / out / "eval.json").read_text())["tasks"] for out in ("plain", "moca")}
+    assert scores["plain"]["text-to-image"]["pool_ndcg_at_10"] != scores["moca"]["text-to-image"]["pool_ndcg_at_10"]
+    mteb_model = MocaEncoder(folder, device="cpu")
+    records = [json.loads(line) for line in open(eval_file)]
+    task = SimpleNamespace(name="text-to-image", type="Any2AnyRetrieval")
+    rows = [r for r in records if r["task"] == "text-to-image"]
+    corpus = list({json.dumps(side): side for r in rows for side in r["candidates"]}.values())
+
+    def batches(sides):  # mteb's columns: "text" and "image" (PIL) lists
+        from PIL import Image
+        loaded = [{"text": s.get("text"), "image": Image.open(os.path.join(os.path.dirname(eval_file), s["image"]))
+                   if "image" in s else None} for s in sides]
+        return torch.utils.data.DataLoader(loaded, batch_size=5, collate_fn=lambda b: {
+            k: [x[k] for x in b] for k in ("text", "image") if any(x[k] is not None for x in b)})
+
+    queries = mteb_model.encode(batches([r["query"] for r in rows]), task_metadata=task, hf_split="test",
+                                hf_subset="default", prompt_type="query")
+    documents = mteb_model.encode(batches(corpus), task_metadata=task, hf_split="test", hf_subset="default",
+                                  prompt_type="document")
+    ndcg, recall = [], []
+    for r, q in zip(rows, queries):
+        relevant = corpus.index(r["candidates"][0])
+        order = np.argsort(-(documents @ q), kind="stable")
+        rank = int(np.nonzero(order == relevant)[0][0]) + 1
+        ndcg.append(1 / math.log2(rank + 1) if rank <= 10 else 0.0)
+        recall.append(float(rank == 1))
+    ours = scores["moca"]["text-to-image"]
+    assert ours["pool_size"] == len(corpus)
+    assert ours["pool_ndcg_at_10"] == pytest.approx(sum(ndcg) / len(ndcg), abs=1e-4)
+    assert ours["pool_recall_at_1"] == pytest.approx(sum(recall) / len(recall), abs=1e-4)
+
+
+def test_a_run_of_both_stages_is_found_and_its_commands_are_printed(tmp_path, capsys):
+    """``moca train`` (both stages) ends with the commands that use its model; they run as printed,
+    ``--model RUN`` taking the last stage and saying so; the evaluation lines score each query over
+    its own candidates and over its task's whole pool, each beside chance."""
+    import shlex
+
+    import numpy as np
+
+    from moca import cli
+    run = tmp_path / "tiny"
+    assert cli.main(["train", "--out", str(run), "--max-steps", "1", "pairs_per_batch=4", "save_every=1"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluation, text-to-image: precision_at_1" in out and "each over its own candidates" in out
+    assert "evaluation, text-to-image: recall_at_1" in out and "each query over 183 candidates (the task's pool)" in out
+    evaluate_it = next(line for line in out.splitlines() if line.startswith("evaluate it: "))
+    assert evaluate_it == f"evaluate it: moca eval --model {run} --data {run / 'eval-data'}"
+    embed = next(line for line in out.splitlines() if line.startswith("embed with it: "))
+    (run / "cl" / "eval.json").unlink()
+    assert cli.main(shlex.split(evaluate_it.split(": ", 1)[1])[1:]) == 0
+    captured = capsys.readouterr()
+    assert f"model: {run} holds both stages: using the last one with a checkpoint, {run / 'cl'}" in captured.err
+    assert "Embedding: 100%" in captured.err  # the progress bar
+    assert (run / "cl" / "eval.json").exists()  # beside the model, as moca train writes it
+    inputs = tmp_path / "INPUTS.jsonl"
+    inputs.write_text('{"text": "a red circle"}\n')
+    command = shlex.split(embed.split(": ", 1)[1].split("   (")[0].replace("INPUTS.jsonl", str(inputs)).replace(
+        "vectors.npy", str(tmp_path / "vectors.npy")))
+    assert cli.main(command[1:]) == 0
+    assert np.load(tmp_path / "vectors.npy").shape == (1, 64)
+    # a run directory with no checkpoint in any stage is still refused, naming it
+    (run / "cl" / "checkpoints").rename(run / "cl" / "set-aside")
+    (run / "cpt" / "checkpoints").rename(run / "cpt" / "set-aside")
+    assert cli.main(command[1:]) == 2
+    assert f"{run}: no checkpoint" in capsys.readouterr().err
+
+
+def test_moca_eval_and_mtebs_evaluate_give_the_same_scores(cl_run, tmp_path, capsys):
+    """Where mteb is installed (the `mteb` extra; not in CI's `test`): a text-to-image task built in
+    memory from an evaluation file, the task's pictures as the corpus, scored by mteb.evaluate
+    through ``MocaEncoder``, gives ``moca eval``'s pool nDCG@10 and Recall@1 on the same model."""
+    mteb = pytest.importorskip("mteb")
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+    from mteb.abstasks.task_metadata import TaskMetadata
+    from PIL import Image
+
+    from moca import Encoder, cli
+    from moca.data import embedded
+    from moca.export import MOCA_PROMPTS
+    from moca.integrations.mteb import MocaEncoder
+    folder = str(tmp_path / "export")
+    Encoder.from_pretrained(str(cl_run)).save_pretrained(folder, prompts=MOCA_PROMPTS)
+    eval_file = embedded.write_eval(str(tmp_path / "eval"), queries=12)
+    assert cli.main(["eval", "--model", folder, "--data", eval_file, "--out", str(tmp_path / "scores")]) == 0
+    ours = json.loads((tmp_path / "scores" / "eval.json").read_text())["tasks"]["text-to-image"]
+    rows = [r for r in map(json.loads, open(eval_file)) if r["task"] == "text-to-image"]
+    pictures = list(dict.fromkeys(c["image"] for r in rows for c in r["candidates"]))
+
+    class TextToImage(AbsTaskRetrieval):
+        metadata = TaskMetadata(
+            name="MocaTextToImage", type="Any2AnyRetrieval", main_score="ndcg_at_10", description="moca's held-out set",
+            reference=None, dataset={"path": "NA", "revision": "NA"}, category="t2i", eval_splits=["test"],
+            eval_langs=["eng-Latn"], date=("2026-01-01", "2026-01-01"), dialect=[], domains=[], task_subtypes=[],
+            license="cc-by-4.0", annotations_creators="derived", modalities=["image", "text"],
+            sample_creation="created", bibtex_citation="")
+
+        def load_data(self, num_proc=None, **kwargs):
+            base = os.path.dirname(eval_file)
+            self.dataset = {"default": {"test": RetrievalSplitData(
+                queries=Dataset.from_dict({"id": [f"q{i}" for i in range(len(rows))],
+                                           "text": [r["query"]["text"] for r in rows]}),
+                corpus=Dataset.from_dict({"id": [f"d{i}" for i in range(len(pictures))],
+                                          "image": [Image.open(os.path.join(base, p)).convert("RGB")
+                                                    for p in pictures]}),
+                relevant_docs={f"q{i}": {f"d{pictures.index(r['candidates'][0]['image'])}": 1}
+                               for i, r in enumerate(rows)},
+                top_ranked=None)}}
+            self.data_loaded = True
+
+    results = mteb.evaluate(MocaEncoder(folder, device="cpu", name="moca/tiny"), [TextToImage()], cache=None,
+                            show_progress_bar=False)
+    theirs = results.task_results[0].scores["test"][0]
+    assert ours["pool_size"] == len(pictures)
+    assert ours["pool_ndcg_at_10"] == pytest.approx(theirs["ndcg_at_10"], abs=1e-3)
+    assert ours["pool_recall_at_1"] == pytest.approx(theirs["recall_at_1"], abs=1e-3)
+    assert ours["pool_recall_at_10"] == pytest.approx(theirs["recall_at_10"], abs=1e-3)

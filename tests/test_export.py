@@ -46,7 +46,7 @@ def _image(h: int, w: int, seed: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     torch.manual_seed(0)
-    encoder = Encoder(build("tiny"), ByteTokenizer(), max_doc_tokens=512, device="cpu", **PIXELS)
+    encoder = Encoder(build("tiny"), ByteTokenizer(), max_doc_tokens=512, device="cpu", prompts=MOCA_PROMPTS, **PIXELS)
     folder = str(tmp_path_factory.mktemp("export"))
     encoder.save_pretrained(folder)
     return encoder, folder
@@ -91,12 +91,14 @@ def test_encode_prompt(export):
     plain = encoder.encode(["Find the shape: a red circle", {"image": image, "text": DOCUMENT_IMAGE_PROMPT}])
     prompted = encoder.encode(["a red circle"], prompt="Find the shape: ")
     named = encoder.encode([image], prompt_name="document")
-    assert torch.allclose(plain[0], prompted[0], atol=1e-6) and torch.allclose(plain[1], named[0], atol=1e-6)
-    assert not torch.allclose(named, encoder.encode([image]), atol=1e-4)  # the prompt matters
+    np.testing.assert_allclose(plain, np.concatenate([prompted, named]), atol=1e-6)
+    assert not np.allclose(named, encoder.encode([image]), atol=1e-4)  # the prompt matters
     with pytest.raises(ValueError, match="prompt_name"):
         encoder.encode(["x"], prompt_name="passage")
-    with pytest.raises(ValueError, match="not both"):
-        encoder.encode(["x"], prompt="a", prompt_name="query")
+    # as sentence-transformers: a prompt given with a prompt_name wins, with a warning
+    with pytest.warns(UserWarning, match="prompt and prompt_name 'document' both given"):
+        both = encoder.encode([image], prompt="Find the shape: ", prompt_name="document")
+    np.testing.assert_allclose(both, encoder.encode([image], prompt="Find the shape: "), atol=1e-6)
 
 
 @pytest.fixture
@@ -125,28 +127,61 @@ def without_video_processor():
     PROCESSOR_MAPPING._extra_content.pop(Qwen2_5_VLConfig, None)
 
 
-def _sentence_transformers_check(encoder, folder: str, tmp_path, stand_in) -> None:
+def _sentence_transformer(folder: str, tmp_path, stand_in):
+    """sentence-transformers' model of the export in ``folder`` (through the stand-in processor
+    where torchvision is missing: the same files, naming it)."""
     pytest.importorskip("sentence_transformers")
     from sentence_transformers import SentenceTransformer
-    if stand_in is not None:  # the same files, naming the stand-in
+    if stand_in is not None:
         import shutil
         shutil.copytree(folder, tmp_path / "m")
         folder = str(tmp_path / "m")
         with open(os.path.join(folder, "processor_config.json"), "w") as f:
             json.dump({"processor_class": stand_in.__name__}, f)
-    model = SentenceTransformer(folder, device="cpu")
+    return SentenceTransformer(folder, device="cpu")
+
+
+def _sentence_transformers_check(encoder, folder: str, tmp_path, stand_in) -> None:
+    model = _sentence_transformer(folder, tmp_path, stand_in)
     texts = ["a red circle", "What is the shape? It is a square on a blue background, small and simple."]
     images = [_image(90, 130, 2), _image(200, 60, 3)]
-    assert torch.allclose(model.encode(texts, convert_to_tensor=True), encoder.encode(texts), atol=1e-5)
-    assert torch.allclose(model.encode_document(images, convert_to_tensor=True),
-                          encoder.encode(images, prompt_name="document"), atol=1e-5)
+    np.testing.assert_allclose(model.encode(texts), encoder.encode(texts), atol=1e-5)
+    np.testing.assert_allclose(model.encode_document(images), encoder.encode(images, prompt_name="document"),
+                               atol=1e-5)
     mixed = [{"image": images[0], "text": "what is it?"}, "a text"]  # one padded batch of both kinds
-    assert torch.allclose(model.encode(mixed, prompt="Q: ", convert_to_tensor=True),
-                          encoder.encode(mixed, prompt="Q: "), atol=1e-5)
+    np.testing.assert_allclose(model.encode(mixed, prompt="Q: "), encoder.encode(mixed, prompt="Q: "), atol=1e-5)
 
 
 def test_sentence_transformers_gives_the_encoders_embeddings(export, tmp_path, without_video_processor):
     _sentence_transformers_check(*export, tmp_path, without_video_processor)
+
+
+def test_encode_takes_sentence_transformers_arguments_and_returns_what_it_returns(export, tmp_path, capsys,
+                                                                                   without_video_processor):
+    """``Encoder.encode`` and ``SentenceTransformer.encode`` on the export, called alike, give
+    results of the same type and shape with the same values."""
+    encoder, folder = export
+    model = _sentence_transformer(folder, tmp_path, without_video_processor)
+    texts = ["a red circle", "a blue square on a white background", "x"]
+    for options in ({}, {"convert_to_tensor": True}, {"convert_to_numpy": False}, {"normalize_embeddings": True},
+                    {"batch_size": 1}, {"prompt_name": "document"}, {"prompt": "Q: ", "batch_size": 2}):
+        for inputs in (texts, texts[0]):
+            ours, theirs = encoder.encode(inputs, **options), model.encode(inputs, **options)
+            assert type(ours) is type(theirs), options
+            if isinstance(ours, list):
+                assert len(ours) == len(theirs) and all(a.shape == b.shape for a, b in zip(ours, theirs))
+                ours, theirs = torch.stack(ours), torch.stack(theirs)
+            assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, options
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-5, err_msg=str(options))
+    capsys.readouterr()
+    encoder.encode(texts, show_progress_bar=True)
+    assert "Embedding: 100%" in capsys.readouterr().err
+    encoder.encode(texts, show_progress_bar=False)
+    assert "Embedding" not in capsys.readouterr().err
+    assert encoder.encode([]).shape == (0, 64)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {bad}"):
+            encoder.encode(texts, batch_size=bad)
 
 
 def test_sentence_transformers_causal_baseline(tmp_path, without_video_processor):
@@ -167,9 +202,10 @@ def _mteb_batches(rows: list[dict], batch_size: int):
 def test_mteb_encoder_protocol(export):
     from types import SimpleNamespace
 
-    from moca.integrations.mteb import IMAGE_QUESTION_PROMPT, MocaEncoder
+    from moca.integrations.mteb import MocaEncoder
     encoder, folder = export
     model = MocaEncoder(folder, device="cpu", prompts={"Tiny-query": "Find: "})
+    assert model.prompts == {**MOCA_PROMPTS, "Tiny-query": "Find: "}  # the model's own, then the task's
     task = SimpleNamespace(name="Tiny", type="Any2AnyRetrieval")
     images = [_image(60, 60, 4), _image(80, 40, 5), _image(40, 100, 6)]
     docs = model.encode(_mteb_batches([{"image": im} for im in images], 2), task_metadata=task, hf_split="test",
@@ -179,20 +215,30 @@ def test_mteb_encoder_protocol(export):
     both = model.encode(_mteb_batches([{"text": "what?", "image": images[0]}], 2), task_metadata=task,
                         hf_split="test", hf_subset="default", prompt_type="document")
     assert docs.shape == (3, 64) and docs.dtype == np.float32 and queries.shape == (2, 64)
-    np.testing.assert_allclose(docs, encoder.encode(images, prompt=DOCUMENT_IMAGE_PROMPT).numpy(), atol=1e-5)
-    np.testing.assert_allclose(queries, encoder.encode(["a", "b c"], prompt="Find: ").numpy(), atol=1e-5)
-    np.testing.assert_allclose(both, encoder.encode([{"image": images[0], "text": IMAGE_QUESTION_PROMPT + "what?\n"}])
-                               .numpy(), atol=1e-5)
+    np.testing.assert_allclose(docs, encoder.encode(images, prompt=DOCUMENT_IMAGE_PROMPT), atol=1e-5)
+    np.testing.assert_allclose(queries, encoder.encode(["a", "b c"], prompt="Find: "), atol=1e-5)
+    np.testing.assert_allclose(both, encoder.encode([{"image": images[0], "text": "what?"}], prompt_name="document"),
+                               atol=1e-5)
     scores = model.similarity(queries, docs)
     assert scores.shape == (2, 3) and torch.allclose(scores, torch.from_numpy(queries @ docs.T), atol=1e-5)
     assert torch.allclose(model.similarity_pairwise(docs[:2], docs[1:]), (torch.from_numpy(docs[:2] * docs[1:])).sum(1),
                           atol=1e-5)
+    assert model.name == f"moca/{os.path.basename(folder)}"
+    assert MocaEncoder(folder, encoder=encoder, name="me/tiny").name == "me/tiny"
+    with pytest.raises(ValueError, match="organization/model"):
+        MocaEncoder(folder, encoder=encoder, name="tiny")
     try:
+        from mteb.models.model_meta import ScoringFunction
         from mteb.models.models_protocols import EncoderProtocol
     except ImportError:
         return  # the protocol is structural: the checks above are what mteb calls
     assert isinstance(model, EncoderProtocol)
-    assert model.mteb_model_meta.embed_dim == 64
+    meta = model.mteb_model_meta
+    assert meta.embed_dim == 64 and meta.name == model.name and meta.similarity_fn_name is ScoringFunction.COSINE
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydantic's PydanticSerializationUnexpectedValue on a string
+        meta.model_dump_json()  # as mteb writes it beside the results
 
 
 def test_cli_encode_prompt_and_export_prompts(export, tmp_path, capsys):
@@ -204,7 +250,8 @@ def test_cli_encode_prompt_and_export_prompts(export, tmp_path, capsys):
     assert cli.main(["encode", "--model", folder, "--input", str(inputs), "--output", out,
                      "--prompt", "Find the shape: "]) == 0
     np.testing.assert_allclose(np.load(out), encoder.encode(["a red circle", "a blue square"],
-                                                            prompt="Find the shape: ").numpy(), atol=1e-6)
+                                                            prompt="Find the shape: "), atol=1e-6)
+    assert "Embedding: 100%" in capsys.readouterr().err  # moca encode's progress bar
     again = str(tmp_path / "again")
     assert cli.main(["encode", "--model", folder, "--export", again, "--query-prompt", "Query: "]) == 0
     with open(os.path.join(again, "config_sentence_transformers.json")) as f:
@@ -234,7 +281,8 @@ def test_mteb_evaluates_it_on_its_own_in_memory_tasks(export):
     results = mteb.evaluate(model, tasks, cache=None, show_progress_bar=False)
     scores = {r.task_name: r.get_score() for r in results.task_results}
     assert set(scores) == {t.metadata.name for t in tasks} and all(0 <= s <= 1 for s in scores.values())
-    assert any("image" in s and s["text"] == DOCUMENT_IMAGE_PROMPT for s in seen)  # image documents, prompted
+    assert any("image" in s and s.get("text") == DOCUMENT_IMAGE_PROMPT for s in seen)  # image documents, prompted
+    assert any(s == {"image": s.get("image")} for s in seen)  # image queries: the model's query prompt is none
     assert any("image" not in s for s in seen)
 
 

@@ -530,7 +530,7 @@ def test_encode_keeps_rows_aligned_with_lines(tmp_path, export, capsys):
     assert [i + 1 for i in range(lines) if np.isnan(vectors[i]).all()] == sorted(faults)
     encoder = Encoder.from_pretrained(str(export), device="cpu")
     expected = encoder.encode([dict(side, image=str(tmp_path / side["image"])) if "image" in side else side
-                               for side in good.values()]).numpy()
+                               for side in good.values()])
     np.testing.assert_allclose(vectors[[n - 1 for n in good]], expected, rtol=1e-5, atol=1e-5)
     # every bad line is named, file and line
     with warnings.catch_warnings(record=True) as caught:

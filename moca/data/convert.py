@@ -29,8 +29,10 @@ archive) or to the row's file when no root is given, or absolute; or an image as
 datasets stores one, ``{"bytes": ..., "path": ...}``, whose bytes are written to
 ``<output stem>_images/``, named by a hash of their content (an image named twice is written
 once). Each image's header is read (no pixels) to prove that it opens. Paths in the output are
-relative to the output's folder for images under it, absolute otherwise. MMEB marks where an
-image goes with Phi-3's ``<|image_1|>``; it becomes moca's ``<image>``.
+relative to the output's folder (``../images/cat.png``), as the readers resolve them, so that a
+folder holding both moves whole. MMEB marks where an image goes with Phi-3's ``<|image_1|>``; it
+becomes moca's ``<image>``. A token whose row has no image for it (the queries of MMEB's WebQA)
+is dropped and the text kept, as VLM2Vec's loader does, counted in the report.
 
 Bad rows (a missing field or one of the wrong type, an image that is missing or does not open, a
 qrel naming an unknown query or document) are counted and skipped with a warning naming file and
@@ -57,6 +59,7 @@ ROW_FILES = (".jsonl", ".parquet")
 MMEB_EVAL_FIELDS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 MMEB_TRAIN_FIELDS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 _MMEB_IMAGE_TOKEN = re.compile(r"<\|image_\d+\|>")
+_STRAY_TOKEN = re.compile(re.escape(IMAGE_PLACEHOLDER) + r"[ \t]*\n?")  # a token with the spaces after it
 _SHARD = re.compile(r"^.+-\d{5}-of-\d{5}$")  # Hugging Face's shard files: <split>-00000-of-00001
 
 
@@ -69,6 +72,7 @@ class Converted:
     bad: BadRecords = field(default_factory=BadRecords)
     images_written: int = 0
     unjudged: int = 0  # BEIR queries with no relevant document, left out
+    stray_image_tokens: int = 0  # MMEB image tokens of a text whose row lacks the image: dropped, the text kept
 
     @property
     def records(self) -> int:
@@ -199,20 +203,24 @@ class Images:
         return path
 
     def _shown(self, path: str) -> str:
-        path = os.path.abspath(path)
-        inside = os.path.commonpath([path, self.out_folder]) == self.out_folder
-        return os.path.relpath(path, self.out_folder) if inside else path
+        """``path`` relative to the output's folder, so that the output and its images move together."""
+        return os.path.relpath(os.path.abspath(path), self.out_folder)
 
 
-def side(text, image: str | None, what: str) -> dict:
-    """A side of text and/or an image path, MMEB's image token as ``<image>``. RecordError when
-    it has neither, when the text is not a string, or when it marks more images than it has."""
+def side(text, image: str | None, what: str, counts: Converted | None = None) -> dict:
+    """A side of text and/or an image path, MMEB's image token as ``<image>``. A token beyond the
+    images the row has (MMEB's WebQA queries name an image they lack) is dropped with the spaces
+    after it, the text kept, as VLM2Vec's loader does; counted in ``counts.stray_image_tokens``.
+    RecordError when the side has neither text nor image, or when the text is not a string."""
     if text is not None and not isinstance(text, str):
         raise RecordError(f"{what}: text must be a string, got {type(text).__name__}")
     text = _MMEB_IMAGE_TOKEN.sub(IMAGE_PLACEHOLDER, text or "")
-    marks = text.count(IMAGE_PLACEHOLDER)
-    if marks > (1 if image else 0):
-        raise RecordError(f"{what}: {marks} image tokens for {1 if image else 0} images")
+    stray = text.count(IMAGE_PLACEHOLDER) - (1 if image else 0)
+    if stray > 0:
+        kept = text.find(IMAGE_PLACEHOLDER) + len(IMAGE_PLACEHOLDER) if image else 0
+        text = text[:kept] + _STRAY_TOKEN.sub("", text[kept:])
+        if counts is not None:
+            counts.stray_image_tokens += stray
     out = {}
     if text.strip():
         out["text"] = text
@@ -242,33 +250,34 @@ def _listed(value, what: str) -> list:
 
 # ---- MMEB ---------------------------------------------------------------------------------------
 
-def mmeb_eval_record(row: dict, task: str, images: Images, base: str) -> dict:
+def mmeb_eval_record(row: dict, task: str, images: Images, base: str, counts: Converted | None = None) -> dict:
     """An MMEB evaluation row as an MMEB-style evaluation record (the positive first)."""
     _fields(row, MMEB_EVAL_FIELDS)
-    query = side(row["qry_text"], images(row["qry_img_path"], base, "the query"), "the query")
+    query = side(row["qry_text"], images(row["qry_img_path"], base, "the query"), "the query", counts)
     texts, paths = row["tgt_text"], row["tgt_img_path"]
     if not isinstance(texts, list) or not isinstance(paths, list):
         raise RecordError('"tgt_text" and "tgt_img_path" must be lists')
     if len(texts) != len(paths) or len(texts) < 2:
         raise RecordError(f'"tgt_text" ({len(texts)}) and "tgt_img_path" ({len(paths)}) must be lists of one '
                           "length, at least 2 (the positive, then the others)")
-    candidates = [side(t, images(p, base, f"target {i + 1}"), f"target {i + 1}")
+    candidates = [side(t, images(p, base, f"target {i + 1}"), f"target {i + 1}", counts)
                   for i, (t, p) in enumerate(zip(texts, paths))]
     return {"query": query, "candidates": candidates, "task": task}
 
 
-def mmeb_train_pair(row: dict, task: str, images: Images, base: str) -> dict:
+def mmeb_train_pair(row: dict, task: str, images: Images, base: str, counts: Converted | None = None) -> dict:
     """An MMEB training row as a stage-2 pair; its negatives, when it has any, as hard negatives."""
     _fields(row, MMEB_TRAIN_FIELDS)
-    pair = {"query": side(row["qry"], images(row["qry_image_path"], base, "the query"), "the query"),
-            "positive": side(row["pos_text"], images(row["pos_image_path"], base, "the positive"), "the positive"),
+    pair = {"query": side(row["qry"], images(row["qry_image_path"], base, "the query"), "the query", counts),
+            "positive": side(row["pos_text"], images(row["pos_image_path"], base, "the positive"), "the positive",
+                             counts),
             "negatives": [], "task": task}
     texts = _listed(row.get("neg_text"), '"neg_text"')
     paths = _listed(row.get("neg_image_path"), '"neg_image_path"')
     for i in range(max(len(texts), len(paths))):
         text, path = (texts[i] if i < len(texts) else ""), (paths[i] if i < len(paths) else None)
         if text or path:
-            pair["negatives"].append(side(text, images(path, base, f"negative {i + 1}"), f"negative {i + 1}"))
+            pair["negatives"].append(side(text, images(path, base, f"negative {i + 1}"), f"negative {i + 1}", counts))
     return pair
 
 
@@ -392,6 +401,50 @@ def beir_records(folder: str, task: str, images: Images, bad: BadRecords, strict
                "candidates": [s for doc, s in corpus.items() if doc not in chosen], "task": task}
 
 
+# ---- inputs that need converting -------------------------------------------------------------------
+
+_FIRST_LINE_BYTES = 1 << 22  # enough for a row of MMEB (its text and paths), not a whole file
+
+
+def _published_layout(path: str) -> str | None:
+    """What published layout the file or folder ``path`` is in, if it is one that ``moca data
+    convert`` reads and the evaluation does not: a BEIR-style set, Parquet, or MMEB rows in JSON
+    Lines (told by the first line's fields)."""
+    if is_beir(path):
+        return "a BEIR-style set (corpus, queries, qrels)"
+    if os.path.isdir(path):
+        files = glob.glob(os.path.join(glob.escape(path), "*"))
+        if not any(f.endswith(".jsonl") for f in files) and any(f.endswith(".parquet") for f in files):
+            return "a folder of Parquet files"
+        return None
+    if not os.path.isfile(path):
+        return None
+    with open_regular(path, "the data") as f:
+        head = f.readline(_FIRST_LINE_BYTES)
+    if head.startswith(b"PAR1") or path.endswith(".parquet"):
+        return "a Parquet file"
+    try:
+        row = json.loads(head)
+    except ValueError:
+        return None  # the reader names the line
+    fields = set(row) if isinstance(row, dict) else set()
+    if set(MMEB_EVAL_FIELDS) <= fields:
+        return "MMEB evaluation rows"
+    if set(MMEB_TRAIN_FIELDS) <= fields:
+        return "MMEB training rows"
+    return None
+
+
+def refuse_unconverted(path: str, command: str) -> None:
+    """ValueError naming ``path``, its layout and the command that converts it, when ``path`` is
+    in a published layout that ``command`` (an evaluation: ``moca eval``, ``moca train``'s) does
+    not read."""
+    layout = _published_layout(path)
+    if layout is not None:
+        raise ValueError(f"{path}: {layout}, which {command} does not read; moca data convert reads it: "
+                         f"moca data convert {path} --output converted.jsonl")
+
+
 # ---- the conversion -----------------------------------------------------------------------------
 
 def detect(inputs: list[str]) -> str:
@@ -450,7 +503,7 @@ def convert(inputs: list[str], output: str, fmt: str = "auto", image_root: str |
             return
         make = mmeb_eval_record if fmt == "mmeb-eval" else mmeb_train_pair
         yield from usable(sources, lambda where, row, path: make(row, task or task_of(path), images,
-                                                                 os.path.dirname(os.path.abspath(path))),
+                                                                 os.path.dirname(os.path.abspath(path)), result),
                           result.bad, strict)
 
     with atomic_file(output) as f:

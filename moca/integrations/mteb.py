@@ -1,31 +1,34 @@
-"""A moca model as an MTEB encoder (mteb 2.x ``EncoderProtocol``), with MoCa's prompts.
+"""A moca model as an MTEB encoder (mteb 2.x ``EncoderProtocol``), with the model's own prompts.
 
     import mteb
     from moca.integrations.mteb import MocaEncoder
-    model = MocaEncoder("runs/moca-tiny")              # a run directory or an export
+    model = MocaEncoder("runs/moca-tiny", name="me/moca-tiny")   # a run directory or an export
     mteb.evaluate(model, mteb.get_tasks(tasks=["VidoRe..."]))
 
 MTEB hands ``encode`` a DataLoader whose batches are dicts of lists: ``"text"`` and/or
 ``"image"`` (PIL images), one entry per input, and says whether they are queries or documents
-(``prompt_type``). Inputs are laid out as MoCa's authors evaluate them: a text as it is; an image
-alone followed by the document prompt ("Represent the given document image."); an image with a
-text as "Represent the given image with the following question: <text>". A prompt given for the
-task (``prompts``: keys as MTEB resolves them, most specific first: ``"<task>-<query|document>"``,
-``"<task>"``, ``"<task type>-<query|document>"``, ``"<task type>"``, ``"query"``/``"document"``)
-goes before every input's text instead, and so does a query's own ``"instruction"``.
+(``prompt_type``). Each input is a moca side with a prompt before its text, after its image, as
+``moca eval`` lays out its queries and candidates: the prompt of ``prompts`` for the task and input
+kind, keys as MTEB resolves them, most specific first (``"<task>-<query|document>"``,
+``"<task>"``, ``"<task type>-<query|document>"``, ``"<task type>"``, ``"query"``/``"document"``);
+``prompts`` start from the model's own (``Encoder.prompts``: none for the tiny recipe, MoCa's for
+the moca recipe, whose document prompt is "Represent the given document image."), so that
+``moca eval`` and MTEB score the same model the same way. A query's own ``"instruction"`` goes
+before its text instead.
 
+``name`` (``"organization/model"``, as MTEB files results) defaults to ``moca/<folder name>``.
 This module imports nothing from mteb until ``mteb_model_meta`` is asked for, so the protocol
 works (and is tested) without mteb installed; it is structural.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from moca.encoder import Encoder
-from moca.export import DOCUMENT_IMAGE_PROMPT, check_prompts
-
-IMAGE_QUESTION_PROMPT = "Represent the given image with the following question: "
+from moca.export import check_prompts
 
 
 class MocaEncoder:
@@ -33,32 +36,24 @@ class MocaEncoder:
     ``similarity_pairwise``, ``mteb_model_meta``)."""
 
     def __init__(self, model_name: str, revision: str | None = None, *, device: str | None = None,
-                 prompts: dict[str, str] | None = None, encoder: Encoder | None = None, **kwargs):
+                 prompts: dict[str, str] | None = None, encoder: Encoder | None = None, name: str | None = None,
+                 **kwargs):
         self.model_name, self.revision = model_name, revision
+        self.name = name or f"moca/{os.path.basename(os.path.normpath(model_name))}"
+        if self.name.count("/") != 1 or not all(self.name.split("/")):
+            raise ValueError(f"name must be \"organization/model\" (as MTEB files results), got {self.name!r}")
         self.encoder = encoder if encoder is not None else Encoder.from_pretrained(model_name, device=device)
-        self.prompts = dict(prompts or {})
-        check_prompts(self.prompts)
+        check_prompts(prompts if prompts is not None else {})
+        self.prompts = {**self.encoder.prompts, **(prompts or {})}
 
-    def task_prompt(self, task_metadata, prompt_type) -> str | None:
-        """The prompt of ``self.prompts`` for this task and input kind, most specific first; None if none."""
+    def task_prompt(self, task_metadata, prompt_type) -> str:
+        """The prompt of ``self.prompts`` for this task and input kind, most specific first; "" if none."""
         kind = getattr(prompt_type, "value", prompt_type)
         name, task_type = getattr(task_metadata, "name", None), getattr(task_metadata, "type", None)
-        keys = [f"{name}-{kind}", name, f"{task_type}-{kind}", task_type, kind]
-        for key in keys:
+        for key in (f"{name}-{kind}", name, f"{task_type}-{kind}", task_type, kind):
             if key is not None and key in self.prompts:
                 return self.prompts[key]
-        return None
-
-    def _side(self, text, image, prompt: str | None, instruction: str | None) -> dict:
-        """One input as a moca side, laid out with MoCa's prompts (see the module's docstring)."""
-        text = text or ""
-        if prompt is not None or instruction:
-            return {**({"image": image} if image is not None else {}), "text": (instruction or prompt or "") + text}
-        if image is None:
-            return {"text": text}
-        if text:
-            return {"image": image, "text": IMAGE_QUESTION_PROMPT + text + "\n"}
-        return {"image": image, "text": DOCUMENT_IMAGE_PROMPT}
+        return ""
 
     def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
                **kwargs) -> np.ndarray:
@@ -72,9 +67,9 @@ class MocaEncoder:
                                  f"nor \"image\" (keys: {sorted(batch)})")
             n = len(texts if texts is not None else images)
             instructions = batch.get("instruction") or [None] * n
-            sides = [self._side(texts[i] if texts is not None else None, images[i] if images is not None else None,
-                                prompt, instructions[i]) for i in range(n)]
-            out.append(self.encoder.encode(sides))
+            sides = [_side(texts[i] if texts is not None else None, images[i] if images is not None else None,
+                           instructions[i] or prompt) for i in range(n)]
+            out.append(self.encoder.encode(sides, convert_to_tensor=True))
         if not out:
             return np.zeros((0, self.encoder.embedder.model.config.text_config.hidden_size), dtype=np.float32)
         return torch.cat(out).numpy()
@@ -90,14 +85,22 @@ class MocaEncoder:
 
     @property
     def mteb_model_meta(self):
-        """mteb's ``ModelMeta`` for this model (needs mteb)."""
-        from mteb.models.model_meta import ModelMeta
+        """mteb's ``ModelMeta`` for this model (needs mteb), under ``self.name``."""
+        from mteb.models.model_meta import ModelMeta, ScoringFunction
         model = self.encoder.embedder.model
         return ModelMeta.create_empty(dict(
-            name=self.model_name if "/" in self.model_name else f"moca/{self.model_name}", revision=self.revision,
-            modalities=["image", "text"], embed_dim=model.config.text_config.hidden_size,
-            n_parameters=sum(p.numel() for p in model.parameters()), max_tokens=self.encoder.max_doc_tokens,
-            similarity_fn_name="cosine", framework=["PyTorch"], use_instructions=True, open_weights=True))
+            name=self.name, revision=self.revision, modalities=["image", "text"],
+            embed_dim=model.config.text_config.hidden_size, n_parameters=sum(p.numel() for p in model.parameters()),
+            max_tokens=self.encoder.max_doc_tokens, similarity_fn_name=ScoringFunction.COSINE, framework=["PyTorch"],
+            use_instructions=True, open_weights=True))
+
+
+def _side(text, image, prompt: str) -> dict:
+    """One MTEB input as a moca side: ``prompt`` before its text, after its image (the layout of
+    ``Encoder.encode(..., prompt=prompt)``)."""
+    side = {} if image is None else {"image": image}
+    text = prompt + (text or "")
+    return {**side, "text": text} if text or image is None else side
 
 
 def _unit(x) -> torch.Tensor:
