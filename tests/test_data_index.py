@@ -191,3 +191,14 @@ def test_image_sizes_from_headers_are_pillows(fmt, mode, options):
     with pytest.raises(ValueError, match="could not be decoded"):
         image_header(b"\xff\xd8\xff\xe0" + b"\x00" * 40, "")  # no frame header: Pillow's refusal
     assert header_size(data[:10]) is None
+
+
+def test_an_index_of_pairs_has_tasks_and_one_of_documents_costs(tmp_path):
+    from moca.data import embedded
+    pairs = embedded.write_pairs(str(tmp_path / "data"))
+    config = _config(tmp_path, **{"run.stage": "cl"})
+    index_of_pairs = index.index_pairs(config, pairs, log=lambda *_: None)
+    assert index_of_pairs.tasks == [e.task for e in index_of_pairs] and getattr(index_of_pairs, "costs", None) is None
+    documents = _quiet(index.index_documents, config, ByteTokenizer(), _shards(tmp_path / "docs", files=1),
+                       log=lambda *_: None)
+    assert getattr(documents, "tasks", None) is None and len(documents.costs) == len(documents)

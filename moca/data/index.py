@@ -478,13 +478,17 @@ class Index:
     @functools.cached_property
     def costs(self) -> np.ndarray:
         """Each document's cost, in order (the memory-mapped array itself for one source taken
-        whole; else one array of 2 or 4 bytes a document)."""
+        whole; else one array of 2 or 4 bytes a document). AttributeError on an index of pairs."""
+        if any(p.names is not None for p in self.parts):
+            raise AttributeError("an index of pairs has tasks, not costs")
         values = self._values()
         return values[0] if len(values) == 1 else np.concatenate(values)
 
     @property
     def tasks(self) -> list[str]:
-        """Each pair's task, in order."""
+        """Each pair's task, in order. AttributeError on an index of documents."""
+        if any(p.names is None for p in self.parts):
+            raise AttributeError("an index of documents has costs, not tasks")
         return [p.names[v] for p, values in zip(self.parts, self._values()) for v in values.tolist()]
 
     def __getstate__(self) -> dict:
