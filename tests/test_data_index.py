@@ -144,7 +144,7 @@ def test_sources_are_parsed_with_counts_and_weights():
 
 def test_draws_are_seeded_and_of_the_size_asked():
     five = drawn(Source("a", count=5), 100, None, seed=1, place=0)
-    assert len(five) == 5 == len(set(five.tolist())) and np.array_equal(five, np.sort(five))
+    assert len(five) == 5 == len(set(five.tolist())) and np.array_equal(five, np.sort(five)) and five.dtype == np.uint32
     assert np.array_equal(five, drawn(Source("a", count=5), 100, None, 1, 0))  # the same draw again
     assert not np.array_equal(five, drawn(Source("a", count=5), 100, None, 2, 0))  # another seed
     assert not np.array_equal(five, drawn(Source("a", count=5), 100, None, 1, 1))  # another place in the list

@@ -56,16 +56,18 @@ def parse_sources(text: str, what: str = "data.documents") -> list[Source]:
 
 
 def drawn(source: Source, size: int, default_count: int | None, seed: int, place: int) -> np.ndarray | None:
-    """Which of a source's ``size`` usable records an epoch takes, as sorted indices (int64), or
-    None for all of them once each. ``default_count``: ``sample_per_source``; ``place``: the
-    source's place in the list (with ``seed``, what seeds the draw)."""
+    """Which of a source's ``size`` usable records an epoch takes, as sorted indices (uint32 below
+    2**32 records: 4 bytes a drawn record), or None for all of them once each. ``default_count``:
+    ``sample_per_source``; ``place``: the source's place in the list (with ``seed``, what seeds
+    the draw)."""
     rng = np.random.default_rng([seed, place])
     count = source.count if source.count is not None else default_count if source.weight is None else None
+    dtype = np.uint32 if size < 2**32 else np.int64
     if count is not None:
-        return None if count >= size else np.sort(rng.choice(size, count, replace=False))
+        return None if count >= size else np.sort(rng.choice(size, count, replace=False)).astype(dtype)
     if source.weight is None or source.weight == 1:
         return None
     whole, part = divmod(source.weight, 1)
     extra = rng.choice(size, round(part * size), replace=False)
-    return np.sort(np.concatenate([np.tile(np.arange(size), int(whole)), extra]))
+    return np.sort(np.concatenate([np.tile(np.arange(size), int(whole)), extra])).astype(dtype)
 
