@@ -325,7 +325,7 @@ def _scores(result: dict, prefix: str = "") -> None:
         if "pool_size" in scores:
             pooled = ", ".join(f"{name[5:]} {scores[name]:.3f} (chance {scores['chance_' + name]:.3f})"
                                for name in POOL)
-            print(f"{prefix}{task}: {pooled}, each query over {scores['pool_size']:.0f} candidates (the task's pool)")
+            print(f"{prefix}{task}: {pooled}, each query over {scores['pool_size']:g} candidates (the task's pool)")
     for meta, scores in result.get("meta_tasks", {}).items():
         print(f"{prefix}MMEB {meta}: precision_at_1 {scores['precision_at_1']:.3f} (chance {scores['chance']:.3f}, "
               f"mean of {len(scores['tasks'])} tasks)")

@@ -82,13 +82,18 @@ def read_export_meta(path: str) -> dict:
 def model_folder(path: str) -> tuple[str, str | None]:
     """The folder that holds the model of ``path`` and, where it is not ``path`` itself, a line
     saying which it is: a run directory of both stages (``moca train``'s ``cpt/`` and ``cl/``)
-    holds its model in its last stage that has a checkpoint."""
+    holds its model in its last stage that has a checkpoint (ValueError naming where it looked
+    when none has one)."""
     if os.path.lexists(os.path.join(path, EXPORT_MARKER)) or os.path.isdir(os.path.join(path, "checkpoints")):
         return path, None
-    for stage in STAGES_NEWEST_FIRST:
-        folder = os.path.join(path, stage)
-        if os.path.isfile(os.path.join(folder, "config.json")) and find(folder, log=lambda *_: None):
+    stages = [os.path.join(path, stage) for stage in STAGES_NEWEST_FIRST
+              if os.path.isfile(os.path.join(path, stage, "config.json"))]
+    for folder in stages:
+        if find(folder, log=lambda *_: None):
             return folder, f"{path} holds both stages: using the last one with a checkpoint, {folder}"
+    if stages:
+        raise ValueError(f"{path}: no checkpoint in {' or '.join(os.path.join(f, 'checkpoints') for f in stages)} "
+                         "(its stages)")
     return path, None
 
 

@@ -222,14 +222,16 @@ def metrics(kind: str, scores: torch.Tensor, relevant: int, gains: list[float] |
 
 
 def pool_metrics(query: torch.Tensor, pool: torch.Tensor, relevant: dict[int, float], own: list[int],
-                 seed: int) -> dict:
+                 seed: int, itself: int | None = None) -> dict:
     """``pool_recall_at_1``, ``pool_recall_at_10``, ``pool_ndcg_at_10`` (and ``chance_pool_*``,
     ``pool_size``) of one query (hidden,) ranked against its task's whole pool (P, hidden) of
     distinct candidates, as MTEB ranks a corpus: ``relevant`` maps pool rows to grades; where the
     pool is larger than ``POOL_LIMIT`` (MMEB's 1,000), the relevant rows, the record's ``own``
-    candidates and others drawn with ``seed`` up to the limit."""
+    candidates and others drawn with ``seed`` up to the limit. ``itself``: the pool row that is the
+    query's own input (a candidate of another record), left out unless relevant or its own
+    candidate, as MTEB leaves a query's own id out of its corpus."""
     rows = list(relevant) + [r for r in dict.fromkeys(own) if r not in relevant]
-    taken = set(rows)
+    taken = set(rows) | {itself}
     rest = [r for r in range(pool.shape[0]) if r not in taken]
     if pool.shape[0] > POOL_LIMIT:
         rest = random.Random(seed).sample(rest, max(0, min(len(rest), POOL_LIMIT - len(rows))))
@@ -286,7 +288,8 @@ def evaluate(encoder, paths: list[str], strict: bool = False, log=print, query_p
         grades: dict[int, float] = {}
         for row, gain in zip(pool[:record["relevant"]], record["gains"] or [1] * record["relevant"]):
             grades[task_pool[row]] = max(gain, grades.get(task_pool[row], 0))
-        whole = pool_metrics(q, pool_vectors[record["task"]], grades, [task_pool[r] for r in pool], index)
+        whole = pool_metrics(q, pool_vectors[record["task"]], grades, [task_pool[r] for r in pool], index,
+                             task_pool.get(query))
         per_task.setdefault(record["task"], []).append(
             dict(metrics(record["kind"], embeddings[torch.tensor(pool)] @ q, record["relevant"], record["gains"]),
                  **whole, kind=record["kind"]))

@@ -186,6 +186,17 @@ def test_each_query_is_also_ranked_against_its_tasks_whole_pool(tmp_path, monkey
     assert with_own["pool_size"] == 3 and with_own["pool_recall_at_1"] == 0.0  # own candidates kept over the limit
 
 
+def test_a_query_is_not_ranked_against_itself_in_its_tasks_pool(tmp_path):
+    # q2's text is a candidate of q1's record: over the task's pool q2 would find itself first
+    path = tmp_path / "eval.jsonl"
+    records = [{"query": {"text": "q1"}, "candidates": [{"text": "a"}, {"text": "q2"}], "task": "t"},
+               {"query": {"text": "q2"}, "candidates": [{"text": "b"}, {"text": "a"}], "task": "t"}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    table = {"q1": [1, 0, 0], "q2": [0, 1, 0], "a": [1, 0, 0], "b": [0.6, 0.8, 0]}
+    t = evaluate(_Lookup(table), [str(path)], log=lambda *_: None)["tasks"]["t"]
+    assert t["pool_recall_at_1"] == 1.0 and t["pool_size"] == 2.5  # q1 over a, q2, b; q2 over b, a
+
+
 def test_the_model_travels_with_its_prompts_to_moca_eval_and_the_mteb_encoder(cl_run, tmp_path, capsys):
     """One model, one evaluation set: ``moca eval`` (the CLI, the model's own prompts) and MTEB's
     path (``MocaEncoder.encode`` as mteb's retrieval evaluator calls it: queries, then the task's
@@ -271,7 +282,8 @@ def test_a_run_of_both_stages_is_found_and_its_commands_are_printed(tmp_path, ca
     (run / "cl" / "checkpoints").rename(run / "cl" / "set-aside")
     (run / "cpt" / "checkpoints").rename(run / "cpt" / "set-aside")
     assert cli.main(command[1:]) == 2
-    assert f"{run}: no checkpoint" in capsys.readouterr().err
+    assert f"{run}: no checkpoint in {run / 'cl' / 'checkpoints'} or {run / 'cpt' / 'checkpoints'} (its stages)" \
+        in capsys.readouterr().err
 
 
 def test_moca_eval_and_mtebs_evaluate_give_the_same_scores(cl_run, tmp_path, capsys):
