@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 from moca import breakdown  # noqa: E402
-from moca.config import RECOMPUTE_HELP  # noqa: E402
+from moca.config import RECOMPUTE_HELP, Recompute  # noqa: E402
 from moca.data.cpt import Encoded, collate, document_positions  # noqa: E402
 from moca.data.images import ROW  # noqa: E402
 from moca.data.masking import IGNORE, ROWS_PER_TOKEN  # noqa: E402
@@ -227,8 +227,9 @@ def _prepare(provider: str, module, args, device) -> dict:
         return {}
     compiled, recompute = VARIANTS[provider]
     recompute = (recompute or args.recompute) if args.checkpointing else "none"
-    used = regions.prepare(module, module.model.config, recompute, compiled, args.token_budget, device)
-    return dict(recompute=used, compiled=compiled)
+    used = regions.prepare(module, module.model.config, Recompute.parse(recompute), compiled, args.token_budget,
+                           device)
+    return dict(recompute=str(used), compiled=compiled)
 
 
 def _breakdown(row: dict, step, module, device) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import statistics
 
@@ -35,8 +36,11 @@ from .config import Config
 from .data import embedded
 from .eval import evaluate_run
 from .files import atomic_write, data_files, read_json
+from .logs import own_lines_only
 from .probe import picture_reading
 from .train import finished, train
+
+log = logging.getLogger(__name__)
 
 ROWS: dict[str, dict] = {
     "cl": {"run.stage": "cl"},
@@ -70,7 +74,7 @@ def _other_settings(out: str, config: Config, ignored: tuple[str, ...] = ("run.o
     return "; ".join(d for d in Config.read(out).result_differences(config) if not d.startswith(ignored))
 
 
-def pretrain_base(config: Config, log=print) -> str:
+def pretrain_base(config: Config) -> str:
     """Train (or reuse, or resume) the causal base that ``config``'s rows start from, in
     ``config.run.out``; returns that folder."""
     out = config.run.out
@@ -79,14 +83,15 @@ def pretrain_base(config: Config, log=print) -> str:
         if changed:
             raise ValueError(f"{out} holds a base trained with other settings ({changed}): choose another --out")
         if finished(out, config.cpt.max_steps) is not None:
-            log(f"{out}: base already trained")
+            log.info(f"{out}: base already trained")
             return out
-    log(f"ablation: the causal base every row starts from -> {out}")
-    train(config, resume=os.path.isfile(os.path.join(out, "config.json")), log=lambda *_: None)
+    log.info(f"ablation: the causal base every row starts from -> {out}")
+    with own_lines_only(__name__):  # the base's own lines are not the ablation's
+        train(config, resume=os.path.isfile(os.path.join(out, "config.json")))
     return out
 
 
-def run_row(config: Config, log=print) -> dict:
+def run_row(config: Config) -> dict:
     """Train one row's run (``config.run.stage`` cl or both) and evaluate it on ``data.evaluation``,
     or on the embedded held-out split; returns ``eval.json``'s content."""
     out = config.run.out
@@ -95,18 +100,18 @@ def run_row(config: Config, log=print) -> dict:
         changed = _other_settings(out, config)
         if changed:
             raise ValueError(f"{out} was evaluated with other settings ({changed}): choose another --out")
-        log(f"{out}: already evaluated")
+        log.info(f"{out}: already evaluated")
         return _scores(scored)
-    train(config, resume=os.path.isfile(os.path.join(out, "config.json")), log=log)  # an interrupted run continues
+    train(config, resume=os.path.isfile(os.path.join(out, "config.json")))  # an interrupted run continues
     if config.run.stage == "both":
         return _scores(scored)
     d = config.data
     files = data_files(d.evaluation, "evaluation") if d.evaluation else \
         [embedded.write_eval(os.path.join(out, "eval-data"))]
-    return evaluate_run(out, files, strict=config.run.strict, log=log)
+    return evaluate_run(out, files, strict=config.run.strict)
 
 
-def ablate(base: Config, out: str, seeds: int = 5, rows: list[str] | None = None, log=print) -> dict:
+def ablate(base: Config, out: str, seeds: int = 5, rows: list[str] | None = None) -> dict:
     """Every row of ``ROWS`` (or ``rows``) over ``seeds`` seeds from ``base``'s settings, in
     ``out/ROW/seed-N``; writes and returns ``ablation.json``'s content."""
     if seeds < 1:
@@ -121,18 +126,19 @@ def ablate(base: Config, out: str, seeds: int = 5, rows: list[str] | None = None
                          "evaluation=EVAL")
     if base.model.path is None and base.model.init is None:
         start = base.update({**BASE, "run.out": os.path.join(out, "base")}).validate()
-        base = base.update({"model.init": pretrain_base(start, log)})
+        base = base.update({"model.init": pretrain_base(start)})
     scores: dict[str, list[dict]] = {name: [] for name in names}
     reading: dict[str, list[dict]] = {}
     for seed in range(seeds):
         for name in names:
             config = base.update({**ROWS[name], "run.seed": seed,
                                   "run.out": os.path.join(out, name, f"seed-{seed}")}).validate()
-            log(f"ablation: {name}, seed {seed} -> {config.run.out}")
-            scores[name].append(run_row(config, log=lambda *_: None)["overall"])
-            if config.run.stage == "both" and config.cpt.use_mlm and not d.documents:
-                reading.setdefault(name, []).append(
-                    picture_reading(os.path.join(config.run.out, "cpt"), seed=seed, log=lambda *_: None))
+            log.info(f"ablation: {name}, seed {seed} -> {config.run.out}")
+            with own_lines_only(__name__):  # the rows' runs show no lines of their own
+                scores[name].append(run_row(config)["overall"])
+                if config.run.stage == "both" and config.cpt.use_mlm and not d.documents:
+                    reading.setdefault(name, []).append(
+                        picture_reading(os.path.join(config.run.out, "cpt"), seed=seed))
     result = summarize(scores)
     if "cl" in scores and len(scores) > 1:
         result["against_cl"] = against(result["rows"], "cl")

@@ -18,6 +18,7 @@ import contextlib
 import glob
 import io
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -36,6 +37,8 @@ from .config import Config
 from .data.tokenizer import ByteTokenizer, HFTokenizer
 from .files import atomic_write, fsync_dir, read_bytes, read_json
 from .model.qwen import build
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _PREFIX = "step-"
@@ -116,7 +119,7 @@ def save(run_dir: str, step: int, module, optimizer, trainer: dict, keep: int = 
     state = training_state(module, optimizer)
     bad = _non_finite(state)
     if bad is not None:
-        kept = find(run_dir, log=lambda *_: None)
+        kept = find(run_dir)
         raise FloatingPointError(f"{bad} holds NaN or infinite values after step {step}: not saved. The last good "
                                  f"(finite) checkpoint is {kept or 'none (none was saved yet)'}")
     if _is_main():
@@ -200,7 +203,7 @@ def set_aside(run_dir: str, paths: list[str]) -> str:
     return folder
 
 
-def find(run_dir: str, log=print) -> str | None:
+def find(run_dir: str) -> str | None:
     """The newest sound checkpoint of the run, or None. A damaged newer one is passed over with a
     warning naming it and the one used instead."""
     candidates = checkpoints(run_dir)
@@ -212,7 +215,6 @@ def find(run_dir: str, log=print) -> str | None:
         message = (f"checkpoint {candidates[i]} is damaged ({why}); using {fallback or 'none (no older one is sound)'} "
                    "instead")
         warnings.warn(message, stacklevel=2)
-        log(message)
         return fallback
     return None
 
@@ -387,34 +389,37 @@ def read_model(path: str, model: torch.nn.Module, prefix: str) -> int:
     return len(own)  # loaded in place: the state dict's tensors are the model's
 
 
-def model_and_tokenizer(config, log=print):
+def model_and_tokenizer(config, level: int = logging.INFO):
     """The run's model (``model.path``, else the preset with random weights) and tokenizer, the
-    embedding table grown when the tokenizer's ids reach past it (``config``: a Config)."""
+    embedding table grown when the tokenizer's ids reach past it (``config``: a Config), which is
+    logged at ``level``."""
     path = config.model.path
     tokenizer = HFTokenizer(path) if path else ByteTokenizer()
     model = build(None if path else config.model.preset, path, pointwise=config.model.fused_pointwise)
     rows, top = model.get_input_embeddings().num_embeddings, max(tokenizer.specials.all)
     if top >= rows:  # e.g. <|mask|> appended past the embedding table
         model.resize_token_embeddings(top + 1)
-        log(f"the tokenizer's ids reach {top}: embedding table resized from {rows} rows to {top + 1} (new rows start "
-            "untrained)")
+        log.log(level, f"the tokenizer's ids reach {top}: embedding table resized from {rows} rows to {top + 1} "
+                "(new rows start untrained)")
     return model, tokenizer
 
 
-def load_backbone(model, run_dir: str, log=print) -> str:
+def load_backbone(model, run_dir: str, level: int = logging.INFO) -> str:
     """Load the backbone (language model and vision tower; no heads) of the newest sound checkpoint
-    of the run in ``run_dir`` (either stage) into ``model``; returns the checkpoint's path."""
-    path = find(run_dir, log)
+    of the run in ``run_dir`` (either stage) into ``model``, logged at ``level``; returns the
+    checkpoint's path."""
+    path = find(run_dir)
     if path is None:
         raise ValueError(f"{run_dir}: no checkpoint in {run_dir}/checkpoints")
     count = read_model(path, model, prefix="model.")
-    log(f"loaded the backbone from {path} ({count} tensors)")
+    log.log(level, f"loaded the backbone from {path} ({count} tensors)")
     return path
 
 
-def load_run(run_dir: str, log=print):
-    """(config, model with the run's newest backbone weights, tokenizer) of a run directory."""
+def load_run(run_dir: str):
+    """(config, model with the run's newest backbone weights, tokenizer) of a run directory. What
+    loading says is debug here (the run's training said it already)."""
     config = Config.read(run_dir)
-    model, tokenizer = model_and_tokenizer(config, log)
-    load_backbone(model, run_dir, log)
+    model, tokenizer = model_and_tokenizer(config, logging.DEBUG)
+    load_backbone(model, run_dir, logging.DEBUG)
     return config, model, tokenizer

@@ -14,12 +14,15 @@
     moca encode --model DIR --export DIR [--query-prompt TEXT] [--document-prompt TEXT]
                                                 # for transformers, sentence-transformers, MTEB (docs/export.md)
     moca data convert INPUT... --output OUT.jsonl [--image-root DIR]   # MMEB / BEIR (ViDoRe) files -> moca's
+
+Every command takes --quiet (warnings and errors only) or --verbose (debug messages too).
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import logging
 import os
 import shlex
 import sys
@@ -28,6 +31,9 @@ from types import SimpleNamespace
 from .config import Config, describe, targets, toml_settings
 from .data.convert import FORMATS, convert, refuse_unconverted
 from .files import atomic_write, data_files, regular_or_absent
+from .logs import LEVELS, bars_shown, console
+
+log = logging.getLogger(__name__)
 
 # torch, transformers and the model load on first use (inside the commands that need them), so
 # that --help and --print-config answer in a moment.
@@ -43,8 +49,29 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _train_parser(commands) -> argparse.ArgumentParser:
-    t = commands.add_parser("train", help="train stage 1 (cpt), stage 2 (cl), or both",
+def _verbosity() -> argparse.ArgumentParser:
+    """The options every command takes (``parents=`` of each command's parser): how much it says."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_mutually_exclusive_group()
+    group.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only: no progress lines or "
+                       "bars")
+    group.add_argument("--verbose", "-v", action="store_true", help="debug messages too (each metrics.jsonl row as "
+                       "it is written, each checkpoint as it is saved)")
+    return common
+
+
+def _level(args) -> int:
+    """The level of the ``moca`` logger for a command: ``--quiet``'s or ``--verbose``'s, else INFO;
+    under torchrun, ranks other than 0 say warnings and errors only unless ``--verbose``."""
+    if args.verbose:
+        return LEVELS["verbose"]
+    if args.quiet or int(os.environ.get("RANK", "0")) != 0:
+        return LEVELS["quiet"]
+    return LEVELS["default"]
+
+
+def _train_parser(commands, common) -> argparse.ArgumentParser:
+    t = commands.add_parser("train", help="train stage 1 (cpt), stage 2 (cl), or both", parents=[common],
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog="settings (key=value, or section.key=value; a bare name shared by cpt and cl "
                                    "sets both):\n" + describe())
@@ -120,10 +147,12 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     """The command line's arguments (``key=value`` settings of ``train`` in ``settings``) and its parser."""
     parser = argparse.ArgumentParser(prog="moca", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    _train_parser(commands)
-    a = commands.add_parser("ablate", help="the paper's ablation: stage 2 alone (bidirectional or causal) against "
-                            "stage 1 (MLM, MAE, both) then stage 2, over seeds, on the held-out evaluation; on the "
-                            "tiny preset every row starts from a causal base trained first (out/base)")
+    common = _verbosity()
+    _train_parser(commands, common)
+    a = commands.add_parser("ablate", parents=[common], help="the paper's ablation: stage 2 alone (bidirectional or "
+                            "causal) against stage 1 (MLM, MAE, both) then stage 2, over seeds, on the held-out "
+                            "evaluation; on the tiny preset every row starts from a causal base trained first "
+                            "(out/base)")
     a.add_argument("--out", default="runs/ablation", help="where the runs, ablation.json, ablation.md and "
                    "ablation.png go (default runs/ablation)")
     a.add_argument("--seeds", type=int, default=5, help="seeds per row (default 5); a row's lead over stage 2 "
@@ -132,7 +161,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
                    "dataset and its held-out split)")
     a.add_argument("--rows", help="comma-separated subset of the rows: cl,cl-causal,mlm+cl,mae+cl,cpt+cl")
     a.add_argument("settings", nargs="*", metavar="key=value", help="settings for every row, as for moca train")
-    e = commands.add_parser("eval", help="score a trained model on MMEB-style or retrieval files")
+    e = commands.add_parser("eval", parents=[common], help="score a trained model on MMEB-style or retrieval files")
     e.add_argument("--model", required=True, help="a run directory (of both stages: its last) or an exported model "
                    "folder")
     e.add_argument("--data", required=True, nargs="+", help="evaluation .jsonl files or folders of them")
@@ -143,7 +172,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     e.add_argument("--document-prompt", help="an instruction put before each candidate's text (default: the "
                    "model's own document prompt: none for the tiny recipe, MoCa's for the moca recipe, "
                    "\"Represent the given document image.\" and a new line; \"\" for none)")
-    n = commands.add_parser("encode", help="embed inputs (texts, images, both) into a .npy file")
+    n = commands.add_parser("encode", parents=[common], help="embed inputs (texts, images, both) into a .npy file")
     n.add_argument("--model", required=True, help="a run directory (of both stages: its last) or an exported model "
                    "folder")
     n.add_argument("--input", help="a .jsonl file, one side a line: {\"text\": ...} and/or {\"image\": path}")
@@ -160,7 +189,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     n.add_argument("--query-prompt", help="the export's query prompt (default: the model's; MoCa's is none)")
     n.add_argument("--document-prompt", help="the export's document prompt (default: the model's; MoCa's is "
                    "\"Represent the given document image.\" and a new line)")
-    _data_parser(commands)
+    _data_parser(commands, common)
     # key=value settings may stand anywhere among the options, not only in one run at the end
     args, rest = parser.parse_known_args(argv)
     stray = [r for r in rest if args.command not in ("train", "ablate") or r.startswith("-") or "=" not in r]
@@ -171,11 +200,11 @@ def parse(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     return args, parser
 
 
-def _data_parser(commands) -> None:
+def _data_parser(commands, common) -> None:
     data = commands.add_parser("data", help="data tools: convert published benchmark files into moca's formats")
     c = data.add_subparsers(dest="data_command", required=True).add_parser(
-        "convert", help="MMEB evaluation rows -> evaluation records, MMEB training rows -> pairs, a BEIR-style "
-        "retrieval set (ViDoRe) -> retrieval records with graded relevance")
+        "convert", parents=[common], help="MMEB evaluation rows -> evaluation records, MMEB training rows -> pairs, a "
+        "BEIR-style retrieval set (ViDoRe) -> retrieval records with graded relevance")
     c.add_argument("inputs", nargs="+", help="MMEB .parquet/.jsonl files or folders of them (a file's task: its "
                    "subset folder, or its name), or BEIR folders (corpus, queries, qrels)")
     c.add_argument("--output", "-o", required=True, help="the .jsonl file to write; embedded images go to "
@@ -195,16 +224,16 @@ def _data_parser(commands) -> None:
 def _convert(args, parser) -> int:
     done = convert(args.inputs, args.output, args.format, args.image_root, args.task, args.split,
                    args.query_prompt, args.document_prompt, args.language, args.strict)
-    done.bad.report(lambda line: print(line, file=sys.stderr))
+    done.bad.report(log.warning)
     tasks = ", ".join(f"{task} {count}" for task, count in sorted(done.tasks.items()))
     kind = "pairs" if done.format == "mmeb-train" else "evaluation records"
-    print(f"{done.records} {kind} ({done.format}; {tasks}) -> {done.output}")
+    log.info(f"{done.records} {kind} ({done.format}; {tasks}) -> {done.output}")
     if done.images_written:
-        print(f"{done.images_written} embedded images written beside it")
+        log.info(f"{done.images_written} embedded images written beside it")
     if done.unjudged:
-        print(f"{done.unjudged} queries without a relevant document left out")
+        log.info(f"{done.unjudged} queries without a relevant document left out")
     if done.stray_image_tokens:
-        print(f"{done.stray_image_tokens} image tokens naming an image their row lacks dropped (their text kept)")
+        log.info(f"{done.stray_image_tokens} image tokens naming an image their row lacks dropped (their text kept)")
     return 0
 
 
@@ -216,20 +245,23 @@ BUGS = (NotImplementedError, RecursionError)
 
 
 def main(argv=None) -> int:
-    """Run one ``moca`` command: the one place where its errors become a line on stderr."""
+    """Run one ``moca`` command: the one place where its errors become a line on stderr, and
+    where moca's messages are printed (``moca.logs.console``: info on stdout, warnings and errors
+    on stderr, at the level of ``--quiet`` / ``--verbose``)."""
     args, parser = parse(argv)
     command = {"data": _convert, "ablate": _ablate, "eval": _eval, "encode": _encode, "train": _train}[args.command]
     name = "data convert" if args.command == "data" else args.command
-    try:
-        return command(args, parser)
-    except USER_ERRORS as exc:  # DataError (strict) is a ValueError
-        if os.environ.get("MOCA_DEBUG") == "1" or isinstance(exc, BUGS):
-            raise
-        print(f"moca {name}: {one_line(exc)}", file=sys.stderr)
-        return 2
-    finally:
-        if "moca.parallel" in sys.modules:  # where a process group can have been set up
-            sys.modules["moca.parallel"].leave()
+    with console(_level(args)):
+        try:
+            return command(args, parser)
+        except USER_ERRORS as exc:  # DataError (strict) is a ValueError
+            if os.environ.get("MOCA_DEBUG") == "1" or isinstance(exc, BUGS):
+                raise
+            log.error(f"moca {name}: {one_line(exc)}")
+            return 2
+        finally:
+            if "moca.parallel" in sys.modules:  # where a process group can have been set up
+                sys.modules["moca.parallel"].leave()
 
 
 def one_line(exc: BaseException) -> str:
@@ -247,12 +279,12 @@ def _train(args, parser) -> int:
         refuse_unconverted(config.data.evaluation, "moca train's evaluation")
     if int(os.environ.get("RANK", "0")) == 0:
         changed = config.recipe_differences()
-        print(f"recipe {config.run.recipe}" + (f"; settings that differ from it: {'; '.join(changed)}" if changed
-                                               else ", unchanged"))
+        log.info(f"recipe {config.run.recipe}" + (f"; settings that differ from it: {'; '.join(changed)}" if changed
+                                                  else ", unchanged"))
     try:
         final = train(config, resume=bool(args.resume), force=args.force)
     except Preempted as exc:
-        print(f"moca train: {exc}", file=sys.stderr)
+        log.error(f"moca train: {exc}")
         return Preempted.EXIT_CODE
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 prints the summary
         return 0
@@ -261,12 +293,12 @@ def _train(args, parser) -> int:
     if both:
         _summary(final["cl"], "stage 2: ")
         _scores(final.get("eval", {}), "evaluation, ")
-        print(f"run directory: {config.run.out} (loss.png: both stages and the evaluation; cpt/ and cl/: config.json, "
-              "metrics.jsonl, checkpoints/, loss.png; cl/eval.json)")
+        log.info(f"run directory: {config.run.out} (loss.png: both stages and the evaluation; cpt/ and cl/: "
+                 "config.json, metrics.jsonl, checkpoints/, loss.png; cl/eval.json)")
     else:
-        print(f"done: {json.dumps(final)}\nrun directory: {config.run.out} (config.json, metrics.jsonl, "
-              "checkpoints/, loss.png)")
-    print("\n".join(next_commands(config)))
+        log.info(f"done: {json.dumps(final)}\nrun directory: {config.run.out} (config.json, metrics.jsonl, "
+                 "checkpoints/, loss.png)")
+    log.info("\n".join(next_commands(config)))
     return 0
 
 
@@ -295,10 +327,10 @@ def _ablate(args, parser) -> int:
         result = ablate(Config.resolve(given).validate(), args.out, args.seeds,
                         args.rows.split(",") if args.rows else None)
     except Preempted as exc:  # the row's run: moca ablate with the same arguments continues every row
-        print(f"moca ablate: {exc}", file=sys.stderr)
+        log.error(f"moca ablate: {exc}")
         return Preempted.EXIT_CODE
-    print(table(result))
-    print(f"ablation.json, ablation.md, ablation.png: {args.out}")
+    log.info(table(result))
+    log.info(f"ablation.json, ablation.md, ablation.png: {args.out}")
     return 0
 
 
@@ -306,12 +338,12 @@ def _summary(final: dict, prefix: str) -> None:
     def chance(key, digits):
         return f" (chance {final[key]:.{digits}f})" if key in final else ""
     if final.get("mlm_accuracy") is not None:
-        print(f"{prefix}MLM accuracy {final['mlm_accuracy']:.3f} on the last logged step"
-              f"{chance('mlm_chance', 4)}; MLM loss {final['mlm_loss']:.3f}, MAE loss {final['mae_loss']:.3f} (means "
-              "since the line before)")
+        log.info(f"{prefix}MLM accuracy {final['mlm_accuracy']:.3f} on the last logged step"
+                 f"{chance('mlm_chance', 4)}; MLM loss {final['mlm_loss']:.3f}, MAE loss {final['mae_loss']:.3f} "
+                 "(means since the line before)")
     if final.get("accuracy") is not None:
-        print(f"{prefix}in-batch accuracy {final['accuracy']:.3f}{chance('accuracy_chance', 3)}, loss "
-              f"{final['loss']:.3f} (means over the last logged steps); temperature {final['temperature']:.4f}")
+        log.info(f"{prefix}in-batch accuracy {final['accuracy']:.3f}{chance('accuracy_chance', 3)}, loss "
+                 f"{final['loss']:.3f} (means over the last logged steps); temperature {final['temperature']:.4f}")
 
 
 def _scores(result: dict, prefix: str = "") -> None:
@@ -320,23 +352,23 @@ def _scores(result: dict, prefix: str = "") -> None:
     from .eval import POOL
     for task, scores in result.get("tasks", {}).items():
         main = "precision_at_1" if "precision_at_1" in scores else "ndcg_at_5"
-        print(f"{prefix}{task}: {main} {scores[main]:.3f} (chance {scores['chance']:.3f}, {scores['n']} queries, "
-              "each over its own candidates)")
+        log.info(f"{prefix}{task}: {main} {scores[main]:.3f} (chance {scores['chance']:.3f}, {scores['n']} "
+                 "queries, each over its own candidates)")
         if "pool_size" in scores:
             pooled = ", ".join(f"{name[5:]} {scores[name]:.3f} (chance {scores['chance_' + name]:.3f})"
                                for name in POOL)
-            print(f"{prefix}{task}: {pooled}, each query over {scores['pool_size']:g} candidates (the task's pool)")
+            log.info(f"{prefix}{task}: {pooled}, each query over {scores['pool_size']:g} candidates (the task's pool)")
     for meta, scores in result.get("meta_tasks", {}).items():
-        print(f"{prefix}MMEB {meta}: precision_at_1 {scores['precision_at_1']:.3f} (chance {scores['chance']:.3f}, "
-              f"mean of {len(scores['tasks'])} tasks)")
+        log.info(f"{prefix}MMEB {meta}: precision_at_1 {scores['precision_at_1']:.3f} (chance "
+                 f"{scores['chance']:.3f}, mean of {len(scores['tasks'])} tasks)")
 
 
 def _load_encoder(path: str):
-    """``Encoder.from_pretrained(path)``, saying on stderr which stage of a run of both stages it took."""
+    """``Encoder.from_pretrained(path)``, saying in a warning which stage of a run of both stages it took."""
     from .encoder import Encoder, model_folder
     folder, note = model_folder(path)
     if note:
-        print(f"model: {note}", file=sys.stderr)
+        log.warning(f"model: {note}")
     return Encoder.from_pretrained(folder)
 
 
@@ -355,10 +387,10 @@ def _eval(args, parser) -> int:
     prompts = {role: given if given is not None else encoder.prompts.get(role, "")
                for role, given in (("query", args.query_prompt), ("document", args.document_prompt))}
     result = evaluate(encoder, files, strict=args.strict, query_prompt=prompts["query"],
-                      document_prompt=prompts["document"], show_progress_bar=True)
+                      document_prompt=prompts["document"], show_progress_bar=bars_shown())
     _scores(result)  # before the write: a failing disk loses no score
     atomic_write(target, json.dumps(result, indent=1).encode())
-    print(f"eval.json: {target}")
+    log.info(f"eval.json: {target}")
     return 0
 
 
@@ -380,15 +412,14 @@ def _encode(args, parser) -> int:
             if value is not None:
                 prompts[name] = value
         encoder.save_pretrained(args.export, prompts=prompts)
-        print(f"exported to {args.export}")
+        log.info(f"exported to {args.export}")
     if args.input:
         prompted = SimpleNamespace(encode=lambda inputs, **options: encoder.encode(inputs, prompt=prompt, **options))
-        vectors = embed_file(prompted, args.input, args.strict, log=lambda line: print(line, file=sys.stderr),
-                             show_progress_bar=True)
+        vectors = embed_file(prompted, args.input, args.strict, show_progress_bar=bars_shown())
         buffer = io.BytesIO()
         np.save(buffer, vectors)
         atomic_write(output, buffer.getvalue())
-        print(f"{vectors.shape[0]} embeddings of {vectors.shape[1]} values -> {output}")
+        log.info(f"{vectors.shape[0]} embeddings of {vectors.shape[1]} values -> {output}")
     return 0
 
 

@@ -25,7 +25,6 @@ import tomllib
 from .data.images import MAX_IMAGE_PIXELS
 from .data.sources import parse_sources
 from .files import atomic_write, read_bounded, read_json
-from .reporting import report_targets
 
 # The longest text setting taken: PATH_MAX, the longest path Linux takes. Every text setting is a
 # path, a short mode or a short list of names (report_to), so a longer one is a mistake, and this
@@ -35,15 +34,58 @@ RECOMPUTE_HELP = "none, full, selective, every-K (K >= 2: full recomputation of 
 _EVERY = re.compile(r"every-(\d+)$")
 
 
-def parse_recompute(mode: str) -> tuple[str, int]:
-    """(kind, k) of a ``recompute`` setting; k is the period of ``every-K`` (else 0). ValueError
-    names the setting when it is none of ``RECOMPUTE_HELP``."""
-    if mode in ("none", "full", "selective", "auto"):
-        return mode, 0
-    found = _EVERY.match(mode)
-    if found and int(found.group(1)) >= 2:
-        return "every", int(found.group(1))
-    raise ValueError(f"model.recompute must be one of {RECOMPUTE_HELP}, got {mode!r}")
+REPORT_TARGETS = ("tensorboard", "wandb")  # each installed by the pyproject extra of its name
+
+# Three settings are text in the config (as config.json, --print-config and a resume's comparison
+# show them) and a typed value where they are used: each is parsed here, by one function, which
+# validate() runs so that a bad value is refused before a run starts.
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """``model.recompute`` parsed: ``kind`` none, full, selective, every (full recomputation of
+    every ``period``-th region) or auto (chosen by ``moca.model.regions.prepare``); ``str()``
+    gives the setting's text back."""
+    kind: Literal["none", "full", "selective", "every", "auto"]
+    period: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Recompute:
+        """ValueError naming the setting when ``text`` is none of ``RECOMPUTE_HELP``."""
+        if text in ("none", "full", "selective", "auto"):
+            return cls(text)
+        found = _EVERY.match(text)
+        if found and int(found.group(1)) >= 2:
+            return cls("every", int(found.group(1)))
+        raise ValueError(f"model.recompute must be one of {RECOMPUTE_HELP}, got {text!r}")
+
+    def __str__(self) -> str:
+        return f"every-{self.period}" if self.kind == "every" else self.kind
+
+
+def report_targets(value: str | None) -> tuple[str, ...]:
+    """The targets ``run.report_to`` names, each once, in order: a comma-separated string
+    (``"tensorboard,wandb"``); None, ``""`` or ``"none"`` name none. ValueError naming the setting
+    for an unknown target."""
+    names = [n.strip().lower() for n in (value or "").split(",") if n.strip()]
+    if names == ["none"]:
+        return ()
+    unknown = [n for n in names if n not in REPORT_TARGETS]
+    if unknown:
+        raise ValueError(f"run.report_to: unknown target(s) {', '.join(unknown)}; it takes a comma-separated list of "
+                         f"{', '.join(REPORT_TARGETS)}, or none")
+    return tuple(dict.fromkeys(names))
+
+
+def profile_range(value: str | None) -> tuple[int, int] | None:
+    """(A, B) of ``run.profile_steps`` "A:B" (A <= B), or None when unset. ValueError naming the
+    setting otherwise."""
+    if value is None:
+        return None
+    parts = value.split(":")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) > int(parts[1]):
+        raise ValueError(f"run.profile_steps takes A:B with A <= B, got {value!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def setting(default, doc: str, *, resumable: bool = False, most: int | None = None):
@@ -79,6 +121,16 @@ class RunConfig:
     breakdown: bool = setting(False, "profile the second step this process runs and print where its time went: "
                               "phases, module classes, top kernels (moca.breakdown); also out/breakdown.json",
                               resumable=True)
+
+    @property
+    def reports(self) -> tuple[str, ...]:
+        """``report_to``'s targets (``report_targets``)."""
+        return report_targets(self.report_to)
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """``profile_steps`` as (A, B) (``profile_range``), or None."""
+        return profile_range(self.profile_steps)
 
 
 @dataclass
@@ -144,6 +196,11 @@ class ModelConfig:
                                "stage 2 of --stage both starts from stage 1 instead", resumable=True)  # step 0 only
     fused_pointwise: bool = setting(False, "RMSNorm, rotary embedding and SwiGLU through moca's fused Triton kernels "
                                     "(moca_kernels.pointwise; off until a GPU run shows them ahead)")
+
+    @property
+    def recomputation(self) -> Recompute:
+        """``recompute`` parsed (``Recompute.parse``); full under ``gradient_checkpointing``."""
+        return Recompute("full") if self.gradient_checkpointing else Recompute.parse(self.recompute)
 
 
 @dataclass
@@ -323,10 +380,7 @@ class Config:
         if r.save_every < 1 or r.log_every < 1 or r.keep_checkpoints < 1:
             raise ValueError("save_every, log_every and keep_checkpoints must be >= 1")
         report_targets(r.report_to)
-        if r.profile_steps is not None:
-            parts = r.profile_steps.split(":")
-            if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) > int(parts[1]):
-                raise ValueError(f"profile_steps takes A:B with A <= B, got {r.profile_steps!r}")
+        profile_range(r.profile_steps)
         c = self.cpt
         if c.grad_accum < 1 or not 0 <= c.mlm_ratio <= 1 or not 0 <= c.mae_ratio <= 1 or c.mae_weight < 0:
             raise ValueError("cpt: grad_accum >= 1, mlm_ratio and mae_ratio in [0, 1] and mae_weight >= 0 are required")
@@ -336,8 +390,7 @@ class Config:
             raise ValueError("cl: hard_negatives >= 0, pairs_per_batch >= 1 and temperature > 0 are required")
         if self.parallel.timeout <= 0:
             raise ValueError(f"parallel.timeout must be positive (seconds), got {self.parallel.timeout}")
-        kind, _ = parse_recompute(self.model.recompute)
-        if self.model.gradient_checkpointing and kind not in ("none", "full"):
+        if Recompute.parse(self.model.recompute).kind not in ("none", "full") and self.model.gradient_checkpointing:
             raise ValueError(f"gradient_checkpointing=true means recompute=full; it contradicts "
                              f"recompute={self.model.recompute}: set one of them")
         if self.model.path is None and self.model.preset != "tiny":

@@ -89,7 +89,7 @@ def model_folder(path: str) -> tuple[str, str | None]:
     stages = [os.path.join(path, stage) for stage in STAGES_NEWEST_FIRST
               if os.path.isfile(os.path.join(path, stage, "config.json"))]
     for folder in stages:
-        if find(folder, log=lambda *_: None):
+        if find(folder):
             return folder, f"{path} holds both stages: using the last one with a checkpoint, {folder}"
     if stages:
         raise ValueError(f"{path}: no checkpoint in {' or '.join(os.path.join(f, 'checkpoints') for f in stages)} "
@@ -131,7 +131,7 @@ class Encoder:
         elif not os.path.isfile(os.path.join(folder, "config.json")):
             raise ValueError(f"{path}: neither a moca run directory (config.json) nor an export ({EXPORT_MARKER})")
         else:
-            config, model, tokenizer = load_run(folder, log=lambda *_: None)
+            config, model, tokenizer = load_run(folder)
             d = config.data
             encoder = cls(model, tokenizer, d.max_doc_tokens, d.min_pixels, d.max_pixels, d.token_budget, device,
                           config.cl.attention, config.cl.pooling, RECIPE_PROMPTS[config.run.recipe])

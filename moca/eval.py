@@ -34,6 +34,7 @@ warning naming file and line) for a line that cannot be embedded, so rows always
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -47,6 +48,8 @@ from .data.pairs import absolute_image, check_side, side_document
 from .data.records import BadRecords, read_records, reworded
 from .encoder import Encoder
 from .files import atomic_write
+
+log = logging.getLogger(__name__)
 
 MAIN = {"mmeb": "precision_at_1", "retrieval": "ndcg_at_5"}
 POOL = ("pool_recall_at_1", "pool_recall_at_10", "pool_ndcg_at_10")  # each query against its task's whole pool
@@ -157,9 +160,9 @@ def read_inputs(path: str, bad: BadRecords | None = None, strict: bool = False) 
     return list(read_records(path, make, bad, strict, blank_is_bad=True))
 
 
-def embed_file(encoder, path: str, strict: bool = False, log=print, show_progress_bar: bool = False) -> np.ndarray:
+def embed_file(encoder, path: str, strict: bool = False, show_progress_bar: bool = False) -> np.ndarray:
     """``moca encode``: float32 (lines, hidden), row i the embedding of line i + 1 of ``path``, or
-    NaN when that line could not be embedded (said through ``log``: how many, and the first few
+    NaN when that line could not be embedded (a warning says how many, and the first few
     as file:line and why); DataError under ``strict`` at the first such line. ValueError when
     no line is usable."""
     bad = BadRecords()
@@ -172,8 +175,8 @@ def embed_file(encoder, path: str, strict: bool = False, log=print, show_progres
     out = np.full((lines, vectors.shape[1]), np.nan, dtype=np.float32)
     out[[number - 1 for number, _ in good]] = vectors
     if bad.total:
-        log(f"{bad.total} of {lines} input lines could not be embedded ({dict(bad.counts)}): their rows are NaN; "
-            + "; ".join(bad.examples[:3]))
+        log.warning(f"{bad.total} of {lines} input lines could not be embedded ({dict(bad.counts)}): their rows are "
+                    "NaN; " + "; ".join(bad.examples[:3]))
     return out
 
 
@@ -242,7 +245,7 @@ def pool_metrics(query: torch.Tensor, pool: torch.Tensor, relevant: dict[int, fl
             "pool_size": len(rows)}
 
 
-def evaluate(encoder, paths: list[str], strict: bool = False, log=print, query_prompt: str | None = None,
+def evaluate(encoder, paths: list[str], strict: bool = False, query_prompt: str | None = None,
              document_prompt: str | None = None, show_progress_bar: bool = False) -> dict:
     """Scores (the ``eval.json`` object) of ``encoder`` on the evaluation files: over each record's
     own candidates (``metrics``), and over its task's whole pool (``pool_metrics``). ``query_prompt``
@@ -252,7 +255,7 @@ def evaluate(encoder, paths: list[str], strict: bool = False, log=print, query_p
     bad, records = BadRecords(), []
     for path in paths:
         records += read_eval(path, bad, strict)
-    bad.report(log)
+    bad.report(log.info)
     if not records:
         raise ValueError(f"no usable evaluation records in {', '.join(paths)}")
     prompts = {"query": query_prompt or None, "document": document_prompt or None}
@@ -268,7 +271,7 @@ def evaluate(encoder, paths: list[str], strict: bool = False, log=print, query_p
                 unique[role].append(side)
             place.append(keys[key])
         places.append(place)  # the query's (role, row), then its pool's
-    log(f"{len(records)} queries, {sum(map(len, unique.values()))} distinct inputs to embed")
+    log.info(f"{len(records)} queries, {sum(map(len, unique.values()))} distinct inputs to embed")
     options = {"show_progress_bar": True} if show_progress_bar else {}
     parts = {role: torch.as_tensor(encoder.encode(sides, **options, **({"prompt": prompts[role]} if prompts[role]
                                                                         else {})))
@@ -323,11 +326,11 @@ def meta_task_averages(tasks: dict) -> dict:
             for meta, names in sorted(groups.items(), key=lambda item: list(MMEB_META_TASKS).index(item[0]))}
 
 
-def evaluate_run(run_dir: str, paths: list[str], strict: bool = False, log=print) -> dict:
+def evaluate_run(run_dir: str, paths: list[str], strict: bool = False) -> dict:
     """Scores of the model of the run in ``run_dir`` (its newest checkpoint, with its own prompts)
     on the evaluation files, also written to ``run_dir/eval.json``."""
     encoder = Encoder.from_pretrained(run_dir)
-    result = evaluate(encoder, paths, strict=strict, log=log, query_prompt=encoder.prompts.get("query"),
+    result = evaluate(encoder, paths, strict=strict, query_prompt=encoder.prompts.get("query"),
                       document_prompt=encoder.prompts.get("document"))
     atomic_write(os.path.join(run_dir, "eval.json"), json.dumps(result, indent=1).encode())
     return result

@@ -24,12 +24,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
 from .config import Config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -189,7 +192,7 @@ class Sharded(DataParallel):
         return [p for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)]
 
 
-def strategy(config: Config, log=print) -> Single:
+def strategy(config: Config) -> Single:
     """The strategy of this process: ``Sharded`` under torchrun with fsdp=true (one rank too: the
     same code path), ``DataParallel`` under torchrun with several ranks, else ``Single``."""
     import torch.distributed as dist
@@ -198,7 +201,7 @@ def strategy(config: Config, log=print) -> Single:
     if config.parallel.fsdp and dist.is_initialized():
         return Sharded(rank, size, device, timeout)
     if config.parallel.fsdp:
-        log("fsdp=true outside torchrun: one process, nothing to shard")
+        log.info("fsdp=true outside torchrun: one process, nothing to shard")
     return DataParallel(rank, size, device, timeout) if size > 1 else Single(rank, size, device)
 
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
 from .files import atomic_write, open_regular
+
+log = logging.getLogger(__name__)
 
 LOSSES = ("loss", "mlm_loss", "mae_loss")
 ACCURACIES = ("mlm_accuracy", "accuracy")
@@ -130,11 +133,11 @@ def read_metrics(run_dir: str) -> list[dict]:
     return rows
 
 
-def _can_draw(path: str, log) -> bool:
+def _can_draw(path: str) -> bool:
     """Whether matplotlib is importable; a run that finished is not failed for want of its plot
-    (an install made with ``--no-deps`` can lack it): ``log`` says what to install."""
+    (an install made with ``--no-deps`` can lack it): a warning says what to install."""
     if importlib.util.find_spec("matplotlib") is None:
-        log(f"{path} not drawn: matplotlib is not installed (pip install matplotlib)")
+        log.warning(f"{path} not drawn: matplotlib is not installed (pip install matplotlib)")
         return False
     return True
 
@@ -146,15 +149,15 @@ def _save(fig, path: str) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def plot_metrics(metrics: list[dict], path: str, summary: dict | None = None, log=print) -> None:
+def plot_metrics(metrics: list[dict], path: str, summary: dict | None = None) -> None:
     """``path`` (a PNG): one stage's logged rows; ``summary``: its chance levels, if known."""
-    if metrics and _can_draw(path, log):
+    if metrics and _can_draw(path):
         _save(figure([stage_series(metrics, str(metrics[0].get("stage", "")), summary)]), path)
 
 
-def plot_both(stages: list[tuple[str, str, dict | None]], evaluation: dict | None, path: str, log=print) -> None:
+def plot_both(stages: list[tuple[str, str, dict | None]], evaluation: dict | None, path: str) -> None:
     """``path``: the stages of a ``--stage both`` run ((name, run directory, summary) each) and
     its evaluation (an ``eval.json`` object, or None)."""
-    if _can_draw(path, log):
+    if _can_draw(path):
         series = [stage_series(read_metrics(run_dir), name, summary) for name, run_dir, summary in stages]
         _save(figure(series, evaluation), path)

@@ -11,6 +11,7 @@ accuracy says (the captions' fixed wording is easy to predict).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -20,6 +21,8 @@ from .data import embedded
 from .data.cpt import collate, encode
 from .data.records import read_cpt
 from .model.qwen import packed_hidden
+
+log = logging.getLogger(__name__)
 
 CLASSES = {"color": embedded.INKS, "shape": embedded.SHAPES, "background": embedded.BACKGROUNDS}
 PROBE_SEED = 20_000  # new pictures: training runs draw theirs with data.embedded_seed (0, the ablation's base 10,000)
@@ -32,12 +35,12 @@ def class_ids(words: dict[str, int], names) -> list[int]:
 
 
 @torch.no_grad()
-def picture_reading(run_dir: str, documents: int = 200, seed: int = 0, log=print) -> dict:
+def picture_reading(run_dir: str, documents: int = 200, seed: int = 0) -> dict:
     """``{class: {"pictures": accuracy, "noise": accuracy, "chance": 1 / words, "n": masked words}}``
     of the stage-1 run in ``run_dir`` (its newest checkpoint), on ``documents`` new embedded
     documents written under ``run_dir/probe-data`` (``seed`` picks them and the masks). Needs the
     tiny preset's tokenizer, which has one token for each of these words."""
-    config, model, tokenizer = load_run(run_dir, log=lambda *_: None)
+    config, model, tokenizer = load_run(run_dir)
     words = getattr(tokenizer, "words", {})
     missing = [w for names in CLASSES.values() for w in names if " " + w not in words]
     if missing:
@@ -66,6 +69,6 @@ def picture_reading(run_dir: str, documents: int = 200, seed: int = 0, log=print
         for name, (right, total) in hits.items():
             entry = result.setdefault(name, {"chance": round(1 / len(CLASSES[name]), 4), "n": total})
             entry[shown] = round(right / total, 4) if total else None
-    log("picture reading: " + "; ".join(f"{name} {r['pictures']} with pictures, {r['noise']} with noise "
-                                        f"(chance {r['chance']:.3f})" for name, r in result.items()))
+    log.info("picture reading: " + "; ".join(f"{name} {r['pictures']} with pictures, {r['noise']} with noise "
+                                             f"(chance {r['chance']:.3f})" for name, r in result.items()))
     return result

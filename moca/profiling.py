@@ -23,11 +23,12 @@ def nvtx(name: str):
 
 
 class CaptureRange:
-    """``profile_steps`` "A:B": cudaProfilerStart before step A, cudaProfilerStop after step B, for
-    ``nsys profile --capture-range=cudaProfilerApi``."""
+    """``profile_steps`` (A, B) (``RunConfig.profile_range``): cudaProfilerStart before step A,
+    cudaProfilerStop after step B, for ``nsys profile --capture-range=cudaProfilerApi``; nothing
+    without CUDA or without a range."""
 
-    def __init__(self, steps: str | None, device: torch.device):
-        self.bounds = [int(x) for x in steps.split(":")] if steps and device.type == "cuda" else None
+    def __init__(self, steps: tuple[int, int] | None, device: torch.device):
+        self.bounds = steps if device.type == "cuda" else None
 
     def before(self, step: int) -> None:
         if self.bounds and step == self.bounds[0]:

@@ -13,31 +13,17 @@ import dataclasses
 import importlib.util
 import os
 import secrets
+from collections.abc import Sequence
 from numbers import Real
 from typing import TYPE_CHECKING
 
 from .files import atomic_write, read_bounded
 
-if TYPE_CHECKING:  # config.py imports this module: it stays free of torch
+if TYPE_CHECKING:  # the step's result type only: this module loads without torch
     from .parallel import StepResult
 
-REPORT_TARGETS = ("tensorboard", "wandb")  # each installed by the pyproject extra of its name
 
-
-def report_targets(value: str | None) -> list[str]:
-    """The targets ``run.report_to`` names: a comma-separated string (``"tensorboard,wandb"``);
-    None, ``""`` or ``"none"`` name none. ValueError naming the setting for an unknown target."""
-    names = [n.strip().lower() for n in (value or "").split(",") if n.strip()]
-    if names == ["none"]:
-        return []
-    unknown = [n for n in names if n not in REPORT_TARGETS]
-    if unknown:
-        raise ValueError(f"run.report_to: unknown target(s) {', '.join(unknown)}; it takes a comma-separated list of "
-                         f"{', '.join(REPORT_TARGETS)}, or none")
-    return list(dict.fromkeys(names))
-
-
-def check_available(targets: list[str]) -> None:
+def check_available(targets: Sequence[str]) -> None:
     """ValueError saying what to install for each target whose package is missing (checked before
     a run builds its model, so that a missing package does not cost a model load)."""
     for target in targets:
@@ -115,7 +101,7 @@ class Reporters:
     ``start``: the step the run starts from; TensorBoard hides the events a stopped run logged
     after it (they are logged again). ``config``: the run's settings, shown by W&B."""
 
-    def __init__(self, targets: list[str], out: str, stage: str, config: dict, start: int = 0):
+    def __init__(self, targets: Sequence[str], out: str, stage: str, config: dict, start: int = 0):
         self.stage, self.writer, self.wandb_run = stage, None, None
         if "tensorboard" in targets:
             try:

@@ -8,6 +8,7 @@ through ``MocaEmbedder`` (in-batch and hard negatives, optionally GradCache).
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Protocol
 
@@ -22,6 +23,10 @@ from .model.heads import MocaCPT
 from .model.qwen import set_causal
 from .parallel import Single, StepResult
 from .profiling import nvtx
+
+log = logging.getLogger(__name__)
+# moca.data takes a callable for its messages: the lines of its logger
+_data_log = logging.getLogger("moca.data").info
 
 
 class Stage(Protocol):
@@ -48,8 +53,8 @@ class Stage(Protocol):
 class CptStage:
     name = "cpt"
 
-    def __init__(self, config: Config, model, tokenizer, parallel: Single, log):
-        self.config, self.tokenizer, self.parallel, self.log = config, tokenizer, parallel, log
+    def __init__(self, config: Config, model, tokenizer, parallel: Single):
+        self.config, self.tokenizer, self.parallel = config, tokenizer, parallel
         c = config.cpt
         if c.next_token:  # a causal base: the LM head on every text token
             set_causal(model, True)
@@ -60,10 +65,10 @@ class CptStage:
     def start(self, step: int, epoch: int, position: int) -> None:
         c, p = self.config, self.parallel
         path = default_documents(c, p.main, p.barrier)
-        entries = index_documents(c, self.tokenizer, path, self.log, p.rank, p.size, p.barrier)
+        entries = index_documents(c, self.tokenizer, path, _data_log, p.rank, p.size, p.barrier)
         self.stream = loader.micro_batch_loader(entries, c, self.tokenizer, self.module.model.config, step, epoch,
-                                                position, p.rank, p.size, p.device, self.log)
-        self.log(f"{len(entries)} documents, {self.stream.per_epoch} micro-batches of up to {c.data.token_budget} "
+                                                position, p.rank, p.size, p.device, _data_log)
+        log.info(f"{len(entries)} documents, {self.stream.per_epoch} micro-batches of up to {c.data.token_budget} "
                  "tokens per epoch")
         self.epoch, self.position = epoch, position
 
@@ -105,8 +110,8 @@ class CptStage:
 class ClStage:
     name = "cl"
 
-    def __init__(self, config: Config, model, tokenizer, parallel: Single, log):
-        self.config, self.tokenizer, self.parallel, self.log = config, tokenizer, parallel, log
+    def __init__(self, config: Config, model, tokenizer, parallel: Single):
+        self.config, self.tokenizer, self.parallel = config, tokenizer, parallel
         c = config.cl
         self.module = MocaEmbedder(model, c.temperature, c.learn_temperature, c.attention,
                                    c.pooling).to(parallel.device)
@@ -116,16 +121,16 @@ class ClStage:
     def start(self, step: int, epoch: int, position: int) -> None:
         c, p = self.config, self.parallel
         path = default_pairs(c, p.main, p.barrier)
-        entries = index_pairs(c, path, self.log, p.rank, p.size, p.barrier)
+        entries = index_pairs(c, path, _data_log, p.rank, p.size, p.barrier)
         need = c.cl.pairs_per_batch * p.size
         if len(entries) < need:
             raise ValueError(f"{len(entries)} usable pairs in {path}: fewer than one global batch ({need} = "
                              "pairs_per_batch x ranks)")
         tasks = sorted({e.task for e in entries})
-        self.log(f"{len(entries)} pairs of {len(tasks)} task(s) ({', '.join(tasks[:8])}), batches of "
+        log.info(f"{len(entries)} pairs of {len(tasks)} task(s) ({', '.join(tasks[:8])}), batches of "
                  f"{c.cl.pairs_per_batch} pairs ({c.cl.task_batching}), {c.cl.hard_negatives} hard negatives each")
         self.stream = loader.pair_batch_loader(entries, c, self.tokenizer, epoch, position, p.rank, p.size, p.device,
-                                               self.log)
+                                               _data_log)
         self.epoch, self.position = epoch, position
 
     def step(self, autocast, measure: bool) -> StepResult:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -25,14 +26,17 @@ from .config import Config
 from .data import embedded
 from .eval import evaluate_run
 from .files import RunLock, append_to, atomic_write, data_files
+from .logs import bars_shown
 from .model import regions
 from .model.embed import NonFiniteLoss
 from .model.flops import peak_bf16
 from .parallel import StepResult, strategy
 from .plot import plot_both, plot_metrics, read_metrics
 from .profiling import CaptureRange, nvtx
-from .reporting import MetricWindow, Reporters, check_available, report_targets, score_row
+from .reporting import MetricWindow, Reporters, check_available, score_row
 from .stages import STAGES
+
+log = logging.getLogger(__name__)
 
 
 class Preempted(Exception):
@@ -99,7 +103,7 @@ def check_resume(out: str, config: Config, force: bool, size: int | None = None,
                          "to resume anyway, or start a new run")
 
 
-def _starting_point(config: Config, resume: bool, force: bool, size: int, main: bool, log) -> str | None:
+def _starting_point(config: Config, resume: bool, force: bool, size: int, main: bool) -> str | None:
     """The checkpoint a run starts from (None: step 0). Refuses to overwrite a run that has
     checkpoints unless resuming, to resume with settings that change results unless ``force``, and
     to start over while checkpoints exist that fail their check unless ``force``, which sets them
@@ -111,7 +115,7 @@ def _starting_point(config: Config, resume: bool, force: bool, size: int, main: 
                              "choose another --out")
         found = None
     else:
-        found = checkpoint.find(out, log)
+        found = checkpoint.find(out)
         saved_size = checkpoint.trainer_state(found).get("world_size", 1) if found else size
         check_resume(out, config, force, size, saved_size)
     damaged = checkpoint.checkpoints(out) if found is None else []
@@ -123,9 +127,9 @@ def _starting_point(config: Config, resume: bool, force: bool, size: int, main: 
     metrics = os.path.join(out, "metrics.jsonl")
     old = damaged + ([metrics] if found is None and os.path.isfile(metrics) and os.path.getsize(metrics) else [])
     if old and main:
-        log(f"starting {out} at step 0: {', '.join(old)} set aside in {checkpoint.set_aside(out, old)}")
+        log.info(f"starting {out} at step 0: {', '.join(old)} set aside in {checkpoint.set_aside(out, old)}")
     elif found is None and resume:
-        log(f"{out}: no checkpoint yet, starting at step 0")
+        log.info(f"{out}: no checkpoint yet, starting at step 0")
     return found
 
 
@@ -141,7 +145,7 @@ def _keep_metrics(path: str, step: int) -> list[dict]:
 
 
 def train(config: Config, resume: bool = False, force: bool = False, stop_at: int | None = None,
-          log=print, resumed_as: str | None = None) -> dict:
+          resumed_as: str | None = None) -> dict:
     """Run ``config.run.stage`` in ``config.run.out``; returns the last logged metrics and the
     stage's summary ({"cpt", "cl", "eval"} for ``both``). ``resume``: continue from the newest
     sound checkpoint. ``stop_at``: stop after that step as if the process were killed.
@@ -151,29 +155,28 @@ def train(config: Config, resume: bool = False, force: bool = False, stop_at: in
     if config.run.stage == "both":
         if stop_at is not None:
             raise ValueError("stop_at applies to one stage at a time")
-        return _train_both(config, resume, force, log)
-    parallel = strategy(config, log)
-    log = log if parallel.main else (lambda *args, **kwargs: None)
+        return _train_both(config, resume, force)
+    parallel = strategy(config)
     with RunLock(config.run.out) if parallel.main else contextlib.nullcontext(), _Termination() as termination:
-        return _loop(config, parallel, resume, force, stop_at, termination, log, resumed_as or config.run.out)
+        return _loop(config, parallel, resume, force, stop_at, termination, resumed_as or config.run.out)
 
 
-def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | None, termination, log,
+def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | None, termination,
           resumed_as: str) -> dict:
     run, schedule, device = config.run, config.stage(config.run.stage), parallel.device
-    check_available(report_targets(run.report_to))  # before the model is built
-    start = _starting_point(config, resume, force, parallel.size, parallel.main, log)
+    check_available(run.reports)  # before the model is built
+    start = _starting_point(config, resume, force, parallel.size, parallel.main)
     parallel.barrier()  # every rank has compared its settings with the saved ones before they are replaced
     if parallel.main:
         config.write(run.out)
     torch.manual_seed(run.seed)
-    model, tokenizer = checkpoint.model_and_tokenizer(config, log)
+    model, tokenizer = checkpoint.model_and_tokenizer(config)
     init = config.cl.init if run.stage == "cl" and config.cl.init else config.model.init
     if init and start is None:
-        checkpoint.load_backbone(model, init, log)
-    stage = STAGES[run.stage](config, model, tokenizer, parallel, log)
-    recompute = "full" if config.model.gradient_checkpointing else config.model.recompute
-    regions.prepare(stage.module, model.config, recompute, config.model.compile, config.data.token_budget, device, log)
+        checkpoint.load_backbone(model, init)
+    stage = STAGES[run.stage](config, model, tokenizer, parallel)
+    regions.prepare(stage.module, model.config, config.model.recomputation, config.model.compile,
+                    config.data.token_budget, device)
     trained = [p for p in stage.module.parameters() if p.requires_grad]
     cuda = device.type == "cuda"  # one fused kernel over all tensors on a GPU; multi-tensor loops elsewhere
     optimizer = torch.optim.AdamW(trained, lr=schedule.lr, weight_decay=schedule.weight_decay, fused=cuda,
@@ -186,29 +189,31 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
         window = MetricWindow.from_state(state.get("window"))  # the steps since the last line before it
-        log(f"resumed {run.out} at step {step} from {start}")
+        log.info(f"resumed {run.out} at step {step} from {start}")
     stage.start(step, epoch, position)
     metrics_path = os.path.join(run.out, "metrics.jsonl")
     kept = _keep_metrics(metrics_path, step) if parallel.main and start is not None else []
     peak = peak_bf16(torch.cuda.get_device_name()) if device.type == "cuda" else None
-    capture = CaptureRange(run.profile_steps, device)
+    capture = CaptureRange(run.profile_range, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
         torch.autocast("cpu", enabled=False)
     from tqdm import tqdm
     bar = tqdm(total=schedule.max_steps, initial=step, desc=run.stage, unit="step", dynamic_ncols=True,
-               disable=not parallel.main)
+               disable=not parallel.main or not bars_shown())
     last, saved = kept[-1] if kept else {}, step  # a run resumed at its end returns its last logged metrics
 
     def save() -> str:
         trainer = dict(step=step, epoch=stage.epoch, position=stage.position, scheduler=scheduler.state_dict(),
                        world_size=parallel.size, window=window.state())
-        return checkpoint.save(run.out, step, stage.module, optimizer, trainer, keep=run.keep_checkpoints)
+        path = checkpoint.save(run.out, step, stage.module, optimizer, trainer, keep=run.keep_checkpoints)
+        log.debug(f"step {step}: checkpoint {path} saved")
+        return path
 
     reporters = None
     profiled = min(step + 1, schedule.max_steps - 1) if run.breakdown else -1  # this process's second step
     try:
         if parallel.main:
-            reporters = Reporters(report_targets(run.report_to), run.out, run.stage, config.to_dict(), step)
+            reporters = Reporters(run.reports, run.out, run.stage, config.to_dict(), step)
         while step < min(schedule.max_steps, stop_at if stop_at is not None else schedule.max_steps):
             capture.before(step)
             started = time.perf_counter()
@@ -220,7 +225,7 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
                     try:
                         result = stage.step(autocast, measure)
                     except NonFiniteLoss as exc:
-                        good = checkpoint.find(run.out, log) or "none (none was saved yet)"
+                        good = checkpoint.find(run.out) or "none (none was saved yet)"
                         raise FloatingPointError(f"{exc} at step {step}; stopped. The last good checkpoint is "
                                                  f"{good}") from None
                     with nvtx("all-reduce"):
@@ -233,7 +238,7 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
 
             if step == profiled:  # after a warm-up step when there is one
                 found, (result, grad_norm) = breakdown.measure(one_step, stage.module, device)
-                _report_breakdown(found, run.out if parallel.main else None, log)
+                _report_breakdown(found, run.out if parallel.main else None)
             else:
                 result, grad_norm = one_step()
             step += 1
@@ -250,12 +255,13 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
                 with append_to(metrics_path) as f:
                     f.write(json.dumps(last) + "\n")
                 reporters.log(last)
+                log.debug(json.dumps(last))  # --verbose: each row of metrics.jsonl as it is written
                 bar.set_postfix(loss=f"{result.losses['loss']:.3f}", **result.extras)
             if step % run.save_every == 0 or step == schedule.max_steps:
                 save()
                 saved = step
             if parallel.any(termination.requested):
-                path = save() if saved != step else checkpoint.find(run.out, log)
+                path = save() if saved != step else checkpoint.find(run.out)
                 command = f"moca train --resume {resumed_as}"
                 if parallel.main:
                     atomic_write(os.path.join(run.out, Preempted.MARKER),
@@ -272,13 +278,13 @@ def _loop(config: Config, parallel, resume: bool, force: bool, stop_at: int | No
         return last
     with contextlib.suppress(FileNotFoundError):  # finished: nothing is left to requeue
         os.remove(os.path.join(run.out, Preempted.MARKER))
-    plot_metrics(read_metrics(run.out), os.path.join(run.out, "loss.png"), stage.summary(), log)
+    plot_metrics(read_metrics(run.out), os.path.join(run.out, "loss.png"), stage.summary())
     return {**last, **stage.summary()}
 
 
-def _report_breakdown(found: dict, out: str | None, log) -> None:
-    """Print a step's breakdown (``moca.breakdown``) and write it to ``out/breakdown.json``."""
-    log(breakdown.table(found))
+def _report_breakdown(found: dict, out: str | None) -> None:
+    """Log a step's breakdown (``moca.breakdown``) and write it to ``out/breakdown.json``."""
+    log.info(breakdown.table(found))
     if out is not None:
         atomic_write(os.path.join(out, "breakdown.json"), json.dumps(found, indent=1).encode())
 
@@ -308,7 +314,7 @@ def stage_configs(config: Config) -> tuple[Config, Config]:
 
 def finished(run_dir: str, max_steps: int) -> dict | None:
     """The last logged metrics of a run in ``run_dir`` that reached ``max_steps``, else None."""
-    found = checkpoint.find(run_dir, log=lambda *_: None)
+    found = checkpoint.find(run_dir)
     if found is None or checkpoint.trainer_state(found)["step"] != max_steps:
         return None
     rows = read_metrics(run_dir)
@@ -318,20 +324,19 @@ def finished(run_dir: str, max_steps: int) -> dict | None:
 def _report_scores(stage2: Config, scores: dict) -> None:
     """The evaluation's scores to the run's ``report_to`` targets, under ``eval/``: in stage 2's
     TensorBoard folder at its last step, and in its W&B run's summary."""
-    targets = report_targets(stage2.run.report_to)
-    if targets:
-        reporters = Reporters(targets, stage2.run.out, "eval", stage2.to_dict())
+    if stage2.run.reports:
+        reporters = Reporters(stage2.run.reports, stage2.run.out, "eval", stage2.to_dict())
         try:
             reporters.log_summary(score_row(scores, stage2.cl.max_steps))
         finally:
             reporters.close()
 
 
-def _train_both(config: Config, resume: bool, force: bool, log) -> dict:
+def _train_both(config: Config, resume: bool, force: bool) -> dict:
     """Stage 1, stage 2 from its newest checkpoint, then the evaluation of the result into
     ``out/cl/eval.json``: ``data.evaluation``, or on the embedded dataset its held-out split.
     ``resume`` skips a finished stage and continues an unfinished one."""
-    parallel = strategy(config, log)
+    parallel = strategy(config)
     with RunLock(config.run.out) if parallel.main else contextlib.nullcontext():
         if resume:
             check_resume(config.run.out, config, force)  # each stage checks its global batch too
@@ -343,11 +348,11 @@ def _train_both(config: Config, resume: bool, force: bool, log) -> dict:
             name, out = stage_config.run.stage, stage_config.run.out
             done = finished(out, stage_config.stage(name).max_steps) if resume else None
             if done is not None:
-                log(f"stage {name} already finished in {out}")
+                log.info(f"stage {name} already finished in {out}")
                 results[name] = done
                 continue
-            log(f"stage {name} in {out}")
-            results[name] = train(stage_config, resume=resume, force=force, log=log, resumed_as=config.run.out)
+            log.info(f"stage {name} in {out}")
+            results[name] = train(stage_config, resume=resume, force=force, resumed_as=config.run.out)
         if not parallel.main:  # the evaluation runs on rank 0
             return results
         d = config.data
@@ -356,11 +361,11 @@ def _train_both(config: Config, resume: bool, force: bool, log) -> dict:
         elif d.evaluation is not None:
             files = data_files(d.evaluation, "evaluation")
         else:
-            log("no evaluation files given (data.evaluation): the evaluation is skipped")
+            log.info("no evaluation files given (data.evaluation): the evaluation is skipped")
             files = []
         if files:
-            results["eval"] = evaluate_run(stages[1].run.out, files, strict=config.run.strict, log=log)
+            results["eval"] = evaluate_run(stages[1].run.out, files, strict=config.run.strict)
             _report_scores(stages[1], results["eval"])
         plot_both([(c.run.stage, c.run.out, results[c.run.stage]) for c in stages], results.get("eval"),
-                  os.path.join(config.run.out, "loss.png"), log)
+                  os.path.join(config.run.out, "loss.png"))
         return results

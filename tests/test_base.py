@@ -48,7 +48,7 @@ def test_a_next_token_stage_reads_whole_documents_and_attends_causally(tmp_path)
     assert torch.equal(batch["labels"], next_token_labels(ids, whole["cu_seqlens"], maskable(ids, tok.specials)))
     assert batch["mae_positions"].numel() == 0
 
-    stage = CptStage(config, model, tok, Single(), lambda *_: None)
+    stage = CptStage(config, model, tok, Single())
     assert stage.module.mae_decoder is None and stage.module.use_mlm
     # causal: changing a document's last token leaves every earlier state of it unchanged
     end = int(whole["cu_seqlens"][1]) - 1
@@ -64,14 +64,14 @@ def test_a_next_token_stage_reads_whole_documents_and_attends_causally(tmp_path)
 
 def test_model_init_starts_a_run_from_another_runs_backbone(tmp_path):
     base = _config(tmp_path, **{"out": str(tmp_path / "base"), "max_steps": 2, "log_every": 1})
-    train(base, log=lambda *_: None)
+    train(base)
     # stage 2 at learning rate 0 from the base: its saved backbone is the base's, not a fresh one
     run = Config().update({"run.stage": "cl", "out": str(tmp_path / "cl"), "token_budget": 512, "cl.lr": 0.0,
                            "cl.max_steps": 1, "cl.pairs_per_batch": 4, "run.seed": 5,
                            "model.init": str(tmp_path / "base")}).validate()
-    train(run, log=lambda *_: None)
-    _, from_base, _ = checkpoint.load_run(str(tmp_path / "base"), log=lambda *_: None)
-    _, started, _ = checkpoint.load_run(str(tmp_path / "cl"), log=lambda *_: None)
+    train(run)
+    _, from_base, _ = checkpoint.load_run(str(tmp_path / "base"))
+    _, started, _ = checkpoint.load_run(str(tmp_path / "cl"))
     for (name, a), (_, b) in zip(from_base.model.named_parameters(), started.model.named_parameters()):
         assert torch.equal(a, b), name
     torch.manual_seed(5)

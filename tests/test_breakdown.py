@@ -2,6 +2,7 @@
 class is there, the shares sum to one, a backward counts with its forward's module class, and
 the trainer prints it and writes breakdown.json on request."""
 import json
+import logging
 
 import pytest
 import torch
@@ -72,15 +73,15 @@ def test_a_backward_counts_with_its_forward_module_class_and_shares_sum_to_one()
     assert "forward" not in toy.layers[0].mlp.__dict__  # the class ranges are gone again
 
 
-def test_the_trainer_prints_and_writes_the_breakdown_of_a_step(tmp_path):
+def test_the_trainer_prints_and_writes_the_breakdown_of_a_step(tmp_path, caplog):
     """Stage 2 (stage 1's breakdown runs in tests/test_benchmarks.py, through the step benchmark)."""
     stage = "cl"
     config = Config().update({"run.stage": stage, "out": str(tmp_path), "max_steps": 2, "log_every": 1,
                               "token_budget": 512, "cl.pairs_per_batch": 4, "breakdown": True})
-    lines = []
-    train(config, log=lambda *args, **kwargs: lines.append(" ".join(map(str, args))))
+    caplog.set_level(logging.INFO, logger="moca")
+    train(config)
     found = json.loads((tmp_path / "breakdown.json").read_text())
-    assert any("| attention |" in line for line in lines)
+    assert any("| attention |" in line for line in caplog.messages)
     phases, classes = found["phases"], found["classes"]
     assert all(phases[p]["host_ms"] > 0 for p in ("data", "forward", "backward", "optimizer"))
     assert sum(p["share"] for p in phases.values()) == pytest.approx(1, abs=0.02)

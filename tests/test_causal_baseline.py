@@ -64,8 +64,7 @@ def test_stage_two_trains_the_causal_baseline_and_its_export_keeps_it(tmp_path):
     from moca.train import train
     run = tmp_path / "cl"
     train(Config().update({"run.stage": "cl", "out": str(run), "cl.max_steps": 2, "save_every": 2, "log_every": 1,
-                           "token_budget": 512, "pairs_per_batch": 4, "attention": "causal", "pooling": "last"}),
-          log=lambda *_: None)
+                           "token_budget": 512, "pairs_per_batch": 4, "attention": "causal", "pooling": "last"}))
     encoder = Encoder.from_pretrained(str(run))
     assert encoder.embedder.attention == "causal" and encoder.embedder.pooling == "last"
     inputs = ["a red circle on a white background", "a blue diamond"]

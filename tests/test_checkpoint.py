@@ -61,13 +61,13 @@ def test_only_the_newest_are_kept_and_damage_is_found(tmp_path):
     open(os.path.join(paths[2], shard), "wb").write(bytes(data))
     assert checkpoint.damage(paths[2]) == f"{shard} does not match its checksum"
     with pytest.warns(UserWarning, match=f"checkpoint {paths[2]} is damaged .*; using {paths[1]} instead"):
-        assert checkpoint.find(str(tmp_path), log=lambda *_: None) == paths[1]
+        assert checkpoint.find(str(tmp_path)) == paths[1]
     open(os.path.join(paths[1], shard), "ab").write(b"x")
     assert "bytes, the manifest says" in checkpoint.damage(paths[1])
     os.remove(os.path.join(paths[1], checkpoint.MANIFEST))
     assert checkpoint.damage(paths[1]) == "no readable manifest (FileNotFoundError)"
     with pytest.warns(UserWarning, match="using none"):
-        assert checkpoint.find(str(tmp_path), log=lambda *_: None) is None
+        assert checkpoint.find(str(tmp_path)) is None
 
 
 def test_reading_a_crafted_checkpoint_runs_no_code(tmp_path):

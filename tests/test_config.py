@@ -4,17 +4,18 @@ internals)."""
 import ast
 import json
 import os
+import shutil
 
 import pytest
 
 from moca import cli
-from moca.config import SECTIONS, Config, describe
+from moca.config import SECTIONS, Config, Recompute, describe
 
 
 def _args(argv):
     import argparse
     parser = argparse.ArgumentParser()
-    cli._train_parser(parser.add_subparsers())
+    cli._train_parser(parser.add_subparsers(), cli._verbosity())
     args, rest = parser.parse_known_args(["train", *argv])
     args.settings += rest
     return args
@@ -127,3 +128,32 @@ def test_the_learning_rate_schedule():
     log = [lr_factor(s, 100, 0.1, "log") for s in range(100)]  # DeepSpeed's WarmupDecayLR, warmup_type="log"
     assert log[0] == 0.0 and log[4] == math.log(5) / math.log(10) and log[9] == 1.0 and log[10:] == linear[10:]
     assert all(a <= b for a, b in zip(log[:10], log[1:10]))
+
+
+def test_the_typed_settings_keep_their_text_through_a_run_its_resume_and_print_config(tmp_path, capsys):
+    """recompute, report_to and profile_steps are text in config.json, --print-config and a
+    resume's comparison, and a typed value (parsed once, in moca.config) where the run uses it."""
+    run = str(tmp_path / "run")
+    given = {"recompute": "every-2", "report_to": "TensorBoard", "profile_steps": "0:1"}
+    assert cli.main(["train", "--stage", "cpt", "--out", run, "cpt.max_steps=4", "save_every=2", "log_every=1",
+                     "token_budget=512", "prefetch=0", *[f"{k}={v}" for k, v in given.items()]]) == 0
+    assert "recompute=every-2: " in capsys.readouterr().out  # the run took the typed value: every 2nd region
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["model"]["recompute"], saved["run"]["report_to"], saved["run"]["profile_steps"]) == \
+        ("every-2", "TensorBoard", "0:1")
+    config = Config.read(run)
+    assert config.model.recomputation == Recompute("every", 2) and config.run.reports == ("tensorboard",)
+    assert config.run.profile_range == (0, 1)
+    assert os.listdir(os.path.join(run, "tensorboard"))  # report_to reached the reporter
+
+    assert cli.main(["train", "--resume", run, "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == saved
+    shutil.rmtree(os.path.join(run, "checkpoints", "step-0000004"))  # so that the resume has steps to run
+    assert cli.main(["train", "--resume", run]) == 0  # the same settings: no refusal
+    assert f"resumed {run} at step 2 from " in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == saved
+    assert [row["step"] for row in map(json.loads, open(os.path.join(run, "metrics.jsonl")))] == [1, 2, 3, 4]
+    assert cli.main(["train", "--resume", run, "recompute=full", "report_to=none", "profile_steps=none"]) == 0
+    changed = json.loads((tmp_path / "run" / "config.json").read_text())  # resumable settings: saved as given
+    assert (changed["model"]["recompute"], changed["run"]["report_to"], changed["run"]["profile_steps"]) == \
+        ("full", None, None)

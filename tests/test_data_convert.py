@@ -3,6 +3,7 @@ BEIR-style sets as ViDoRe and BEIR publish them), and the evaluation of what it 
 per-meta-task averages and nDCG with graded relevance against hand-computed values."""
 import io
 import json
+import logging
 import math
 import os
 
@@ -15,6 +16,7 @@ from moca.data.convert import convert, task_of
 from moca.data.pairs import read_pairs
 from moca.data.records import BadRecords, DataError
 from moca.eval import evaluate, meta_task_averages, metrics, mmeb_meta_task, read_eval
+from moca.logs import console
 
 
 def _png(path, color=(200, 30, 30), size=(40, 30)) -> str:
@@ -161,7 +163,7 @@ def test_beir_set_becomes_retrieval_records_with_graded_relevance(tmp_path):
     # The whole corpus ranked for q1: d2, d1, d4, d0, d3 (hand-made embeddings, cosine)
     table = {"Q: first": [1, 0], "Q: second": [0, 1], "T0 doc 0": [0.6, 0.8], "T1 doc 1": [0.9, 0.1],
              "T2 doc 2": [1, 0], "T3 doc 3": [-1, 0], "T4 doc 4": [0.8, 0.6]}
-    result = evaluate(_Table(table), [str(out)], log=lambda *_: None)
+    result = evaluate(_Table(table), [str(out)])
     # q1: d1 (grade 1) at rank 2, d0 (grade 3) at rank 4; ideal: grade 3 at rank 1, grade 1 at rank 2
     q1_ndcg = (1 / math.log2(3) + 3 / math.log2(5)) / (3 + 1 / math.log2(3))
     # q2: d0 (0.8) ranks above d4 (0.6, grade 1): rank 2; ideal: rank 1
@@ -228,11 +230,12 @@ def test_evaluate_reports_mmeb_meta_tasks(tmp_path, capsys):
     # the cat image is nearest "cat" (right); the caption is nearest image b, not a (wrong)
     table = {"cat.png": [1, 0, 0], "cat": [1, 0, 0], "dog": [0, 1, 0], "car": [0, 0, 1],
              ret[0]["qry_text"]: [0, 1, 0], "a.png": [1, 0, 0], "b.png": [0, 1, 0], "c.png": [0, 0, 1]}
-    result = evaluate(_Table(table), [str(out)], log=lambda *_: None)
+    result = evaluate(_Table(table), [str(out)])
     assert result["meta_tasks"] == {
         "classification": {"precision_at_1": 1.0, "chance": round(1 / 3, 4), "tasks": ["ImageNet-1K"]},
         "retrieval": {"precision_at_1": 0.0, "chance": round(1 / 3, 4), "tasks": ["VisualNews_t2i"]}}
-    cli._scores(result)  # what moca eval prints
+    with console(logging.INFO):  # as moca eval prints it
+        cli._scores(result)
     assert "MMEB classification: precision_at_1 1.000 (chance 0.333, mean of 1 tasks)" in capsys.readouterr().out
 
 

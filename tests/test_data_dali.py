@@ -83,8 +83,8 @@ def test_training_with_dali_follows_the_pillow_run(tmp_path):
     from moca.train import train
     config = Config().update({"run.stage": "cpt", "max_steps": 4, "save_every": 4, "log_every": 2,
                               "token_budget": 512})
-    pil = train(config.update({"out": str(tmp_path / "pil")}), log=lambda *_: None)
-    ours = train(config.update({"out": str(tmp_path / "dali"), "image_decoder": "dali-cpu"}), log=lambda *_: None)
+    pil = train(config.update({"out": str(tmp_path / "pil")}))
+    ours = train(config.update({"out": str(tmp_path / "dali"), "image_decoder": "dali-cpu"}))
     assert ours["step"] == pil["step"] == 4
     for key in ("mlm_loss", "mae_loss"):
         assert ours[key] == pytest.approx(pil[key], rel=2e-2), key

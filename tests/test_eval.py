@@ -63,7 +63,7 @@ def test_evaluate_writes_per_task_scores_beside_chance(tmp_path):
     table = {"q1": [1, 0, 0], "q2": [1, 0, 0], "a": [1, 0, 0], "b": [0, 1, 0], "c": [0, 0, 1]}
     encoder = _Lookup(table)
     with pytest.warns(UserWarning, match="eval.jsonl:4"):
-        result = evaluate(encoder, [str(path)], log=lambda *_: None)
+        result = evaluate(encoder, [str(path)])
     assert encoder.calls == [5]  # q1, a, b, c, q2: each distinct side once
     cls, ret = result["tasks"]["cls"], result["tasks"]["ret"]
     assert cls["precision_at_1"] == 0.5 and cls["n"] == 2
@@ -80,14 +80,14 @@ def test_query_and_document_prompts_reach_their_roles(tmp_path):
     # with the query prompt, each query points at the other candidate than its plain text does
     table = {"a": [1, 0], "b": [0, 1], "Q: a": [0, 1], "Q: b": [1, 0], "D: a": [1, 0], "D: b": [0, 1]}
     plain = _Lookup(table)
-    assert evaluate(plain, [str(path)], log=lambda *_: None)["overall"]["precision_at_1"] == 1.0
+    assert evaluate(plain, [str(path)])["overall"]["precision_at_1"] == 1.0
     assert plain.calls == [2]  # a side that is a query and a candidate is embedded once
     prompted = _Lookup(table)
-    result = evaluate(prompted, [str(path)], log=lambda *_: None, query_prompt="Q: ", document_prompt="D: ")
+    result = evaluate(prompted, [str(path)], query_prompt="Q: ", document_prompt="D: ")
     assert result["overall"]["precision_at_1"] == 0.0
     assert sorted(prompted.calls) == [(2, "D: "), (2, "Q: ")]  # each role with its own prompt
     same = _Lookup(table)
-    evaluate(same, [str(path)], log=lambda *_: None, query_prompt="D: ", document_prompt="D: ")
+    evaluate(same, [str(path)], query_prompt="D: ", document_prompt="D: ")
     assert same.calls == [(2, "D: ")]  # one prompt for both roles: each side once
 
 
@@ -105,7 +105,7 @@ def cl_run(tmp_path_factory):
     from moca.train import train
     out = tmp_path_factory.mktemp("runs") / "cl"
     train(Config().update({"run.stage": "cl", "out": str(out), "cl.max_steps": 2, "save_every": 2, "log_every": 1,
-                           "pairs_per_batch": 4, "token_budget": 512}), log=lambda *_: None)
+                           "pairs_per_batch": 4, "token_budget": 512}))
     return out
 
 
@@ -170,7 +170,7 @@ def test_each_query_is_also_ranked_against_its_tasks_whole_pool(tmp_path, monkey
     s = 2 ** -0.5
     table = {"q1": [1, 0, 0], "q2": [0, 1, 0], "q3": [0, 0, 1], "a": [s, 0, s], "b": [0, 1, 0], "c": [1, 0, 0],
              "d": [0, 0, 1]}
-    result = evaluate(_Lookup(table), [str(path)], log=lambda *_: None)
+    result = evaluate(_Lookup(table), [str(path)])
     t, r = result["tasks"]["t"], result["tasks"]["r"]
     assert t["precision_at_1"] == 1.0 and t["pool_size"] == 3  # a, b, c
     # q1: c, then a (rank 2); q2: b (rank 1)
@@ -180,7 +180,7 @@ def test_each_query_is_also_ranked_against_its_tasks_whole_pool(tmp_path, monkey
     assert r["pool_size"] == 2 and r["pool_recall_at_1"] == 1.0  # d, a
     # a pool larger than the limit: the relevant rows, the record's own and others drawn, up to the limit
     monkeypatch.setattr(eval_module, "POOL_LIMIT", 2)
-    limited = evaluate(_Lookup(table), [str(path)], log=lambda *_: None)["tasks"]["t"]
+    limited = evaluate(_Lookup(table), [str(path)])["tasks"]["t"]
     assert limited["pool_size"] == 2 and limited["pool_recall_at_1"] == 1.0  # each query over its own two
     with_own = eval_module.pool_metrics(torch.tensor([1.0, 0, 0]), torch.eye(3)[[2, 1, 0, 0]], {0: 1}, [0, 1, 2], 0)
     assert with_own["pool_size"] == 3 and with_own["pool_recall_at_1"] == 0.0  # own candidates kept over the limit
@@ -193,7 +193,7 @@ def test_a_query_is_not_ranked_against_itself_in_its_tasks_pool(tmp_path):
                {"query": {"text": "q2"}, "candidates": [{"text": "b"}, {"text": "a"}], "task": "t"}]
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     table = {"q1": [1, 0, 0], "q2": [0, 1, 0], "a": [1, 0, 0], "b": [0.6, 0.8, 0]}
-    t = evaluate(_Lookup(table), [str(path)], log=lambda *_: None)["tasks"]["t"]
+    t = evaluate(_Lookup(table), [str(path)])["tasks"]["t"]
     assert t["pool_recall_at_1"] == 1.0 and t["pool_size"] == 2.5  # q1 over a, q2, b; q2 over b, a
 
 

@@ -4,6 +4,7 @@ line while the good ones go through, or stops the run under strict mode naming f
 never a traceback from inside Pillow or json, never a hang, never unbounded memory."""
 import io
 import json
+import logging
 import random
 import struct
 import time
@@ -454,18 +455,19 @@ def _eval_file(folder):
     return path, faults, good
 
 
-def test_evaluation_skips_bad_records_and_scores_the_good_ones(tmp_path):
+def test_evaluation_skips_bad_records_and_scores_the_good_ones(tmp_path, caplog):
     path, faults, good = _eval_file(tmp_path)
-    encoder, logs = _Hashed(), []
+    encoder = _Hashed()
+    caplog.set_level(logging.INFO, logger="moca")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = evaluate(encoder, [str(path)], log=logs.append)
+        result = evaluate(encoder, [str(path)])
     messages = [str(w.message) for w in caught]
     assert result["tasks"]["t"]["n"] == len(good) and result["tasks"]["retrieval"]["n"] == 1
     queries = {s["text"] for s in encoder.seen if "text" in s and s["text"].startswith("eval query")}
     assert queries == set(good)  # no side of a bad record was embedded
     assert not any(s.get("image", "").endswith(tuple(BAD_IMAGES)) for s in encoder.seen)
-    assert any(f"skipped {len(faults)} bad records" in line for line in logs)
+    assert any(f"skipped {len(faults)} bad records" in line for line in caplog.messages)
     for line, says in faults.items():
         assert any(m.startswith(f"{path}:{line}: ") and says in m for m in messages), (line, says)
     with pytest.raises(DataError, match=rf"^{path}:{min(faults)}: "):
@@ -535,7 +537,7 @@ def test_encode_keeps_rows_aligned_with_lines(tmp_path, export, capsys):
     # every bad line is named, file and line
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        embed_file(encoder, str(path), log=lambda *_: None)
+        embed_file(encoder, str(path))
     messages = [str(w.message) for w in caught]
     for line, says in faults.items():
         assert any(m.startswith(f"{path}:{line}: ") and says in m for m in messages), (line, says)

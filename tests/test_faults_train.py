@@ -9,6 +9,7 @@ generous timeouts, so that a slow, shared machine makes the suite slower, not fl
 import errno
 import glob
 import json
+import logging
 import os
 import random
 import shutil
@@ -68,7 +69,7 @@ def _steps(run) -> list[str]:
 
 
 def _newest(run) -> str | None:
-    found = checkpoint.find(str(run), log=lambda *_: None)
+    found = checkpoint.find(str(run))
     return os.path.basename(found) if found else None
 
 
@@ -316,14 +317,14 @@ def test_runs_that_must_not_start(reference, tmp_path, capsys):
     assert "checkpoints without the config.json" in capsys.readouterr().err
 
 
-def test_resume_of_a_run_killed_before_its_config_starts_at_step_zero(reference, tmp_path, capsys):
+def test_resume_of_a_run_killed_before_its_config_starts_at_step_zero(reference, tmp_path, caplog):
     # what a kill in the first seconds leaves: the directory and its lock, nothing else
     run = tmp_path / "run"
     run.mkdir()
     (run / ".lock").write_text("process 1 on host elsewhere\n")
     (run / "config.json.1.tmp").write_text('{"run": {"st')  # a kill inside the atomic write of config.json
     config = cli.train_config(cli.parse(["train", "--resume", str(run), *SETTINGS])[0])
-    logs = []
-    train(config, resume=True, stop_at=2, log=logs.append)
-    assert f"{run}: no checkpoint yet, starting at step 0" in logs
+    caplog.set_level(logging.INFO, logger="moca")
+    train(config, resume=True, stop_at=2)
+    assert f"{run}: no checkpoint yet, starting at step 0" in caplog.messages
     assert _rows(run) == reference[1][:2] and not list(run.glob("*.tmp"))

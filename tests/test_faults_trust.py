@@ -53,7 +53,7 @@ def run(tmp_path_factory) -> str:
 def _craft(run_dir: str, payload: bytes) -> None:
     """The newest checkpoint's .metadata replaced by ``payload``, its manifest's sizes and CRCs
     made to match (as an attacker who rewrites the whole folder would)."""
-    path = checkpoint.find(run_dir, log=lambda *_: None) or checkpoint.checkpoints(run_dir)[-1]
+    path = checkpoint.find(run_dir) or checkpoint.checkpoints(run_dir)[-1]
     with open(os.path.join(path, ".metadata"), "wb") as f:
         f.write(payload)
     with open(os.path.join(path, checkpoint.MANIFEST)) as f:
@@ -122,8 +122,8 @@ KINDS = {
 def test_every_kind_of_run_resumes_to_the_uninterrupted_metrics(kind, text_data, tmp_path):
     make, settings = KINDS[kind]
     settings = {k: text_data.get(v, v) if isinstance(v, str) else v for k, v in settings.items()}
-    train(make(tmp_path / "whole", settings), log=lambda *_: None)
-    train(make(tmp_path / "cut", settings), stop_at=3, log=lambda *_: None)  # killed after step 3: resumes from 2
+    train(make(tmp_path / "whole", settings))
+    train(make(tmp_path / "cut", settings), stop_at=3)  # killed after step 3: resumes from 2
     assert cli.main(["train", "--resume", str(tmp_path / "cut")]) == 0
     assert [r["step"] for r in _rows(tmp_path / "cut")] == [1, 2, 3, 4]
     assert _rows(tmp_path / "cut") == _rows(tmp_path / "whole")
@@ -131,7 +131,7 @@ def test_every_kind_of_run_resumes_to_the_uninterrupted_metrics(kind, text_data,
 
 def test_no_sound_checkpoint_refuses_to_start_over_and_force_sets_them_aside(tmp_path, capsys):
     out = str(tmp_path / "run")
-    train(_cpt(out, {}), log=lambda *_: None)
+    train(_cpt(out, {}))
     steps = checkpoint.checkpoints(out)
     assert [os.path.basename(p) for p in steps] == ["step-0000002", "step-0000004"]
     for path in steps:  # every manifest gone: the shards are intact, the checkpoints could be recovered
@@ -242,7 +242,7 @@ def test_a_broken_export_is_one_line_naming_it(broken, export, tmp_path, capsys)
 def test_errors_are_one_line_and_moca_debug_shows_the_traceback(run, tmp_path, capsys, monkeypatch):
     copy = str(tmp_path / "run")
     shutil.copytree(run, copy)
-    manifest = os.path.join(checkpoint.find(copy, log=lambda *_: None), checkpoint.MANIFEST)
+    manifest = os.path.join(checkpoint.find(copy), checkpoint.MANIFEST)
     _retype(manifest, lambda d: d.pop("trainer"))
     capsys.readouterr()
     assert cli.main(["train", "--resume", copy]) == 2
@@ -308,7 +308,7 @@ def test_a_preempted_two_stage_run_names_the_command_that_resumes_both_stages(tm
     out = str(tmp_path / "both")
     config = Config().update({"out": out, "max_steps": 2, "token_budget": 512, "prefetch": 0})
     with pytest.raises(training.Preempted, match=f"continue with moca train --resume {out}$"):
-        train(config, log=lambda *_: None)
+        train(config)
     with open(os.path.join(out, "cpt", training.Preempted.MARKER)) as f:
         assert json.load(f) == {"step": 1, "checkpoint": os.path.join(out, "cpt", "checkpoints", "step-0000001"),
                                 "resume": f"moca train --resume {out}"}

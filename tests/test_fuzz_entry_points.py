@@ -44,7 +44,7 @@ def pristine(tmp_path_factory) -> dict[str, str]:
     config = Config().update({"run.stage": "cpt", "out": run, "data.documents": str(documents / "docs.jsonl"),
                               "cpt.max_steps": 3, "save_every": 1, "log_every": 1, "token_budget": 512,
                               "prefetch": 0})
-    train(config, stop_at=2, log=lambda *_: None)
+    train(config, stop_at=2)
     export = str(root / "export")
     Encoder.from_pretrained(run).save_pretrained(export)
     inputs = root / "inputs.jsonl"

@@ -288,11 +288,11 @@ def test_the_trainer_setting_patches_the_model():
     from moca.config import Config
     config = Config()
     config.model.fused_pointwise = True
-    model, _ = model_and_tokenizer(config, log=lambda *a: None)
+    model, _ = model_and_tokenizer(config)
     kinds = {getattr(type(m), "_moca_fused", None) for m in model.modules()}
     assert {"rms_norm", "swiglu", "rope"} <= kinds
     config.model.fused_pointwise = False
-    model, _ = model_and_tokenizer(config, log=lambda *a: None)
+    model, _ = model_and_tokenizer(config)
     assert not any(getattr(type(m), "_moca_fused", None) for m in model.modules())
 
 

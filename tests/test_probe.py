@@ -12,13 +12,12 @@ from moca.train import train
 
 def _stage_one(tmp_path):
     out = str(tmp_path / "run")
-    train(Config.resolve({"run.stage": "cpt", "run.out": out, "cpt.max_steps": 2, "data.token_budget": 512}),
-          log=lambda *_: None)
+    train(Config.resolve({"run.stage": "cpt", "run.out": out, "cpt.max_steps": 2, "data.token_budget": 512}))
     return out
 
 
 def test_a_run_is_probed_per_class_with_pictures_and_with_noise(tmp_path):
-    result = probe.picture_reading(_stage_one(tmp_path), documents=24, log=lambda *_: None)
+    result = probe.picture_reading(_stage_one(tmp_path), documents=24)
     assert set(result) == {"color", "shape", "background"}
     assert [result[c]["chance"] for c in result] == [round(1 / 6, 4), 0.25, 0.5]
     for entry in result.values():
@@ -53,12 +52,12 @@ def test_an_oracle_that_reads_real_pictures_scores_one_and_falls_to_its_guess_on
     monkeypatch.setattr(probe, "packed_hidden", oracle)
     real_load = probe.load_run
 
-    def load(run_dir, log):
-        config, model, tokenizer = real_load(run_dir, log)
+    def load(run_dir):
+        config, model, tokenizer = real_load(run_dir)
         model.lm_head.weight.data = weight.clone()
         return config, model, tokenizer
     monkeypatch.setattr(probe, "load_run", load)
-    result = probe.picture_reading(run, documents=40, log=lambda *_: None)
+    result = probe.picture_reading(run, documents=40)
     half = len(masks) // 2
     assert all(torch.equal(a, b) for a, b in zip(masks[:half], masks[half:]))  # same masks in both passes
     labels = torch.cat(masks[:half])
@@ -74,4 +73,4 @@ def test_the_probe_needs_the_tiny_tokenizer_words(tmp_path, monkeypatch):
     run = _stage_one(tmp_path)
     monkeypatch.setattr(probe, "CLASSES", {**probe.CLASSES, "color": embedded.INKS + ("crimson",)})
     with pytest.raises(ValueError, match="one token per color, shape and background word.*crimson"):
-        probe.picture_reading(run, documents=8, log=lambda *_: None)
+        probe.picture_reading(run, documents=8)

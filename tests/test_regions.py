@@ -8,6 +8,7 @@ graph, without Inductor's C++ code generation, which would take minutes on the C
 graph-break check runs moca's own attention op (its Triton kernel in the interpreter); the
 equality checks run a stand-in op of the same contract over the reference, for speed."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch._dynamo.testing
 from documents import random_document
 
 import moca_kernels.transformers
+from moca.config import Recompute
 from moca.data.cpt import collate
 from moca.data.tokenizer import ByteTokenizer
 from moca.model import regions
@@ -131,7 +133,7 @@ def test_recomputation_gives_the_gradients_of_none(cpt):
     assert len(want[1]) > 20 and all(g.abs().sum() > 0 for g in want[1].values())
     for mode, count in (("full", 5), ("selective", 5), ("every-2", 2)):  # 2 layers, 2 vision blocks, the MAE decoder
         module = copy.deepcopy(cpt)
-        assert regions.apply_recompute(module, mode) == count
+        assert regions.apply_recompute(module, Recompute.parse(mode)) == count
         _assert_same(_loss_and_grads(module, batch), want)
 
 
@@ -166,7 +168,7 @@ def test_selective_recomputation_saves_products_and_recomputes_pointwise_ops():
 
 def _compiled(module, mode="none"):
     module = copy.deepcopy(module)
-    regions.apply_recompute(module, mode)
+    regions.apply_recompute(module, Recompute.parse(mode))
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     assert regions.compile_regions(module, backend=counter) == 5
     return module, counter
@@ -225,15 +227,16 @@ def test_compiled_stage_two_step_matches_eager(stand_in_attention):
 
 def test_memory_estimate_orders_the_modes_and_auto_picks_the_least_recomputation_that_fits():
     shape = regions.Shape.of(build("tiny").config)
-    sizes = {m: regions.activation_bytes(shape, 1000, m) for m in ("none", "every-2", "selective", "full")}
+    sizes = {m: regions.activation_bytes(shape, 1000, Recompute.parse(m)) for m in ("none", "every-2", "selective",
+                                                                                    "full")}
     assert sizes["none"] > sizes["every-2"] > sizes["full"] and sizes["none"] > sizes["selective"] > sizes["full"]
-    assert regions.activation_bytes(shape, 2000, "none") == pytest.approx(2 * sizes["none"])
+    assert regions.activation_bytes(shape, 2000, Recompute("none")) == pytest.approx(2 * sizes["none"])
     state = 10 * 2**20
     for mode in ("none", "selective", "full"):
         memory = int((sizes[mode] + state) / 0.85) + 1  # just enough for this mode
-        assert regions.choose_recompute(shape, 1000, memory, state)[0] == mode
-    assert regions.choose_recompute(shape, 1000, 1, state)[0] == "full"  # nothing fits: the largest saving
-    assert regions.choose_recompute(shape, 1000, None, state)[0] == "none"
+        assert regions.choose_recompute(shape, 1000, memory, state)[0] == Recompute(mode)
+    assert regions.choose_recompute(shape, 1000, 1, state)[0] == Recompute("full")  # nothing fits: the largest saving
+    assert regions.choose_recompute(shape, 1000, None, state)[0] == Recompute("none")
 
 
 def test_the_3b_shape_at_the_authors_budget():
@@ -244,24 +247,32 @@ def test_the_3b_shape_at_the_authors_budget():
     from transformers import Qwen2_5_VLConfig
     shape = regions.Shape.of(Qwen2_5_VLConfig(**PRESETS["3b"]))
     state = regions.state_bytes(3_750_000_000, 2)
-    assert regions.choose_recompute(shape, 12800, 141 * 10**9, state)[0] == "selective"
-    assert regions.choose_recompute(shape, 12800, 80 * 10**9, state)[0] == "full"
+    assert regions.choose_recompute(shape, 12800, 141 * 10**9, state)[0] == Recompute("selective")
+    assert regions.choose_recompute(shape, 12800, 80 * 10**9, state)[0] == Recompute("full")
 
 
 @pytest.mark.parametrize("bad", ["every-1", "every-x", "some", "every-"])
 def test_bad_recompute_settings_are_refused(bad):
     with pytest.raises(ValueError, match="model.recompute"):
-        regions.parse_recompute(bad)
+        Recompute.parse(bad)
 
 
-def test_prepare_prints_its_choice_and_the_settings_are_checked(cpt):
+@pytest.mark.parametrize("text", ["none", "full", "selective", "auto", "every-2", "every-12"])
+def test_a_recompute_setting_parses_once_and_gives_its_text_back(text):
+    mode = Recompute.parse(text)
+    assert str(mode) == text and mode.kind == text.split("-")[0]
+    assert mode.period == (int(text[6:]) if "-" in text else 0)
+
+
+def test_prepare_logs_its_choice_and_the_settings_are_checked(cpt, caplog):
     from moca.config import Config
-    lines = []
+    caplog.set_level(logging.INFO, logger="moca")
     module, cpu = copy.deepcopy(cpt), torch.device("cpu")
-    assert regions.prepare(module, module.model.config, "auto", False, 1024, cpu, lines.append) == "none"
-    assert lines == ["recompute=auto -> no device memory limit known (CPU): no recomputation"]
-    assert regions.prepare(module, module.model.config, "every-3", False, 1024, cpu, lines.append) == "every-3"
-    assert lines[-1] == "recompute=every-3: 1 regions recompute in the backward"
+    assert regions.prepare(module, module.model.config, Recompute("auto"), False, 1024, cpu) == Recompute("none")
+    assert caplog.messages == ["recompute=auto -> no device memory limit known (CPU): no recomputation"]
+    assert regions.prepare(module, module.model.config, Recompute("every", 3), False, 1024, cpu) == Recompute.parse(
+        "every-3")
+    assert caplog.messages[-1] == "recompute=every-3: 1 regions recompute in the backward"
     Config().update({"recompute": "selective", "compile": "true"}).validate()
     with pytest.raises(ValueError, match="model.recompute must be one of"):
         Config().update({"recompute": "every-x"}).validate()

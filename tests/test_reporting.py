@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from moca import plot
-from moca.config import Config
+from moca.config import Config, report_targets
 from moca.parallel import StepResult
-from moca.reporting import MetricWindow, Reporters, report_targets
+from moca.reporting import MetricWindow, Reporters
 from moca.stages import CptStage
 from moca.train import train
 
@@ -27,8 +27,8 @@ def _colors(image) -> int:
 
 
 def test_report_to_setting():
-    assert report_targets(None) == report_targets("none") == report_targets("") == []
-    assert report_targets(" TensorBoard , wandb,tensorboard") == ["tensorboard", "wandb"]
+    assert report_targets(None) == report_targets("none") == report_targets("") == ()
+    assert report_targets(" TensorBoard , wandb,tensorboard") == ("tensorboard", "wandb")
     assert Config().update({"report_to": "tensorboard,wandb"}).validate().run.report_to == "tensorboard,wandb"
     assert Config().update({"run.report_to": ["wandb", "tensorboard"]}).run.report_to == "wandb,tensorboard"  # TOML
     assert Config().update({"report_to": "none"}).run.report_to is None
@@ -81,7 +81,7 @@ def test_logged_rows_are_means_reach_tensorboard_and_are_plotted(tmp_path, monke
     monkeypatch.setattr(CptStage, "step", recording)
     run = tmp_path / "run"
     train(Config().update({"run.stage": "cpt", "out": str(run), "cpt.max_steps": 4, "log_every": 3,
-                           "save_every": 4, "token_budget": 512, "report_to": "tensorboard"}), log=lambda *_: None)
+                           "save_every": 4, "token_budget": 512, "report_to": "tensorboard"}))
     rows = _rows(run)
     assert [r["step"] for r in rows] == [3, 4] and len(per_step) == 4
     assert len({r.losses["loss"] for r in per_step}) == 4  # the steps differ: a mean is not the last value
@@ -109,8 +109,7 @@ def test_missing_reporter_package_is_named_before_the_model_loads(tmp_path, monk
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match=r"report_to=wandb needs the wandb package.*moca-kernels\[wandb\]"):
-        train(Config().update({"run.stage": "cpt", "out": str(tmp_path / "run"), "report_to": "wandb"}),
-              log=lambda *_: None)
+        train(Config().update({"run.stage": "cpt", "out": str(tmp_path / "run"), "report_to": "wandb"}))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -1,6 +1,7 @@
 """The stage-1 trainer on the tiny model and the embedded dataset: the CLI end to end, exact
 resume, bad records, the NaN guard, settings."""
 import json
+import logging
 import math
 import os
 
@@ -46,10 +47,10 @@ def test_cli_end_to_end(tmp_path, capsys):
 def test_resume_continues_exactly(tmp_path):
     # lines every 4 steps, checkpoints every 6: the checkpoint at 6 falls inside the window of the
     # line at step 8, whose means need steps 5 and 6 from before the cut
-    whole = train(_config(tmp_path / "whole", log_every=4), log=lambda *_: None)
-    train(_config(tmp_path / "cut", log_every=4), stop_at=10, log=lambda *_: None)  # killed after step 10
+    whole = train(_config(tmp_path / "whole", log_every=4))
+    train(_config(tmp_path / "cut", log_every=4), stop_at=10)  # killed after step 10
     assert _newest(tmp_path / "cut") == "step-0000006"
-    resumed = train(Config.read(str(tmp_path / "cut")), resume=True, log=lambda *_: None)
+    resumed = train(Config.read(str(tmp_path / "cut")), resume=True)
     timed = ("tokens_per_s", "model_tflops")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timed} for r in rows]  # noqa: E731
     assert strip([resumed]) == strip([whole]) and whole["mlm_chance"] == 1 / ByteTokenizer().vocab_size
@@ -59,14 +60,14 @@ def test_resume_continues_exactly(tmp_path):
     assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "whole"))
 
 
-def test_bad_records_are_skipped_or_fatal_under_strict(tmp_path, capsys):
+def test_bad_records_are_skipped_or_fatal_under_strict(tmp_path, capsys, caplog):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"text": "a fine document about shapes"}) + "\n{broken\n" +
                     json.dumps({"text": "another one"}) + "\n")
-    logs = []
+    caplog.set_level(logging.INFO, logger="moca")
     with pytest.warns(UserWarning, match="data.jsonl:2: malformed JSON"):
-        train(_config(tmp_path / "run", documents=str(data), max_steps=2), log=logs.append)
-    assert any("skipped 1 bad records" in line for line in logs)
+        train(_config(tmp_path / "run", documents=str(data), max_steps=2))
+    assert any("skipped 1 bad records" in line for line in caplog.messages)
     code = cli.main(["train", "--stage", "cpt", "--out", str(tmp_path / "strict"), "--data", str(data), "--strict",
                      "--max-steps", "2"])
     assert code == 2 and "data.jsonl:2: malformed JSON" in capsys.readouterr().err
@@ -86,7 +87,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(MocaCPT, "forward", poisoned)
     message = r"became nan at step 7; stopped\. The last good checkpoint is .*step-0000006"
     with pytest.raises(FloatingPointError, match=message):
-        train(_config(tmp_path / "run"), log=lambda *_: None)
+        train(_config(tmp_path / "run"))
 
 
 def test_settings_are_checked():
@@ -98,7 +99,7 @@ def test_settings_are_checked():
     assert config.cpt.use_mae is False and config.cpt.lr == 1e-4 and config.cl.lr == 2e-5
 
 
-def test_a_local_checkpoint_and_its_tokenizer(tmp_path):
+def test_a_local_checkpoint_and_its_tokenizer(tmp_path, caplog):
     # What a user with a real checkpoint does, on a tiny one saved with save_pretrained and a word
     # tokenizer that places Qwen's special tokens at the checkpoint's ids.
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -127,11 +128,11 @@ def test_a_local_checkpoint_and_its_tokenizer(tmp_path):
     # the embedding table (Qwen2.5's padded table has room, so nothing changes there)
     rows = ByteTokenizer().vocab_size
     assert tok.specials.image == specials["<|image_pad|>"] and tok.specials.mask == rows
-    logs = []
+    caplog.set_level(logging.INFO, logger="moca")
     config = Config().update({"run.stage": "cpt", "model.path": str(checkpoint), "documents": data,
                               "out": str(tmp_path / "run"), "cpt.max_steps": 3, "log_every": 1, "save_every": 3})
-    train(config, log=logs.append)
-    assert any(f"embedding table resized from {rows} rows to {rows + 1}" in line for line in logs)
+    train(config)
+    assert any(f"embedding table resized from {rows} rows to {rows + 1}" in line for line in caplog.messages)
     assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2, 3]
     # the run embeds through its own tokenizer, and an export carries that tokenizer along
     from moca import Encoder
@@ -149,14 +150,13 @@ def test_a_local_checkpoint_and_its_tokenizer(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
-    plain = train(_config(tmp_path / "plain", max_steps=3, log_every=1), log=lambda *_: None)
-    checkpointed = train(_config(tmp_path / "ckpt", max_steps=3, log_every=1, gradient_checkpointing=True),
-                         log=lambda *_: None)
+    plain = train(_config(tmp_path / "plain", max_steps=3, log_every=1))
+    checkpointed = train(_config(tmp_path / "ckpt", max_steps=3, log_every=1, gradient_checkpointing=True))
     for key in ("loss", "mlm_loss", "mae_loss"):
         assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5), key
 
 
-def test_a_corrupt_image_found_at_training_time_is_skipped(tmp_path):
+def test_a_corrupt_image_found_at_training_time_is_skipped(tmp_path, caplog):
     # The index reads image headers only; pixels that fail to decode later cost their document,
     # with a message naming file and line, not the run.
     import io
@@ -171,9 +171,10 @@ def test_a_corrupt_image_found_at_training_time_is_skipped(tmp_path):
     lines = [json.dumps({"text": f"document {i} shows <image> a green square", "images": ["ok.png"]}) for i in range(6)]
     lines.append(json.dumps({"text": "a broken <image> one", "images": ["bad.png"]}))
     data.write_text("\n".join(lines) + "\n")
-    logs = []
+    caplog.set_level(logging.INFO, logger="moca")
     # cache_bytes=0: nothing kept, every micro-batch's documents are read again (pure streaming)
-    train(_config(tmp_path / "run", documents=str(data), max_steps=4, log_every=1, cache_bytes=0), log=logs.append)
+    train(_config(tmp_path / "run", documents=str(data), max_steps=4, log_every=1, cache_bytes=0))
+    logs = caplog.messages
     skipped = [line for line in logs if "data.jsonl:7: image 'bad.png' could not be decoded" in line]
     assert len(skipped) == 1 and "document skipped" in skipped[0]  # said once, over several epochs
     assert any(line.startswith("7 documents") for line in logs)  # the header passed the index
@@ -189,7 +190,7 @@ def test_the_index_is_cached_and_invalidated_by_a_changed_file(tmp_path, monkeyp
     config = _config(tmp_path / "a", documents=str(data), index_cache=str(tmp_path / "index"))
     tok = ByteTokenizer()
     with pytest.warns(UserWarning, match="malformed JSON"):
-        first = train_module.index_documents(config, tok, str(data), log=lambda *_: None)
+        first = train_module.index_documents(config, tok, str(data))
     scans = []
     original = train_module.read_cpt
     monkeypatch.setattr(train_module, "read_cpt", lambda *a, **k: scans.append(a) or original(*a, **k))
@@ -200,13 +201,13 @@ def test_the_index_is_cached_and_invalidated_by_a_changed_file(tmp_path, monkeyp
     with pytest.raises(DataError, match="data.jsonl:9: malformed JSON"):  # strict sees cached bad records too
         train_module.index_documents(config.update({"strict": "true"}), tok, str(data))
     data.write_text(json.dumps({"text": "only one document now"}) + "\n")
-    assert len(train_module.index_documents(config, tok, str(data), log=lambda *_: None)) == 1 and scans
+    assert len(train_module.index_documents(config, tok, str(data))) == 1 and scans
 
 
 def test_background_loading_gives_the_same_run(tmp_path):
     # prefetch (by default 2 on a GPU) prepares micro-batches in a thread; the run must equal the inline one.
-    inline = train(_config(tmp_path / "inline", max_steps=6, prefetch=0), log=lambda *_: None)
-    ahead = train(_config(tmp_path / "ahead", max_steps=6, prefetch=3), log=lambda *_: None)
+    inline = train(_config(tmp_path / "inline", max_steps=6, prefetch=0))
+    ahead = train(_config(tmp_path / "ahead", max_steps=6, prefetch=3))
     timed = ("tokens_per_s", "model_tflops")
     assert {k: v for k, v in inline.items() if k not in timed} == {k: v for k, v in ahead.items() if k not in timed}
 
@@ -225,12 +226,12 @@ def test_a_loader_error_reaches_the_training_loop(tmp_path):
 
 def test_documents_longer_than_a_packed_row_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"max_doc_tokens \(2048\) must be between 1 and token_budget \(1024\)"):
-        train(_config(tmp_path / "run", max_doc_tokens=2048, token_budget=1024), log=lambda *_: None)
+        train(_config(tmp_path / "run", max_doc_tokens=2048, token_budget=1024))
 
 
 def test_an_unknown_image_decoder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="data.image_decoder must be one of pil, dali-cpu, dali-gpu"):
-        train(_config(tmp_path / "run", image_decoder="opencv"), log=lambda *_: None)
+        train(_config(tmp_path / "run", image_decoder="opencv"))
 
 
 def _cl_config(out, **change):
@@ -239,7 +240,7 @@ def _cl_config(out, **change):
 
 
 def test_stage_two_trains_on_the_embedded_pairs(tmp_path):
-    result = train(_cl_config(tmp_path / "cl", max_steps=12, log_every=3), log=lambda *_: None)
+    result = train(_cl_config(tmp_path / "cl", max_steps=12, log_every=3))
     rows = _metrics(tmp_path / "cl")
     assert [r["step"] for r in rows] == [3, 6, 9, 12] and all(r["stage"] == "cl" for r in rows)
     for key in ("loss", "accuracy", "temperature", "tokens_per_s", "lr"):
@@ -250,24 +251,24 @@ def test_stage_two_trains_on_the_embedded_pairs(tmp_path):
 
 
 def test_stage_two_resumes_exactly_and_grad_cache_changes_nothing(tmp_path):
-    whole = train(_cl_config(tmp_path / "whole"), log=lambda *_: None)
-    train(_cl_config(tmp_path / "cut"), stop_at=5, log=lambda *_: None)
-    resumed = train(Config.read(str(tmp_path / "cut")), resume=True, log=lambda *_: None)
+    whole = train(_cl_config(tmp_path / "whole"))
+    train(_cl_config(tmp_path / "cut"), stop_at=5)
+    resumed = train(Config.read(str(tmp_path / "cut")), resume=True)
     timed = ("tokens_per_s",)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timed} for r in rows]  # noqa: E731
     assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "whole")) and resumed["step"] == 6
-    cached = train(_cl_config(tmp_path / "cache", grad_cache="true"), log=lambda *_: None)
+    cached = train(_cl_config(tmp_path / "cache", grad_cache="true"))
     assert cached["loss"] == pytest.approx(whole["loss"], rel=1e-4)
 
 
-def test_stage_two_starts_from_a_stage_one_run(tmp_path):
-    train(_config(tmp_path / "cpt", max_steps=3, save_every=3), log=lambda *_: None)
-    logs = []
-    train(_cl_config(tmp_path / "cl", init=str(tmp_path / "cpt"), max_steps=2), log=logs.append)
-    loaded = [line.split("(")[0].rstrip() for line in logs if "loaded the backbone from" in line]
+def test_stage_two_starts_from_a_stage_one_run(tmp_path, caplog):
+    train(_config(tmp_path / "cpt", max_steps=3, save_every=3))
+    caplog.set_level(logging.INFO, logger="moca")
+    train(_cl_config(tmp_path / "cl", init=str(tmp_path / "cpt"), max_steps=2))
+    loaded = [line.split("(")[0].rstrip() for line in caplog.messages if "loaded the backbone from" in line]
     assert loaded and loaded[0].endswith("step-0000003")
     with pytest.raises(ValueError, match="no checkpoint in"):
-        train(_cl_config(tmp_path / "cl2", init=str(tmp_path / "nothing")), log=lambda *_: None)
+        train(_cl_config(tmp_path / "cl2", init=str(tmp_path / "nothing")))
 
 
 def test_cli_runs_stage_two(tmp_path, capsys):
@@ -316,7 +317,7 @@ def test_stage_two_stops_on_a_nan_loss(tmp_path, monkeypatch):
     original = MocaEmbedder.loss
     monkeypatch.setattr(MocaEmbedder, "loss", lambda self, *a: original(self, *a) * float("nan"))
     with pytest.raises(FloatingPointError, match=r"became nan at step 0; stopped\. The last good checkpoint is none"):
-        train(_cl_config(tmp_path / "cl"), log=lambda *_: None)
+        train(_cl_config(tmp_path / "cl"))
 
 
 def test_the_pairs_index_is_cached(tmp_path, monkeypatch):
@@ -324,13 +325,13 @@ def test_the_pairs_index_is_cached(tmp_path, monkeypatch):
     from moca.data import index as stages
     config = _cl_config(tmp_path / "a", index_cache=str(tmp_path / "index"))
     pairs = embedded.write_pairs(str(tmp_path / "data"))
-    first = stages.index_pairs(config, pairs, log=lambda *_: None)
+    first = stages.index_pairs(config, pairs)
     scans = []
     original = stages.read_pairs
     monkeypatch.setattr(stages, "read_pairs", lambda *a, **k: scans.append(a) or original(*a, **k))
-    again = stages.index_pairs(config, pairs, log=lambda *_: None)
+    again = stages.index_pairs(config, pairs)
     assert again == first and not scans and {e.task for e in first} == {"text-to-image", "image-to-text"}
-    stages.index_pairs(config.update({"hard_negatives": 0}), pairs, log=lambda *_: None)  # other settings: a new scan
+    stages.index_pairs(config.update({"hard_negatives": 0}), pairs)  # other settings: a new scan
     assert scans
 
 

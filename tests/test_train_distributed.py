@@ -24,17 +24,17 @@ SCRIPT = textwrap.dedent("""
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ranks),
                           LOCAL_RANK=str(rank))
         torch.set_num_threads(1)
-        train(config(out, stage, 6 // ranks, fsdp, steps), resume=steps > 1, log=lambda *a: None)
+        train(config(out, stage, 6 // ranks, fsdp, steps), resume=steps > 1)
 
     if __name__ == "__main__":
         port, root, stage, fsdp = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
         layouts = sys.argv[5].split(",")  # each step's run: a number of ranks, or "plain" (one process, no torchrun)
         for steps, ranks in enumerate(layouts, start=1):  # each step after the first resumed from the last checkpoint
             if ranks == "plain":
-                train(config(f"{root}/two", stage, 6, steps=steps), resume=steps > 1, log=lambda *a: None)
+                train(config(f"{root}/two", stage, 6, steps=steps), resume=steps > 1)
             else:
                 mp.spawn(worker, args=(port + steps, f"{root}/two", stage, fsdp, int(ranks), steps), nprocs=int(ranks))
-            train(config(f"{root}/one", stage, 6, steps=steps), resume=steps > 1, log=lambda *a: None)
+            train(config(f"{root}/one", stage, 6, steps=steps), resume=steps > 1)
     """)
 
 

@@ -22,6 +22,7 @@ all-gather) stay outside the compiled code.
 from __future__ import annotations
 
 import functools
+import logging
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from ..config import parse_recompute
+from ..config import Recompute
+
+log = logging.getLogger(__name__)
 
 
 def regions(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -78,11 +81,11 @@ def _checkpointed(forward: Callable, selective: bool) -> Callable:
     return run
 
 
-def apply_recompute(module: nn.Module, mode: str) -> int:
+def apply_recompute(module: nn.Module, mode: Recompute) -> int:
     """Checkpoint the regions of ``module`` as ``mode`` says (none, full, selective, every-K;
     resolve ``auto`` with ``choose_recompute`` first); returns how many regions recompute. Call
     before ``compile_regions``, so that the compiled code holds the checkpoint."""
-    kind, k = parse_recompute(mode)
+    kind, k = mode.kind, mode.period
     if kind == "auto":
         raise ValueError("apply_recompute takes a resolved mode: choose_recompute turns auto into one")
     if kind == "none":
@@ -181,14 +184,14 @@ class Shape:
 _UNITS = {"none": (16, 4, 2), "selective": (5, 2, 1), "full": (1, 0, 0)}
 
 
-def activation_bytes(shape: Shape, tokens: int, mode: str, image_share: float = 1.0) -> float:
+def activation_bytes(shape: Shape, tokens: int, mode: Recompute, image_share: float = 1.0) -> float:
     """Estimated peak activation memory (bytes) of a forward and backward over ``tokens`` packed
     tokens under recomputation ``mode`` (none, selective, full, every-K), bf16: every token through
     each decoder region, ``image_share`` of them image tokens, each ``merge`` patches through each
     vision block (vision attention is full multi-head: kv = 2 x width). The peak is the larger of
     what the forward keeps and, for each region recomputed in the backward, what the regions
     before it keep plus its own activations, whole again while its backward runs."""
-    kind, k = parse_recompute(mode)
+    kind, k = mode.kind, mode.period
 
     def per_token(kind_: str, h: int, i: int, kv: int) -> int:
         a, b, c = _UNITS[kind_]
@@ -217,15 +220,16 @@ def state_bytes(parameters: int, param_bytes: int) -> int:
 
 
 def choose_recompute(shape: Shape, tokens: int, memory: int | None, state: int, headroom: float = 0.85,
-                     image_share: float = 1.0) -> tuple[str, str]:
+                     image_share: float = 1.0) -> tuple[Recompute, str]:
     """(mode, why) for ``auto``: the least recomputation (none, then selective, then full) whose
     estimated activations over ``tokens`` fit in ``headroom`` of the card's ``memory`` bytes after
     ``state`` bytes of weights, gradients and optimizer; full when none fits. Without a known
     memory size (CPU) nothing needs saving: none."""
     if memory is None:
-        return "none", "no device memory limit known (CPU): no recomputation"
+        return Recompute("none"), "no device memory limit known (CPU): no recomputation"
     free = headroom * memory - state
-    mode = next((m for m in ("none", "selective") if activation_bytes(shape, tokens, m, image_share) <= free), "full")
+    mode = next((m for m in (Recompute("none"), Recompute("selective"))
+                 if activation_bytes(shape, tokens, m, image_share) <= free), Recompute("full"))
     need = activation_bytes(shape, tokens, mode, image_share)
     fits = "fits" if need <= free else "does not fit either; the largest saving"
     return mode, (f"{mode}: estimated activations {need / 2**30:.1f} GiB for {tokens} tokens {fits} in "
@@ -233,21 +237,20 @@ def choose_recompute(shape: Shape, tokens: int, memory: int | None, state: int, 
                   "of weights, gradients and AdamW state)")
 
 
-def prepare(module: nn.Module, model_config, recompute: str, compile: bool, token_budget: int,
-            device: torch.device, log=print, backend: str | Callable = "inductor") -> str:
+def prepare(module: nn.Module, model_config, recompute: Recompute, compile: bool, token_budget: int,
+            device: torch.device, backend: str | Callable = "inductor") -> Recompute:
     """Recomputation (``auto`` resolved here from the token budget and the card's memory) then
     regional compilation of a stage's ``module``; logs the choice and returns the mode used."""
-    kind, _ = parse_recompute(recompute)
-    if kind == "auto":
+    if recompute.kind == "auto":
         memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         params = [p for p in module.parameters()]
         state = state_bytes(sum(p.numel() for p in params), max((p.element_size() for p in params), default=2))
         recompute, why = choose_recompute(Shape.of(model_config, getattr(module, "mae_decoder", None) is not None),
                                           token_budget, memory, state)
-        log(f"recompute=auto -> {why}")
+        log.info(f"recompute=auto -> {why}")
     count = apply_recompute(module, recompute)
-    if recompute != "none":
-        log(f"recompute={recompute}: {count} regions recompute in the backward")
+    if recompute.kind != "none":
+        log.info(f"recompute={recompute}: {count} regions recompute in the backward")
     if compile:
-        log(f"compile=true: {compile_regions(module, backend=backend)} regions compiled (token dimension dynamic)")
+        log.info(f"compile=true: {compile_regions(module, backend=backend)} regions compiled (token dimension dynamic)")
     return recompute
