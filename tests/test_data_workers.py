@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+import time
 import warnings
 
 import pytest
@@ -220,3 +221,28 @@ def test_a_worker_plans_an_epoch_only_to_pass_over_a_batch_it_cannot_read(data, 
     batch, _, epoch, after = dataset[second]  # passed over for batch 2, which only the plan names
     assert planned == [0] and (epoch, after) == (0, 2) and len(batch["lengths"]) == len(plan[2])
     assert logs[-1].startswith("micro-batch 1 of epoch 0 passed over (1 so far)")
+
+
+class _Stuck:
+    """A dataset whose workers never finish a batch (a read wedged on a dead file system)."""
+
+    def __init__(self):
+        self.cache = loader.Cache(lambda i: i, lambda _: 0, "document", 0, False, print)
+
+    def __getitem__(self, ticket):
+        time.sleep(60)
+
+    def send(self, item):
+        return item
+
+    def receive(self, sent):
+        return sent
+
+
+def test_workers_that_make_no_batch_stop_the_run_instead_of_hanging(monkeypatch):
+    monkeypatch.setattr(loader, "WORKER_WAIT_S", 2)
+    tickets = iter([loader.Ticket(0, 0, 1, 1, (0,))] * 4)
+    made = loader.in_workers(_Stuck(), tickets, 1, 1, False)
+    with pytest.raises(RuntimeError, match=r"DataLoader timed out after 2 seconds"):
+        next(made)
+    made.close()
