@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._lse_engine import ProductsOptions, Scores, matmul_fp32
+from ._lse_engine import ProductsOptions, Scores, matmul_fp32, size_class
 from ._registry import autotune_off, bench_unless_disabled, sm_count, triton_interpret
 
 # E is kept near 1 (not near g * p / B, which underflows float16 at large batches).
@@ -182,12 +182,6 @@ _fwd = _autotune(_fwd_kernel)
 _coef = _autotune(_coef_kernel)
 
 
-def _size_class(rows: int, cols: int) -> int:
-    """The autotuning key's coarse problem size (factors of 4 in rows x cols): configurations
-    are tuned on a problem of about the size they serve, not on the first one seen."""
-    return max(0, (rows * cols).bit_length() // 2)
-
-
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # float32 inputs are for exactness, not speed
 
@@ -279,7 +273,7 @@ def forward_lse(s: Scores, *, labels: torch.Tensor, symmetric: bool,
         col_parts = torch.empty((n_rb, m) if symmetric else (1,), dtype=torch.float32, device=q.device)
         _fwd[(n_rb, splits)](q[r0:r1], k, s.rq[r0:r1], s.rk, s.bias if s.bias is not None else s.rk, labels[r0:r1],
                              s.inv_t, parts, pos[r0:r1], col_parts, r1 - r0, m, dim, q.stride(0), k.stride(0),
-                             cols_per_split, _size_class(r1 - r0, m), SYMMETRIC=symmetric,
+                             cols_per_split, size_class(r1 - r0, m), SYMMETRIC=symmetric,
                              HAS_BIAS=s.bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_K=_even_k(dim),
                              PRECISION=_precision(q.dtype))
         row_lse[r0:r1] = torch.logsumexp(parts, 0)
@@ -334,7 +328,7 @@ def backward_products(s: Scores, *, labels: torch.Tensor, row_lse: torch.Tensor,
             _coef[grid](q[r0:r1], k[c0:c1], s.rq[r0:r1], s.rk[c0:c1], s.bias[c0:c1] if s.bias is not None else s.rk,
                         labels[r0:r1], s.inv_t, row_lse[r0:r1], row_w[r0:r1], g[r0:r1], col_lse[c0:c1], col_w[c0:c1],
                         row_center[r0:r1], col_center[c0:c1], e_scale, e, part,
-                        r1 - r0, c1 - c0, dim, q.stride(0), k.stride(0), e.stride(0), c0, _size_class(rows, cols),
+                        r1 - r0, c1 - c0, dim, q.stride(0), k.stride(0), e.stride(0), c0, size_class(rows, cols),
                         SYMMETRIC=symmetric, HAS_BIAS=s.bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                         EVEN_K=_even_k(dim), PRECISION=_precision(q.dtype))
             parts.append(part.sum())

@@ -165,7 +165,8 @@ def info_nce(query: torch.Tensor, docs: torch.Tensor, *, temperature: float | to
     ``[0, M)`` makes that query's loss NaN, and a tensor temperature that is not positive makes
     every loss NaN, where the torch backend raises ``ValueError``. It computes score matrices of
     up to ``moca_kernels._dense_lse.DENSE_MAX_BYTES`` (64 MiB of float32) densely with cuBLAS, the
-    larger ones tile by tile.
+    larger ones tile by tile; the first call of a shape class checks its engine on a sample of the
+    call (a host read, once: ``moca_kernels._lse_engine``).
     """
     if labels is None and isinstance(query, torch.Tensor) and isinstance(docs, torch.Tensor) \
             and query.dim() == 2 and docs.dim() == 2:

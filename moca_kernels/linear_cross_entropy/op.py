@@ -126,7 +126,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     the counted rows first, as MoCa's MLM head does), and a label that is neither a vocabulary
     index nor ``ignore_index`` makes its row's loss NaN, where the torch backend raises
     ``ValueError``. Rows whose float32 logits fit ``moca_kernels._dense_lse.DENSE_MAX_BYTES`` are
-    computed densely with cuBLAS, larger ones tile by tile.
+    computed densely with cuBLAS, larger ones tile by tile; the first call of a shape class checks its
+    engine on a sample of the call (a host read, once: ``moca_kernels._lse_engine``).
     """
     _check(hidden, weight, labels, bias, ignore_index, reduction)
     if select_backend(OP, backend, hidden.device, hidden.dtype) == "torch":
