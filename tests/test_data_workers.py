@@ -1,7 +1,8 @@
 """Batches made by ``data.workers`` processes: the same batches as the training process makes
 (both stages, several ranks, across epochs), a run killed mid-epoch resuming through ``moca train
---resume`` to the metrics of a run that never stopped and never had workers, warnings said once
-as without workers, a worker's error and a killed worker each one line, and the default count."""
+--resume`` to the metrics of a run that never stopped and never had workers (JSON Lines, the
+authors' Parquet shards, MMEB-train's Parquet), warnings said once as without workers, a worker's
+error, a killed worker and workers that make nothing each one line, and the default count."""
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import warnings
 import pytest
 import torch
 from processes import WAIT, children
+from test_data_parquet import mmeb_train, stage_one_sources
 from test_faults_trust_data import _documents
 
 from moca import cli
@@ -104,27 +106,51 @@ def _kill_tree(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("stage", ["cpt", "cl"])
+def _authors_rows(folder, data) -> list[str]:
+    """Stage 1 on the authors' rows: two Parquet shards (JPEG bytes, their image markers, bad rows),
+    a save_to_disk folder and a JSON Lines file, each drawn from."""
+    parquet, saved, jsonl, _ = stage_one_sources(folder)
+    return ["--stage", "cpt", "--data", f"{parquet}=20,{saved}=0.5x,{jsonl}"]
+
+
+def _mmeb_train(folder, data) -> list[str]:
+    """Stage 2 on MMEB-train's Parquet layout (two subsets, images under an image root, bad rows)."""
+    images = folder / "images"
+    images.mkdir(parents=True)
+    pairs, _ = mmeb_train(folder / "MMEB-train", images)
+    return ["--stage", "cl", "--data", pairs, f"image_root={images}", "pairs_per_batch=4"]
+
+
+RUNS = {
+    "stage 1, JSON Lines": lambda folder, data: ["--stage", "cpt", "--data", data["documents"]],
+    "stage 1, the authors' Parquet shards": _authors_rows,
+    "stage 2, JSON Lines": lambda folder, data: ["--stage", "cl", "--data", data["pairs"], "pairs_per_batch=8"],
+    "stage 2, MMEB-train Parquet": _mmeb_train,
+}
+
+
+@pytest.mark.parametrize("kind", RUNS)
 def test_a_run_with_two_workers_killed_mid_epoch_resumes_to_the_metrics_of_one_without(data, tmp_path, processes,
-                                                                                         stage):
-    settings = ["--stage", stage, "--data", data["documents" if stage == "cpt" else "pairs"], "--max-steps", "9",
-                "save_every=3", "log_every=1", "token_budget=512", "keep_checkpoints=4",
-                *(["pairs_per_batch=8"] if stage == "cl" else [])]
+                                                                                         kind):
+    settings = [*RUNS[kind](tmp_path / "data", data), "--max-steps", "9", "save_every=3", "log_every=1",
+                "token_budget=512", "max_doc_tokens=256", "keep_checkpoints=4"]
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-    assert cli.main(["train", "--out", whole, *settings, "workers=0"]) == 0
+    with warnings.catch_warnings():  # the bad rows' warnings
+        warnings.simplefilter("ignore")
+        assert cli.main(["train", "--out", whole, *settings, "workers=0"]) == 0
     rows = _rows(whole)
     assert [r["step"] for r in rows] == list(range(1, 10))
-    assert rows[2]["epoch"] == rows[4]["epoch"] == 0 and rows[-1]["epoch"] >= 1  # step 3's checkpoint is mid-epoch
+    assert rows[2]["epoch"] == rows[3]["epoch"] < rows[-1]["epoch"]  # step 3's checkpoint is mid-epoch; epochs pass
 
     process = processes.start([*TRAIN, "--out", cut, *settings, "workers=2"])
-    logged_5 = os.path.join(cut, "checkpoints", "step-0000003")
+    checkpoint_3 = os.path.join(cut, "checkpoints", "step-0000003")
 
-    def past_step_4() -> bool:
+    def past_step_3() -> bool:
         try:
-            return os.path.isdir(logged_5) and len(_rows(cut)) >= 5
+            return os.path.isdir(checkpoint_3) and len(_rows(cut)) >= 4
         except (OSError, ValueError):
             return False
-    processes.wait_for(past_step_4, "step 5, after the checkpoint of step 3", process)
+    processes.wait_for(past_step_3, "step 4, after the checkpoint of step 3", process)
     workers = children(process.pid)
     assert len(workers) == 2, workers  # the run's two data workers
     _kill_tree(process.pid)
