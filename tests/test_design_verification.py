@@ -206,10 +206,9 @@ def test_the_closed_form_reference_backward_is_autograds(causal):
 
 @pytest.fixture
 def fresh_pointwise(monkeypatch):
-    from moca_kernels.pointwise import verify as pointwise_verify
-    monkeypatch.setattr(pointwise_verify, "_TRUSTED", {})
+    monkeypatch.setattr(_verify, "_TRUSTED", {})
     monkeypatch.setattr(_verify, "_WARNED", set())
-    return pointwise_verify
+    return _verify
 
 
 def _perturbed(monkeypatch, name: str, index: int | None):
@@ -265,8 +264,37 @@ def test_a_wrong_pointwise_kernel_is_not_used(fresh_pointwise, monkeypatch, op, 
         out, grads = run(ours)
         run(ours)
     said = _numerics_warnings(caught)
-    assert len(said) == 1 and said[0].startswith(f"{op}: the Triton kernel is not used"), said
+    assert len(said) == 1 and said[0].startswith(f"{op}: the fused kernel is not used"), said
     assert list(fresh_pointwise._TRUSTED.values()) == [False]
     want, want_grads = run(theirs)
     for got, ref in zip((out, *grads), (want, *want_grads)):
         torch.testing.assert_close(got, ref)
+
+
+def test_a_wrong_mae_kernel_is_not_used(fresh_pointwise, monkeypatch):
+    from moca_kernels import mae_loss
+    from moca_kernels.mae_loss import reference as mae_reference
+    from moca_kernels.mae_loss import triton_kernels as kernels
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(6)
+    pred, target = (torch.randn(150, 48, generator=g).to(device) for _ in range(2))
+    mask = torch.arange(150, device=device) % 3 != 0
+
+    def run(fn):
+        leaf = pred.clone().requires_grad_()
+        loss = fn(leaf, target, mask, True, 1e-6, "mean")
+        return loss, torch.autograd.grad(loss, leaf)[0]
+
+    ours = lambda p, t, m, norm, eps, red: mae_loss(p, t, mask=m, norm_pix=norm, eps=eps, reduction=red,  # noqa: E731
+                                                     backend="triton")
+    real = kernels.mae_rows
+    monkeypatch.setattr(kernels, "mae_rows", lambda *a: (lambda r: (r[0], r[1] * 1.01))(real(*a)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, grad = run(ours)
+        run(ours)
+    said = _numerics_warnings(caught)
+    assert len(said) == 1 and said[0].startswith("mae_loss: the fused kernel is not used") and "grad0" in said[0]
+    want, want_grad = run(mae_reference.mae_loss_reference)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(grad, want_grad)

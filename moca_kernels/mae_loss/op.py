@@ -17,6 +17,7 @@ from .._registry import (
     register_op,
     select_backend,
 )
+from .._verify import rows_sample, trusted
 from .reference import mae_loss_reference
 
 OP = "mae_loss"
@@ -131,6 +132,17 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, *, mask: torch.Tensor | N
         raise ValueError(f"backend {chosen!r} cannot run mae_loss here: " + "; ".join(why))
     if why:  # picked automatically: the next backend that can
         chosen = "triton" if chosen == "cuda" and not _fused_reasons("triton", pred, target, norm_pix) else "torch"
-    if chosen == "torch":
+    if chosen == "torch" or not _fused_trusted(chosen, pred, target, mask, norm_pix, eps, reduction):
         return mae_loss_reference(pred, target, mask, norm_pix, eps, reduction)
     return mae_loss_fused(pred, target, mask, norm_pix, float(eps), REDUCTIONS[reduction], chosen)[0]
+
+
+def _fused_trusted(backend: str, pred, target, mask, norm_pix: bool, eps: float, reduction: str) -> bool:
+    """The ``backend`` kernel checked on a sample of these rows on first use (``_verify.trusted``)."""
+    def fast(p, t, m=None):
+        return mae_loss_fused(p, t, m, norm_pix, float(eps), REDUCTIONS[reduction], backend)[0]
+
+    inputs = [rows_sample(pred), rows_sample(target)] + ([rows_sample(mask)] if mask is not None else [])
+    key = (backend, pred.dtype, target.dtype, pred.shape[1], norm_pix, mask is not None, reduction)
+    return trusted("mae_loss", key, fast, lambda p, t, m=None: mae_loss_reference(p, t, m, norm_pix, eps, reduction),
+                   inputs, (0,))

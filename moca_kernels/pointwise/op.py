@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from .._registry import TORCH, TRITON, described, last_dim_contiguous, register_op, select_backend
+from .._verify import rows_sample, trusted
 from .reference import rms_norm_reference, rotary_embedding_reference, swiglu_reference
-from .verify import rows_sample, trusted
 
 register_op("rms_norm", [TRITON, TORCH])
 register_op("rotary_embedding", [TRITON, TORCH])
@@ -122,7 +122,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, residu
 
 
 def _rms_trusted(rows: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float) -> bool:
-    """The Triton RMSNorm checked on a sample of these rows on first use (``pointwise.verify``)."""
+    """The Triton RMSNorm checked on a sample of these rows on first use (``_verify.trusted``)."""
     def fast(x, w, r=None):
         y, total, _ = rms_norm_fwd(x, w, r, float(eps))
         return (y, total) if r is not None else y
