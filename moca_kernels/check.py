@@ -18,26 +18,20 @@ is set when nothing else is), at the quick shapes in float32 and float16, with n
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-if not os.environ.get("TRITON_INTERPRET"):  # before triton is imported: the CPU subset needs the interpreter
-    import torch as _torch
-    if not _torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+import torch
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-import torch  # noqa: E402
-
-from . import (  # noqa: E402
-    __version__,  # noqa: E402
+from . import (
+    __version__,
     info_nce,
     linear_cross_entropy,
     mae_loss,
@@ -46,11 +40,9 @@ from . import (  # noqa: E402
     swiglu,
     varlen_attention,
 )
-from ._dense_lse import DENSE_ENV  # noqa: E402
-from ._registry import REGISTRY  # noqa: E402
-from ._verify import VERIFY_ENV, disagreement, error, outputs_and_grads  # noqa: E402
-from .varlen_attention import triton_kernels as attention_kernels  # noqa: E402
-from .varlen_attention.reference import varlen_attention_reference  # noqa: E402
+from ._registry import REGISTRY
+from ._verify import VERIFY_ENV, disagreement, error, outputs_and_grads
+from .varlen_attention.reference import varlen_attention_reference
 
 OPS = ("varlen_attention", "linear_cross_entropy", "info_nce", "mae_loss", "rms_norm", "rotary_embedding", "swiglu")
 # Qwen2.5-VL's language models: hidden size, query and KV heads, MLP width, vocabulary.
@@ -61,7 +53,17 @@ QUICK = dict(hidden=48, heads=4, kv_heads=2, mlp=96, vocab=300)
 # tokens of mixed text and image documents, as a stage-1 micro-batch packs them.
 QUICK_LENGTHS = [1, 17, 70, 0, 33]
 FULL_LENGTHS = [1, 31, 700, 129, 1280, 517, 4096, 2048, 3000, 1000, 3583]
-DENSE_ENGINE, TILED_ENGINE = {DENSE_ENV: str(1 << 40)}, {DENSE_ENV: "0"}
+
+
+def _attention_kernels():
+    from .varlen_attention import triton_kernels  # after main() chose the interpreter or the GPU
+    return triton_kernels
+
+
+def _engines() -> tuple[tuple[str, dict], ...]:
+    """The losses' two engines, each forced by the dense budget's variable."""
+    from ._dense_lse import DENSE_ENV
+    return ("dense", {DENSE_ENV: str(1 << 40)}), ("tiled", {DENSE_ENV: "0"})
 
 
 @dataclass
@@ -115,7 +117,7 @@ def _attention_cases(m: dict, lengths: list[int], dtype, device, shape: str, tim
     peers = _attention_peers(cu, total) if timed else {}
     ours = lambda q, k, v: varlen_attention(q, k, v, cu, backend="triton")  # noqa: E731
     cases = [Case("varlen_attention", f"triton fwd={f} bwd={b}", shape, make, ours, plain,
-                  {attention_kernels.DESIGN_ENV["fwd"]: f, attention_kernels.DESIGN_ENV["bwd"]: b}, peers)
+                  {_attention_kernels().DESIGN_ENV["fwd"]: f, _attention_kernels().DESIGN_ENV["bwd"]: b}, peers)
              for f, b in _design_pairs(dim)]
     if device.type == "cuda" and not REGISTRY["varlen_attention"].get("flash").reasons(device, dtype):
         cases.append(Case("varlen_attention", "flash", shape, make,
@@ -125,7 +127,7 @@ def _attention_cases(m: dict, lengths: list[int], dtype, device, shape: str, tim
 
 def _design_pairs(dim: int) -> list[tuple[str, str]]:
     """Each forward design beside the first backward one, then each other backward design."""
-    fwd, bwd = attention_kernels.offered("fwd", dim), attention_kernels.offered("bwd", dim)
+    fwd, bwd = _attention_kernels().offered("fwd", dim), _attention_kernels().offered("bwd", dim)
     return [(f, bwd[0]) for f in fwd] + [(fwd[0], b) for b in bwd[1:]]
 
 
@@ -179,7 +181,7 @@ def _loss_cases(m: dict, rows: int, dtype, device, shape: str, timed: bool) -> l
     lce = [Case("linear_cross_entropy", f"triton {name}", shape, make_lce,
                 lambda x, w: linear_cross_entropy(x, w, labels, backend="triton"),
                 lambda x, w: torch.nn.functional.cross_entropy(x @ w.T, labels), env, lce_peers)
-           for name, env in (("dense", DENSE_ENGINE), ("tiled", TILED_ENGINE))]
+           for name, env in _engines()]
 
     batch = max(8, rows // 4)
 
@@ -198,7 +200,7 @@ def _loss_cases(m: dict, rows: int, dtype, device, shape: str, timed: bool) -> l
                 lambda qv, d, hard, sym=sym: info_nce(qv, d, hard_negatives=hard[:, None], symmetric=sym,
                                                       backend="triton"),
                 lambda qv, d, hard, sym=sym: _plain_info_nce(qv, d, hard, sym), env, nce_peers)
-           for name, env in (("dense", DENSE_ENGINE), ("tiled", TILED_ENGINE)) for sym in (False, True)]
+           for name, env in _engines() for sym in (False, True)]
     patch = 48 if shape == "quick" else 1176  # Qwen2.5-VL: 3 channels x 2 frames x 14 x 14
 
     def make_mae():
@@ -368,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         args.quick = True
+        # the kernels' modules decide at import whether Triton interprets them: they are imported
+        # after this (the ops import them on first use)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     started = time.monotonic()
     rows = []
     for case in cases(args.quick, device, args.ops):
@@ -385,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"moca_kernels": __version__, "torch": torch.__version__, "python": platform.python_version(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "quick": args.quick, "seconds": round(time.monotonic() - started, 1), "rows": rows,
-              "triton": _triton_version(), "design_choices": attention_kernels.tuning_report()}
+              "triton": _triton_version(), "design_choices": _attention_kernels().tuning_report()}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)

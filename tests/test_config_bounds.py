@@ -52,7 +52,8 @@ def test_nan_and_inf_are_refused_in_toml_config_json_and_code(tmp_path):
 
 def test_sizes_past_their_bounds_are_refused():
     assert BOUNDED == {"run.keep_checkpoints": 10_000, "data.token_budget": 1 << 20, "data.max_pixels": 8192 * 8192,
-                       "data.cache_bytes": 1 << 42, "data.prefetch": 64, "cpt.grad_accum": 4096,
+                       "data.cache_bytes": 1 << 42, "data.prefetch": 64, "data.workers": 256,
+                       "data.index_workers": 1024, "cpt.grad_accum": 4096,
                        "cl.pairs_per_batch": 1 << 16, "cl.hard_negatives": 1024, "parallel.timeout": 24 * 3600}
     shown = {line.split(" (")[0].strip(): line for line in describe().splitlines()}
     for name, most in BOUNDED.items():

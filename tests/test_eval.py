@@ -291,7 +291,7 @@ def test_moca_eval_and_mtebs_evaluate_give_the_same_scores(cl_run, tmp_path, cap
     memory from an evaluation file, the task's pictures as the corpus, scored by mteb.evaluate
     through ``MocaEncoder``, gives ``moca eval``'s pool nDCG@10 and Recall@1 on the same model."""
     mteb = pytest.importorskip("mteb")
-    from datasets import Dataset
+    Dataset = pytest.importorskip("datasets").Dataset  # mteb's own dependency
     from mteb.abstasks.retrieval import AbsTaskRetrieval
     from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
     from mteb.abstasks.task_metadata import TaskMetadata

@@ -68,7 +68,7 @@ def _step_syncs(tmp_path, stage_name: str) -> collections.Counter:
     config = Config().update({"run.stage": stage_name, "out": str(tmp_path), "token_budget": 512, "prefetch": 1,
                               "cl.pairs_per_batch": 4, "cpt.grad_accum": 2})
     model, tokenizer = checkpoint.model_and_tokenizer(config, lambda *a, **k: None)
-    stage = STAGES[stage_name](config, model, tokenizer, Single(), lambda *a, **k: None)
+    stage = STAGES[stage_name](config, model, tokenizer, Single())
     stage.start(0, 0, 0)
     try:
         stage.step(contextlib.nullcontext(), False)  # a warm-up step: caches and lazy imports

@@ -227,8 +227,10 @@ def _mapped(path: str) -> np.ndarray:
     info = os.lstat(path)
     if not stat.S_ISREG(info.st_mode):
         raise ValueError(f"{path} is not a regular file")
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-    return array
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # a damaged header fails in numpy's parser in many ways (tokenize, ast, ...)
+        raise ValueError(f"{path} is not a readable .npy file ({type(exc).__name__}: {exc})") from None
 
 
 def _identity(files: list[str]) -> list:
