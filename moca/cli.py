@@ -224,7 +224,7 @@ def _data_parser(commands, common) -> None:
 def _convert(args, parser) -> int:
     done = convert(args.inputs, args.output, args.format, args.image_root, args.task, args.split,
                    args.query_prompt, args.document_prompt, args.language, args.strict)
-    done.bad.report(log.warning)
+    done.bad.report(logging.WARNING)
     tasks = ", ".join(f"{task} {count}" for task, count in sorted(done.tasks.items()))
     kind = "pairs" if done.format == "mmeb-train" else "evaluation records"
     log.info(f"{done.records} {kind} ({done.format}; {tasks}) -> {done.output}")

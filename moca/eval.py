@@ -255,7 +255,7 @@ def evaluate(encoder, paths: list[str], strict: bool = False, query_prompt: str 
     bad, records = BadRecords(), []
     for path in paths:
         records += read_eval(path, bad, strict)
-    bad.report(log.info)
+    bad.report()
     if not records:
         raise ValueError(f"no usable evaluation records in {', '.join(paths)}")
     prompts = {"query": query_prompt or None, "document": document_prompt or None}

@@ -25,8 +25,6 @@ from .parallel import Single, StepResult
 from .profiling import nvtx
 
 log = logging.getLogger(__name__)
-# moca.data takes a callable for its messages: the lines of its logger
-_data_log = logging.getLogger("moca.data").info
 
 
 class Stage(Protocol):
@@ -65,9 +63,9 @@ class CptStage:
     def start(self, step: int, epoch: int, position: int) -> None:
         c, p = self.config, self.parallel
         path = default_documents(c, p.main, p.barrier)
-        entries = index_documents(c, self.tokenizer, path, _data_log, p.rank, p.size, p.barrier)
+        entries = index_documents(c, self.tokenizer, path, p.rank, p.size, p.barrier)
         self.stream = loader.micro_batch_loader(entries, c, self.tokenizer, self.module.model.config, step, epoch,
-                                                position, p.rank, p.size, p.device, _data_log)
+                                                position, p.rank, p.size, p.device)
         log.info(f"{len(entries)} documents, {self.stream.per_epoch} micro-batches of up to {c.data.token_budget} "
                  "tokens per epoch")
         self.epoch, self.position = epoch, position
@@ -121,7 +119,7 @@ class ClStage:
     def start(self, step: int, epoch: int, position: int) -> None:
         c, p = self.config, self.parallel
         path = default_pairs(c, p.main, p.barrier)
-        entries = index_pairs(c, path, _data_log, p.rank, p.size, p.barrier)
+        entries = index_pairs(c, path, p.rank, p.size, p.barrier)
         need = c.cl.pairs_per_batch * p.size
         if len(entries) < need:
             raise ValueError(f"{len(entries)} usable pairs in {path}: fewer than one global batch ({need} = "
@@ -129,8 +127,7 @@ class ClStage:
         tasks = sorted({e.task for e in entries})
         log.info(f"{len(entries)} pairs of {len(tasks)} task(s) ({', '.join(tasks[:8])}), batches of "
                  f"{c.cl.pairs_per_batch} pairs ({c.cl.task_batching}), {c.cl.hard_negatives} hard negatives each")
-        self.stream = loader.pair_batch_loader(entries, c, self.tokenizer, epoch, position, p.rank, p.size, p.device,
-                                               _data_log)
+        self.stream = loader.pair_batch_loader(entries, c, self.tokenizer, epoch, position, p.rank, p.size, p.device)
         self.epoch, self.position = epoch, position
 
     def step(self, autocast, measure: bool) -> StepResult:

@@ -36,8 +36,8 @@ def _config(tmp_path, **settings) -> Config:
 def test_a_next_token_stage_reads_whole_documents_and_attends_causally(tmp_path):
     config = _config(tmp_path)
     tok, path = ByteTokenizer(), embedded.write(str(tmp_path / "data"), documents=12)
-    entries = index_documents(config, tok, path, log=lambda *_: None)
-    docs = loader.documents(entries, config, tok, log=lambda *_: None)
+    entries = index_documents(config, tok, path)
+    docs = loader.documents(entries, config, tok)
     torch.manual_seed(0)
     model = build("tiny")
     batch, _, _, _ = next(loader.micro_batch_stream(entries, docs, tok, model.config, config, 0, 0, 0, 0, 1))

@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+from lines import logged
 from test_data_parquet import cpt_rows, write_parquet
 
 from moca.config import Config
@@ -50,7 +51,7 @@ def test_costs_are_what_encoding_makes(tmp_path, fast_tokenizer, which):
     tok = ByteTokenizer() if which == "bytes" else fast_tokenizer
     path = write_parquet(tmp_path / "s.parquet", cpt_rows(60, 4)[0], row_group_size=16)
     config = _config(tmp_path, documents=path)
-    entries = _quiet(index.index_documents, config, tok, path, log=lambda *_: None)
+    entries = _quiet(index.index_documents, config, tok, path)
     d = config.data
     docs = _quiet(list, read_cpt(path, decode=False))
     assert len(entries) == len(docs) == 60
@@ -72,10 +73,10 @@ def test_a_pool_and_two_ranks_build_the_index_one_process_builds(tmp_path):
     shards = _shards(tmp_path / "data")
     tok = ByteTokenizer()
     serial = _quiet(index.index_documents, _config(tmp_path, index_cache=str(tmp_path / "one"), index_workers=1), tok,
-                    shards, log=lambda *_: None)
-    logs = []
-    pooled = _quiet(index.index_documents, _config(tmp_path, index_cache=str(tmp_path / "pool"), index_workers=2),
-                    tok, shards, log=logs.append)
+                    shards)
+    with logged() as logs:
+        pooled = _quiet(index.index_documents, _config(tmp_path, index_cache=str(tmp_path / "pool"), index_workers=2),
+                        tok, shards)
     assert len(serial) == 3 * 40 and pooled == serial
     assert logs == [f"skipped 12 bad records ({{'bad image': 3, 'invalid record': 9}}); first: {shards}/"
                     "train-00000-of-00003.parquet:row 4: image of 43 bytes could not be decoded: cannot identify "
@@ -92,7 +93,7 @@ def test_a_pool_and_two_ranks_build_the_index_one_process_builds(tmp_path):
         scanned = []
         original = index._scan_documents
         index._scan_documents = lambda file, group, **k: scanned.append(group) or original(file, group, **k)
-        built = _quiet(index.index_documents, config, tok, shards, lambda *_: None, r, 2, barrier.wait)
+        built = _quiet(index.index_documents, config, tok, shards, r, 2, barrier.wait)
         results.put((r, pickle.dumps(built), scanned))
     ranks = [context.Process(target=rank, args=(r,)) for r in range(2)]
     for p in ranks:
@@ -109,7 +110,7 @@ def test_a_pool_and_two_ranks_build_the_index_one_process_builds(tmp_path):
 def test_the_index_is_a_few_bytes_a_document_mapped_and_pickled_by_path(tmp_path):
     shards = _shards(tmp_path / "data", files=2, rows=60)
     config = _config(tmp_path)
-    entries = _quiet(index.index_documents, config, ByteTokenizer(), shards, log=lambda *_: None)
+    entries = _quiet(index.index_documents, config, ByteTokenizer(), shards)
     arrays = entries.parts[0].arrays
     assert sorted(arrays) == ["file", "row", "value"]  # no line numbers for Parquet rows
     assert sum(a.itemsize for a in arrays.values()) == 6  # uint16 each at this size; 16 at most
@@ -161,10 +162,10 @@ def test_moca_recipe_draws_the_authors_sample(tmp_path):
     assert config.data.sample_per_source == 500_000 and config.data.sample_seed == 1
     shards = _shards(tmp_path / "data", files=1, rows=30)
     cut = _config(tmp_path, sample_per_source=10)
-    logs = []
-    entries = _quiet(index.index_documents, cut, ByteTokenizer(), shards, log=logs.append)
+    with logged() as logs:
+        entries = _quiet(index.index_documents, cut, ByteTokenizer(), shards)
     assert len(entries) == 10 and f"1 sources, 10 records an epoch: {shards} 10 of 30" in logs
-    whole = _quiet(index.index_documents, _config(tmp_path), ByteTokenizer(), shards, log=lambda *_: None)
+    whole = _quiet(index.index_documents, _config(tmp_path), ByteTokenizer(), shards)
     picked = drawn(Source(shards), 30, 10, 1, 0)
     assert list(entries) == [whole[int(k)] for k in picked] and len(entries.costs) == 10
 
@@ -197,8 +198,7 @@ def test_an_index_of_pairs_has_tasks_and_one_of_documents_costs(tmp_path):
     from moca.data import embedded
     pairs = embedded.write_pairs(str(tmp_path / "data"))
     config = _config(tmp_path, **{"run.stage": "cl"})
-    index_of_pairs = index.index_pairs(config, pairs, log=lambda *_: None)
+    index_of_pairs = index.index_pairs(config, pairs)
     assert index_of_pairs.tasks == [e.task for e in index_of_pairs] and getattr(index_of_pairs, "costs", None) is None
-    documents = _quiet(index.index_documents, config, ByteTokenizer(), _shards(tmp_path / "docs", files=1),
-                       log=lambda *_: None)
+    documents = _quiet(index.index_documents, config, ByteTokenizer(), _shards(tmp_path / "docs", files=1))
     assert getattr(documents, "tasks", None) is None and len(documents.costs) == len(documents)

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from lines import logged
 from processes import WAIT, children
 from test_data_parquet import mmeb_train, stage_one_sources
 from test_faults_trust_data import _documents
@@ -74,13 +75,11 @@ def _first(made, count: int) -> list:
 def test_two_workers_make_the_micro_batches_the_training_process_makes(data, tmp_path, rank):
     # rank 0 or 1 of 2, two micro-batches a step, from the middle of epoch 0 into epoch 2 (6 an epoch)
     tok, model_config = ByteTokenizer(), build("tiny").config
-    entries = index_documents(_config(tmp_path, documents=data["documents"]), tok, data["documents"],
-                              log=lambda *_: None)
+    entries = index_documents(_config(tmp_path, documents=data["documents"]), tok, data["documents"])
 
     def made(workers):
         config = _config(tmp_path, documents=data["documents"], grad_accum=2, workers=workers)
-        return _first(loader.micro_batch_loader(entries, config, tok, model_config, 3, 0, 2, rank, 2, CPU,
-                                                lambda *_: None), 6)
+        return _first(loader.micro_batch_loader(entries, config, tok, model_config, 3, 0, 2, rank, 2, CPU), 6)
     inline, parallel = made(0), made(2)
     assert [(e, p) for _, _, e, p in inline] == [(0, 4), (0, 6), (1, 2), (1, 4), (1, 6), (2, 2)]
     assert _equal(inline, parallel)
@@ -89,11 +88,11 @@ def test_two_workers_make_the_micro_batches_the_training_process_makes(data, tmp
 
 def test_two_workers_make_the_contrastive_batches_the_training_process_makes(data, tmp_path):
     config = _config(tmp_path, pairs=data["pairs"]).update({"run.stage": "cl"})
-    entries = index_pairs(config, data["pairs"], log=lambda *_: None)
+    entries = index_pairs(config, data["pairs"])
 
     def made(workers):
         return _first(loader.pair_batch_loader(entries, config.update({"workers": workers}), ByteTokenizer(), 0, 1, 1,
-                                               2, CPU, lambda *_: None), 3)
+                                               2, CPU), 3)
     inline, parallel = made(0), made(2)
     assert [(e, p) for _, e, p in inline] == [(0, 2), (0, 3), (1, 1)]  # 3 global batches of 16 an epoch
     assert all(len(chosen) == 8 and all(len(negatives) == 2 for _, _, negatives in chosen) for chosen, _, _ in inline)
@@ -226,9 +225,8 @@ def test_a_worker_plans_an_epoch_only_to_pass_over_a_batch_it_cannot_read(data, 
     # the training process plans each epoch (shuffle and pack: seconds and hundreds of MB at 3.4M
     # documents); a ticket carries its batch's documents, so a worker makes it without the plan
     tok, config = ByteTokenizer(), _config(tmp_path, documents=data["documents"])
-    entries = index_documents(config, tok, data["documents"], log=lambda *_: None)
-    logs = []
-    dataset = loader.MicroBatches(entries, loader.documents(entries, config, tok, logs.append), tok,
+    entries = index_documents(config, tok, data["documents"])
+    dataset = loader.MicroBatches(entries, loader.documents(entries, config, tok), tok,
                                   build("tiny").config, config, 0, 1)
     tickets = loader.micro_batch_tickets(dataset.epochs, 1, 0, 0, 0, 0, 1)
     first, second = next(tickets), next(tickets)
@@ -244,7 +242,8 @@ def test_a_worker_plans_an_epoch_only_to_pass_over_a_batch_it_cannot_read(data, 
             raise ValueError(f"cpt.jsonl: document {i} cannot be read")
         return load(i)
     dataset.cache.load = second_unreadable
-    batch, _, epoch, after = dataset[second]  # passed over for batch 2, which only the plan names
+    with logged() as logs:
+        batch, _, epoch, after = dataset[second]  # passed over for batch 2, which only the plan names
     assert planned == [0] and (epoch, after) == (0, 2) and len(batch["lengths"]) == len(plan[2])
     assert logs[-1].startswith("micro-batch 1 of epoch 0 passed over (1 so far)")
 
@@ -253,7 +252,7 @@ class _Stuck:
     """A dataset whose workers never finish a batch (a read wedged on a dead file system)."""
 
     def __init__(self):
-        self.cache = loader.Cache(lambda i: i, lambda _: 0, "document", 0, False, print)
+        self.cache = loader.Cache(lambda i: i, lambda _: 0, "document", 0, False)
 
     def __getitem__(self, ticket):
         time.sleep(60)

@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 import pytest
+from lines import logged
 from PIL import Image
 
 from moca import cli
@@ -121,20 +122,21 @@ def test_a_contrastive_batch_of_unreadable_pairs_is_passed_over_on_every_rank(tm
             if i in unreadable:
                 raise ValueError(f"pairs.jsonl:{i + 1}: image 'cut.png' could not be decoded")
             return i
-        logs = []
-        cache = loader.Cache(load, lambda _: 0, "pair", 0, False, logs.append)
-        return loader.pair_batch_stream(entries, cache, config, 0, position, rank, 2), logs, cache
+        cache = loader.Cache(load, lambda _: 0, "pair", 0, False)
+        return loader.pair_batch_stream(entries, cache, config, 0, position, rank, 2), cache
 
-    ranks = [stream(0), stream(1)]
-    got = [[next(s) for _ in range(3)] for s, _, _ in ranks]
+    with logged() as logs:
+        ranks = [stream(0), stream(1)]
+        got = [[next(s) for _ in range(3)] for s, _ in ranks]
     assert [(e, p) for _, e, p in got[0]] == [(e, p) for _, e, p in got[1]] == [(0, 1), (0, 2), (0, 3)]
     assert [c for c, _, _ in got[0]] == [batches[b][:2] for b in range(3)]
     assert [c for c, _, _ in got[1]] == [batches[0][2:], batches[2][2:], batches[2][2:]]
     first = min(unreadable)
-    assert ranks[1][1][-1] == (f"batch 1 of epoch 0 passed over (1 so far): none of its 2 pairs could be read "
-                               f"(first: pairs.jsonl:{first + 1}: image 'cut.png' could not be decoded)")
-    assert ranks[1][2].passed_over == 1 and ranks[0][2].passed_over == 0
-    restarted, _, _ = stream(1, position=1)
+    assert [line for line in logs if "passed over" in line] == [  # rank 1's: rank 0 passed over none
+        f"batch 1 of epoch 0 passed over (1 so far): none of its 2 pairs could be read "
+        f"(first: pairs.jsonl:{first + 1}: image 'cut.png' could not be decoded)"]
+    assert ranks[1][1].passed_over == 1 and ranks[0][1].passed_over == 0
+    restarted, _ = stream(1, position=1)
     assert next(restarted) == (batches[2][2:], 0, 2)
 
 
@@ -143,9 +145,9 @@ def test_a_stream_of_which_nothing_can_be_read_stops_naming_the_epoch(tmp_path):
 
     def load(i):
         raise ValueError(f"pairs.jsonl:{i + 1}: bad")
-    logs = []
-    cache = loader.Cache(load, lambda _: 0, "pair", 0, False, logs.append)
-    with pytest.raises(ValueError, match=r"^no pair of epoch 0 could be read \(see the warnings above\)$"):
+    cache = loader.Cache(load, lambda _: 0, "pair", 0, False)
+    nothing = r"^no pair of epoch 0 could be read \(see the warnings above\)$"
+    with logged() as logs, pytest.raises(ValueError, match=nothing):
         next(loader.pair_batch_stream(entries, cache, _pairs_config(2), 0, 0, 0, 1))
     assert cache.passed_over == 2 and len(logs) == 4 + 2  # each pair once, then each batch passed over
 
@@ -239,14 +241,14 @@ def test_a_bad_index_cache_is_named_and_made_again(tmp_path, damage):
     config, tok = _index_config(tmp_path, data), ByteTokenizer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        first = index.index_documents(config, tok, data, log=lambda *_: None)
+        first = index.index_documents(config, tok, data)
         cached = _cache_file(tmp_path)
         files = sorted(os.listdir(tmp_path / "index"))
         content = open(cached, "rb").read()
         harm, says, rewritten = DAMAGE[damage]
         harm(cached)
-        logs = []
-        again = index.index_documents(config, tok, data, log=logs.append)
+        with logged() as logs:
+            again = index.index_documents(config, tok, data)
     assert again == first
     stem = cached.removesuffix(".json")
     assert logs[0].startswith(says.format(manifest=cached, array=f"{stem}.row.npy", stem=stem))
@@ -285,10 +287,9 @@ def test_an_index_cache_that_cannot_be_written_costs_nothing_but_the_cache(tmp_p
     def full(*_):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "replace", full)
-    logs = []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), logged() as logs:
         warnings.simplefilter("ignore")
-        entries = index.index_documents(config, ByteTokenizer(), data, log=logs.append)
+        entries = index.index_documents(config, ByteTokenizer(), data)
     assert len(entries) == 17 and os.listdir(tmp_path / "index") == []
     assert logs[0].startswith(f"index cache {tmp_path / 'index'}/") and logs[0].endswith(
         f".json not written ([Errno 28] No space left on device); the next run indexes {data} again")

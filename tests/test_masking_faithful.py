@@ -94,8 +94,8 @@ def test_an_objective_that_is_off_corrupts_nothing(tmp_path, off):
     config = Config().update({"run.stage": "cpt", "out": str(tmp_path / "run"), "token_budget": 512,
                               f"cpt.{off}": "false"})
     tok, path = ByteTokenizer(), embedded.write(str(tmp_path / "data"), documents=12)
-    entries = index_documents(config, tok, path, log=lambda *_: None)
-    docs = loader.documents(entries, config, tok, log=lambda *_: None)
+    entries = index_documents(config, tok, path)
+    docs = loader.documents(entries, config, tok)
     stream = loader.micro_batch_stream(entries, docs, tok, build("tiny").config, config, 0, 0, 0, 0, 1)
     batch, _, _, _ = next(stream)
     whole = pack_documents(docs.get(loader.micro_batches(entries, 512, config.run.seed, 0)[0]), tok.specials.image)

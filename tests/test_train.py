@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from lines import logged
 
 from moca import checkpoint, cli
 from moca.config import Config
@@ -194,8 +195,8 @@ def test_the_index_is_cached_and_invalidated_by_a_changed_file(tmp_path, monkeyp
     scans = []
     original = train_module.read_cpt
     monkeypatch.setattr(train_module, "read_cpt", lambda *a, **k: scans.append(a) or original(*a, **k))
-    logs = []
-    again = train_module.index_documents(config.update({"out": str(tmp_path / "b")}), tok, str(data), log=logs.append)
+    with logged() as logs:
+        again = train_module.index_documents(config.update({"out": str(tmp_path / "b")}), tok, str(data))
     assert again == first and not scans  # from the cache, with the bad record still counted
     assert any("skipped 1 bad records" in line for line in logs)
     with pytest.raises(DataError, match="data.jsonl:9: malformed JSON"):  # strict sees cached bad records too

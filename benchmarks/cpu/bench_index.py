@@ -155,7 +155,7 @@ def build(folder: str, workers: int, tokenizer, config: Config, cache: str) -> d
     """A build from nothing into ``cache`` with ``workers`` processes: documents/s."""
     config = config.update({"index_cache": cache, "index_workers": workers})
     start, cpu = time.perf_counter(), cpu_seconds()
-    index = index_documents(config, tokenizer, folder, log=lambda *_: None)
+    index = index_documents(config, tokenizer, folder)
     return {"workers": workers, **rates(len(index), time.perf_counter() - start, cpu_seconds() - cpu)}
 
 
@@ -167,7 +167,7 @@ def cached(folder: str, tokenizer, config: Config, cache: str) -> dict:
     for _ in range(3):
         tracemalloc.start()
         start = time.perf_counter()
-        index = index_documents(config, tokenizer, folder, log=lambda *_: None)
+        index = index_documents(config, tokenizer, folder)
         costs = index.costs  # what batching reads first
         times.append(time.perf_counter() - start)
         heap, _ = tracemalloc.get_traced_memory()

@@ -142,8 +142,7 @@ def measure(entries, config, workers: int, batches: int) -> dict:
     config = config.update({"data.workers": workers})
     tok, model_config = ByteTokenizer(), Qwen2_5_VLConfig(**PRESETS["3b"])
     created = started = time.perf_counter()
-    made = loader.micro_batch_loader(entries, config, tok, model_config, 0, 0, 0, 0, 1, torch.device("cpu"),
-                                     lambda line: print(line, file=sys.stderr))
+    made = loader.micro_batch_loader(entries, config, tok, model_config, 0, 0, 0, 0, 1, torch.device("cpu"))
     try:
         first, _, _, _ = next(made)
         startup = time.perf_counter() - started
@@ -211,7 +210,7 @@ def main(argv=None) -> int:
         config = Config.recipe("moca").update({"data.documents": path, "run.out": folder, "data.cache_bytes": 0,
                                                "data.prefetch": 2})
         started = time.perf_counter()
-        entries = index_documents(config, ByteTokenizer(), path, log=lambda line: print(line, file=sys.stderr))
+        entries = index_documents(config, ByteTokenizer(), path)
         indexed = time.perf_counter() - started
         rows = [measure(entries, config, w, args.batches) for w in args.workers]
     planned = plan(args.plan_documents)

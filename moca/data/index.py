@@ -32,6 +32,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import stat
@@ -44,11 +45,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..files import atomic_write, read_json
+from ..logs import bars_shown
 from . import embedded, shards
 from .images import PATCH, fitted_size, merged_tokens
 from .pairs import read_pairs
 from .records import IMAGE_PLACEHOLDER, BadRecords, DataError, read_cpt
 from .sources import Source, drawn, parse_sources
+
+log = logging.getLogger(__name__)
 
 VERSION = "moca-index-2"  # in every cache key: a cache of another layout is never read as this one
 _CHUNK = 1024  # documents tokenized in one batch
@@ -341,7 +345,7 @@ def _in_range(arrays: dict[str, np.ndarray], limits: list[int], most_value: int,
     return int(values.max()) <= most_value and (not costs or int(values.min()) >= 1)
 
 
-def _source_index(source: Source, settings: list, scan: Callable, config, bad: BadRecords, log, what: str,
+def _source_index(source: Source, settings: list, scan: Callable, config, bad: BadRecords, what: str,
                   rank: int, size: int, barrier, most_value: int | None) -> Part:
     """One source's index: from its cache when that holds this source as it is now with these
     ``settings``, else built (its units shared out across the ``size`` ranks, each rank's share
@@ -352,13 +356,13 @@ def _source_index(source: Source, settings: list, scan: Callable, config, bad: B
     cache = config.data.index_cache or os.path.join(config.run.out, "index")
     stem = os.path.join(cache, hashlib.sha1(json.dumps(identity).encode()).hexdigest())
     strict = config.run.strict
-    found = _cached(stem, identity, most_value, log, source.path)
+    found = _cached(stem, identity, most_value, source.path)
     units = [] if found else _units(files)
     shares: dict[int, _Scanned] = {}
     if not found and size > 1:  # this rank's share (the main rank keeps its own; the others leave theirs)
         mine = list(range(rank, len(units), size))
         results = _run_units(scan, files, [units[u] for u in mine], index_workers(config.data.index_workers, len(mine)),
-                             progress=rank == 0)
+                             progress=rank == 0 and bars_shown())
         if rank == 0:
             shares.update(zip(mine, results))
         else:
@@ -368,20 +372,21 @@ def _source_index(source: Source, settings: list, scan: Callable, config, bad: B
         shares.update(_gathered(stem, size, len(units)))
         missing = [u for u in range(len(units)) if u not in shares]  # shares another rank could not leave here
         results = _run_units(scan, files, [units[u] for u in missing],
-                             index_workers(config.data.index_workers, len(missing)), progress=True)
+                             index_workers(config.data.index_workers, len(missing)), progress=bars_shown())
         shares.update(zip(missing, results))
         arrays, names = _merged(files, [shares[u] for u in range(len(units))], units, most_value is None,
                                 build_bad := BadRecords())
         try:
             _save(stem, identity, files, arrays, names, build_bad)
         except (ValueError, OSError) as exc:
-            log(f"index cache {stem}.json not written ({exc}); the next run indexes {source.path} again")
+            log.info(f"index cache {stem}.json not written ({exc}); the next run indexes {source.path} again")
             found = (Part(files, arrays, names), build_bad)
     barrier()
     if not found:
-        found = _cached(stem, identity, most_value, lambda _: None, source.path)
+        found = _cached(stem, identity, most_value, source.path, say=False)
     if not found:  # a cache this rank cannot see (not shared) or write: its own build
-        results = _run_units(scan, files, units, index_workers(config.data.index_workers, len(units)), rank == 0)
+        results = _run_units(scan, files, units, index_workers(config.data.index_workers, len(units)),
+                             rank == 0 and bars_shown())
         arrays, names = _merged(files, results, units, most_value is None, build_bad := BadRecords())
         found = (Part(files, arrays, names), build_bad)
     part, saved_bad = found
@@ -392,14 +397,16 @@ def _source_index(source: Source, settings: list, scan: Callable, config, bad: B
     return part
 
 
-def _cached(stem: str, identity: list, most_value: int | None, log, path: str) -> tuple[Part, BadRecords] | None:
-    """The verified cache at ``stem``, None when absent; a bad one is warned about through ``log``."""
+def _cached(stem: str, identity: list, most_value: int | None, path: str,
+            say: bool = True) -> tuple[Part, BadRecords] | None:
+    """The verified cache at ``stem``, None when absent; a bad one is said (``say``) and rebuilt."""
     if not os.path.lexists(f"{stem}.json"):
         return None
     try:
         return _verified(stem, identity, most_value)
     except ValueError as exc:
-        log(f"{exc}; {path} is indexed again")
+        if say:
+            log.info(f"{exc}; {path} is indexed again")
         return None
 
 
@@ -500,17 +507,17 @@ class Index:
 
 
 def _run_index(sources: list[Source], settings: list, scan: Callable, config, default_count: int | None, what: str,
-               log, rank: int, size: int, barrier, most_value: int | None) -> Index:
+               rank: int, size: int, barrier, most_value: int | None) -> Index:
     """The index of ``sources``: each source's part, then each source's draw (``moca.data.sources``)."""
     bad, parts, picks = BadRecords(), [], []
     for place, source in enumerate(sources):
-        part = _source_index(source, settings, scan, config, bad, log, what, rank, size, barrier, most_value)
+        part = _source_index(source, settings, scan, config, bad, what, rank, size, barrier, most_value)
         parts.append(part)
         picks.append(drawn(source, len(part), default_count, config.data.sample_seed, place))
-    bad.report(log)
+    bad.report()
     index = Index(parts, picks)
     if len(sources) > 1 or any(k is not None for k in picks):
-        log(f"{len(sources)} sources, {len(index):,} records an epoch: " + "; ".join(
+        log.info(f"{len(sources)} sources, {len(index):,} records an epoch: " + "; ".join(
             f"{s.path} {len(p) if k is None else len(k):,} of {len(p):,}" for s, p, k in zip(sources, parts, picks)))
     return index
 
@@ -519,7 +526,7 @@ def _no_barrier() -> None:
     return None
 
 
-def index_documents(config, tokenizer, path: str, log=print, rank: int = 0, size: int = 1,
+def index_documents(config, tokenizer, path: str, rank: int = 0, size: int = 1,
                     barrier=_no_barrier) -> Index:
     """The usable documents of the sources ``path`` names (``moca.data.sources``) with their costs
     (``config``: a ``moca.config.Config``; ``rank`` of ``size`` ranks meeting at ``barrier``)."""
@@ -527,18 +534,18 @@ def index_documents(config, tokenizer, path: str, log=print, rank: int = 0, size
     limits = (d.max_doc_tokens, d.min_pixels, d.max_pixels)
     scan = functools.partial(_scan_documents, counter=tokenizer.counter(), limits=limits, strict=config.run.strict)
     index = _run_index(parse_sources(path, "data.documents"), ["documents", tokenizer.fingerprint, *limits], scan,
-                       config, d.sample_per_source, "--data", log, rank, size, barrier, d.max_doc_tokens)
+                       config, d.sample_per_source, "--data", rank, size, barrier, d.max_doc_tokens)
     if not len(index):
         raise ValueError(f"no usable documents in {path}")
     return index
 
 
-def index_pairs(config, path: str, log=print, rank: int = 0, size: int = 1, barrier=_no_barrier) -> Index:
+def index_pairs(config, path: str, rank: int = 0, size: int = 1, barrier=_no_barrier) -> Index:
     """The usable pairs of the sources ``path`` names with their tasks."""
     k, root = config.cl.hard_negatives, config.data.image_root
     scan = functools.partial(_scan_pairs, hard_negatives=k, image_root=root, strict=config.run.strict)
     index = _run_index(parse_sources(path, "data.pairs"), ["pairs", k, root and os.path.abspath(root)], scan, config,
-                       None, "--data", log, rank, size, barrier, None)
+                       None, "--data", rank, size, barrier, None)
     if not len(index):
         raise ValueError(f"no usable pairs in {path}")
     return index

@@ -17,6 +17,7 @@ batch and are said by the training process, numbered as a run without workers nu
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import queue
 import random
@@ -34,6 +35,8 @@ from .packing import pack
 from .pairs import chosen_negatives, contrastive_batches, load_pair
 from .records import load_cpt
 
+log = logging.getLogger(__name__)
+
 # Seconds the training process waits for one batch from its workers before it stops naming them:
 # far past any batch an honest worker makes (a stage-1 micro-batch of the paper's size takes
 # seconds), short of a run that waits on a wedged read for ever.
@@ -46,8 +49,8 @@ class Warnings:
     a worker (``recording`` a list) the reports are kept as events instead, which the training
     process replays (``replay``) as each batch arrives."""
 
-    def __init__(self, what: str, log: Callable[[str], None]):
-        self.what, self.log = what, log
+    def __init__(self, what: str):
+        self.what = what
         self.warned: set[int] = set()
         self.passed_over = 0
         self.recording: list[tuple] | None = None
@@ -58,7 +61,7 @@ class Warnings:
             self.recording.append(("skipped", index, reason))
         elif index not in self.warned:
             self.warned.add(index)
-            self.log(f"{reason}; {self.what} skipped")
+            log.info(f"{reason}; {self.what} skipped")
 
     def passed(self, batch: str, j: int, epoch: int, count: int, first: str) -> None:
         """Batch ``j`` of ``epoch`` (of ``count`` records, none readable) was passed over."""
@@ -66,7 +69,7 @@ class Warnings:
             self.recording.append(("passed", batch, j, epoch, count, first))
             return
         self.passed_over += 1
-        self.log(f"{batch} {j} of epoch {epoch} passed over ({self.passed_over} so far): none of its {count} "
+        log.info(f"{batch} {j} of epoch {epoch} passed over ({self.passed_over} so far): none of its {count} "
                  f"{self.what}s could be read (first: {first})")
 
     def take(self) -> list[tuple]:
@@ -86,9 +89,9 @@ class Cache:
     load (a corrupt image whose header was fine) is skipped with a warning, once, or stops the run
     under ``strict``."""
 
-    def __init__(self, load, size, what: str, room: int, strict: bool, log):
+    def __init__(self, load, size, what: str, room: int, strict: bool):
         self.load, self.size, self.what, self.room, self.strict = load, size, what, room, strict
-        self.warnings = Warnings(what, log)
+        self.warnings = Warnings(what)
         self.kept: dict[int, object] = {}
         self.failed: dict[int, str] = {}  # why each was left out (its file and line first)
 
@@ -145,7 +148,7 @@ def _encoded_bytes(doc) -> int:
     return doc.rows.numel() * 4 + doc.ids.numel() * 8
 
 
-def documents(entries, config, tokenizer, log) -> Cache:
+def documents(entries, config, tokenizer) -> Cache:
     """The stage-1 documents of ``entries`` (``len`` and ``[i]`` with ``Entry``'s fields), encoded
     on demand."""
     d, decoder = config.data, image_decoder(config.data.image_decoder)
@@ -154,10 +157,10 @@ def documents(entries, config, tokenizer, log) -> Cache:
         e = entries[i]
         return encode(load_cpt(e.file, e.offset, e.where, decode=decoder is None), tokenizer, d.max_doc_tokens,
                       d.min_pixels, d.max_pixels, decoder)
-    return Cache(load, _encoded_bytes, "document", d.cache_bytes, config.run.strict, log)
+    return Cache(load, _encoded_bytes, "document", d.cache_bytes, config.run.strict)
 
 
-def pairs(entries, config, tokenizer, log) -> Cache:
+def pairs(entries, config, tokenizer) -> Cache:
     """The stage-2 pairs of ``entries`` (``PairEntry``'s fields) as (query, positive, [hard
     negatives]), encoded on demand."""
     d, k, decoder = config.data, config.cl.hard_negatives, image_decoder(config.data.image_decoder)
@@ -174,7 +177,7 @@ def pairs(entries, config, tokenizer, log) -> Cache:
         except ValueError as exc:
             raise ValueError(f"{e.where}: {exc}") from None
     return Cache(load, lambda item: sum(_encoded_bytes(doc) for doc in item[:2] + tuple(item[2])), "pair",
-                 d.cache_bytes, config.run.strict, log)
+                 d.cache_bytes, config.run.strict)
 
 
 class Batches:
@@ -480,10 +483,10 @@ class Loader:
 
 
 def micro_batch_loader(entries, config, tokenizer, model_config, step: int, epoch: int, position: int, rank: int,
-                       size: int, device: torch.device, log) -> Loader:
+                       size: int, device: torch.device) -> Loader:
     """The stage-1 loader of a rank: ``MicroBatches`` from (step, epoch, position) on, with the
     run's ``data.workers`` and ``data.prefetch`` on ``device``."""
-    dataset = MicroBatches(entries, documents(entries, config, tokenizer, log), tokenizer, model_config, config,
+    dataset = MicroBatches(entries, documents(entries, config, tokenizer), tokenizer, model_config, config,
                            rank, size)
     tickets = micro_batch_tickets(dataset.epochs, config.cpt.grad_accum, step, epoch, position, rank, size)
     return Loader(dataset, tickets, epoch, worker_count(config.data, device), depth(config.data.prefetch, device),
@@ -491,9 +494,9 @@ def micro_batch_loader(entries, config, tokenizer, model_config, step: int, epoc
 
 
 def pair_batch_loader(entries, config, tokenizer, epoch: int, position: int, rank: int, size: int,
-                      device: torch.device, log) -> Loader:
+                      device: torch.device) -> Loader:
     """The stage-2 loader of a rank: ``PairBatches`` from (epoch, position) on."""
-    dataset = PairBatches(entries, pairs(entries, config, tokenizer, log), config, rank, size)
+    dataset = PairBatches(entries, pairs(entries, config, tokenizer), config, rank, size)
     tickets = pair_batch_tickets(dataset.epochs, len(entries), config.cl.pairs_per_batch, epoch, position, rank, size)
     return Loader(dataset, tickets, epoch, worker_count(config.data, device), depth(config.data.prefetch, device),
                   device.type == "cuda")

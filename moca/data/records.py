@@ -26,6 +26,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import os
 import re
 import warnings
@@ -39,6 +40,8 @@ from ..files import open_regular
 from . import images as _images
 from . import shards
 from .tokenizer import IMAGE_PAD, VISION_END, VISION_START
+
+log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 AUTHORS_MARKER = VISION_START + IMAGE_PAD + VISION_END
@@ -81,10 +84,10 @@ class BadRecords:
         if len(self.examples) < 10:
             self.examples.append(f"{where}: {reason}")
 
-    def report(self, log) -> None:
-        """One line through ``log`` saying how many records were skipped, why, and the first."""
+    def report(self, level: int = logging.INFO) -> None:
+        """One line, at ``level``, saying how many records were skipped, why, and the first."""
         if self.total:
-            log(f"skipped {self.total} bad records ({dict(self.counts)}); first: {self.examples[0]}")
+            log.log(level, f"skipped {self.total} bad records ({dict(self.counts)}); first: {self.examples[0]}")
 
 
 @dataclass
