@@ -83,8 +83,9 @@ def _train_parser(commands, common) -> argparse.ArgumentParser:
     t.add_argument("--init", metavar="DIR", help="stage 2: start from this stage-1 run's newest checkpoint")
     t.add_argument("--preset", help="model shape with random weights (default tiny)")
     t.add_argument("--model", help="a local Qwen2.5-VL checkpoint folder")
-    t.add_argument("--data", help="a .jsonl file or a folder of them: stage-1 documents, or pairs with --stage cl "
-                   "(default: the embedded dataset)")
+    t.add_argument("--data", help="stage-1 documents, or pairs with --stage cl: comma-separated sources, each a "
+                   ".jsonl file, Parquet shards, a save_to_disk folder or a folder of them, optionally =N records "
+                   "or =Wx (docs/training.md) (default: the embedded dataset)")
     t.add_argument("--out", help="run directory (default runs/moca-tiny)")
     t.add_argument("--max-steps", type=int, help="optimizer steps of every stage that runs")
     t.add_argument("--save-every", type=int)
