@@ -4,7 +4,7 @@
 # GPU tests of each.
 # Writes under $OUT (default ./device_check_out): one NAME.txt per step, bench*/results.{json,md}
 # (rewritten after every measured row) and summary.json (rewritten after every step: exit status
-# and seconds). A failing step does not stop the later ones; the limits sum to 3600 seconds; ONLY="STEP ..." runs some.
+# and seconds). A failing step does not stop the later ones; the limits sum to 3720 seconds; ONLY="STEP ..." runs some.
 # Usage: OUT=/some/dir bash benchmarks/device_check.sh
 #        OUT=/some/dir ONLY="bench_linear_ce tests_linear_ce" bash benchmarks/device_check.sh   # some steps
 set -uo pipefail
@@ -61,7 +61,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step env 15 bash -c 'python -m moca_kernels.info; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv'
 # Issue 31: every op x backend x design checked against float64 at the 3B and 7B shapes, then timed beside
 # the peers installed (python -m moca_kernels.check; docs/kernels.md). check.json is the report.
-step check 420 python -m moca_kernels.check --json "$OUT/check.json"
+step check 540 python -m moca_kernels.check --json "$OUT/check.json"
 # The stage-1 training step (issue 5): moca's packed path against the authors' padded one, 3B shape.
 step bench_train_step 240 python benchmarks/bench_train_step.py --shape 3b --docs 96 --out "$OUT/bench_train_step"
 # The stage-2 step (issue 6): packed contrastive step against the authors' three padded forwards, 3B shape,

@@ -71,7 +71,9 @@ class Case:
     """One op, variant (backend, design or engine) and shape: ``make()`` gives the inputs and the
     positions differentiated; ``ours``/``plain`` compute it (plain: as PyTorch users would, in the
     inputs' precision; in float64 it is the reference); ``env`` selects the variant; ``peers``
-    maps a peer's name to a function of the inputs (speed only)."""
+    maps a peer's name to a function of the inputs (speed only); ``compiled``: whether
+    ``torch.compile`` of ``plain`` is a provider (not for attention, whose plain form loops over
+    the documents on the host: compiled FlexAttention is its compiled-PyTorch peer)."""
     op: str
     variant: str
     shape: str
@@ -80,6 +82,7 @@ class Case:
     plain: Callable
     env: dict = field(default_factory=dict)
     peers: dict = field(default_factory=dict)
+    compiled: bool = True
 
 
 @contextlib.contextmanager
@@ -117,7 +120,8 @@ def _attention_cases(m: dict, lengths: list[int], dtype, device, shape: str, tim
     peers = _attention_peers(cu, total) if timed else {}
     ours = lambda q, k, v: varlen_attention(q, k, v, cu, backend="triton")  # noqa: E731
     cases = [Case("varlen_attention", f"triton fwd={f} bwd={b}", shape, make, ours, plain,
-                  {_attention_kernels().DESIGN_ENV["fwd"]: f, _attention_kernels().DESIGN_ENV["bwd"]: b}, peers)
+                  {_attention_kernels().DESIGN_ENV["fwd"]: f, _attention_kernels().DESIGN_ENV["bwd"]: b}, peers,
+                  compiled=False)
              for f, b in _design_pairs(dim)]
     if device.type == "cuda" and not REGISTRY["varlen_attention"].get("flash").reasons(device, dtype):
         cases.append(Case("varlen_attention", "flash", shape, make,
@@ -322,8 +326,10 @@ def time_case(case: Case) -> dict:
     cannot run says why."""
     import triton.testing
     inputs, wrt = case.make()
-    providers = {"moca": case.ours, "torch eager": case.plain,
-                 "torch compiled": _compiled((case.op, case.shape), case.plain), **case.peers}
+    providers = {"moca": case.ours, "torch eager": case.plain}
+    if case.compiled:
+        providers["torch compiled"] = _compiled((case.op, case.shape), case.plain)
+    providers.update(case.peers)
     with _environment({k: "" for k in case.env}):  # moca's own choice of design and engine
         times = {}
         for name, fn in providers.items():

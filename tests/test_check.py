@@ -42,3 +42,24 @@ def test_a_wrong_kernel_fails_the_check(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| swiglu | triton | quick float32 | FAIL |" in out
     assert "FAIL swiglu triton quick float32: triton: grad0 error" in out
+
+
+def test_the_speed_table_times_each_provider_and_reports_those_that_cannot_run(monkeypatch):
+    # CPU stand-in for the GPU timer (each provider's forward+backward runs once; times are given):
+    # moca, eager and compiled PyTorch are timed, a peer that is not installed is a row saying why.
+    import triton.testing
+    speed = {}
+
+    def bench(fn, return_mode):
+        fn()
+        speed[len(speed)] = 2.0 if not speed else 3.0
+        return speed[len(speed) - 1]
+    monkeypatch.setattr(triton.testing, "do_bench", bench)
+    (case,) = [c for c in check.cases(True, torch.device("cpu"), ["rms_norm"]) if c.shape == "quick float32"]
+    case.peers = {"missing peer": lambda x, w: __import__("no_such_peer_module")}
+    times = check.time_case(case)
+    assert times["moca"] == {"ms": 2.0, "ratio": 1.0}
+    assert times["torch eager"] == {"ms": 3.0, "ratio": 1.5} and times["torch compiled"]["ratio"] == 1.5
+    assert times["missing peer"] == {"error": "ModuleNotFoundError: No module named 'no_such_peer_module'"}
+    assert "| rms_norm | triton | quick float32 | torch eager | 3.000 | 1.50 |" in check._speed_table(
+        [{"op": case.op, "variant": case.variant, "shape": case.shape, "speed": times}])
