@@ -298,3 +298,19 @@ def test_a_wrong_mae_kernel_is_not_used(fresh_pointwise, monkeypatch):
     want, want_grad = run(mae_reference.mae_loss_reference)
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(grad, want_grad)
+
+
+@pytest.mark.parametrize("how", ["deterministic", "environment"])
+def test_a_design_forced_by_determinism_or_the_environment_is_checked_too(fresh, monkeypatch, how):
+    _perturb(monkeypatch, "_backward", "split", 0, slice(20, 21))
+    if how == "environment":
+        monkeypatch.setenv(triton_kernels.DESIGN_ENV["bwd"], "split")
+    problem = _problem(seed=7)
+    leaves = [x.clone().requires_grad_() for x in problem[:3]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = varlen_attention(*leaves, problem[4], backend="triton", deterministic=how == "deterministic")
+        grads = torch.autograd.grad(out, leaves, problem[3])
+    said = _numerics_warnings(caught)
+    assert len(said) == 1 and "bwd design 'split'" in said[0], said
+    _assert_matches_reference(problem, out, grads)  # the reference served, not the wrong design

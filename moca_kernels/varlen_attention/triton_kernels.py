@@ -741,26 +741,25 @@ def choose_design(kind: str, names: tuple[str, ...], key: tuple, run: Callable[[
     """The design of ``kind`` among ``names`` for a call, and its result on the call when it was
     computed while choosing (else None).
 
-    ``forced`` (deterministic backward), else the design named by DESIGN_ENV[kind], else the one
-    chosen before for ``key``. Else, on the first call of ``key``: the candidates (all of
-    ``names``, or the first alone under MOCA_KERNELS_AUTOTUNE=0) each run once and
+    The candidates are ``forced`` (the deterministic backward's), else the design named by the
+    environment variable DESIGN_ENV[kind], else all of ``names`` (the first alone under
+    MOCA_KERNELS_AUTOTUNE=0). On the first call of ``key`` (and candidates) each runs once and
     ``verify(results)`` keeps those whose numbers pass (``moca_kernels._verify``); the fastest of
     them is kept for ``key`` (the first where nothing can be timed: the interpreter, a single one).
-    None when every candidate failed. During CUDA-graph capture of a new key, the first design,
+    None when every candidate failed. During CUDA-graph capture of a new key, the first candidate,
     unchecked."""
+    only = forced
     env = os.environ.get(DESIGN_ENV[kind])
-    if forced is not None:
-        return forced, None
-    if env:
+    if only is None and env:
         if env not in names:
             raise ValueError(f"{DESIGN_ENV[kind]}={env!r}: the {kind} designs for this call are {names}")
-        return env, None
-    key = (kind, *key)
+        only = env
+    key = (kind, *key) if only is None else (kind, *key, only)
     if key in _DESIGN_CHOICE:  # also during CUDA-graph capture, after an eager warm-up
         return _DESIGN_CHOICE[key], None
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return names[0], None
-    candidates = list(names[:1] if autotune_off() else names)
+        return only or names[0], None
+    candidates = [only] if only else list(names[:1] if autotune_off() else names)
     results = {}
     if verify is not None and can_verify():
         results = {name: run(name) for name in candidates}
