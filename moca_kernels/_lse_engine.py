@@ -164,10 +164,7 @@ def _relative(outputs: dict[str, torch.Tensor], scales: dict[str, float]) -> dic
 def _verdict(module: ModuleType, s: Scores, what: str, ours: dict, reference: dict, plain: dict) -> str | None:
     """``_verify.disagreement`` of each output divided by its reference's largest finite entry:
     gradients of any scale are held to the same relative rule."""
-    scales = {}
-    for name, ref in reference.items():
-        finite = ref[torch.isfinite(ref)].abs()
-        scales[name] = finite.max().item() if finite.numel() and finite.max().item() > 0 else 1.0
+    scales = {name: _verify.largest(ref) or 1.0 for name, ref in reference.items()}
     rows, cols = s.q.shape[0], s.k.shape[0]
     label = f"the {_name(module)} engine's {what} ({s.q.dtype}, B={rows}, M={cols}, d={s.q.shape[1]}, {s.q.device})"
     return _verify.disagreement(label, _relative(ours, scales), _relative(reference, scales),

@@ -57,10 +57,15 @@ def error(x: torch.Tensor, reference: torch.Tensor) -> float:
     return diff.max().item() if diff.numel() else 0.0
 
 
+def largest(x: torch.Tensor) -> float:
+    """The largest magnitude among the finite entries of ``x`` (0 when it has none)."""
+    finite = x.detach()[torch.isfinite(x.detach())]
+    return finite.abs().max().item() if finite.numel() else 0.0
+
+
 def bound(reference: torch.Tensor, plain: torch.Tensor) -> float:
     """What the rule allows: 2x the plain computation's error plus the floor."""
-    finite = reference.detach()[torch.isfinite(reference.detach())]
-    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    scale = max(1.0, largest(reference))
     return 2 * error(plain, reference) + FLOOR_ULPS * torch.finfo(torch.float32).eps * scale
 
 

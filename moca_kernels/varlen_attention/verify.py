@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._verify import bound, disagreement, error, warn_once
+from .._verify import bound, disagreement, error, largest, warn_once
 from .reference import varlen_attention_reference, varlen_attention_reference_backward
 
 SAMPLE_ROWS = 1024
@@ -114,17 +114,11 @@ def _whole_call(ours: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], 
     the sample's allowance, scaled by how much larger the call's values are than the sample's."""
     bad = []
     for what, a in anchor.items():
-        finite = a[torch.isfinite(a)]
-        grow = max(1.0, (finite.abs().max().item() if finite.numel() else 0.0) / max(scale_of[what], 1e-30))
+        grow = max(1.0, largest(a) / max(scale_of[what], 1e-30))
         err, tol = error(ours[what], a), 2 * allowed[what] * grow
         if not err <= tol:
             bad.append(f"{what} differs from the trusted design's by {err:.3g} over the call (> {tol:.3g})")
     return "; ".join(bad) or None
-
-
-def _scale(x: torch.Tensor) -> float:
-    finite = x[torch.isfinite(x)]
-    return finite.abs().max().item() if finite.numel() else 0.0
 
 
 def forward_designs(results: dict[str, tuple[torch.Tensor, torch.Tensor]], key: tuple, q, k, v,
@@ -137,7 +131,7 @@ def forward_designs(results: dict[str, tuple[torch.Tensor, torch.Tensor]], key: 
     ref = dict(zip(("out", "lse"), _attention(qs, ks, vs, s, scale, causal, None)))
     plain = dict(zip(("out", "lse"), _attention(qs, ks, vs, s, scale, causal, q.dtype)))
     allowed = {w: bound(ref[w], plain[w]) for w in ref}
-    scale_of = {w: _scale(ref[w]) for w in ref}
+    scale_of = {w: largest(ref[w]) for w in ref}
     whole = {d: {"out": out, "lse": lse} for d, (out, lse) in results.items()}
     verdicts = {d: disagreement(d, {"out": _rows(out, s.q_rows, s.q_heads), "lse": _lse_rows(lse, s)}, ref, plain)
                 for d, (out, lse) in results.items()}
@@ -163,7 +157,7 @@ def backward_designs(results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.
 
     ref, plain = grads(None), grads(q.dtype)
     allowed = {w: bound(ref[w], plain[w]) for w in ref}
-    scale_of = {w: _scale(ref[w]) for w in ref}
+    scale_of = {w: largest(ref[w]) for w in ref}
     whole = {d: dict(zip(("dq", "dk", "dv"), r)) for d, r in results.items()}
     picks = {"dq": (s.q_rows, s.q_heads), "dk": (s.k_rows, s.kv_heads), "dv": (s.k_rows, s.kv_heads)}
     verdicts = {d: disagreement(d, {w: _rows(whole[d][w], *picks[w]) for w in names}, ref, plain) for d in results}
